@@ -1,0 +1,1 @@
+"""Evaluation stages: perplexity, fidelity to FP16, task accuracy, memory, throughput."""

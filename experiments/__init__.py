@@ -1,0 +1,1 @@
+"""Entry points that wire the stages together from config (Hydra)."""

@@ -1,0 +1,146 @@
+"""load -> calibrate -> quantize -> evaluate -> record, from one RunConfig.
+
+`run(cfg)` is the Python API (the Hydra entry point `experiments.run` only builds the config and calls it):
+
+    from harness.config import to_run_config
+    from omegaconf import OmegaConf
+    record = run(to_run_config(OmegaConf.create({...})))
+
+Every check that can fail on bad input runs before the model is loaded or any long loop starts.
+"""
+from __future__ import annotations
+
+import hashlib
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from harness.config import RunConfig
+from harness.data import TEXT_SOURCES, calibration_samples, eval_windows, load_text, text_sha256, tokenize_cached
+from harness.models import load_model, load_tokenizer, model_summary, resolve_model
+from harness.records import load_record, make_record, provenance, record_path, run_id, write_json_atomic
+from quant import METHODS, QuantContext
+
+
+def log(msg: str) -> None:
+    print(f"[run] {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Prepared:
+    """Everything cheap that a run needs, checked before the long work."""
+
+    resolved: object
+    tokenizer: object
+    windows: dict  # split -> [n, seqlen] token ids
+    split_sha: dict
+
+
+def prepare(cfg: RunConfig) -> Prepared:
+    method = METHODS.get(cfg.quant.method)
+    for split in cfg.data.splits:
+        TEXT_SOURCES.get(split)
+    if method.needs_calibration:
+        TEXT_SOURCES.get(cfg.quant.calib.dataset)
+    if cfg.kv.bits != 16:
+        from quant.kv_cache import check_kv_supported
+
+        check_kv_supported(cfg.kv.bits)
+    resolved = resolve_model(cfg.model)
+    tok = load_tokenizer(resolved, cfg.model)
+    windows, shas = {}, {}
+    for split in cfg.data.splits:
+        text = load_text(split)
+        shas[split] = text_sha256(text)[:16]
+        ids = tokenize_cached(tok, text)
+        windows[split] = eval_windows(ids, cfg.eval.perplexity.seqlen, cfg.eval.perplexity.max_windows, split)
+    return Prepared(resolved, tok, windows, shas)
+
+
+def calibration_provider(cfg: RunConfig, tokenizer):
+    """Lazy calibration samples, so methods that need none never pay for them."""
+    state = {}
+
+    def get() -> torch.Tensor:
+        if "samples" not in state:
+            c = cfg.quant.calib
+            ids = tokenize_cached(tokenizer, load_text(c.dataset))
+            state["samples"] = calibration_samples(ids, c.n_samples, c.seqlen, c.seed)
+        return state["samples"]
+
+    return get, state
+
+
+def kv_cache_factory(cfg: RunConfig, model):
+    if cfg.kv.bits == 16:
+        return None
+    from quant.kv_cache import QuantizedKVCache
+
+    return lambda: QuantizedKVCache(model.config, bits=cfg.kv.bits)
+
+
+def run(cfg: RunConfig) -> dict:
+    path = record_path(cfg)
+    if path.exists() and not cfg.force:
+        rec = load_record(path)
+        if rec.get("status") == "complete":
+            log(f"record {path} exists (run_id {rec['run_id']}); reusing it (force=true recomputes)")
+            return rec
+    t_start = time.perf_counter()
+    timings = {}
+    torch.manual_seed(cfg.seed)
+
+    t = time.perf_counter()
+    prep = prepare(cfg)
+    timings["prepare"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    log(f"loading {cfg.model.name} ({prep.resolved.origin})")
+    model = load_model(prep.resolved, cfg.model)
+    timings["load_model"] = time.perf_counter() - t
+
+    calib, calib_state = calibration_provider(cfg, prep.tokenizer)
+    t = time.perf_counter()
+    outcome = METHODS.get(cfg.quant.method)(model, cfg.quant, QuantContext(calibration=calib, progress=cfg.progress))
+    timings["quantize"] = time.perf_counter() - t
+    timings.update({f"quantize.{k}": v for k, v in outcome.timings_s.items()})
+
+    metrics: dict = {"quant": outcome.summary}
+    if "samples" in calib_state:
+        metrics["quant"]["calibration_sha256"] = hashlib.sha256(calib_state["samples"].numpy().tobytes()).hexdigest()[:16]
+
+    if cfg.eval.perplexity.enabled:
+        from eval.perplexity import ppl_metrics, window_nll
+
+        ppl = {}
+        t = time.perf_counter()
+        for split, windows in prep.windows.items():
+            nll, secs = window_nll(model, windows, cfg.eval.perplexity.batch_size, kv_cache_factory(cfg, model),
+                                   progress=cfg.progress, desc=f"ppl {split}")
+            ppl[split] = ppl_metrics(nll, secs, windows.shape[1])
+            log(f"{split}: token PPL {ppl[split]['token_ppl']:.3f} over {ppl[split]['tokens_scored']} tokens "
+                f"({ppl[split]['tokens_per_s']:.0f} tok/s)")
+        metrics["perplexity"] = ppl
+        timings["eval.perplexity"] = time.perf_counter() - t
+
+    timings["total"] = time.perf_counter() - t_start
+    prov = provenance({
+        "model_sha": prep.resolved.model_sha,
+        "model_origin": prep.resolved.origin,
+        "reference_note": cfg.model.reference_note,
+        "model": model_summary(model),
+        "data_sha256": prep.split_sha,
+        "seed": cfg.seed,
+    })
+    record = make_record(cfg, metrics, prov, timings)
+    write_json_atomic(path, record)
+    log(f"wrote {path} (run_id {run_id(cfg)}, {timings['total']:.1f} s)")
+    return record
+
+
+def record_exists(cfg: RunConfig) -> bool:
+    p = Path(record_path(cfg))
+    return p.exists() and load_record(p).get("status") == "complete"

@@ -1,0 +1,33 @@
+"""Hydra entry point: `python -m experiments.run [group=option ...] [field=value ...]`, `-m` for sweeps.
+
+Each run writes results/runs/<run_id>.json; a run whose record exists is skipped, so a killed sweep resumes.
+"""
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from harness.config import ConfigError, register_schemas, to_run_config
+
+register_schemas()
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    from experiments.pipeline import run
+
+    try:
+        run_cfg = to_run_config(cfg)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    record = run(run_cfg)
+    ppl = record["metrics"].get("perplexity", {})
+    # the first split's PPL is returned for Hydra sweepers that optimise a value
+    return next(iter(ppl.values()))["token_ppl"] if ppl else None
+
+
+if __name__ == "__main__":
+    main()

