@@ -60,12 +60,67 @@ class PerplexityConfig:
 
 
 @dataclass
+class WordPerplexityConfig:
+    """lm-eval's rolling-window loglikelihood: word perplexity and bits per byte (a second, labelled protocol)."""
+
+    enabled: bool = False
+    max_length: int = 512
+    batch_size: int = 8
+    max_chars: Optional[int] = 60000  # characters of each split scored (None = all)
+
+
+@dataclass
+class FidelityConfig:
+    """Divergence from the FP16 model on the same windows: KL (mean, p99), top-1 agreement, PPL ratio."""
+
+    enabled: bool = False
+    max_windows: Optional[int] = 8  # windows of each split (of eval.perplexity.seqlen tokens)
+
+
+@dataclass
+class TasksConfig:
+    """Task accuracy through lm-eval. Offline, only the local tasks shipped under eval/tasks/ exist."""
+
+    enabled: bool = False
+    names: list[str] = field(default_factory=list)
+    limit: Optional[int] = None
+    num_fewshot: int = 0
+    batch_size: int = 8
+
+
+@dataclass
+class MemoryConfig:
+    enabled: bool = True
+    context_len: int = 4096  # KV bytes reported at this context and batch
+    batch_size: int = 1
+
+
+@dataclass
+class ThroughputConfig:
+    enabled: bool = False
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
+    prompt_len: int = 128
+    gen_len: int = 64
+    warmup: int = 1
+    repeats: int = 3
+    int4_kernel: bool = True  # W4A16 through real int4 kernels, not dequantized weights
+
+
+@dataclass
 class EvalConfig:
     name: str = MISSING
     perplexity: PerplexityConfig = field(default_factory=PerplexityConfig)
+    word_perplexity: WordPerplexityConfig = field(default_factory=WordPerplexityConfig)
+    fidelity: FidelityConfig = field(default_factory=FidelityConfig)
+    tasks: TasksConfig = field(default_factory=TasksConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    throughput: ThroughputConfig = field(default_factory=ThroughputConfig)
 
     def validate(self) -> None:
         self.perplexity.validate()
+        _require(all(b >= 1 for b in self.throughput.batch_sizes), "eval.throughput.batch_sizes", "every batch size must be >= 1")
+        _require(self.throughput.prompt_len >= 1 and self.throughput.gen_len >= 1, "eval.throughput", "prompt_len and gen_len must be >= 1")
+        _require(self.tasks.batch_size >= 1, "eval.tasks.batch_size", "must be >= 1")
 
 
 @dataclass
@@ -122,12 +177,31 @@ class KVConfig:
 
 
 @dataclass
+class BackendConfig:
+    """Which engine runs the model: hf (transformers, CPU or GPU) or lmdeploy (GPU; PyTorch engine or TurboMind)."""
+
+    name: str = "hf"
+    engine: str = "auto"  # lmdeploy only: auto (TurboMind if it imports, else PyTorch) | pytorch | turbomind
+    cache_max_entry_count: float = 0.4  # share of free GPU memory for the KV cache (LMDeploy's default in the seed)
+    session_len: Optional[int] = None
+    max_batch_size: int = 128
+    tp: int = 1
+
+    def validate(self) -> None:
+        _require(self.name in ("hf", "lmdeploy"), "backend.name", f"{self.name!r} is not one of hf, lmdeploy")
+        _require(self.engine in ("auto", "pytorch", "turbomind"), "backend.engine", f"{self.engine!r} is not one of auto, pytorch, turbomind")
+        _require(0.0 < self.cache_max_entry_count <= 1.0, "backend.cache_max_entry_count", "must be in (0, 1]")
+        _require(self.tp >= 1, "backend.tp", "must be >= 1")
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     kv: KVConfig = field(default_factory=KVConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
     seed: int = 0
     # where records go; not part of the run's identity
     results_dir: str = "results"
@@ -135,7 +209,7 @@ class RunConfig:
     progress: bool = True
 
     def validate(self) -> None:
-        for part in (self.model, self.data, self.eval, self.quant, self.kv):
+        for part in (self.model, self.data, self.eval, self.quant, self.kv, self.backend):
             part.validate()
 
 

@@ -1,0 +1,55 @@
+"""Shared fixtures: the real embedded model (SmolLM2-135M) and real embedded text, loaded once per session."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def smollm2_resolved():
+    from harness.config import ModelConfig
+    from harness.models import resolve_model
+
+    return resolve_model(ModelConfig(name="smollm2-135m-instruct", path="embedded:smollm2-135m-instruct"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(smollm2_resolved):
+    from harness.config import ModelConfig
+    from harness.models import load_tokenizer
+
+    return load_tokenizer(smollm2_resolved, ModelConfig(name="x", path="embedded:smollm2-135m-instruct"))
+
+
+def _load(resolved, dtype):
+    from harness.config import ModelConfig
+    from harness.models import load_model
+
+    return load_model(resolved, ModelConfig(name="x", path="embedded:smollm2-135m-instruct", dtype=dtype))
+
+
+@pytest.fixture
+def smollm2_fp32(smollm2_resolved):
+    """A fresh fp32 copy (tests may modify it)."""
+    return _load(smollm2_resolved, "float32")
+
+
+@pytest.fixture
+def smollm2_bf16(smollm2_resolved):
+    return _load(smollm2_resolved, "bfloat16")
+
+
+@pytest.fixture(scope="session")
+def milton_ids(tokenizer):
+    from harness.data import load_text, tokenize_cached
+
+    return tokenize_cached(tokenizer, load_text("milton"))
+
+
+@pytest.fixture(scope="session")
+def calib_ids(tokenizer):
+    from harness.data import load_text, tokenize_cached
+
+    return tokenize_cached(tokenizer, load_text("shakespeare_calib"))
