@@ -147,6 +147,7 @@ class QuantConfig:
     search_scale: bool = True
     smooth_ratio: float = 0.5
     n_grid: int = 20
+    duo_scaling: bool = False  # s = mean|x|^a / mean|w|^(1-a) (AutoAWQ) instead of mean|x|^a (paper, llm-awq)
     # number of calibration sequences whose block output scores each grid point (all are used for statistics)
     search_samples: int = 16
     clip: bool = True

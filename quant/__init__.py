@@ -1,2 +1,4 @@
 """Quantization: pure primitives (primitives.py), methods in one registry (registry.py), model surgery apart."""
 from quant.registry import METHODS, QuantContext, QuantOutcome  # noqa: F401
+from quant import rtn  # noqa: E402,F401  (registers the method)
+from quant.awq import method as _awq  # noqa: E402,F401  (registers the method)

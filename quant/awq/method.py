@@ -1,0 +1,208 @@
+"""AWQ W4A16 (Lin et al. 2023) block by block, as llm-awq's run_awq does it:
+
+for each decoder block, with the block's input from the unquantized model:
+  1. run the block once on all calibration sequences, capturing the input of every Linear;
+  2. for each scaling group (layer map), search s = mean|x|^alpha on a grid (or LMDeploy's fixed smoothing ratio);
+  3. fold every s into its previous op and the group's Linears (FP output unchanged), divide the captured inputs by s;
+  4. search each Linear's clipping threshold per group (q/k excepted, as in llm-awq), clip;
+  5. quantize the block's Linears (RTN on the scaled, clipped weights).
+Memory stays at one block's activations. The grid losses use the first `search_samples` calibration sequences; the
+activation statistics use all of them.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from harness.config import QuantConfig
+from quant.awq.fold import apply_scale_
+from quant.awq.search import act_absmax, act_absmean, apply_clip_, search_clip, search_scale, smoothing_scale, weight_absmean
+from quant.layer_maps import LayerMap, get_blocks, layer_map_for
+from quant.primitives import fake_quantize
+from quant.registry import QuantContext, QuantOutcome, method
+from quant.surgery import packed_weight_bytes, plan_group_sizes, quantize_linear_
+
+MINIBATCH = 16  # sequences per block forward
+
+
+class _Stop(Exception):
+    pass
+
+
+def _slice_batch(kwargs: dict, n: int) -> dict:
+    """Block kwargs captured for a minibatch of MINIBATCH sequences, cut to n sequences where they carry a batch dim."""
+    def cut(v):
+        if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == MINIBATCH and n != MINIBATCH:
+            return v[:n]
+        if isinstance(v, tuple):
+            return tuple(cut(t) for t in v)
+        return v
+    return {k: cut(v) for k, v in kwargs.items()}
+
+
+@torch.no_grad()
+def capture_first_block_inputs(model, lmap: LayerMap, samples: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """Hidden states entering block 0 for every calibration sequence, and the kwargs the model passes to blocks."""
+    block0 = get_blocks(model, lmap)[0]
+    store: dict[str, Any] = {"x": []}
+
+    def hook(_mod, args, kwargs):
+        x = args[0] if args else kwargs.pop("hidden_states")
+        store["x"].append(x)
+        if "kwargs" not in store:
+            store["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        raise _Stop
+
+    h = block0.register_forward_pre_hook(hook, with_kwargs=True)
+    device = next(model.parameters()).device
+    try:
+        for i in range(0, samples.shape[0], MINIBATCH):
+            try:
+                model(input_ids=samples[i : i + MINIBATCH].to(device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        h.remove()
+    kwargs = store["kwargs"]
+    kwargs["use_cache"] = False
+    kwargs.pop("past_key_values", None)
+    kwargs.pop("past_key_value", None)
+    return torch.cat(store["x"]), kwargs
+
+
+def _input_keys(lmap: LayerMap) -> dict[str, str]:
+    """Linear -> the name under which its input is captured (Linears of one scaling group share one input)."""
+    keys = {n: n for n in lmap.linears}
+    for g in lmap.groups:
+        for n in g.linears:
+            keys[n] = g.linears[0]
+    return keys
+
+
+def _block_out(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, x: torch.Tensor, kwargs: dict, capture: list[str]) -> tuple[torch.Tensor, dict]:
+    """Block outputs for all sequences, and the inputs of the named Linears (concatenated over minibatches)."""
+    feats: dict[str, list] = {n: [] for n in capture}
+    hooks = [block.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: feats[n].append(a[0])) for n in capture]
+    outs = []
+    try:
+        for i in range(0, x.shape[0], MINIBATCH):
+            xb = x[i : i + MINIBATCH]
+            outs.append(_block_out(block(xb, **_slice_batch(kwargs, xb.shape[0]))))
+    finally:
+        for h in hooks:
+            h.remove()
+    return torch.cat(outs), {n: torch.cat(v) for n, v in feats.items()}
+
+
+def _inspect_fn(block, group, kwargs):
+    mod = block.get_submodule(group.inspect or group.linears[0])
+
+    def fwd(x):
+        outs = []
+        for i in range(0, x.shape[0], MINIBATCH):
+            xb = x[i : i + MINIBATCH]
+            if group.inspect_takes_block_kwargs:
+                outs.append(_block_out(mod(hidden_states=xb, **_slice_batch(kwargs, xb.shape[0]))))
+            else:
+                outs.append(_block_out(mod(xb)))
+        return torch.cat(outs)
+
+    return fwd
+
+
+@method("awq", needs_calibration=True)
+def awq(model, cfg: QuantConfig, ctx: QuantContext) -> QuantOutcome:
+    timings = {}
+    lmap = layer_map_for(model)  # unsupported architecture: fails here, naming the registry
+    sizes, fallbacks = plan_group_sizes(model, cfg)  # bad group size: fails here, naming the layer
+
+    t = time.perf_counter()
+    samples = ctx.calibration()
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if int(samples.max()) >= vocab:
+        raise ValueError(f"calibration token id {int(samples.max())} is outside the model's vocabulary ({vocab})")
+    x, kwargs = capture_first_block_inputs(model, lmap, samples)
+    timings["calibration_capture"] = time.perf_counter() - t
+
+    keys = _input_keys(lmap)
+    capture = sorted(set(keys.values()))
+    qtensors, chosen_alpha = {}, {}
+    t_search = t_clip = t_fwd = 0.0
+    blocks = get_blocks(model, lmap)
+    bar = tqdm(blocks, desc=f"awq w{cfg.w_bit} g{cfg.group_size}", disable=not ctx.progress, leave=False)
+    for i, block in enumerate(bar):
+        prefix = f"{lmap.blocks}.{i}"
+        t = time.perf_counter()
+        x_next, feats = run_block(block, x, kwargs, capture)
+        t_fwd += time.perf_counter() - t
+        for name, f in feats.items():
+            if not torch.isfinite(f).all():
+                raise FloatingPointError(f"calibration activations at the input of {prefix}.{name} contain NaN/Inf "
+                                         f"(check model.dtype and the calibration data)")
+
+        # 2-3. scales: search every group on the original block, then fold them all (llm-awq auto_scale_block)
+        t = time.perf_counter()
+        plans = []
+        for grp in lmap.groups:
+            if grp.when is not None and not grp.when(block):
+                continue
+            lins = [block.get_submodule(n) for n in grp.linears]
+            gsz = [sizes[f"{prefix}.{n}"] for n in grp.linears]
+            feat = feats[keys[grp.linears[0]]]
+            if cfg.search_scale:
+                def qw(w, j, gsz=gsz):
+                    return fake_quantize(w, cfg.w_bit, gsz[j], cfg.zero_point)
+                w_mean = weight_absmean([lin.weight for lin in lins], gsz[0]) if cfg.duo_scaling else None
+                s, alpha, _ = search_scale(_inspect_fn(block, grp, kwargs), feat[: cfg.search_samples], lins,
+                                           act_absmean(feat), qw, cfg.n_grid, w_mean)
+                chosen_alpha[f"{prefix}.{grp.linears[0]}"] = alpha
+            else:
+                s = smoothing_scale(act_absmax(feat), weight_absmean([lin.weight for lin in lins], gsz[0]), cfg.smooth_ratio)
+            plans.append((grp, s))
+        for grp, s in plans:
+            apply_scale_(block, grp.prev_op, grp.prev_kind, grp.linears, s)
+            key = keys[grp.linears[0]]
+            feats[key] = (feats[key].float() / s).to(feats[key].dtype)
+        t_search += time.perf_counter() - t
+
+        # 4. clipping search on the scaled weights and inputs
+        t = time.perf_counter()
+        if cfg.clip:
+            for rel in lmap.linears:
+                if rel in lmap.no_clip:
+                    continue
+                lin = block.get_submodule(rel)
+                feat = feats[keys[rel]].reshape(-1, lin.in_features)
+                step = max(1, feat.shape[0] // cfg.clip_tokens)
+                max_val = search_clip(lin.weight.data, feat[::step][: cfg.clip_tokens], cfg.w_bit,
+                                      sizes[f"{prefix}.{rel}"], cfg.zero_point, cfg.clip_n_grid, cfg.clip_max_shrink)
+                apply_clip_(lin, max_val)
+        t_clip += time.perf_counter() - t
+
+        # 5. quantize
+        for rel in lmap.linears:
+            name = f"{prefix}.{rel}"
+            qtensors[name] = quantize_linear_(block.get_submodule(rel), cfg.w_bit, sizes[name], cfg.zero_point)
+        x = x_next
+        del feats
+
+    timings.update(block_forward=t_fwd, scale_search=t_search, clip_search=t_clip)
+    summary = {
+        "method": "awq", "w_bit": cfg.w_bit, "group_size": cfg.group_size, "zero_point": cfg.zero_point,
+        "search_scale": cfg.search_scale, "duo_scaling": cfg.duo_scaling, "clip": cfg.clip,
+        "calibration": {"dataset": cfg.calib.dataset, "n_samples": cfg.calib.n_samples, "seqlen": cfg.calib.seqlen,
+                        "seed": cfg.calib.seed, "search_samples": min(cfg.search_samples, cfg.calib.n_samples)},
+        "layers_quantized": len(qtensors), "group_fallback_layers": fallbacks,
+        "alpha_mean": sum(chosen_alpha.values()) / len(chosen_alpha) if chosen_alpha else None,
+        **packed_weight_bytes(model, qtensors),
+    }
+    return QuantOutcome(summary=summary, timings_s=timings, qtensors=qtensors)

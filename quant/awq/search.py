@@ -1,0 +1,143 @@
+"""AWQ's searches as functions over tensors (Lin et al. 2023, Sec. 3.2-3.3; llm-awq auto_scale.py / auto_clip.py).
+
+- activation statistics: per-input-channel mean |x| (AWQ) or max |x| (LMDeploy's smoothing path)
+- scale candidates s = mean|x|^alpha (optionally / w_mean^(1 - alpha), AutoAWQ's "duo scaling"), normalised so
+  sqrt(max(s) * min(s)) = 1
+- LMDeploy `auto_awq` without search: s = max|x|^0.5 / w_mean^0.5 (SmoothQuant-style fixed ratio)
+- clipping: shrink each group's max |w| over a grid, keep the one with the least output error
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+
+from quant.primitives import fake_quantize
+
+SCALE_MIN = 1e-4  # llm-awq / LMDeploy clamp
+
+
+def act_absmean(x: torch.Tensor) -> torch.Tensor:
+    """Per-channel mean |x| over every token, accumulated in float32."""
+    return x.reshape(-1, x.shape[-1]).abs().float().mean(0)
+
+
+def act_absmax(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1]).abs().float().amax(0)
+
+
+def weight_absmean(weights: Sequence[torch.Tensor], group_size: int) -> torch.Tensor:
+    """Per-input-channel mean of |w| / max|w| within its group, over the rows of the concatenated weights
+    (llm-awq/AutoAWQ/LMDeploy `get_weight_scale`)."""
+    w = torch.cat([x.float() for x in weights], dim=0)
+    g = w.shape[1] if group_size == -1 else group_size
+    wg = w.abs().reshape(-1, g)
+    wg = wg / wg.amax(dim=1, keepdim=True).clamp(min=SCALE_MIN)
+    return wg.reshape(w.shape).mean(0)
+
+
+def _normalise(s: torch.Tensor) -> torch.Tensor:
+    return s / (s.max() * s.min()).sqrt()
+
+
+def awq_scale(x_mean: torch.Tensor, alpha: float, w_mean: torch.Tensor | None = None) -> torch.Tensor:
+    if w_mean is None:
+        s = x_mean.pow(alpha).clamp(min=SCALE_MIN)
+    else:
+        s = (x_mean.pow(alpha) / w_mean.pow(1 - alpha).clamp(min=SCALE_MIN)).clamp(min=SCALE_MIN)
+    return _normalise(s)
+
+
+def smoothing_scale(x_absmax: torch.Tensor, w_mean: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
+    """LMDeploy `lite auto_awq` default (search_scale=False): a fixed smoothing ratio, no search."""
+    return _normalise((x_absmax.pow(alpha) / w_mean.pow(1 - alpha)).clamp(min=SCALE_MIN))
+
+
+@torch.no_grad()
+def search_scale(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    linears: Sequence[nn.Linear],
+    x_mean: torch.Tensor,
+    quantize_w: Callable[[torch.Tensor, int], torch.Tensor],
+    n_grid: int,
+    w_mean: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, float, list[float]]:
+    """Grid search of alpha in {0, 1/n, ..., (n-1)/n}: fake-quantize each linear's W * s, run `forward(x)` with
+    W_q / s in place, and keep the s whose output is closest (MSE) to the unquantized output.
+
+    `quantize_w(w, i)` fake-quantizes the weight of linears[i]. Weights are restored before returning.
+    """
+    originals = [lin.weight.data.clone() for lin in linears]
+    ref = forward(x).float()
+    best = (float("inf"), None, -1.0)
+    history = []
+    try:
+        for i in range(n_grid):
+            alpha = i / n_grid
+            s = awq_scale(x_mean, alpha, w_mean)
+            for j, (lin, w0) in enumerate(zip(linears, originals)):
+                w = w0.float() * s
+                lin.weight.data = (quantize_w(w, j) / s).to(w0.dtype)
+            loss = (forward(x).float() - ref).pow(2).mean().item()
+            history.append(loss)
+            if loss < best[0]:
+                best = (loss, s.clone(), alpha)
+    finally:
+        for lin, w0 in zip(linears, originals):
+            lin.weight.data = w0
+    if best[1] is None:  # every loss was NaN
+        raise FloatingPointError(f"AWQ scale search produced no finite loss (losses: {history[:5]} ...)")
+    return best[1], best[2], history
+
+
+@torch.no_grad()
+def search_clip(
+    w: torch.Tensor,
+    x: torch.Tensor,
+    w_bit: int,
+    group_size: int,
+    zero_point: bool,
+    n_grid: int = 20,
+    max_shrink: float = 0.5,
+    oc_batch: int = 256,
+) -> torch.Tensor:
+    """Per (output row, group) clipping threshold max|w| * (1 - k/n_grid), k < max_shrink * n_grid, minimising
+    the MSE of that group's partial output sum_j x_j w_j on the sample tokens x [n_tok, in]. Returns [out, n_groups].
+
+    The partial sums are batched matmuls over groups ([G, n_tok, g] @ [G, g, oc]), which is llm-awq's
+    (x * w).sum(-1) without materialising the [oc, n_tok, G, g] product.
+    """
+    out_f, in_f = w.shape
+    g = in_f if group_size == -1 else group_size
+    n_groups = in_f // g
+    xg = x.float().reshape(-1, n_groups, g).transpose(0, 1)  # [G, n, g]
+    best_max = torch.empty(out_f, n_groups)
+    for o in range(0, out_f, oc_batch):
+        wb = w[o : o + oc_batch].float()  # [ob, in]
+        ob = wb.shape[0]
+        wgrp = wb.reshape(ob, n_groups, g)
+        org_max = wgrp.abs().amax(dim=-1, keepdim=True)  # [ob, G, 1]
+        ref = torch.bmm(xg, wgrp.permute(1, 2, 0))  # [G, n, ob]
+        min_err = torch.full((n_groups, ob), float("inf"))
+        best = org_max.squeeze(-1).clone()  # [ob, G]
+        for k in range(int(max_shrink * n_grid)):
+            max_val = org_max * (1 - k / n_grid)
+            cur = torch.clamp(wgrp, -max_val, max_val)
+            q = fake_quantize(cur.reshape(ob, in_f), w_bit, g, zero_point).reshape(ob, n_groups, g)
+            err = (torch.bmm(xg, q.permute(1, 2, 0)) - ref).pow(2).mean(dim=1)  # [G, ob]
+            better = err < min_err
+            min_err = torch.where(better, err, min_err)
+            best = torch.where(better.T, max_val.squeeze(-1), best)
+        best_max[o : o + ob] = best
+    return best_max
+
+
+@torch.no_grad()
+def apply_clip_(lin: nn.Linear, max_val: torch.Tensor) -> None:
+    out_f, in_f = lin.weight.shape
+    n_groups = max_val.shape[1]
+    w = lin.weight.data.float().reshape(out_f, n_groups, -1)
+    mv = max_val.unsqueeze(-1)
+    lin.weight.data = torch.clamp(w, -mv, mv).reshape(out_f, in_f).to(lin.weight.dtype)
