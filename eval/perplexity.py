@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from eval.registry import EvalContext, evaluator
+
 CE_CHUNK = 128  # positions per lm_head chunk: bounded memory, large enough for efficient matmuls
 
 
@@ -76,3 +78,16 @@ def ppl_metrics(nll: torch.Tensor, seconds: float, seqlen: int) -> dict:
         "tokens_per_s": nll.shape[0] * seqlen / seconds if seconds > 0 else None,
         "seconds": seconds,
     }
+
+
+@evaluator("perplexity")
+def evaluate_perplexity(ctx: EvalContext) -> dict | None:
+    pc = ctx.cfg.eval.perplexity
+    if not pc.enabled:
+        return None
+    out = {}
+    for split, windows in ctx.windows.items():
+        nll, secs = window_nll(ctx.model, windows, pc.batch_size, ctx.kv_cache_factory, progress=ctx.progress,
+                               desc=f"ppl {split}")
+        out[split] = ppl_metrics(nll, secs, windows.shape[1])
+    return out

@@ -22,7 +22,9 @@ from harness.config import RunConfig
 from harness.data import TEXT_SOURCES, calibration_samples, eval_windows, load_text, text_sha256, tokenize_cached
 from harness.models import load_model, load_tokenizer, model_summary, resolve_model
 from harness.records import load_record, make_record, provenance, record_path, run_id, write_json_atomic
-from quant import METHODS, QuantContext
+from eval import EVALUATORS, EvalContext, ordered_names
+from quant import METHODS, QuantContext, QuantOutcome
+from quant import cache as quant_cache
 
 
 def log(msg: str) -> None:
@@ -36,6 +38,7 @@ class Prepared:
     resolved: object
     tokenizer: object
     windows: dict  # split -> [n, seqlen] token ids
+    texts: dict
     split_sha: dict
 
 
@@ -51,13 +54,13 @@ def prepare(cfg: RunConfig) -> Prepared:
         check_kv_supported(cfg.kv.bits)
     resolved = resolve_model(cfg.model)
     tok = load_tokenizer(resolved, cfg.model)
-    windows, shas = {}, {}
+    windows, shas, texts = {}, {}, {}
     for split in cfg.data.splits:
-        text = load_text(split)
+        text = texts[split] = load_text(split)
         shas[split] = text_sha256(text)[:16]
         ids = tokenize_cached(tok, text)
         windows[split] = eval_windows(ids, cfg.eval.perplexity.seqlen, cfg.eval.perplexity.max_windows, split)
-    return Prepared(resolved, tok, windows, shas)
+    return Prepared(resolved, tok, windows, texts, shas)
 
 
 def calibration_provider(cfg: RunConfig, tokenizer):
@@ -82,6 +85,24 @@ def kv_cache_factory(cfg: RunConfig, model):
     return lambda: QuantizedKVCache(model.config, bits=cfg.kv.bits)
 
 
+def quantize(cfg: RunConfig, model, model_sha: str, calib, calib_state: dict) -> QuantOutcome:
+    """Quantize in place, through the content-addressed cache (methods other than fp16)."""
+    method = METHODS.get(cfg.quant.method)
+    if cfg.quant.method == "fp16":
+        return method(model, cfg.quant, QuantContext(calibration=calib, progress=cfg.progress))
+    key = quant_cache.quant_key(model_sha, cfg.quant, cfg.model.dtype)
+    cached = None if cfg.force else quant_cache.load_into(key, model)
+    if cached is not None:
+        log(f"quantized weights from cache ({key}); original quantize time {sum(cached.timings_s.values()):.1f} s")
+        return cached
+    outcome = method(model, cfg.quant, QuantContext(calibration=calib, progress=cfg.progress))
+    if "samples" in calib_state:
+        outcome.summary["calibration_sha256"] = hashlib.sha256(calib_state["samples"].numpy().tobytes()).hexdigest()[:16]
+    outcome.summary["cache_key"] = key
+    quant_cache.save(key, model, outcome)
+    return outcome
+
+
 def run(cfg: RunConfig) -> dict:
     path = record_path(cfg)
     if path.exists() and not cfg.force:
@@ -104,27 +125,24 @@ def run(cfg: RunConfig) -> dict:
 
     calib, calib_state = calibration_provider(cfg, prep.tokenizer)
     t = time.perf_counter()
-    outcome = METHODS.get(cfg.quant.method)(model, cfg.quant, QuantContext(calibration=calib, progress=cfg.progress))
+    outcome = quantize(cfg, model, prep.resolved.model_sha, calib, calib_state)
     timings["quantize"] = time.perf_counter() - t
     timings.update({f"quantize.{k}": v for k, v in outcome.timings_s.items()})
 
     metrics: dict = {"quant": outcome.summary}
-    if "samples" in calib_state:
-        metrics["quant"]["calibration_sha256"] = hashlib.sha256(calib_state["samples"].numpy().tobytes()).hexdigest()[:16]
 
-    if cfg.eval.perplexity.enabled:
-        from eval.perplexity import ppl_metrics, window_nll
-
-        ppl = {}
+    ctx = EvalContext(cfg=cfg, model=model, tokenizer=prep.tokenizer, windows=prep.windows, texts=prep.texts,
+                      split_sha=prep.split_sha, model_sha=prep.resolved.model_sha, qtensors=outcome.qtensors,
+                      kv_cache_factory=kv_cache_factory(cfg, model),
+                      load_reference_model=lambda: load_model(prep.resolved, cfg.model), progress=cfg.progress,
+                      results=metrics)
+    for name in ordered_names():
         t = time.perf_counter()
-        for split, windows in prep.windows.items():
-            nll, secs = window_nll(model, windows, cfg.eval.perplexity.batch_size, kv_cache_factory(cfg, model),
-                                   progress=cfg.progress, desc=f"ppl {split}")
-            ppl[split] = ppl_metrics(nll, secs, windows.shape[1])
-            log(f"{split}: token PPL {ppl[split]['token_ppl']:.3f} over {ppl[split]['tokens_scored']} tokens "
-                f"({ppl[split]['tokens_per_s']:.0f} tok/s)")
-        metrics["perplexity"] = ppl
-        timings["eval.perplexity"] = time.perf_counter() - t
+        result = EVALUATORS.get(name)(ctx)
+        if result is not None:
+            metrics[name] = result
+            timings[f"eval.{name}"] = time.perf_counter() - t
+            log(f"{name}: {_brief(result)}")
 
     timings["total"] = time.perf_counter() - t_start
     prov = provenance({
@@ -139,6 +157,21 @@ def run(cfg: RunConfig) -> dict:
     write_json_atomic(path, record)
     log(f"wrote {path} (run_id {run_id(cfg)}, {timings['total']:.1f} s)")
     return record
+
+
+def _brief(result: dict) -> str:
+    """One line for the log: the first few numeric leaves of a result."""
+    flat = []
+
+    def walk(prefix, v):
+        if isinstance(v, dict):
+            for k, x in v.items():
+                walk(f"{prefix}.{k}" if prefix else k, x)
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            flat.append(f"{prefix}={v:.4g}")
+
+    walk("", result)
+    return ", ".join(flat[:6]) + (" ..." if len(flat) > 6 else "")
 
 
 def record_exists(cfg: RunConfig) -> bool:

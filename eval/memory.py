@@ -1,0 +1,133 @@
+"""Memory: what the weights and the KV cache occupy (arithmetic from the quantized tensors and the model shape), and
+the run's measured peak (process RSS on CPU, torch.cuda.max_memory_allocated on GPU).
+
+Weight bytes, two layouts of the same int4 codes:
+- `awq_packed`: AWQ's checkpoint format (llm-awq / AutoAWQ GEMM): codes at w_bit bits, fp16 scales, zero points
+  packed at w_bit bits (QTensor.nbytes_packed);
+- `int4_kernel`: what the CPU int4 kernel holds in memory (quant/int4_linear.py): codes at 4 bits, and a bf16
+  (scale, float zero) pair per group.
+Everything not quantized (embeddings, tied lm_head, norms) counts at 2 bytes per value (fp16/bf16), tied parameters
+once. The FP16 baseline is every parameter at 2 bytes.
+"""
+from __future__ import annotations
+
+import resource
+import sys
+
+import torch
+
+from eval.registry import EvalContext, evaluator
+
+FP16_BYTES = 2
+
+
+def fp16_param_bytes(model: torch.nn.Module) -> int:
+    """Every parameter at 2 bytes, tied parameters once (parameters() yields a shared tensor once)."""
+    return sum(p.numel() for p in model.parameters()) * FP16_BYTES
+
+
+def weight_memory(model: torch.nn.Module, qtensors: dict) -> dict:
+    params = dict(model.named_parameters())  # tied parameters appear once, under their first name
+    fp16_total = fp16_param_bytes(model)
+    quantized_params = sum(params[f"{name}.weight"].numel() for name in qtensors if f"{name}.weight" in params)
+    # parameters left in fp16: everything else (a quantized Linear's bias stays fp16 too)
+    rest = fp16_total - quantized_params * FP16_BYTES
+    codes = sum(qt.q.numel() * qt.w_bit // 8 for qt in qtensors.values())
+    n_groups = sum(qt.scales.numel() for qt in qtensors.values())
+    awq_meta = sum(qt.nbytes_packed() for qt in qtensors.values()) - codes
+    kernel_meta = n_groups * 2 * 2  # bf16 scale + bf16 float zero per group
+    out = {
+        "fp16_bytes": fp16_total,
+        "n_quantized_linears": len(qtensors),
+        "quantized_params": quantized_params,
+        "unquantized_fp16_bytes": rest,
+    }
+    if qtensors:
+        for layout, meta in (("awq_packed", awq_meta), ("int4_kernel", kernel_meta)):
+            total = rest + codes + meta
+            out[layout] = {"total_bytes": total, "codes_bytes": codes, "scales_zeros_bytes": meta,
+                           "ratio_to_fp16": total / fp16_total}
+    return out
+
+
+def kv_memory(config, bits: int, context_len: int, batch_size: int) -> dict:
+    from quant.kv_cache import kv_bytes_per_token
+
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    layers = text.num_hidden_layers
+    kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    per_tok = kv_bytes_per_token(layers, kv_heads, head_dim, bits)
+    per_tok_fp16 = kv_bytes_per_token(layers, kv_heads, head_dim, 16)
+    return {
+        "bits": bits,
+        "bytes_per_token": per_tok,
+        "fp16_bytes_per_token": per_tok_fp16,
+        "ratio_to_fp16": per_tok / per_tok_fp16,
+        "context_len": context_len,
+        "batch_size": batch_size,
+        "bytes_at_context": per_tok * context_len * batch_size,
+        "shape": {"layers": layers, "kv_heads": kv_heads, "head_dim": head_dim},
+    }
+
+
+def peak_memory(device: str = "cpu") -> dict:
+    """The process's peak resident set so far (ru_maxrss: KiB on Linux, bytes on macOS), current RSS, and on CUDA
+    the allocator's peak."""
+    import psutil
+
+    ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = {"peak_rss_bytes": ru if sys.platform == "darwin" else ru * 1024,
+           "rss_bytes": psutil.Process().memory_info().rss}
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        out["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated()
+        out["cuda_max_reserved_bytes"] = torch.cuda.max_memory_reserved()
+    return out
+
+
+@evaluator("memory")
+def evaluate_memory(ctx: EvalContext) -> dict | None:
+    mc = ctx.cfg.eval.memory
+    if not mc.enabled:
+        return None
+    return {
+        "weights": weight_memory(ctx.model, ctx.qtensors),
+        "kv_cache": kv_memory(ctx.model.config, ctx.cfg.kv.bits, mc.context_len, mc.batch_size),
+        # the peak so far: loading, quantization and the evaluators that ran before this one (throughput runs after)
+        "measured": peak_memory(ctx.cfg.model.device),
+    }
+
+
+def forward_bytes(config, batch_size: int, seq_len: int, kv_bits: int, logits_positions: int | None = None,
+                  act_bytes: int = 2) -> int:
+    """A generous estimate of what one forward over [batch, seq_len] needs beyond the weights: the KV cache, one
+    layer's activations (hidden x 4 + MLP intermediate x 3), the attention scores if materialised, and fp32 logits
+    at `logits_positions` positions (default: all)."""
+    kv = kv_memory(config, kv_bits, seq_len, batch_size)["bytes_at_context"]
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    tokens = batch_size * seq_len
+    acts = tokens * (4 * text.hidden_size + 3 * getattr(text, "intermediate_size", 4 * text.hidden_size)) * act_bytes
+    scores = batch_size * text.num_attention_heads * seq_len * seq_len * 4
+    logits = (tokens if logits_positions is None else logits_positions) * text.vocab_size * 4 * 2  # logits + softmax
+    return kv + acts + scores + logits
+
+
+def available_bytes(device: str = "cpu") -> int:
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.mem_get_info()[0]
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def check_fits(config, batch_size: int, seq_len: int, kv_bits: int, field: str, device: str = "cpu",
+               logits_positions: int | None = None) -> None:
+    """ConfigError naming `field` when a batch clearly does not fit in the free memory (checked before the work)."""
+    from harness.config import ConfigError
+
+    need = forward_bytes(config, batch_size, seq_len, kv_bits, logits_positions)
+    free = available_bytes(device)
+    if need > 0.9 * free:
+        raise ConfigError(f"{field}: batch {batch_size} x {seq_len} tokens needs about {need / 2**30:.1f} GiB "
+                          f"(KV cache at {kv_bits} bits, activations, logits) but {free / 2**30:.1f} GiB is free on "
+                          f"{device}; lower the batch size or the lengths")

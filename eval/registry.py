@@ -1,0 +1,43 @@
+"""The evaluator registry. An evaluator is `fn(EvalContext) -> dict | None` (None: disabled by its config); its
+result lands in the run record under `metrics.<name>`. Adding one is a new file with `@evaluator(name)` plus its
+config fields in harness/config.py (EvalConfig)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from harness.config import RunConfig
+from harness.registry import Registry
+
+
+@dataclass
+class EvalContext:
+    cfg: RunConfig
+    model: torch.nn.Module  # the (fake-)quantized model under test, in cfg.model.dtype
+    tokenizer: object
+    windows: dict  # split -> [n_windows, seqlen] token ids (paper-protocol windows)
+    texts: dict  # split -> raw text
+    split_sha: dict  # split -> sha256 prefix of its text
+    model_sha: str
+    qtensors: dict = field(default_factory=dict)  # qualified Linear name -> QTensor (empty for fp16)
+    kv_cache_factory: Optional[Callable[[], object]] = None
+    load_reference_model: Optional[Callable[[], torch.nn.Module]] = None  # the unquantized model, loaded on demand
+    progress: bool = True
+    results: dict = field(default_factory=dict)  # metrics of evaluators that already ran (e.g. perplexity)
+
+
+EVALUATORS: Registry[Callable[[EvalContext], Optional[dict]]] = Registry("evaluator")
+
+# the order evaluators run in (and appear in records); an evaluator missing here runs after these
+ORDER = ["perplexity", "word_perplexity", "fidelity", "tasks", "memory", "throughput"]
+
+
+def evaluator(name: str):
+    return EVALUATORS.register(name)
+
+
+def ordered_names() -> list[str]:
+    known = [n for n in ORDER if n in EVALUATORS]
+    return known + [n for n in EVALUATORS.names() if n not in ORDER]

@@ -1,0 +1,1 @@
+"""Local lm-eval tasks (YAML here, datasets from build.py)."""
