@@ -15,7 +15,8 @@ from typing import Callable, Optional
 
 import matplotlib
 
-from experiments.tables import (METRICS, Column, Table, kv_bytes_per_token, kv_shape, weight_bits)
+from experiments.record_view import kv_bytes_per_token, kv_shape, weight_bits
+from experiments.tables import Column, Table
 
 KV_BITS = (16, 8, 4)
 CONTEXTS = [2 ** k for k in range(8, 16)]  # 256 .. 32k tokens
@@ -27,9 +28,9 @@ def _plt():
     return plt
 
 
-def _subtitle(t: Table, mid) -> str:
+def _subtitle(t: Table, mid, windows_field: str = "eval.perplexity.max_windows") -> str:
     s = t.settings
-    mw = s.get("eval.perplexity.max_windows")
+    mw = s.get(windows_field)
     return (f"{t.model_name(mid)} · data: {s.get('data.name')} ({', '.join(s.get('data.splits') or ())}), "
             f"seqlen {s.get('eval.perplexity.seqlen')}, {'all' if mw is None else mw} windows/split")
 
@@ -96,8 +97,8 @@ def _legend(fig, axes):
                    frameon=False, fontsize=9)
 
 
-def _finish(fig, title: str, t: Table, mid):
-    fig.suptitle(f"{title}\n{_subtitle(t, mid)}", fontsize=11)
+def _finish(fig, title: str, t: Table, mid, windows_field: str = "eval.perplexity.max_windows"):
+    fig.suptitle(f"{title}\n{_subtitle(t, mid, windows_field)}", fontsize=11)
     fig.tight_layout()
     return fig
 
@@ -185,9 +186,12 @@ def quality_vs_memory(t: Table, mid, metric: str = "token_ppl") -> Optional[obje
         ax.grid(alpha=0.3)
         xs = [x for x, _ in pts]
         ax.set_xlim(0, max(xs) * 1.1)
+        if metric != "token_ppl":
+            ax.set_ylim(bottom=0)  # KL has a natural zero: FP16 itself
     _legend(fig, axes)
     what = "Token perplexity" if metric == "token_ppl" else "KL divergence to FP16"
-    return _finish(fig, f"{what} vs weight memory (lower-left is better)", t, mid)
+    return _finish(fig, f"{what} vs weight memory (lower-left is better)", t, mid,
+                   "eval.perplexity.max_windows" if metric == "token_ppl" else "eval.fidelity.max_windows")
 
 
 def decode_throughput(t: Table, mid) -> Optional[object]:

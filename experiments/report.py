@@ -12,10 +12,12 @@ import argparse
 import os
 import re
 import sys
+import tempfile
 from pathlib import Path
 
 from harness.assets import REPO_ROOT
 from harness.records import load_records
+from experiments import render
 from experiments import tables as T
 
 NOTEBOOK = REPO_ROOT / "notebooks" / "results.ipynb"
@@ -41,12 +43,12 @@ def write_tables(tables: list[T.Table], records: list[dict], out_dir: Path) -> l
             old.unlink()
     paths = []
     for t in tables:
-        for ext, text in (("md", T.to_markdown(t)), ("tex", T.to_latex(t))):
+        for ext, text in (("md", render.to_markdown(t)), ("tex", render.to_latex(t))):
             p = out_dir / f"table{t.index}.{ext}"
             p.write_text(text)
             paths.append(p)
         p = out_dir / f"table{t.index}.csv"
-        T.to_csv_frame(t).to_csv(p, index=False)
+        render.to_csv_frame(t).to_csv(p, index=False)
         paths.append(p)
     p = out_dir / "records.csv"
     T.records_frame(records).to_csv(p, index=False)
@@ -65,11 +67,17 @@ def execute_notebook(results_dir: Path, out: Path, src: Path = NOTEBOOK, timeout
     env = {**os.environ, RESULTS_ENV: str(Path(results_dir).resolve()), "MPLBACKEND": "module://matplotlib_inline.backend_inline"}
     client = NotebookClient(nb, timeout=timeout_s, kernel_name="python3", resources={"metadata": {"path": str(src.parent)}})
     out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        client.execute(env=env)
-    except CellExecutionError as e:
-        nbformat.write(nb, out)
-        raise ReportError(f"the results notebook failed; the partly executed copy is {out}:\n{e}") from None
+    # the kernel's own stderr (jupyter's start-up chatter) goes to a file, shown only if the run fails
+    with tempfile.TemporaryFile("w+") as kernel_log:
+        try:
+            client.execute(env=env, stderr=kernel_log)
+        except Exception as e:
+            nbformat.write(nb, out)
+            kernel_log.seek(0)
+            tail = "".join(kernel_log.readlines()[-20:])
+            what = e if isinstance(e, CellExecutionError) else f"{type(e).__name__}: {e}"
+            raise ReportError(f"the results notebook failed; the partly executed copy is {out}:\n{what}"
+                              + (f"\nkernel stderr:\n{tail}" if tail.strip() else "")) from None
     nbformat.write(nb, out)
     return out
 
@@ -93,7 +101,7 @@ def report(results_dir: Path, strict: bool = False, figures: bool = True, notebo
         print(f"note: {s}", file=sys.stderr)
 
     tables = [T.build_table(g, i + 1) for i, g in enumerate(groups)]
-    md = "\n".join(T.to_markdown(t) for t in tables)
+    md = "\n".join(render.to_markdown(t) for t in tables)
     print(md, file=out or sys.stdout)
     table_paths = write_tables(tables, records, results_dir / "tables")
     fig_paths = []

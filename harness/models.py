@@ -107,5 +107,8 @@ def model_summary(model) -> dict:
         "n_params": n_params,
         "hidden_size": getattr(c, "hidden_size", None),
         "num_hidden_layers": getattr(c, "num_hidden_layers", None),
+        "num_attention_heads": getattr(c, "num_attention_heads", None),
+        "num_key_value_heads": getattr(c, "num_key_value_heads", getattr(c, "num_attention_heads", None)),
+        "head_dim": getattr(c, "head_dim", None) or (c.hidden_size // c.num_attention_heads if getattr(c, "num_attention_heads", None) else None),
         "tie_word_embeddings": bool(getattr(c, "tie_word_embeddings", False)),
     }

@@ -80,7 +80,9 @@ def test_search_clip_matches_brute_force_float64():
     w = torch.randn(8, 64) * torch.rand(8, 1)
     w[0, 3] = 6.0  # an outlier: clipping it should help
     x = torch.randn(40, 64)
-    got = search_clip(w, x, 4, 32, True, n_grid=20, max_shrink=0.5, oc_batch=4)
+    got = search_clip(w, x, 4, 32, True, n_grid=20, max_shrink=0.5, oc_batch=4, mm_dtype=torch.float32)
+    fast = search_clip(w, x, 4, 32, True, n_grid=20, max_shrink=0.5, oc_batch=4)  # bf16 matmul of the weight delta
+    assert (fast == got).float().mean() >= 0.85
     ref = torch.empty(8, 2)
     for o in range(8):
         for gi in range(2):

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from experiments import record_view as V
+from experiments import render as M
 from experiments import report as R
 from experiments import tables as T
 from harness.assets import REPO_ROOT
@@ -81,14 +83,27 @@ def demo_records(full: bool = True) -> list[dict]:
     out = []
     for _, kw, ppl, kl, acc, tok_s in specs:
         extra = {}
-        if full:
+        if full:  # the shapes eval/{word_perplexity,tasks_eval,memory,throughput,fidelity}.py write
+            kb = kw.get("kv_bits", 16)
+            wb = int(56693376 + 57231360 * kw.get("w_bit", 4) / 4)
+            weights = {"fp16_bytes": 269030016}
+            if kw["method"] != "fp16":
+                weights["awq_packed"] = {"total_bytes": wb, "ratio_to_fp16": wb / 269030016}
+                weights["int4_kernel"] = {"total_bytes": wb + 1000}
             extra = {
-                "word_perplexity": {s: {"word_perplexity": p * 2.1, "bits_per_byte": math.log2(p) / 4.3}
+                "word_perplexity": {s: {"word_perplexity": p * 2.1, "bits_per_byte": math.log2(p) / 4.3, "chars": 60000}
                                     for s, p in zip(["milton", "shakespeare_heldout"], ppl)},
-                "tasks": {"local_cloze": {"acc": acc, "acc_stderr": 0.02}},
-                "memory": {"kv_bytes_per_token": T.kv_bytes_per_token(SHAPE, kw.get("kv_bits", 16))},
-                "throughput": {"batch_1": {"batch_size": 1, "decode_tok_s": tok_s},
-                               "batch_8": {"batch_size": 8, "decode_tok_s": tok_s * 5.2}},
+                "tasks": {"local_cloze": {"acc": acc, "acc_stderr": 0.02, "n": 200, "num_fewshot": 0,
+                                          "source": "local: eval/tasks/local_cloze.yaml"}},
+                "memory": {"weights": weights,
+                           "kv_cache": {"bits": kb, "bytes_per_token": V.kv_bytes_per_token(SHAPE, kb),
+                                        "context_len": 4096, "batch_size": 1,
+                                        "shape": {"layers": 30, "kv_heads": 3, "head_dim": 64}},
+                           "measured": {"peak_rss_bytes": 2_000_000_000}},
+                "throughput": {"device": "cpu", "threads": 2, "prompt_len": 128, "gen_len": 64,
+                               "kv_cache": "fp16/bf16 DynamicCache", "weight_bytes": {"total": wb},
+                               "batch": {"1": {"decode_tok_s": tok_s, "prefill_tok_s": 900.0, "repeats_s": [[0.1, 1.0]]},
+                                         "8": {"decode_tok_s": tok_s * 5.2, "prefill_tok_s": 1500.0}}},
             }
             if kw["method"] != "fp16":
                 extra["fidelity"] = {s: {"kl_mean": kl, "kl_p99": kl * 8, "top1_agreement": 1 - kl / 2,
@@ -118,7 +133,7 @@ def test_rows_labels_and_order():
 
 def test_columns_come_from_what_exists():
     t = T.build_tables(demo_records(full=False))[0]
-    assert T.headers(t) == ["PPL milton ↓", "PPL shakespeare_heldout ↓", "weights (MB) ↓", "KV B/token ↓"]
+    assert M.headers(t) == ["PPL milton ↓", "PPL shakespeare_heldout ↓", "weights (MB) ↓", "KV B/token ↓"]
     full = T.build_tables(demo_records())[0]
     metrics = [c.metric for _, c in full.columns]
     assert metrics == ["token_ppl", "token_ppl", "word_ppl", "word_ppl", "acc", "kl_mean", "kl_mean", "weight_bytes",
@@ -128,7 +143,7 @@ def test_columns_come_from_what_exists():
 def test_deltas_best_and_missing_values():
     recs = demo_records()
     t = T.build_tables(recs)[0]
-    md = T.to_markdown(t)
+    md = M.to_markdown(t)
     rows = {line.split(" | ")[0].strip("| "): line for line in md.splitlines() if line.startswith("| ")}
     # AWQ beats RTN on PPL: bold, with the difference to FP16
     assert "**109.29** (+14.59)" in rows["AWQ w4 g64 (search+clip)"]
@@ -136,7 +151,7 @@ def test_deltas_best_and_missing_values():
     # accuracy in %, higher is better, delta in points
     assert "**43.0** (-2.0)" in rows["AWQ w4 g64 (search+clip)"]
     # ratios for memory and speed; KV int8 halves-ish the KV bytes
-    kv16, kv8 = T.kv_bytes_per_token(SHAPE, 16), T.kv_bytes_per_token(SHAPE, 8)
+    kv16, kv8 = V.kv_bytes_per_token(SHAPE, 16), V.kv_bytes_per_token(SHAPE, 8)
     assert kv16 == 2 * 30 * 3 * 64 * 2 and kv8 == 2 * 30 * 3 * (64 + 4)
     assert f"**{kv8:,}** ({kv8 / kv16:.2f}×)" in rows["AWQ w4 g64 (search+clip) + KV int8"]
     # the FP16 row has no KL (it is the reference): '–', and no delta on itself
@@ -150,7 +165,7 @@ def test_deltas_best_and_missing_values():
 def test_best_is_per_column_with_ties_and_needs_two_candidates():
     recs = [make_record(method="fp16"), make_record(method="rtn", ppl=(120.0, 50.0))]
     t = T.build_tables(recs)[0]
-    assert "**" not in T.to_markdown(t)  # one quantized row: nothing to compare against
+    assert "**" not in M.to_markdown(t)  # one quantized row: nothing to compare against
     recs.append(make_record(method="rtn", group_size=32, ppl=(120.0, 49.0)))
     t = T.build_tables(recs)[0]
     col = T.Column("token_ppl", "milton")
@@ -197,14 +212,14 @@ def test_models_are_column_groups():
                                        make_record(method="rtn", model="qwen2.5-0.5b", model_sha="hf:abc", ppl=(33.0, 21.0))]
     t = T.build_tables(recs)[0]
     assert [T.Table.model_name(t, m) for m in t.models] == ["smollm2-135m-instruct", "qwen2.5-0.5b"]
-    md = T.to_markdown(t)
+    md = M.to_markdown(t)
     assert "qwen2.5-0.5b: PPL milton ↓" in md
     row = next(line for line in md.splitlines() if line.startswith("| RTN w4 g64 |"))
     assert "33.00 (+3.00)" in row and "119.72 (+25.02)" in row
     # AWQ has no qwen run: '–' there
     row = next(line for line in md.splitlines() if line.startswith("| AWQ w4 g64 (search+clip) |"))
     assert row.count("–") >= 2
-    tex = T.to_latex(t)
+    tex = M.to_latex(t)
     assert r"\multicolumn{4}{c}{smollm2-135m-instruct}" in tex and r"\multicolumn{4}{c}{qwen2.5-0.5b}" in tex
 
 
@@ -234,11 +249,11 @@ def test_no_records_is_a_clear_error(tmp_path, capsys):
 
 
 def test_throughput_shapes_are_read():
-    assert T.decode_by_batch({"batch_1": {"decode_tok_s": 3.0}, "batch_8": {"decode_tok_s": 20.0}}) == {1: 3.0, 8: 20.0}
-    assert T.decode_by_batch([{"batch_size": 4, "decode_tok_s": 9.0}]) == {4: 9.0}
-    assert T.decode_by_batch({"decode_tok_s": {"1": 3.0, "16": 30.0}}) == {1: 3.0, 16: 30.0}
-    assert T.decode_by_batch({"by_batch": {"2": {"decode_tok_s": 5.0, "prefill_tok_s": 50.0}}}) == {2: 5.0}
-    assert T.decode_by_batch({}) == {}
+    assert V.decode_by_batch({"batch_1": {"decode_tok_s": 3.0}, "batch_8": {"decode_tok_s": 20.0}}) == {1: 3.0, 8: 20.0}
+    assert V.decode_by_batch([{"batch_size": 4, "decode_tok_s": 9.0}]) == {4: 9.0}
+    assert V.decode_by_batch({"decode_tok_s": {"1": 3.0, "16": 30.0}}) == {1: 3.0, 16: 30.0}
+    assert V.decode_by_batch({"by_batch": {"2": {"decode_tok_s": 5.0, "prefill_tok_s": 50.0}}}) == {2: 5.0}
+    assert V.decode_by_batch({}) == {}
 
 
 def test_synthetic_weights_show_no_quality():
@@ -247,17 +262,17 @@ def test_synthetic_weights_show_no_quality():
         r["config"]["model"]["weights"] = "random"
     t = T.build_tables(recs)[0]
     assert {c.metric for _, c in t.columns} == {"weight_bytes", "kv_bytes_per_token"}
-    assert "SYNTHETIC" in T.to_markdown(t)
+    assert "SYNTHETIC" in M.to_markdown(t)
 
 
 def test_csv_and_latex(tmp_path):
     t = T.build_tables(demo_records())[0]
-    df = T.to_csv_frame(t)
+    df = M.to_csv_frame(t)
     assert df["config"].tolist()[0] == "FP16"
     awq = df[df["config"] == "AWQ w4 g64 (search+clip)"].iloc[0]
     assert awq["smollm2-135m-instruct: PPL milton"] == pytest.approx(109.29)
     assert awq["smollm2-135m-instruct: PPL milton vs FP16 (diff)"] == pytest.approx(109.29 - 94.70)
-    tex = T.to_latex(t)
+    tex = M.to_latex(t)
     for s in (r"\toprule", r"\midrule", r"\bottomrule", r"\textbf{109.29}", r"shakespeare\_heldout", r"$\downarrow$"):
         assert s in tex
     assert tex.count("&") // len(t.rows) >= len(t.columns)  # every row has every column
@@ -281,6 +296,13 @@ def test_cli_writes_tables_figures_and_prints_where(tmp_path, capsys):
         rows = list(csv.DictReader(f))
     assert len(rows) == 6 and rows[0]["config"] == "FP16"
     assert float(rows[1]["kl_mean.milton"]) == pytest.approx(0.21)
+
+
+def test_kv_bytes_match_the_cache_implementation():
+    from quant.kv_cache import kv_bytes_per_token
+
+    for bits in (16, 8, 4):
+        assert V.kv_bytes_per_token(SHAPE, bits) == kv_bytes_per_token(30, 3, 64, bits)
 
 
 def test_pareto_front():
@@ -317,3 +339,10 @@ def test_real_records_if_present(tmp_path):
     for t in tables:
         if any(r.reference for r in t.rows):
             assert t.rows[0].reference
+
+
+def test_a_sweep_over_a_field_outside_the_label_gives_separate_rows():
+    a, b = make_record(method="awq"), make_record(method="awq", ppl=(110.0, 49.0))
+    b["config"]["quant"]["n_grid"] = 10
+    texts = [r.text for r in T.build_tables([make_record(method="fp16"), a, b])[0].rows]
+    assert texts == ["FP16", "AWQ w4 g64 (search+clip) [quant.n_grid=20]", "AWQ w4 g64 (search+clip) [quant.n_grid=10]"]

@@ -1,0 +1,57 @@
+"""lm-eval's rolling word perplexity through the harness's adapter: its loglikelihood equals a float64
+recomputation of the protocol written out by hand, and word PPL / bits per byte follow lm-eval's wikitext formulas."""
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+
+from eval.lm_eval_adapter import HarnessLM
+from eval.word_perplexity import rolling_word_perplexity, truncate_words
+
+
+def test_truncate_words_cuts_at_whitespace():
+    text = "alpha beta gamma\ndelta epsilon"
+    assert truncate_words(text, None) == text and truncate_words(text, 1000) == text
+    assert truncate_words(text, 13) == "alpha beta"
+    assert truncate_words(text, 19) == "alpha beta gamma"
+
+
+@torch.no_grad()
+def _rolling_ll_by_hand(model, toks: list[int], prefix: int, L: int) -> float:
+    """Every token scored once: the first L after a prefix token, then windows of L inputs whose first input is
+    the previous window's last token; the last, partial window conditions on the L tokens before its end."""
+    n, ll, start = len(toks), 0.0, 0
+    while start < n:
+        end = min(start + L, n)
+        if start == 0:
+            inp = [prefix] + toks[: end - 1]
+        else:
+            inp = toks[max(end - L - 1, 0) : end - 1]
+        logp = torch.log_softmax(model(torch.tensor([inp])).logits[0].double(), -1)
+        k = end - start  # score the last k positions
+        tgt = torch.tensor(toks[start:end])
+        ll += logp[-k:].gather(-1, tgt[:, None]).sum().item()
+        start = end
+    return ll
+
+
+def test_rolling_loglikelihood_matches_hand_protocol(smollm2_fp32, tokenizer):
+    from harness.data import load_text
+
+    doc = truncate_words(load_text("milton"), 1200)
+    lm = HarnessLM(smollm2_fp32, tokenizer, batch_size=4, max_length=64)
+    res = rolling_word_perplexity(lm, doc)
+    toks = lm.tok_encode(doc)
+    assert res["tokens"] == len(toks) and len(toks) > 3 * 64  # several full windows and a partial one
+    ref = _rolling_ll_by_hand(smollm2_fp32, toks, lm.prefix_token_id, 64)
+    assert abs(res["loglikelihood"] - ref) < 1e-4 * abs(ref)
+
+    words, n_bytes = len(re.split(r"\s+", doc)), len(doc.encode("utf-8"))
+    assert res["words"] == words and res["bytes"] == n_bytes
+    assert math.isclose(res["word_perplexity"], math.exp(-res["loglikelihood"] / words), rel_tol=1e-12)
+    assert math.isclose(res["bits_per_byte"], -res["loglikelihood"] / n_bytes / math.log(2), rel_tol=1e-12)
+    assert math.isclose(res["rolling_token_ppl"], math.exp(-res["loglikelihood"] / len(toks)), rel_tol=1e-12)
+    # the disagreement users ask about: the same loglikelihood per word is per token ** (tokens / words)
+    assert math.isclose(res["word_perplexity"], res["rolling_token_ppl"] ** (len(toks) / words), rel_tol=1e-9)
