@@ -375,3 +375,21 @@ def test_conversation_trims_oldest_turns():
         c.add("user", f"u{i}")
         c.add("assistant", f"a{i}")
     assert [m["content"] for m in c.messages()] == ["u2", "a2"]
+
+
+# ----------------------------------------------------------------------------------------------- real-kernel PPL
+
+
+def test_ppl_parts_round_trip_and_window_means(tmp_path):
+    from benchmarks import lmdeploy_ppl
+
+    blob = tmp_path / "model.safetensors"
+    blob.write_bytes(bytes(range(256)) * 41)
+    names = lmdeploy_ppl.split_file(blob, tmp_path / "parts", part_bytes=1000)
+    assert len(names) == 11 and all((tmp_path / "parts" / n).stat().st_size <= 1000 for n in names)
+    lmdeploy_ppl.join_parts([tmp_path / "parts" / n for n in names], tmp_path / "joined")
+    assert (tmp_path / "joined").read_bytes() == blob.read_bytes()
+    # equal-length windows: exp of the mean window NLL is the token PPL
+    nll = torch.rand(5, 511, dtype=torch.float64) * 6
+    assert lmdeploy_ppl.ppl_from_window_means(nll.mean(1).tolist()) == pytest.approx(nll.mean().exp().item())
+    assert lmdeploy_ppl.relative_gap(101.0, 100.0) == pytest.approx(0.01)
