@@ -65,10 +65,12 @@ def chat_completion(base_url: str, model: str, messages: list[dict], max_tokens:
             "response": r.model_dump()}
 
 
-def start_server(cmd: list[str], log_path: Optional[Path] = None) -> subprocess.Popen:
+def start_server(cmd: list[str], log_path: Optional[Path] = None, env: Optional[dict] = None) -> subprocess.Popen:
+    """`env`: the server's environment (serving.lmdeploy_backend.engine_env keeps NVLink multicast off for tp > 1)."""
     out = open(log_path, "w") if log_path else None
     # its own process group, so stopping it stops the engine's workers too
-    return subprocess.Popen(cmd, stdout=out or None, stderr=subprocess.STDOUT if out else None, start_new_session=True)
+    return subprocess.Popen(cmd, stdout=out or None, stderr=subprocess.STDOUT if out else None, start_new_session=True,
+                            env=env)
 
 
 def stop_server(proc: subprocess.Popen, grace_s: float = 20) -> None:
@@ -108,7 +110,7 @@ def main(argv: list[str]) -> None:
     log(("SYNTHETIC weights: the answers are noise. " if synthetic.is_synthetic(model_dir) else "") + " ".join(cmd))
     base = f"http://{a.host}:{a.port}"
     t0 = time.perf_counter()
-    proc = start_server(cmd, Path(a.server_log) if a.server_log else None)
+    proc = start_server(cmd, Path(a.server_log) if a.server_log else None, env=lb.engine_env(cfg))
     try:
         models, waited = wait_healthy(base, proc, a.timeout)
         log(f"healthy after {waited:.0f} s at {base}; models {models}")

@@ -102,6 +102,22 @@ ENGINES.add("pytorch", "PytorchEngineConfig")
 ENGINES.add("turbomind", "TurbomindEngineConfig")
 
 
+# NVLink multicast stays off wherever several GPUs talk (NCCL, PyTorch symmetric memory, NVSHMEM): on shared hosts a
+# program using it can take the GPUs out of service. Set in this process before the engine spawns its workers, and
+# in the environment of every server started from here.
+MULTI_GPU_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def engine_env(cfg: RunConfig, base: Optional[dict] = None) -> dict:
+    """The environment an engine or server runs with: `base` (default os.environ) plus MULTI_GPU_ENV when tp > 1."""
+    import os
+
+    env = dict(os.environ if base is None else base)
+    if cfg.backend.tp > 1:
+        env.update(MULTI_GPU_ENV)
+    return env
+
+
 def build_engine_config(cfg: RunConfig, model_dir, importer: Callable[[str], object] = None):
     """(engine config object, engine name, fallback reason)."""
     import importlib
@@ -118,6 +134,9 @@ def make_pipeline(cfg: RunConfig, model_dir, log_level: str = "WARNING"):
     if cfg.backend.name != "lmdeploy":
         raise ConfigError(f"backend.name: {cfg.backend.name!r}; LMDeploy runs need backend=lmdeploy")
     engine_cfg, engine, reason = build_engine_config(cfg, model_dir)
+    import os
+
+    os.environ.update({k: v for k, v in engine_env(cfg, {}).items()})  # inherited by the engine's workers
     if reason and engine == "pytorch":
         print(f"[lmdeploy] PyTorch engine ({reason})", file=sys.stderr, flush=True)
     pipe = lmdeploy.pipeline(str(model_dir), backend_config=engine_cfg, log_level=log_level,

@@ -117,13 +117,13 @@ def build_app(ans: Answerer) -> gr.Blocks:
                                 continue
                             snap = ev
                             shown[-1] = {"role": "assistant", "content": snap.text}
-                            yield shown, hist, "", " · ".join([f"{v.label}: {describe_speed(snap)}", *notes])
+                            yield shown, hist, "", " · ".join([f"{v.label} answering: {describe_speed(snap)}", *notes])
                     except Exception as e:  # shown in the page; the app keeps serving
                         shown[-1] = {"role": "assistant", "content": f"⚠️ {e}"}
                         yield shown, hist, user, f"**Error** ({v.label}): {html.escape(str(e))}"
                         return
                     new_hist = add_exchange(hist, user, snap.text)
-                    yield new_hist, new_hist, "", " · ".join([f"{v.label}: {describe_speed(snap)}", *notes])
+                    yield new_hist, new_hist, "", " · ".join([f"{v.label} answered: {describe_speed(snap)}", *notes])
 
                 chat_io = dict(fn=chat_send, inputs=[msg, history, chat_variant, system, temperature, top_p, max_new],
                                outputs=[chatbot, history, msg, chat_status], concurrency_id=MODEL_CONCURRENCY,

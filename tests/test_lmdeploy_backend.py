@@ -393,3 +393,21 @@ def test_ppl_parts_round_trip_and_window_means(tmp_path):
     nll = torch.rand(5, 511, dtype=torch.float64) * 6
     assert lmdeploy_ppl.ppl_from_window_means(nll.mean(1).tolist()) == pytest.approx(nll.mean().exp().item())
     assert lmdeploy_ppl.relative_gap(101.0, 100.0) == pytest.approx(0.01)
+
+
+def test_tp2_reaches_engine_config_and_server_command_with_multicast_off():
+    """Two GPUs (issue 9's CPU side): tp travels into the engine kwargs and the api_server command line, and every
+    engine/server environment keeps NVLink multicast off."""
+    from serving import lmdeploy_backend as lb
+    from serving.compose import compose
+
+    cfg = compose(["backend=lmdeploy", "backend.tp=2", "kv=int8"])
+    kw = lb.engine_kwargs(cfg, "/m", "pytorch")
+    assert kw["tp"] == 2 and kw["quant_policy"] == 8
+    cmd = lb.api_server_command(cfg, "/m", engine="pytorch")
+    assert cmd[cmd.index("--tp") + 1] == "2"
+    env = lb.engine_env(cfg, {"PATH": "/bin"})
+    assert env["NCCL_NVLS_ENABLE"] == "0" and env["TORCH_SYMM_MEM_DISABLE_MULTICAST"] == "1"
+    assert env["NVSHMEM_DISABLE_NVLS"] == "1" and env["PATH"] == "/bin"
+    one = lb.engine_env(compose(["backend=lmdeploy"]), {"PATH": "/bin"})
+    assert one == {"PATH": "/bin"}
