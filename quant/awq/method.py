@@ -133,6 +133,10 @@ def awq(model, cfg: QuantConfig, ctx: QuantContext) -> QuantOutcome:
     x, kwargs = capture_first_block_inputs(model, lmap, samples)
     timings["calibration_capture"] = time.perf_counter() - t
 
+    # clipping scores a seeded random subset of calibration tokens. (llm-awq takes every k-th token; with k a
+    # divisor of seqlen that oversamples the first position of every sequence, whose activations are outliers.)
+    n_tok = samples.numel()
+    clip_idx = torch.randperm(n_tok, generator=torch.Generator().manual_seed(cfg.calib.seed))[: cfg.clip_tokens]
     keys = _input_keys(lmap)
     capture = sorted(set(keys.values()))
     qtensors, chosen_alpha = {}, {}
@@ -182,8 +186,7 @@ def awq(model, cfg: QuantConfig, ctx: QuantContext) -> QuantOutcome:
                     continue
                 lin = block.get_submodule(rel)
                 feat = feats[keys[rel]].reshape(-1, lin.in_features)
-                step = max(1, feat.shape[0] // cfg.clip_tokens)
-                max_val = search_clip(lin.weight.data, feat[::step][: cfg.clip_tokens], cfg.w_bit,
+                max_val = search_clip(lin.weight.data, feat[clip_idx], cfg.w_bit,
                                       sizes[f"{prefix}.{rel}"], cfg.zero_point, cfg.clip_n_grid, cfg.clip_max_shrink)
                 apply_clip_(lin, max_val)
         t_clip += time.perf_counter() - t
