@@ -17,7 +17,7 @@ from harness.config import QuantConfig
 from quant.primitives import QTensor
 from quant.registry import QuantOutcome
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # bump when a method changes what it computes (2: clipping on a random token subset)
 
 
 def quant_key(model_sha: str, cfg: QuantConfig, dtype: str) -> str:
