@@ -51,7 +51,7 @@ class Answerer:
             return "loaded"
         if state == "cached":
             return "in the quantized cache: loads on first use" if v.run.quant.method != "fp16" else "loads on first use"
-        how = "minutes on a CPU (calibration + search)" if self.local.needs_calibration(v.run) else "seconds"
+        how = "calibration and search: up to tens of minutes on a CPU" if self.local.needs_calibration(v.run) else "seconds"
         if self.web.build_missing:
             return f"not built yet: quantized on first use ({how}), or ahead with `{self.build_command(v)}`"
         return f"not built yet: build it with `{self.build_command(v)}`"
@@ -72,12 +72,16 @@ class Answerer:
             ep = self.web.endpoint
             yield from openai_client.stream_chat(ep.url, ep.model, messages, settings, ep.timeout_s, ep.api_key, stop)
             return
+        # the prompt is checked against the context before anything is loaded or built
+        ctx = self.context_len()
+        fitted, ids, dropped, max_new = self.local.fit(messages, settings.max_new_tokens, ctx)
         state = self.local.state(v.run)
         if state == "missing":
             if not self.web.build_missing:
                 raise VariantNotBuiltError(f"{v.label} is not built yet; build it with `{self.build_command(v)}` "
                                            f"(or start the page with web.build_missing=true)")
-            slow = " (minutes on a CPU)" if self.local.needs_calibration(v.run) else ""
+            slow = (" (calibration and search: up to tens of minutes on a CPU)"
+                    if self.local.needs_calibration(v.run) else "")
             yield f"building {v.label}{slow}: not in the quantized cache yet; `{self.build_command(v)}` builds it ahead"
         elif state == "cached":
             yield f"loading {v.label}"
@@ -85,8 +89,6 @@ class Answerer:
         self.local.get(v.run, statuses.append)
         if statuses and state != "loaded":
             yield statuses[-1]
-        ctx = self.context_len()
-        fitted, ids, dropped, max_new = self.local.fit(messages, settings.max_new_tokens, ctx)
         if dropped:
             yield Note(f"dropped the {dropped} oldest exchange(s) to fit the {ctx:,}-token context")
         if max_new < settings.max_new_tokens:

@@ -121,8 +121,18 @@ class LocalModels:
                 quantize(cfg, model, self.resolved.model_sha, calib, calib_state)
                 status(f"{label}: ready in {time.perf_counter() - t:.1f} s")
             model.eval()
+            self._warm_up(model)
             self._models[key] = model
             return model
+
+    @staticmethod
+    def _warm_up(model) -> None:
+        """A first generate() pays one-off costs (kernel selection, allocator growth: several times a decode step on
+        a CPU); paid here, so the first answer's tokens/s, e.g. the FP16 column of a compare, is not understated."""
+        x = torch.tensor([[0, 1, 2, 3]], device=model.device)
+        with torch.inference_mode():
+            model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                           temperature=None, top_p=None, top_k=None, pad_token_id=0)
 
     # ---- generation ----
 

@@ -154,3 +154,44 @@ def _apply_chunk(snap: Snapshot, chunk: dict, t: float) -> None:
     if usage and usage.get("completion_tokens") is not None:  # the server's own count (stream_options.include_usage)
         snap.n_tokens, snap.count_unit = int(usage["completion_tokens"]), "tokens"
     snap.elapsed_s = t
+
+
+def terminal_chat(url: str, model: Optional[str], settings: SamplingSettings, system: Optional[str] = None,
+                  timeout_s: float = 60.0, read=input, write=None) -> None:
+    """The command-line client of an endpoint (streaming, multi-turn): experiments.chat's REPL over `stream_chat`.
+    An endpoint error is printed and the conversation goes on."""
+    import sys
+
+    from experiments.chat import Conversation, repl
+
+    def respond(messages: Messages) -> Iterator[str]:
+        said = ""
+        try:
+            for snap in stream_chat(url, model, messages, settings, timeout_s):
+                yield snap.text[len(said):]
+                said = snap.text
+        except EndpointError as e:
+            yield f"[error] {e}"
+
+    repl(respond, Conversation(system), read=read, write=write or sys.stdout.write)
+
+
+def main(argv: list[str]) -> None:
+    """python -m serving.openai_client --url http://127.0.0.1:23333 [--system ...] [--max-new-tokens N]"""
+    import argparse
+
+    ap = argparse.ArgumentParser(description="terminal chat with an OpenAI-compatible endpoint (/reset, /exit)")
+    ap.add_argument("--url", default="http://127.0.0.1:23333")
+    ap.add_argument("--model", default=None, help="model id (default: the first one /v1/models lists)")
+    ap.add_argument("--system", default=None)
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--top-p", type=float, default=0.9)
+    a = ap.parse_args(argv)
+    terminal_chat(a.url, a.model, SamplingSettings(a.max_new_tokens, a.temperature, a.top_p), a.system)
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])

@@ -76,7 +76,8 @@ def build_app(ans: Answerer) -> gr.Blocks:
         with gr.Tabs():
             # ---------------------------------------------------------------- chat
             with gr.Tab("Chat", id="chat"):
-                history = gr.State([])
+                history = gr.State([])  # what the model is sent: the exchanges that were answered
+                shown_state = gr.State([])  # what the page shows: those plus failed turns with their errors
                 with gr.Row():
                     chat_variant = gr.Dropdown(list(chat_by_label), value=setup.chat[0].label, label="Answer with",
                                                elem_id="chat-variant", scale=3)
@@ -93,46 +94,52 @@ def build_app(ans: Answerer) -> gr.Blocks:
                 with gr.Row():
                     temperature = gr.Slider(0.0, 2.0, web.temperature, step=0.05, label="Temperature (0 = greedy)")
                     top_p = gr.Slider(0.05, 1.0, web.top_p, step=0.05, label="Top-p")
-                    max_new = gr.Slider(1, 2048, web.max_new_tokens, step=1, label="Max new tokens")
+                    max_new = gr.Slider(1, 2048, web.max_new_tokens, step=1, label="Max new tokens", elem_id="chat-max-new")
 
-                def chat_send(user, hist, label, sys_prompt, temp, tp, n_new, request: gr.Request,
-                              progress=gr.Progress(track_tqdm=True)):
-                    user = (user or "").strip()
+                # argument names are the API's (gradio_client: predict(message, answer_with, ..., api_name="/chat"))
+                def chat_send(message, hist, seen, answer_with, system_prompt, temperature, top_p, max_new_tokens,
+                              request: gr.Request, progress=gr.Progress(track_tqdm=True)):
+                    user = (message or "").strip()
                     if not user:
-                        yield hist, hist, "", "Type a message first."
+                        yield seen, hist, seen, "", "Type a message first."
                         return
                     stop_ev = sessions.fresh(request)
-                    v = chat_by_label[label]
-                    messages = build_messages(sys_prompt, hist[-2 * web.max_turns:], user)
-                    settings = SamplingSettings(int(n_new), float(temp), float(tp))
-                    shown = list(hist) + [{"role": "user", "content": user}, {"role": "assistant", "content": ""}]
+                    v = chat_by_label[answer_with]
+                    messages = build_messages(system_prompt, hist[-2 * web.max_turns:], user)
+                    settings = SamplingSettings(int(max_new_tokens), float(temperature), float(top_p))
+                    shown = list(seen) + [{"role": "user", "content": _clip(user)}, {"role": "assistant", "content": ""}]
                     notes, snap = [], Snapshot()
-                    yield shown, hist, "", f"{v.label}: waiting for the first token"
+                    yield shown, hist, seen, "", f"{v.label}: waiting for the first token"
                     try:
                         for ev in ans.answer(v, messages, settings, stop_ev):
                             if isinstance(ev, str):
                                 if isinstance(ev, Note):
                                     notes.append(ev)
-                                yield shown, hist, "", f"{v.label}: {ev}"
+                                yield shown, hist, seen, "", f"{v.label}: {ev}"
                                 continue
                             snap = ev
                             shown[-1] = {"role": "assistant", "content": snap.text}
-                            yield shown, hist, "", " · ".join([f"{v.label} answering: {describe_speed(snap)}", *notes])
-                    except Exception as e:  # shown in the page; the app keeps serving
+                            yield shown, hist, seen, "", " · ".join([f"{v.label} answering: {describe_speed(snap)}",
+                                                                     *notes])
+                    except Exception as e:  # shown in the page (the failed turn is not sent again); the app keeps serving
                         shown[-1] = {"role": "assistant", "content": f"⚠️ {e}"}
-                        yield shown, hist, user, f"**Error** ({v.label}): {html.escape(str(e))}"
+                        yield shown, hist, shown, user, f"**Error** ({v.label}): {html.escape(str(e))}"
                         return
+                    shown[-1] = {"role": "assistant", "content": snap.text}
                     new_hist = add_exchange(hist, user, snap.text)
-                    yield new_hist, new_hist, "", " · ".join([f"{v.label} answered: {describe_speed(snap)}", *notes])
+                    yield shown, new_hist, shown, "", " · ".join([f"{v.label} answered: {describe_speed(snap)}", *notes])
 
-                chat_io = dict(fn=chat_send, inputs=[msg, history, chat_variant, system, temperature, top_p, max_new],
-                               outputs=[chatbot, history, msg, chat_status], concurrency_id=MODEL_CONCURRENCY,
-                               concurrency_limit=1, show_progress="minimal", api_name=False)
-                send.click(**chat_io)
-                msg.submit(**chat_io)
+                chat_io = dict(fn=chat_send, inputs=[msg, history, shown_state, chat_variant, system, temperature,
+                                                     top_p, max_new],
+                               outputs=[chatbot, history, shown_state, msg, chat_status],
+                               concurrency_id=MODEL_CONCURRENCY, concurrency_limit=1, show_progress="minimal")
+                send.click(**chat_io, api_name="chat")  # also the scripted (gradio_client) way in
+                msg.submit(**chat_io, api_name=False)
                 stop.click(sessions.stop, None, None, queue=False, api_name=False)
-                clear.click(lambda: ([], [], "", ""), None, [chatbot, history, msg, chat_status], queue=False,
-                            api_name=False)
+                chatbot.clear(lambda: ([], [], ""), None, [history, shown_state, chat_status], queue=False,
+                              api_name=False)  # the chatbot's own trash button clears the history too
+                clear.click(lambda: ([], [], [], "", ""), None, [chatbot, history, shown_state, msg, chat_status],
+                            queue=False, api_name=False)
 
             # ---------------------------------------------------------------- compare
             with gr.Tab("Compare", id="compare"):
@@ -164,20 +171,24 @@ def build_app(ans: Answerer) -> gr.Blocks:
                             heads.append(gr.Markdown("", elem_id=f"cmp-state-{i}", elem_classes=["variant-state"]))
                             answers.append(gr.HTML(answer_html(""), elem_id=f"cmp-answer-{i}"))
                             stats.append(gr.Markdown("", elem_id=f"cmp-stats-{i}", elem_classes=["stats"]))
+                if any(v.run is not None and v.run.quant.method != "fp16" for v in compare):
+                    gr.Markdown("In-process variants hold their quantized weights dequantized (the harness's "
+                                "simulation), so tokens/s differs from FP16's by noise only; W4A16 speed-ups need real "
+                                "int4 kernels, e.g. LMDeploy behind `web=endpoint`.", elem_classes=["variant-state"])
 
-                def compare_run(text, sys_prompt, chosen, is_greedy, n_new, temp, tp, request: gr.Request,
-                                progress=gr.Progress(track_tqdm=True)):
-                    text = (text or "").strip()
+                def compare_run(prompt, system_prompt, variants, greedy, max_new_tokens, temperature, top_p,
+                                request: gr.Request, progress=gr.Progress(track_tqdm=True)):
+                    text = (prompt or "").strip()
                     html_out, stat_out = [answer_html("")] * len(compare), [""] * len(compare)
                     if not text:
                         yield *html_out, *stat_out, "Type a prompt first."
                         return
                     stop_ev = sessions.fresh(request)
-                    settings = SamplingSettings(int(n_new), float(temp), float(tp), greedy=bool(is_greedy))
-                    messages = build_messages(sys_prompt, [], text)
+                    settings = SamplingSettings(int(max_new_tokens), float(temperature), float(top_p), greedy=bool(greedy))
+                    messages = build_messages(system_prompt, [], text)
                     ref: Snapshot | None = None
                     for i, v in enumerate(compare):
-                        if v.label not in chosen:
+                        if v.label not in variants:
                             stat_out[i] = "not selected"
                             continue
                         if stop_ev.is_set():
@@ -215,20 +226,35 @@ def build_app(ans: Answerer) -> gr.Blocks:
 
             # ---------------------------------------------------------------- results
             with gr.Tab("Results", id="results"):
-                gr.Markdown(f"Read-only: what `python -m experiments.report` wrote under `{setup.cfg.results_dir}/`.")
-                reload_btn = gr.Button("Reload", size="sm")
-                tables = gr.Markdown("", elem_id="results-tables")
-                figures = gr.Gallery(label="Figures", columns=2, height="auto", interactive=False,
-                                     elem_id="results-figures")
+                gr.Markdown(f"Read-only: the tables and figures under `{setup.cfg.results_dir}/` "
+                            f"(`python -m experiments.report` writes them).")
+                figures = gr.Gallery(label="Figures (click one to enlarge)", columns=3, fit_columns=False, height="auto",
+                                     object_fit="contain", interactive=False, elem_id="results-figures")
+                with gr.Row():
+                    table_pick = gr.Dropdown([], label="Table", scale=5, elem_id="results-pick")
+                    reload_btn = gr.Button("Reload", size="sm", scale=1)
+                table_view = gr.Markdown("", elem_id="results-table")
+
+        results_root, results_globs = Path(setup.cfg.results_dir), web.results_globs
+
+        def load_results():
+            tables, figs = _results(results_root, results_globs)
+            first = next(iter(tables), None)
+            return (gr.Dropdown(choices=list(tables), value=first), _table_text(results_root, first), figs)
 
         def on_load():
-            return [f"{_state_line(ans, v)}" for v in compare] + list(_results(setup.cfg.results_dir, web.results_globs))
+            return [_state_line(ans, v) for v in compare] + list(load_results())
 
-        demo.load(on_load, None, [*heads, tables, figures], api_name=False)
-        reload_btn.click(lambda: _results(setup.cfg.results_dir, web.results_globs), None, [tables, figures],
-                         api_name=False)
+        demo.load(on_load, None, [*heads, table_pick, table_view, figures], api_name=False)
+        reload_btn.click(load_results, None, [table_pick, table_view, figures], api_name=False)
+        table_pick.change(lambda name: _table_text(results_root, name), table_pick, table_view, api_name=False)
         demo.unload(sessions.forget)
     return demo
+
+
+def _clip(text: str, limit: int = 1500) -> str:
+    """A very long message as the page shows it (the model gets all of it)."""
+    return text if len(text) <= limit else f"{text[:limit]} … ({len(text):,} characters in all)"
 
 
 def _render(ans: Answerer, snap: Snapshot, ref: Snapshot | None, ref_label: str, notes: list[str]) -> tuple[str, str]:
@@ -261,16 +287,23 @@ def _subtitle(ans: Answerer) -> str:
     return " · ".join(bits)
 
 
-def _results(results_dir: str, globs: list[str]) -> tuple[str, list[tuple[str, str]]]:
-    root = Path(results_dir)
+def _results(root: Path, globs: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Markdown tables (paths relative to the results folder) and figures (path, caption) that match the globs."""
     tables, figures = [], []
     for pattern in globs:
         for p in sorted(root.glob(pattern)):
+            rel = str(p.relative_to(root))
             if p.suffix == ".md":
-                tables.append(f"### {p.relative_to(root)}\n\n{p.read_text()}")
+                tables.append(rel)
             elif p.suffix.lower() in (".png", ".jpg", ".jpeg", ".svg"):
-                figures.append((str(p), str(p.relative_to(root))))
-    if not tables:
-        tables.append(f"No tables under `{root}/` yet: `make demo` (or `python -m experiments.report` after runs) "
-                      f"writes them.")
-    return "\n\n---\n\n".join(tables), figures
+                figures.append((str(p), rel))
+    return tables, figures
+
+
+def _table_text(root: Path, rel: str | None) -> str:
+    if not rel:
+        return f"No tables under `{root}/` yet: `make demo` (runs, then `python -m experiments.report`) writes them."
+    path = (root / rel).resolve()
+    if root.resolve() not in path.parents:  # only files under the results folder are shown
+        return f"`{rel}` is not under `{root}/`"
+    return path.read_text()
