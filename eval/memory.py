@@ -27,9 +27,8 @@ def fp16_param_bytes(model: torch.nn.Module) -> int:
 
 
 def weight_memory(model: torch.nn.Module, qtensors: dict) -> dict:
-    params = dict(model.named_parameters())  # tied parameters appear once, under their first name
     fp16_total = fp16_param_bytes(model)
-    quantized_params = sum(params[f"{name}.weight"].numel() for name in qtensors if f"{name}.weight" in params)
+    quantized_params = sum(model.get_submodule(name).weight.numel() for name in qtensors)
     # parameters left in fp16: everything else (a quantized Linear's bias stays fp16 too)
     rest = fp16_total - quantized_params * FP16_BYTES
     codes = sum(qt.q.numel() * qt.w_bit // 8 for qt in qtensors.values())

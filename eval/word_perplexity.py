@@ -4,9 +4,10 @@ per byte (the `wikitext` task's word_perplexity / bits_per_byte), beside the har
 Why the two disagree, term by term (both are printed so a reader can check):
 - normalisation: word PPL = exp(-LL / words), token PPL = exp(-LL / tokens); with ~1.3-1.5 tokens per word here,
   word PPL is roughly token PPL ** (tokens / words), far larger;
-- windows: lm-eval scores *every* token, the first one after a prefix token (BOS/EOS) and each later window with
-  one token of carried context (`get_rolling_token_windows(context_len=1)`); the paper protocol cuts non-overlapping
-  `seqlen` windows, drops the remainder and never scores a window's first token;
+- windows: lm-eval scores *every* token: the first window after a prefix token (BOS/EOS), each later one with one
+  token of carried context (`get_rolling_token_windows(context_len=1)`; the last, partial window conditions on the
+  `max_length` tokens before its end); the paper protocol cuts non-overlapping `seqlen` windows, drops the
+  remainder and never scores a window's first token;
 - text: lm-eval counts words as `len(re.split(r"\\s+", doc))` and bytes as UTF-8 bytes of the document, here the first
   `max_chars` characters of the split (cut at whitespace); the paper protocol scores `max_windows` windows.
 The loglikelihood comes from lm-eval's own `HFLM.loglikelihood_rolling` run on the harness's model
@@ -69,7 +70,10 @@ def evaluate_word_perplexity(ctx: EvalContext) -> dict | None:
     if not wc.enabled:
         return None
     from eval.lm_eval_adapter import from_context
+    from eval.memory import check_fits
 
+    check_fits(ctx.model.config, wc.batch_size, wc.max_length, ctx.cfg.kv.bits, "eval.word_perplexity.batch_size",
+               device=ctx.cfg.model.device)
     lm = from_context(ctx, wc.batch_size, wc.max_length)
     out = {}
     for split, text in ctx.texts.items():

@@ -21,31 +21,26 @@ def test_truncate_words_cuts_at_whitespace():
 @torch.no_grad()
 def _rolling_ll_by_hand(model, toks: list[int], prefix: int, L: int) -> float:
     """Every token scored once: the first L after a prefix token, then windows of L inputs whose first input is
-    the previous window's last token; the last, partial window conditions on the L tokens before its end."""
-    n, ll, start = len(toks), 0.0, 0
-    while start < n:
+    the previous window's last token; the last, partial window conditions on the L tokens before its end.
+    Every window has L inputs, so they run as one batch."""
+    n, inputs, scored = len(toks), [], []
+    for start in range(0, n, L):
         end = min(start + L, n)
-        if start == 0:
-            inp = [prefix] + toks[: end - 1]
-        else:
-            inp = toks[max(end - L - 1, 0) : end - 1]
-        logp = torch.log_softmax(model(torch.tensor([inp])).logits[0].double(), -1)
-        k = end - start  # score the last k positions
-        tgt = torch.tensor(toks[start:end])
-        ll += logp[-k:].gather(-1, tgt[:, None]).sum().item()
-        start = end
-    return ll
+        inputs.append([prefix] + toks[: end - 1] if start == 0 else toks[end - L - 1 : end - 1])
+        scored.append((end - start, toks[start:end]))  # score the last k positions
+    logp = torch.log_softmax(model(torch.tensor(inputs)).logits.double(), -1)
+    return sum(logp[i, -k:].gather(-1, torch.tensor(t)[:, None]).sum().item() for i, (k, t) in enumerate(scored))
 
 
 def test_rolling_loglikelihood_matches_hand_protocol(smollm2_fp32, tokenizer):
     from harness.data import load_text
 
-    doc = truncate_words(load_text("milton"), 1200)
-    lm = HarnessLM(smollm2_fp32, tokenizer, batch_size=4, max_length=64)
+    doc = truncate_words(load_text("milton"), 500)
+    lm = HarnessLM(smollm2_fp32, tokenizer, batch_size=4, max_length=32)
     res = rolling_word_perplexity(lm, doc)
     toks = lm.tok_encode(doc)
-    assert res["tokens"] == len(toks) and len(toks) > 3 * 64  # several full windows and a partial one
-    ref = _rolling_ll_by_hand(smollm2_fp32, toks, lm.prefix_token_id, 64)
+    assert res["tokens"] == len(toks) and len(toks) > 3 * 32  # several full windows and a partial one
+    ref = _rolling_ll_by_hand(smollm2_fp32, toks, lm.prefix_token_id, 32)
     assert abs(res["loglikelihood"] - ref) < 1e-4 * abs(ref)
 
     words, n_bytes = len(re.split(r"\s+", doc)), len(doc.encode("utf-8"))
