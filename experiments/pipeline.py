@@ -55,6 +55,11 @@ def prepare(cfg: RunConfig) -> Prepared:
 
         check_kv_supported(cfg.kv.bits)
     resolved = resolve_model(cfg.model)
+    from transformers import AutoConfig
+
+    import eval as evaluators
+
+    evaluators.preflight(cfg, AutoConfig.from_pretrained(resolved.directory, trust_remote_code=cfg.model.trust_remote_code))
     tok = load_tokenizer(resolved, cfg.model)
     windows, shas, texts = {}, {}, {}
     for split in cfg.data.splits:
