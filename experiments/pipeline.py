@@ -17,12 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig
 
 from harness.config import RunConfig
 from harness.data import TEXT_SOURCES, calibration_samples, eval_windows, load_text, text_sha256, tokenize_cached
 from harness.models import load_model, load_tokenizer, model_summary, resolve_model
 from harness.records import load_record, make_record, provenance, record_path, run_id, write_json_atomic
-from eval import EVALUATORS, EvalContext, ordered_names
+from eval import EVALUATORS, EvalContext, ordered_names, preflight
 from quant import METHODS, QuantContext, QuantOutcome
 from quant import cache as quant_cache
 from serving.synthetic import refuse_quality_metrics
@@ -55,11 +56,7 @@ def prepare(cfg: RunConfig) -> Prepared:
 
         check_kv_supported(cfg.kv.bits)
     resolved = resolve_model(cfg.model)
-    from transformers import AutoConfig
-
-    import eval as evaluators
-
-    evaluators.preflight(cfg, AutoConfig.from_pretrained(resolved.directory, trust_remote_code=cfg.model.trust_remote_code))
+    preflight(cfg, AutoConfig.from_pretrained(resolved.directory, trust_remote_code=cfg.model.trust_remote_code))
     tok = load_tokenizer(resolved, cfg.model)
     windows, shas, texts = {}, {}, {}
     for split in cfg.data.splits:

@@ -5,6 +5,8 @@ import json
 
 import pytest
 import torch
+
+from quant.surgery import quantizable_linears, quantize_linear_
 from safetensors.torch import load_file
 
 from quant.export_awq import (
@@ -58,14 +60,8 @@ def test_only_4bit_zero_point_is_gemm():
 
 
 def _rtn_decoder_linears(model) -> dict[str, QTensor]:
-    """Round-to-nearest 4-bit/g64 on every decoder Linear; the Linear holds the dequantized weight (fake quant)."""
-    qtensors = {}
-    for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear) and ".layers." in name:
-            qt = quantize_tensor(mod.weight.data, W_BIT, GROUP, True)
-            mod.weight.data = qt.dequantize(mod.weight.dtype)
-            qtensors[name] = qt
-    return qtensors
+    """RTN w4 g64 of every decoder Linear through the harness's own surgery (the Linear keeps the dequantized weight)."""
+    return {n: quantize_linear_(lin, W_BIT, GROUP, True) for n, lin in quantizable_linears(model).items()}
 
 
 def _rel(a, b) -> float:

@@ -6,6 +6,8 @@ import copy
 import pytest
 import torch
 
+from quant.surgery import quantizable_linears, quantize_linear_
+
 from quant.int4_linear import (
     Int4KernelError, Int4WeightOnlyLinear, kernel_dequantize, swap_int4_linears, weight_bytes,
 )
@@ -19,13 +21,8 @@ def _rel(a, b) -> float:
 
 
 def _rtn_decoder_linears(model) -> dict[str, QTensor]:
-    qtensors = {}
-    for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear) and ".layers." in name:
-            qt = quantize_tensor(mod.weight.data, W_BIT, GROUP, True)
-            mod.weight.data = qt.dequantize(mod.weight.dtype)
-            qtensors[name] = qt
-    return qtensors
+    """RTN w4 g64 of every decoder Linear through the harness's own surgery (the Linear keeps the dequantized weight)."""
+    return {n: quantize_linear_(lin, W_BIT, GROUP, True) for n, lin in quantizable_linears(model).items()}
 
 
 @torch.no_grad()
