@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from pathlib import Path
 
 import torch
@@ -59,9 +58,10 @@ def _reference_dir() -> Path:
 
 
 def _save_atomic(obj, path: Path) -> None:
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    from harness.assets import atomic_file
+
+    with atomic_file(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _softcap(model):

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import uuid
 import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -75,6 +76,26 @@ def building_dir(out: Path, marker: str):
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def atomic_file(path: Path):
+    """Yield a temp path next to `path` to write; on success flush it to disk and rename it over `path` (a reader
+    sees the old file or the new one, never half of one); on failure remove it. The temp name is unique to the writer
+    (uuid, not pid: pids repeat across hosts that share a cache or results folder) and ends in `.tmp`, so a process
+    killed mid-write leaves only a `.<name>.<uuid>.tmp` that no reader opens. Permissions follow the umask, as for any
+    other file the process creates (mkstemp would make it 0600)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def fetch_package(name: str) -> Path:

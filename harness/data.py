@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from harness.assets import cache_dir, corpus_root
+from harness.assets import atomic_file, cache_dir, corpus_root
 from harness.corpus import EMBEDDED_SPLITS
 from harness.registry import Registry
 
@@ -119,10 +119,8 @@ def tokenize_cached(tokenizer, text: str) -> torch.Tensor:
     if path.exists():
         return torch.load(path)
     ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(ids, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        torch.save(ids, tmp)
     return ids
 
 

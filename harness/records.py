@@ -8,12 +8,11 @@ import json
 import os
 import platform
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from harness.assets import REPO_ROOT
+from harness.assets import REPO_ROOT, atomic_file
 from harness.config import NON_IDENTITY_FIELDS, RunConfig
 
 RECORD_VERSION = 1
@@ -36,19 +35,10 @@ def record_path(cfg: RunConfig) -> Path:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    """Temp file in the same folder + rename: a reader sees the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=False, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Temp file in the same folder + rename (harness.assets.atomic_file): a reader, or a sweep deciding whether a
+    run is done, sees the old file or the new one, never half of one."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str))
 
 
 def load_record(path: Path) -> dict:

@@ -7,12 +7,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
 
-from harness.assets import cache_dir
+from harness.assets import atomic_file, cache_dir
 from harness.config import QuantConfig
 from quant.primitives import QTensor
 from quant.registry import QuantOutcome
@@ -40,10 +39,8 @@ def save(key: str, model, outcome: QuantOutcome) -> Path:
         "timings_s": outcome.timings_s,
     }
     path = _path(key)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(blob, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:  # a run killed while saving leaves no half file for the next run to load
+        torch.save(blob, tmp)
     return path
 
 

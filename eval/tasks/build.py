@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import sys
 from pathlib import Path
@@ -27,7 +26,7 @@ _ROOT = Path(__file__).resolve().parents[2]
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
-from harness.assets import cache_dir  # noqa: E402
+from harness.assets import atomic_file, cache_dir  # noqa: E402
 from harness.data import load_text, text_sha256  # noqa: E402
 
 BUILDER_VERSION = 1
@@ -67,12 +66,9 @@ def jsonl_path(task: str) -> Path:
     text = load_text(LOCAL_SOURCES[task])
     path = cache_dir() / "tasks" / f"{task}-{text_sha256(text)[:16]}-v{BUILDER_VERSION}.jsonl"
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        with open(tmp, "w", encoding="utf-8") as f:
+        with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
             for i, p in enumerate(last_word_passages(text)):
                 f.write(json.dumps({"id": i, "text": p}, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
     return path
 
 
