@@ -1,12 +1,15 @@
 """Hydra entry point: `python -m experiments.run [group=option ...] [field=value ...]`, `-m` for sweeps.
 
 Each run writes results/runs/<run_id>.json; a run whose record exists is skipped, so a killed sweep resumes.
+A sweep runs its configs one after another in this process, or through a launcher (conf/hydra/launcher/:
+`hydra/launcher=local_parallel` on this machine, `hydra/launcher=slurm` on a cluster) that calls `main` in each job.
 """
 from __future__ import annotations
 
 import sys
 
 import hydra
+from hydra.utils import to_absolute_path
 from omegaconf import DictConfig
 
 from harness.config import ConfigError, register_schemas, to_run_config
@@ -23,6 +26,9 @@ def main(cfg: DictConfig) -> float | None:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    # A relative results_dir is relative to where the command was run (hydra.runtime.cwd), also in a launcher's job
+    # process and with hydra.job.chdir=true, so every job of a sweep writes into the same results/runs/.
+    run_cfg.results_dir = to_absolute_path(run_cfg.results_dir)
     record = run(run_cfg)
     ppl = record["metrics"].get("perplexity", {})
     # the first split's PPL is returned for Hydra sweepers that optimise a value
