@@ -35,6 +35,8 @@ def test_every_config_option_composes_and_validates():
     ("eval.perplexity.seqlen=1", "eval.perplexity.seqlen"),
     ("model.dtype=int8", "model.dtype"),
     ("quant=rtn_w4 quant.group_fallback=nearest", "quant.group_fallback"),
+    ("quant=awq_w4 quant.scale_grid=golden", "quant.scale_grid"),
+    ("quant=awq_w4 quant.search_tokens=-1", "quant.search_tokens"),
 ])
 def test_bad_values_fail_at_load_naming_the_field(override, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
