@@ -9,7 +9,7 @@ import torch.nn as nn
 from harness.config import CalibConfig, QuantConfig
 from quant import METHODS, QuantContext
 from quant.awq.fold import apply_scale_
-from quant.awq.search import act_absmean, awq_scale, search_clip, search_scale
+from quant.awq.search import act_absmean, awq_scale, grid_points, search_clip, search_scale
 from quant.layer_maps import LAYER_MAPS, layer_map_for
 from quant.primitives import fake_quantize
 from quant.surgery import quantizable_linears
@@ -114,9 +114,38 @@ def test_search_scale_picks_the_grid_point_with_least_output_error():
         wq = qw(w0 * sc, 0) / sc
         brute.append(((x @ wq.T - x @ w0.T) ** 2).mean().item())
     assert alpha == min(range(10), key=brute.__getitem__) / 10
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(brute), rtol=1e-4, atol=1e-7)
+    assert list(losses) == [i / 10 for i in range(10)]
+    torch.testing.assert_close(torch.tensor(list(losses.values())), torch.tensor(brute), rtol=1e-4, atol=1e-7)
     assert torch.equal(lin.weight.data, w0)  # restored
     assert min(brute) < brute[0]  # activation awareness helps here
+
+
+@pytest.mark.parametrize("n_grid", [20, 10, 7])
+def test_coarse_fine_grid_finds_the_minimum_of_every_unimodal_loss(n_grid):
+    for best in range(n_grid):
+        calls = []
+
+        def loss(i):
+            calls.append(i)
+            return (i - best) ** 2 + 0.1 * i  # unimodal along the grid, minimum at `best`
+
+        seen = grid_points(n_grid, "coarse_fine", loss)
+        assert min(seen, key=loss) == best
+        assert len(set(calls)) == len(seen) <= 9
+
+
+def test_coarse_fine_scale_search_scores_a_subset_of_the_full_grid():
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 32, bias=False)
+    x = torch.randn(256, 64) * torch.linspace(0.1, 8, 64)
+    qw = lambda w, j: fake_quantize(w, 3, 32, True)  # noqa: E731
+    _, a_full, l_full = search_scale(lin, x, [lin], act_absmean(x), qw, n_grid=20)
+    _, a_cf, l_cf = search_scale(lin, x, [lin], act_absmean(x), qw, n_grid=20, strategy="coarse_fine")
+    assert len(l_cf) <= 9 and all(l_cf[a] == pytest.approx(l_full[a], rel=1e-6) for a in l_cf)
+    assert a_cf == min(l_cf, key=l_cf.get)  # the best of the points it scored
+    assert l_cf[a_cf] <= l_full[0.0]  # never worse than no scaling (alpha 0 is always scored)
+    with pytest.raises(ValueError, match="coarse_fine"):
+        search_scale(lin, x, [lin], act_absmean(x), qw, n_grid=20, strategy="golden")
 
 
 class _InternLM2Block(nn.Module):
@@ -185,19 +214,24 @@ def _calib(calib_ids, n, seqlen):
 
 
 @torch.no_grad()
-def test_awq_beats_rtn_on_held_out_text_and_keeps_tied_embeddings(smollm2_fp32, calib_ids, milton_ids):
-    """Two real blocks of SmolLM2, w3 g64: AWQ's hidden-state error on held-out Milton is below RTN's."""
+@pytest.mark.parametrize("search", [{}, {"scale_grid": "coarse_fine", "search_tokens": 1024}], ids=["llm-awq", "fast"])
+def test_awq_beats_rtn_on_held_out_text_and_keeps_tied_embeddings(smollm2_fp32, calib_ids, milton_ids, search):
+    """Two real blocks of SmolLM2, w3 g64: AWQ's hidden-state error on held-out Milton is below RTN's, with llm-awq's
+    search (every grid point, whole sequences) and with the faster one (coarse-to-fine grid, random tokens)."""
     base = _truncated(smollm2_fp32, 2)
     held = milton_ids[: 4 * 128].view(4, 128)
     ref = base.model(held).last_hidden_state.double()
     errs = {}
     for name, q in {"rtn": QuantConfig(method="rtn", w_bit=3, group_size=64),
                     "awq": QuantConfig(method="awq", w_bit=3, group_size=64, search_samples=8, n_grid=10,
-                                       calib=CalibConfig(n_samples=16, seqlen=128))}.items():
+                                       calib=CalibConfig(n_samples=16, seqlen=128), **search)}.items():
         m = copy.deepcopy(base)
         out = METHODS.get(q.method)(m, q, QuantContext(calibration=lambda: _calib(calib_ids, 16, 128), progress=False))
         errs[name] = (m.model(held).last_hidden_state.double() - ref).pow(2).mean().item()
         assert len(out.qtensors) == 14 and out.summary["layers_quantized"] == 14
+        if name == "awq":
+            assert out.summary["scale_grid"] == search.get("scale_grid", "full")
+            assert out.summary["calibration"]["search_tokens"] == search.get("search_tokens", 0)
         assert m.lm_head.weight.data_ptr() == m.model.embed_tokens.weight.data_ptr()
         torch.testing.assert_close(m.model.embed_tokens.weight, base.model.embed_tokens.weight, rtol=0, atol=0)
         for n, qt in out.qtensors.items():  # the model holds exactly the dequantized codes

@@ -6,8 +6,9 @@ for each decoder block, with the block's input from the unquantized model:
   3. fold every s into its previous op and the group's Linears (FP output unchanged), divide the captured inputs by s;
   4. search each Linear's clipping threshold per group (q/k excepted, as in llm-awq), clip;
   5. quantize the block's Linears (RTN on the scaled, clipped weights).
-Memory stays at one block's activations. The grid losses use the first `search_samples` calibration sequences; the
-activation statistics use all of them.
+Memory stays at one block's activations. The activation statistics use every calibration sequence; the grid losses
+use the first `search_samples` sequences, or, for groups scored token by token (MLP, single Linears) when
+`search_tokens` > 0, that many tokens drawn at random over all sequences.
 """
 from __future__ import annotations
 
@@ -137,6 +138,11 @@ def awq(model, cfg: QuantConfig, ctx: QuantContext) -> QuantOutcome:
     # divisor of seqlen that oversamples the first position of every sequence, whose activations are outliers.)
     n_tok = samples.numel()
     clip_idx = torch.randperm(n_tok, generator=torch.Generator().manual_seed(cfg.calib.seed))[: cfg.clip_tokens]
+    # token-wise groups may score a random subset of all calibration tokens (more varied text for the same cost)
+    search_idx = None
+    if cfg.search_tokens > 0:
+        search_idx = torch.randperm(n_tok, generator=torch.Generator().manual_seed(cfg.calib.seed + 1))[: cfg.search_tokens]
+        search_idx = search_idx.sort().values
     keys = _input_keys(lmap)
     capture = sorted(set(keys.values()))
     qtensors, chosen_alpha = {}, {}
@@ -166,8 +172,12 @@ def awq(model, cfg: QuantConfig, ctx: QuantContext) -> QuantOutcome:
                 def qw(w, j, gsz=gsz):
                     return fake_quantize(w, cfg.w_bit, gsz[j], cfg.zero_point)
                 w_mean = weight_absmean([lin.weight for lin in lins], gsz[0]) if cfg.duo_scaling else None
-                s, alpha, _ = search_scale(_inspect_fn(block, grp, kwargs), feat[: cfg.search_samples], lins,
-                                           act_absmean(feat), qw, cfg.n_grid, w_mean)
+                if search_idx is not None and not grp.inspect_takes_block_kwargs:
+                    xs = feat.reshape(-1, feat.shape[-1])[search_idx].unsqueeze(0)  # one pseudo-sequence of tokens
+                else:
+                    xs = feat[: cfg.search_samples]
+                s, alpha, _ = search_scale(_inspect_fn(block, grp, kwargs), xs, lins, act_absmean(feat), qw,
+                                           cfg.n_grid, w_mean, cfg.scale_grid)
                 chosen_alpha[f"{prefix}.{grp.linears[0]}"] = alpha
             else:
                 s = smoothing_scale(act_absmax(feat), weight_absmean([lin.weight for lin in lins], gsz[0]), cfg.smooth_ratio)
@@ -203,7 +213,9 @@ def awq(model, cfg: QuantConfig, ctx: QuantContext) -> QuantOutcome:
         "method": "awq", "w_bit": cfg.w_bit, "group_size": cfg.group_size, "zero_point": cfg.zero_point,
         "search_scale": cfg.search_scale, "duo_scaling": cfg.duo_scaling, "clip": cfg.clip,
         "calibration": {"dataset": cfg.calib.dataset, "n_samples": cfg.calib.n_samples, "seqlen": cfg.calib.seqlen,
-                        "seed": cfg.calib.seed, "search_samples": min(cfg.search_samples, cfg.calib.n_samples)},
+                        "seed": cfg.calib.seed, "search_samples": min(cfg.search_samples, cfg.calib.n_samples),
+                        "search_tokens": min(cfg.search_tokens, cfg.calib.n_samples * cfg.calib.seqlen)},
+        "scale_grid": cfg.scale_grid,
         "layers_quantized": len(qtensors), "group_fallback_layers": fallbacks,
         "alpha_mean": sum(chosen_alpha.values()) / len(chosen_alpha) if chosen_alpha else None,
         **packed_weight_bytes(model, qtensors),

@@ -62,6 +62,31 @@ def smoothing_scale(x_absmax: torch.Tensor, w_mean: torch.Tensor, alpha: float =
     return _normalise((x_absmax.pow(alpha) / w_mean.pow(1 - alpha)).clamp(min=SCALE_MIN))
 
 
+def grid_points(n_grid: int, strategy: str, loss: Callable[[int], float]) -> list[int]:
+    """Which of the grid points 0..n_grid-1 to score, given `loss(i)` (memoised by the caller).
+
+    - "full": every point (llm-awq, AutoAWQ, LMDeploy --search-scale).
+    - "coarse_fine": every 4th point, then the two neighbours at distance 2 of the best so far, then those at
+      distance 1: 9 of 20 points, and the same minimum as "full" whenever the loss is unimodal along the grid.
+    """
+    if strategy == "full":
+        for i in range(n_grid):
+            loss(i)
+        return list(range(n_grid))
+    if strategy != "coarse_fine":
+        raise ValueError(f"unknown scale grid strategy {strategy!r} (full, coarse_fine)")
+    seen = list(range(0, n_grid, 4))
+    for i in seen:
+        loss(i)
+    for step in (2, 1):
+        best = min(seen, key=loss)
+        for j in (best - step, best + step):
+            if 0 <= j < n_grid and j not in seen:
+                loss(j)
+                seen.append(j)
+    return sorted(seen)
+
+
 @torch.no_grad()
 def search_scale(
     forward: Callable[[torch.Tensor], torch.Tensor],
@@ -71,33 +96,36 @@ def search_scale(
     quantize_w: Callable[[torch.Tensor, int], torch.Tensor],
     n_grid: int,
     w_mean: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, float, list[float]]:
+    strategy: str = "full",
+) -> tuple[torch.Tensor, float, dict[float, float]]:
     """Grid search of alpha in {0, 1/n, ..., (n-1)/n}: fake-quantize each linear's W * s, run `forward(x)` with
     W_q / s in place, and keep the s whose output is closest (MSE) to the unquantized output.
 
-    `quantize_w(w, i)` fake-quantizes the weight of linears[i]. Weights are restored before returning.
+    `quantize_w(w, i)` fake-quantizes the weight of linears[i]. Weights are restored before returning. Returns the
+    best s, its alpha and the loss of every alpha scored (`strategy`: see `grid_points`).
     """
     originals = [lin.weight.data.clone() for lin in linears]
     ref = forward(x).float()
-    best = (float("inf"), None, -1.0)
-    history = []
-    try:
-        for i in range(n_grid):
-            alpha = i / n_grid
-            s = awq_scale(x_mean, alpha, w_mean)
+    losses: dict[int, float] = {}
+
+    def loss(i: int) -> float:
+        if i not in losses:
+            s = awq_scale(x_mean, i / n_grid, w_mean)
             for j, (lin, w0) in enumerate(zip(linears, originals)):
-                w = w0.float() * s
-                lin.weight.data = (quantize_w(w, j) / s).to(w0.dtype)
-            loss = (forward(x).float() - ref).pow(2).mean().item()
-            history.append(loss)
-            if loss < best[0]:
-                best = (loss, s.clone(), alpha)
+                lin.weight.data = (quantize_w(w0.float() * s, j) / s).to(w0.dtype)
+            value = (forward(x).float() - ref).pow(2).mean().item()
+            losses[i] = value if value == value else float("inf")  # NaN never wins
+        return losses[i]
+
+    try:
+        grid_points(n_grid, strategy, loss)
     finally:
         for lin, w0 in zip(linears, originals):
             lin.weight.data = w0
-    if best[1] is None:  # every loss was NaN
-        raise FloatingPointError(f"AWQ scale search produced no finite loss (losses: {history[:5]} ...)")
-    return best[1], best[2], history
+    best = min(losses, key=lambda i: (losses[i], i))
+    if losses[best] == float("inf"):
+        raise FloatingPointError(f"AWQ scale search produced no finite loss (grid points {sorted(losses)[:5]} ...)")
+    return awq_scale(x_mean, best / n_grid, w_mean), best / n_grid, {i / n_grid: v for i, v in sorted(losses.items())}
 
 
 @torch.no_grad()
