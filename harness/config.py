@@ -158,7 +158,7 @@ class QuantConfig:
     clip: bool = True
     clip_n_grid: int = 20
     clip_max_shrink: float = 0.5
-    clip_tokens: int = 512
+    clip_tokens: int = 512  # calibration tokens (seeded random) that score the clipping; 0 = every one
     calib: CalibConfig = field(default_factory=CalibConfig)
 
     def validate(self) -> None:
@@ -171,6 +171,7 @@ class QuantConfig:
         _require(self.n_grid >= 1, "quant.n_grid", "must be >= 1")
         _require(self.scale_grid in ("full", "coarse_fine"), "quant.scale_grid", f"{self.scale_grid!r} is not one of full, coarse_fine")
         _require(self.search_samples >= 1, "quant.search_samples", "must be >= 1")
+        _require(self.clip_tokens >= 0, "quant.clip_tokens", "must be >= 0 (0 = every calibration token)")
         _require(self.search_tokens >= 0, "quant.search_tokens", "must be >= 0 (0 = whole sequences)")
         _require(0.0 < self.clip_max_shrink < 1.0, "quant.clip_max_shrink", "must be in (0, 1)")
         self.calib.validate()

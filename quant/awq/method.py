@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 
 from harness.config import QuantConfig
 from quant.awq.fold import apply_scale_
-from quant.awq.search import act_absmax, act_absmean, apply_clip_, search_clip, search_scale, smoothing_scale, weight_absmean
+from quant.awq.search import (act_absmax, act_absmean, apply_clip_, group_gram, search_clip, search_scale, smoothing_scale,
+                              weight_absmean)
 from quant.layer_maps import LayerMap, get_blocks, layer_map_for
 from quant.primitives import fake_quantize
 from quant.registry import QuantContext, QuantOutcome, method
@@ -137,7 +138,9 @@ def awq(model, cfg: QuantConfig, ctx: QuantContext) -> QuantOutcome:
     # clipping scores a seeded random subset of calibration tokens. (llm-awq takes every k-th token; with k a
     # divisor of seqlen that oversamples the first position of every sequence, whose activations are outliers.)
     n_tok = samples.numel()
-    clip_idx = torch.randperm(n_tok, generator=torch.Generator().manual_seed(cfg.calib.seed))[: cfg.clip_tokens]
+    clip_idx = None  # clip_tokens 0: every calibration token
+    if 0 < cfg.clip_tokens < n_tok:
+        clip_idx = torch.randperm(n_tok, generator=torch.Generator().manual_seed(cfg.calib.seed))[: cfg.clip_tokens]
     # token-wise groups may score a random subset of all calibration tokens (more varied text for the same cost)
     search_idx = None
     if cfg.search_tokens > 0:
@@ -188,17 +191,23 @@ def awq(model, cfg: QuantConfig, ctx: QuantContext) -> QuantOutcome:
             feats[key].div_(s.to(feats[key].dtype))
         t_search += time.perf_counter() - t
 
-        # 4. clipping search on the scaled weights and inputs
+        # 4. clipping search on the scaled weights and inputs (one Gram matrix per input, shared by its Linears)
         t = time.perf_counter()
         if cfg.clip:
+            grams: dict[tuple[str, int], torch.Tensor] = {}
             for rel in lmap.linears:
                 if rel in lmap.no_clip:
                     continue
                 lin = block.get_submodule(rel)
-                feat = feats[keys[rel]].reshape(-1, lin.in_features)
-                max_val = search_clip(lin.weight.data, feat[clip_idx], cfg.w_bit,
-                                      sizes[f"{prefix}.{rel}"], cfg.zero_point, cfg.clip_n_grid, cfg.clip_max_shrink)
+                gsz = sizes[f"{prefix}.{rel}"]
+                key = (keys[rel], gsz)
+                if key not in grams:
+                    feat = feats[keys[rel]].reshape(-1, lin.in_features)
+                    grams[key] = group_gram(feat if clip_idx is None else feat[clip_idx], gsz)
+                max_val = search_clip(lin.weight.data, None, cfg.w_bit, gsz, cfg.zero_point, cfg.clip_n_grid,
+                                      cfg.clip_max_shrink, gram=grams[key])
                 apply_clip_(lin, max_val)
+            del grams
         t_clip += time.perf_counter() - t
 
         # 5. quantize

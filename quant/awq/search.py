@@ -129,29 +129,43 @@ def search_scale(
 
 
 @torch.no_grad()
+def group_gram(x: torch.Tensor, group_size: int, chunk: int = CHUNK) -> torch.Tensor:
+    """Per input group, the mean outer product of the sample tokens' inputs: H_j = X_j^T X_j / n, [G, g, g] in float32,
+    accumulated over chunks of tokens (no full-size float32 copy of x)."""
+    x = x.reshape(-1, x.shape[-1])
+    n, in_f = x.shape
+    g = in_f if group_size == -1 else group_size
+    n_groups = in_f // g
+    h = torch.zeros(n_groups, g, g, dtype=torch.float32)
+    for i in range(0, n, chunk):
+        xg = x[i : i + chunk].float().reshape(-1, n_groups, g).transpose(0, 1)  # [G, c, g]
+        h.baddbmm_(xg.transpose(1, 2), xg)
+    return h / n
+
+
+@torch.no_grad()
 def search_clip(
     w: torch.Tensor,
-    x: torch.Tensor,
+    x: torch.Tensor | None,
     w_bit: int,
     group_size: int,
     zero_point: bool,
     n_grid: int = 20,
     max_shrink: float = 0.5,
     oc_batch: int = 256,
-    mm_dtype: torch.dtype = torch.bfloat16,
+    gram: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per (output row, group) clipping threshold max|w| * (1 - k/n_grid), k < max_shrink * n_grid, minimising
     the MSE of that group's partial output sum_j x_j w_j on the sample tokens x [n_tok, in]. Returns [out, n_groups].
 
-    The partial sums are batched matmuls over groups ([G, n_tok, g] @ [G, g, oc]), which is llm-awq's
-    (x * w).sum(-1) without materialising the [oc, n_tok, G, g] product.
+    The error of a weight change d on group j, mean over tokens of (x_j . d)^2, is d^T H_j d with H_j the group's
+    input Gram matrix (`group_gram`, or pass it as `gram`): llm-awq's objective, exactly, at a cost that does not grow
+    with the number of tokens, so every calibration token can be used.
     """
     out_f, in_f = w.shape
     g = in_f if group_size == -1 else group_size
     n_groups = in_f // g
-    # the output error is x @ (w_q - w): multiplying the weight *difference* keeps full relative precision, so the
-    # matmul can run in bf16 (4x faster here) without the cancellation of comparing two bf16 outputs
-    xg = x.to(mm_dtype).reshape(-1, n_groups, g).transpose(0, 1)  # [G, n, g]
+    h = gram if gram is not None else group_gram(x, g)  # [G, g, g]
     best_max = torch.empty(out_f, n_groups)
     for o in range(0, out_f, oc_batch):
         wb = w[o : o + oc_batch].float()  # [ob, in]
@@ -163,8 +177,9 @@ def search_clip(
         for k in range(int(max_shrink * n_grid)):
             max_val = org_max * (1 - k / n_grid)
             cur = torch.clamp(wgrp, -max_val, max_val)
-            delta = fake_quantize(cur.reshape(ob, in_f), w_bit, g, zero_point).reshape(ob, n_groups, g) - wgrp
-            err = torch.bmm(xg, delta.to(mm_dtype).permute(1, 2, 0)).float().pow(2).mean(dim=1)  # [G, ob]
+            delta = (fake_quantize(cur.reshape(ob, in_f), w_bit, g, zero_point).reshape(ob, n_groups, g) - wgrp)
+            d = delta.transpose(0, 1)  # [G, ob, g]
+            err = (torch.bmm(d, h) * d).sum(-1)  # [G, ob]: d^T H d per row and group
             better = err < min_err
             min_err = torch.where(better, err, min_err)
             best = torch.where(better.T, max_val.squeeze(-1), best)
