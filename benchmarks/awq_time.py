@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 from eval.perplexity import ppl_metrics, window_nll
 from harness.config import CalibConfig, ModelConfig, QuantConfig
@@ -25,15 +26,20 @@ from harness.records import provenance, write_json_atomic
 from quant import METHODS, QuantContext
 
 
+CONF = Path(__file__).resolve().parent.parent / "conf"
+
 # the quantizations compared, as QuantConfig fields (w4 g64 and the calibration set are common to all)
 VARIANTS = {
     "rtn": {"method": "rtn"},
     # LMDeploy `lite auto_awq` default: fixed smoothing ratio, no search, no clip
     "awq_lmdeploy_smoothing": {"method": "awq", "search_scale": False, "clip": False},
-    # llm-awq: every grid point scored on the first 16 sequences, clip search
-    "awq_full": {"method": "awq"},
-    # the harness default (conf/quant/awq_w4.yaml): coarse-to-fine grid, token-wise groups scored on random tokens
-    "awq_default": {"method": "awq", "scale_grid": "coarse_fine", "search_tokens": 8192},
+    # llm-awq's search exactly: every grid point scored on the first 16 sequences, clipping scored on 512 tokens
+    "awq_llm_awq": {"method": "awq", "scale_grid": "full", "search_samples": 16, "search_tokens": 0, "clip_tokens": 512},
+    # the same scale search, clipping scored on every calibration token
+    "awq_full_grid": {"method": "awq", "scale_grid": "full", "search_samples": 16, "search_tokens": 0, "clip_tokens": 0},
+    # the harness default: conf/quant/awq_w4.yaml as it is
+    "awq_default": {k: v for k, v in OmegaConf.to_container(OmegaConf.load(CONF / "quant" / "awq_w4.yaml")).items()
+                    if k not in ("calib", "w_bit", "group_size")},
 }
 
 

@@ -149,16 +149,18 @@ def awq(model, cfg: QuantConfig, ctx: QuantContext) -> QuantOutcome:
     keys = _input_keys(lmap)
     capture = sorted(set(keys.values()))
     qtensors, chosen_alpha = {}, {}
-    t_search = t_clip = t_fwd = 0.0
+    t_search = t_clip = t_fwd = t_quant = 0.0
     blocks = get_blocks(model, lmap)
     bar = tqdm(blocks, desc=f"awq w{cfg.w_bit} g{cfg.group_size}", disable=not ctx.progress, leave=False)
     for i, block in enumerate(bar):
         prefix = f"{lmap.blocks}.{i}"
         t = time.perf_counter()
         x_next, feats = run_block(block, x, kwargs, capture)
+        # mean |x| per input channel of every captured input: AWQ's statistic, and a NaN/Inf anywhere makes it non-finite
+        x_means = {name: act_absmean(f) for name, f in feats.items()}
         t_fwd += time.perf_counter() - t
-        for name, f in feats.items():
-            if not torch.isfinite(f).all():
+        for name, m in x_means.items():
+            if not torch.isfinite(m).all():
                 raise FloatingPointError(f"calibration activations at the input of {prefix}.{name} contain NaN/Inf "
                                          f"(check model.dtype and the calibration data)")
 
@@ -179,7 +181,7 @@ def awq(model, cfg: QuantConfig, ctx: QuantContext) -> QuantOutcome:
                     xs = feat.reshape(-1, feat.shape[-1])[search_idx].unsqueeze(0)  # one pseudo-sequence of tokens
                 else:
                     xs = feat[: cfg.search_samples]
-                s, alpha, _ = search_scale(_inspect_fn(block, grp, kwargs), xs, lins, act_absmean(feat), qw,
+                s, alpha, _ = search_scale(_inspect_fn(block, grp, kwargs), xs, lins, x_means[keys[grp.linears[0]]], qw,
                                            cfg.n_grid, w_mean, cfg.scale_grid)
                 chosen_alpha[f"{prefix}.{grp.linears[0]}"] = alpha
             else:
@@ -211,13 +213,15 @@ def awq(model, cfg: QuantConfig, ctx: QuantContext) -> QuantOutcome:
         t_clip += time.perf_counter() - t
 
         # 5. quantize
+        t = time.perf_counter()
         for rel in lmap.linears:
             name = f"{prefix}.{rel}"
             qtensors[name] = quantize_linear_(block.get_submodule(rel), cfg.w_bit, sizes[name], cfg.zero_point)
+        t_quant += time.perf_counter() - t
         x = x_next
         del feats
 
-    timings.update(block_forward=t_fwd, scale_search=t_search, clip_search=t_clip)
+    timings.update(block_forward=t_fwd, scale_search=t_search, clip_search=t_clip, quantize=t_quant)
     summary = {
         "method": "awq", "w_bit": cfg.w_bit, "group_size": cfg.group_size, "zero_point": cfg.zero_point,
         "search_scale": cfg.search_scale, "duo_scaling": cfg.duo_scaling, "clip": cfg.clip,
