@@ -16,7 +16,7 @@ from harness.config import QuantConfig
 from quant.primitives import QTensor
 from quant.registry import QuantOutcome
 
-CACHE_VERSION = 3  # bump when a method changes what it computes (2: clipping on a random token subset)
+CACHE_VERSION = 3  # bump when a method changes what it computes (2: clipping on a random token subset; 3: Gram clip)
 
 
 def quant_key(model_sha: str, cfg: QuantConfig, dtype: str) -> str:
