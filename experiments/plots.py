@@ -205,7 +205,10 @@ def decode_throughput(t: Table, mid) -> Optional[object]:
     for i, r in enumerate(rows):
         xs = [j + (i - (len(rows) - 1) / 2) * width for j in range(len(cols))]
         vals = [t.value(r, mid, c) or 0.0 for c in cols]
-        ax.bar(xs, vals, width, label=r.text, color=_bar_color(t, r), edgecolor="black", lw=0.5,
+        # a quantized config the int4 kernel could not run (e.g. 3 bits) was timed on dequantized bf16 weights: say so
+        fallback = (r.records[mid].get("metrics", {}).get("throughput") or {}).get("int4_kernel_fallback")
+        label = r.text + (" · dequantized bf16 weights" if fallback else "")
+        ax.bar(xs, vals, width, label=label, color=_bar_color(t, r), edgecolor="black", lw=0.5,
                hatch="//" if r.label.kv else None)
     ax.set_xticks(range(len(cols)))
     ax.set_xticklabels([f"batch {c.key[0]}" + (f"\n{c.key[1]}" if len({k.key[1] for k in cols}) > 1 else "")
