@@ -1,6 +1,11 @@
 """Shared fixtures: the real embedded model (SmolLM2-135M) and real embedded text, loaded once per session."""
 from __future__ import annotations
 
+import contextlib
+import threading
+from http.server import ThreadingHTTPServer
+from typing import Iterator
+
 import pytest
 import torch
 
@@ -53,3 +58,19 @@ def calib_ids(tokenizer):
     from harness.data import load_text, tokenize_cached
 
     return tokenize_cached(tokenizer, load_text("shakespeare_calib"))
+
+
+@contextlib.contextmanager
+def http_server(handler) -> Iterator[str]:
+    """A local HTTP server on a free 127.0.0.1 port answering with `handler` (a BaseHTTPRequestHandler), in a
+    thread; yields its base URL and shuts it down afterwards."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    th = threading.Thread(target=server.serve_forever, daemon=True)
+    th.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        th.join(5)

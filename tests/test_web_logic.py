@@ -7,7 +7,7 @@ import json
 import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
@@ -16,6 +16,7 @@ from serving import openai_client
 from serving.chat_logic import (ContextTooLongError, EndpointError, SamplingSettings, Snapshot, add_exchange,
                                 answer_html, build_messages, cap_new_tokens, describe_divergence, describe_speed,
                                 divergence, divergence_char_offset, first_divergence, fit_to_context)
+from tests.conftest import http_server
 
 # ---- history ----------------------------------------------------------------------------------------------------
 
@@ -196,14 +197,8 @@ class _Stub(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def stub():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Stub)
-    server.daemon_threads = True
-    th = threading.Thread(target=server.serve_forever, daemon=True)
-    th.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
-    th.join(5)
+    with http_server(_Stub) as url:
+        yield url
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -17,6 +16,7 @@ import pytest
 
 from experiments import web_session
 from experiments.web_screenshot import REPO
+from tests.conftest import http_server
 
 STUB_CONTEXT = 256  # the stub's session_len, counted in words of all messages
 
@@ -71,14 +71,8 @@ class _LMDeployStub(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def stub():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _LMDeployStub)
-    server.daemon_threads = True
-    th = threading.Thread(target=server.serve_forever, daemon=True)
-    th.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
-    th.join(5)
+    with http_server(_LMDeployStub) as url:
+        yield url
 
 
 def _group_gone(pgid: int, wait_s: float = 5.0) -> bool:
