@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from benchmarks.common import load_embedded
 from eval.perplexity import ppl_metrics, window_nll
-from harness.config import CalibConfig, ModelConfig, QuantConfig
+from harness.config import CalibConfig, QuantConfig
 from harness.data import calibration_samples, eval_windows, load_text, tokenize_cached
-from harness.models import load_model, load_tokenizer, resolve_model
 from harness.records import provenance, write_json_atomic
 from quant import METHODS, QuantContext
 
@@ -57,10 +57,7 @@ def main() -> None:
     if unknown or "rtn" not in names:
         ap.error(f"unknown variants {unknown} (known: {', '.join(VARIANTS)}); rtn is needed for the gap ratio")
 
-    mc = ModelConfig(name="smollm2-135m-instruct", path="embedded:smollm2-135m-instruct")
-    resolved = resolve_model(mc)
-    tok = load_tokenizer(resolved, mc)
-    base = load_model(resolved, mc)
+    base, tok = load_embedded("bfloat16")
     windows = eval_windows(tokenize_cached(tok, load_text(args.eval_split)), 512, args.eval_windows)
     calib_ids = tokenize_cached(tok, load_text("shakespeare_calib"))
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import os
 import statistics
 import sys
 import time
@@ -31,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.ppl_throughput import environment, load_embedded, write_result
+from benchmarks.common import add_threads_arg, apply_threads, environment, load_embedded, write_result
 
 NAME = "decode_cpu"
 
@@ -104,13 +103,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--ppl-windows", type=int, default=8, help="512-token Milton windows for each variant's PPL (0: skip)")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch threads (default: torch's, one per core); on a shared, oversubscribed machine 2 threads "
-                         "wait on each other at every op, so the record states the threads used and the load average")
+    add_threads_arg(ap)
     ap.add_argument("--out", default="results/benchmarks")
     a = ap.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    apply_threads(a)
 
     from eval.perplexity import window_nll
     from eval.throughput import greedy_run, prompt_batch

@@ -97,8 +97,6 @@ def export(d: Path, overrides: list[str]) -> None:
 
 
 def gpu(d: Path, out: Path, parts_dir: Path | None) -> None:
-    import glob
-
     from harness.records import write_json_atomic
     from serving import lmdeploy_backend as lb
     from serving.compose import compose

@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import json
 import math
-import os
 import platform
 import statistics
 import subprocess

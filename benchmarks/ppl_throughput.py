@@ -21,13 +21,13 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import os
 import sys
 import statistics
 import time
 from pathlib import Path
 
-import torch
+
+from benchmarks.common import add_threads_arg, apply_threads, environment, load_embedded, write_result
 
 NAME = "ppl_throughput"
 GROUPS = {  # profiler op name -> group
@@ -36,34 +36,6 @@ GROUPS = {  # profiler op name -> group
     "aten::_log_softmax": "log_softmax_cross_entropy", "aten::nll_loss_forward": "log_softmax_cross_entropy",
     "aten::cross_entropy_loss": "log_softmax_cross_entropy",
 }
-
-
-def environment() -> dict:
-    import platform
-
-    import lm_eval
-    import transformers
-
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "lm_eval": lm_eval.__version__,
-            "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine(),
-            "load_average_1m": os.getloadavg()[0], "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-
-
-def load_embedded(dtype: str = "bfloat16"):
-    from harness.config import ModelConfig
-    from harness.models import load_model, load_tokenizer, resolve_model
-
-    mc = ModelConfig(name="smollm2-135m-instruct", path="embedded:smollm2-135m-instruct", dtype=dtype)
-    resolved = resolve_model(mc)
-    return load_model(resolved, mc), load_tokenizer(resolved, mc)
-
-
-def write_result(path: Path, obj: dict) -> Path:
-    from harness.records import write_json_atomic
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, obj)
-    return path
 
 
 def harness_run(model, windows, batch_size):
@@ -110,13 +82,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--compiled", action="store_true")
     ap.add_argument("--profile", action="store_true")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch threads (default: torch's, one per core); on a shared, oversubscribed machine 2 threads "
-                         "wait on each other at every op, so the record states the threads used and the load average")
+    add_threads_arg(ap)
     ap.add_argument("--out", default="results/benchmarks")
     a = ap.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    apply_threads(a)
 
     from lm_eval.models.huggingface import HFLM
 
@@ -137,7 +106,7 @@ def main(argv=None) -> dict:
             layer.compile()
         cmodel.get_decoder().norm.compile()
         t0 = time.perf_counter()
-        first = harness_run(cmodel, windows, a.batch_size)  # compiles (and recompiles for a short last batch)
+        harness_run(cmodel, windows, a.batch_size)  # compiles (and recompiles for a short last batch)
         compiled_info = {"compile_and_first_run_s": time.perf_counter() - t0}
         variants["harness_compiled"] = lambda: harness_run(cmodel, windows, a.batch_size)
 

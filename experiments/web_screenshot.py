@@ -33,6 +33,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_page(url: str, proc: subprocess.Popen, log_path: Path, timeout_s: float) -> float:
+    """Poll the page until it answers; seconds waited. Fails with the log's tail if the app exits first."""
+    t0 = time.monotonic()
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the web app exited with {proc.returncode}:\n{log_tail(log_path)}")
+        try:
+            urllib.request.urlopen(url, timeout=2).read()
+            return time.monotonic() - t0
+        except OSError:
+            if time.monotonic() - t0 > timeout_s:
+                raise TimeoutError(f"{url} did not answer within {timeout_s:.0f} s:\n{log_tail(log_path)}") from None
+            time.sleep(0.5)
+
+
+def log_tail(path: Path, n: int = 3000) -> str:
+    return path.read_text(errors="replace")[-n:] if path.exists() else "(no log)"
+
+
 @contextlib.contextmanager
 def running_app(overrides: list[str], port: int, log_path: Path, timeout_s: float = 300) -> Iterator[str]:
     """`python -m experiments.web` in a subprocess until its page answers; yields its URL, stops it afterwards."""
@@ -42,17 +61,7 @@ def running_app(overrides: list[str], port: int, log_path: Path, timeout_s: floa
                             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}/"
     try:
-        t0 = time.monotonic()
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the web app exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                urllib.request.urlopen(url, timeout=2).read()
-                break
-            except OSError:
-                if time.monotonic() - t0 > timeout_s:
-                    raise TimeoutError(f"{url} did not answer within {timeout_s:.0f} s:\n{log_path.read_text()[-3000:]}")
-                time.sleep(0.5)
+        wait_page(url, proc, log_path, timeout_s)
         yield url
     finally:
         proc.terminate()

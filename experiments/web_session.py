@@ -38,13 +38,12 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from experiments.serve import start_server, stop_server, wait_healthy
-from experiments.web_screenshot import REPO, free_port
+from experiments.web_screenshot import REPO, free_port, log_tail, wait_page
 
 NAME = "web_session"
 # the scripted conversation: the follow-up only makes sense with the first answer in the history
@@ -189,25 +188,6 @@ def stop_group(proc: Optional[subprocess.Popen], what: str, grace_s: float = 20)
         return
     os.killpg(proc.pid, signal.SIGKILL)
     log(f"stopped {what} (pid {proc.pid}, exit {proc.returncode}); killed the rest of its process group")
-
-
-def wait_page(url: str, proc: subprocess.Popen, log_path: Path, timeout_s: float) -> float:
-    """Poll the page until it answers; seconds waited. Fails with the log's tail if the app exits first."""
-    t0 = time.monotonic()
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the web app exited with {proc.returncode}:\n{_tail(log_path)}")
-        try:
-            urllib.request.urlopen(url, timeout=2).read()
-            return time.monotonic() - t0
-        except OSError:
-            if time.monotonic() - t0 > timeout_s:
-                raise TimeoutError(f"{url} did not answer within {timeout_s:.0f} s:\n{_tail(log_path)}") from None
-            time.sleep(0.5)
-
-
-def _tail(path: Path, n: int = 3000) -> str:
-    return path.read_text(errors="replace")[-n:] if path.exists() else "(no log)"
 
 
 # --------------------------------------------------------------------------------------------------- the session
@@ -478,7 +458,7 @@ def main(argv: list[str]) -> int:
     if error is not None:
         for path in (server_log, web_log):
             if path.exists():
-                log(f"the end of {path}:\n{_tail(path, 2000)}")
+                log(f"the end of {path}:\n{log_tail(path, 2000)}")
         log(f"FAILED: {record['error']}")
     log("checks: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in record["checks"].items()))
     if calls:

@@ -5,7 +5,6 @@ model loads: the page's own model path points nowhere. Also the checks that run 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
