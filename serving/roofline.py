@@ -7,6 +7,12 @@ one embedding row per sequence, negligible) and, for each sequence, the K and V 
     roofline_tok_s = B * hbm_bandwidth / bytes_per_step
 
 Prefill is bound by arithmetic instead: 2 FLOPs per weight per token. Pure functions of numbers; no GPU needed.
+
+Tensor parallelism (tp GPUs, LMDeploy's `tp`): every GPU runs every step on its shard, in parallel, so the floors
+above hold per GPU, with one GPU's bandwidth (and FLOP rate) and the bytes that GPU reads (`per_gpu`): its 1/tp of
+the sharded linears and of the KV heads, plus the weights every rank holds whole (in LMDeploy's PyTorch Llama the LM
+head and the norms are replicated, as is the embedding table, which a step reads one row of). Without replicated
+weights that is the whole model over tp x the bandwidth; the all-reduces between the GPUs are not counted.
 """
 from __future__ import annotations
 
@@ -44,6 +50,40 @@ class ModelBytes:
     weight_read_bytes: int
     kv_bytes_per_token: int
     matmul_params: int  # weights that take part in a matrix product (for the prefill FLOP count)
+    # of the above, what every tensor-parallel rank holds and reads whole (LM head, norms); 0: everything is sharded
+    replicated_read_bytes: int = 0
+    replicated_matmul_params: int = 0
+
+
+def kv_heads_per_gpu(num_kv_heads: int, tp: int) -> int:
+    """KV heads one of `tp` GPUs stores: an even split, or one (replicated) when there are fewer heads than GPUs."""
+    if tp < 1:
+        raise ValueError(f"tp must be >= 1, got {tp}")
+    if num_kv_heads >= tp:
+        if num_kv_heads % tp:
+            raise ValueError(f"{num_kv_heads} KV heads do not split evenly over tp={tp} GPUs")
+        return num_kv_heads // tp
+    if tp % num_kv_heads:
+        raise ValueError(f"tp={tp} is not a multiple of {num_kv_heads} KV heads")
+    return 1
+
+
+def per_gpu(mb: ModelBytes, tp: int, kv_bytes_per_token: int | None = None) -> ModelBytes:
+    """What one of `tp` tensor-parallel GPUs reads per step: its 1/tp of the sharded weights plus the replicated ones,
+    and the KV bytes per token of the heads it stores (`kv_bytes_per_token`; default the model's over tp)."""
+    if tp < 1:
+        raise ValueError(f"tp must be >= 1, got {tp}")
+    if tp == 1:
+        return mb
+    sharded = mb.weight_read_bytes - mb.replicated_read_bytes
+    sharded_params = mb.matmul_params - mb.replicated_matmul_params
+    if sharded < 0 or sharded_params < 0:
+        raise ValueError("replicated bytes/params exceed the totals")
+    return ModelBytes(weight_read_bytes=sharded // tp + mb.replicated_read_bytes,
+                      kv_bytes_per_token=mb.kv_bytes_per_token // tp if kv_bytes_per_token is None else kv_bytes_per_token,
+                      matmul_params=sharded_params // tp + mb.replicated_matmul_params,
+                      replicated_read_bytes=mb.replicated_read_bytes,
+                      replicated_matmul_params=mb.replicated_matmul_params)
 
 
 def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, kv_bits: int, dtype_bytes: int = 2) -> int:

@@ -411,3 +411,180 @@ def test_tp2_reaches_engine_config_and_server_command_with_multicast_off():
     assert env["NVSHMEM_DISABLE_NVLS"] == "1" and env["PATH"] == "/bin"
     one = lb.engine_env(compose(["backend=lmdeploy"]), {"PATH": "/bin"})
     assert one == {"PATH": "/bin"}
+
+
+# ----------------------------------------------------------------------------------------------- tp > 1 arithmetic
+
+LLAMA2_13B_PARAMS = 13_015_864_320  # Llama-2-13b-hf, as published
+
+
+def _marker_dir(tmp_path, arch, fmt):
+    """A checkpoint directory with config.json and synthetic.json only (no weights): what model_bytes reads."""
+    d = tmp_path / f"{arch.name}-{fmt.label}"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(arch.hf_config))
+    (d / synthetic.MARKER).write_text(json.dumps({"synthetic": True, "weight_bytes": synthetic.weight_bytes(arch, fmt),
+                                                  "parameters": synthetic.parameter_count(arch)}))
+    return d
+
+
+def test_llama2_13b_preset_has_the_released_shape():
+    a = synthetic.load_arch("llama2-13b")
+    assert synthetic.parameter_count(a)["total"] == LLAMA2_13B_PARAMS
+    assert (a.num_layers, a.num_kv_heads, a.head_dim) == (40, 40, 128)
+    cfg = compose(["model=llama2_13b_synthetic", "backend=lmdeploy", "backend.tp=2"])
+    assert cfg.model.weights == "random" and synthetic.arch_name(cfg.model.path) == "llama2-13b"
+    assert cfg.backend.tp == 2 and lb.engine_kwargs(cfg, "/m", "pytorch")["tp"] == 2
+
+
+def test_kv_heads_per_gpu():
+    assert rl.kv_heads_per_gpu(40, 1) == 40 and rl.kv_heads_per_gpu(40, 2) == 20 and rl.kv_heads_per_gpu(8, 8) == 1
+    assert rl.kv_heads_per_gpu(2, 4) == 1  # fewer heads than GPUs: each GPU keeps one, replicated
+    with pytest.raises(ValueError, match="split evenly"):
+        rl.kv_heads_per_gpu(40, 3)
+
+
+def test_per_gpu_without_replicated_weights_is_the_model_over_tp_times_the_bandwidth():
+    mb = rl.ModelBytes(10**10, 2**19, 5 * 10**9)
+    assert rl.per_gpu(mb, 1) is mb
+    g = rl.per_gpu(mb, 2)
+    assert (g.weight_read_bytes, g.kv_bytes_per_token, g.matmul_params) == (5 * 10**9, 2**18, 25 * 10**8)
+    for batch in (1, 8, 32):
+        # one GPU's bandwidth over what it reads == the aggregate bandwidth over what the whole model reads
+        assert rl.decode_roofline_tok_s(g, batch, 256, 4.8e12) == pytest.approx(rl.decode_roofline_tok_s(mb, batch, 256, 2 * 4.8e12))
+        assert rl.decode_roofline_tok_s(g, batch, 256, 4.8e12) == pytest.approx(2 * rl.decode_roofline_tok_s(mb, batch, 256, 4.8e12))
+    assert rl.prefill_floor_s(g, 4096, 1e15, 1e12) == pytest.approx(rl.prefill_floor_s(mb, 4096, 1e15, 1e12) / 2)
+    with pytest.raises(ValueError):
+        rl.per_gpu(rl.ModelBytes(10, 1, 10, replicated_read_bytes=11), 2)
+
+
+@pytest.mark.parametrize("fmt", [synthetic.WeightFormat(), synthetic.WeightFormat("awq", 4, 128)], ids=["fp16", "awq"])
+def test_tp2_per_gpu_bytes_rooflines_and_kv_llama2_13b(tmp_path, fmt):
+    """tp=2 on the 13B shape: each GPU holds and reads half of every linear and half the KV heads, plus the LM head
+    and norms whole (LMDeploy's Llama replicates them, and the embedding table); rooflines are one GPU's bandwidth
+    over that GPU's bytes."""
+    arch = synthetic.load_arch("llama2-13b")
+    wb = synthetic.weight_bytes(arch, fmt)
+    d = _marker_dir(tmp_path, arch, fmt)
+    m1, g1, s1 = bench.model_bytes(d, 16, tp=1)
+    m2, g2, s2 = bench.model_bytes(d, 16, tp=2)
+    assert m1 == m2 and g1 == m1  # the model's bytes do not depend on tp; tp=1 reads all of them
+    assert m1.weight_read_bytes == wb["linear"] + wb["lm_head"] + wb["norm"]
+    assert g2.weight_read_bytes == wb["linear"] // 2 + wb["lm_head"] + wb["norm"]
+    assert g2.kv_bytes_per_token == m1.kv_bytes_per_token // 2 == 40 * 20 * 2 * 128 * 2
+    assert s1["weights_per_gpu_expected_bytes"] == wb["total"]
+    assert s2["weights_per_gpu_expected_bytes"] == wb["linear"] // 2 + wb["embedding"] + wb["lm_head"] + wb["norm"]
+    bw = 4.8e12
+    ctx = rl.mean_decode_context(128, 256)
+    for batch in (1, 8, 32):
+        r1, r2 = (bench.rooflines(g, batch, 128, 256, bw, 989e12) for g in (g1, g2))
+        per_gpu_bytes = wb["linear"] / 2 + wb["lm_head"] + wb["norm"] + batch * ctx * m1.kv_bytes_per_token / 2
+        assert r2["bytes_per_step"] == pytest.approx(per_gpu_bytes)
+        assert r2["decode_tok_s"] == pytest.approx(batch * bw / per_gpu_bytes)
+        # below 2x only by the replicated LM head and norms
+        speedup = r2["decode_tok_s"] / r1["decode_tok_s"]
+        assert 1.75 < speedup < 2
+        assert speedup == pytest.approx(2 * r1["bytes_per_step"] / (r1["bytes_per_step"] + wb["lm_head"] + wb["norm"]))
+        assert r2["ttft_s"] < r1["ttft_s"]
+    if fmt.name == "fp16":
+        assert 180 < bench.rooflines(g1, 1, 128, 256, bw, None)["decode_tok_s"] < 190  # 4.8 TB/s / 25.9 GB
+    # the same free memory holds twice the tokens when a GPU stores half the heads
+    one, two = (rl.kv_capacity_tokens(100 * 2**30, 0.4, g.kv_bytes_per_token) for g in (g1, g2))
+    assert two - 2 * one in (0, 1)
+
+
+def test_tp_result_names_and_executor_choice(monkeypatch):
+    assert bench.variant_id("fp16", 1) == "fp16" and bench.variant_id("awq_w4a16_kv8", 2) == "awq_w4a16_kv8_tp2"
+    assert bench._tp_of(["backend.tp=2"]) == 2 and bench._tp_of([]) == 1
+    monkeypatch.delenv("LMDEPLOY_EXECUTOR_BACKEND", raising=False)
+    assert bench.ensure_executor_backend(1) is None
+
+    def no_ray(name):
+        raise ImportError("No module named 'ray'")
+
+    assert bench.ensure_executor_backend(2, no_ray) == "mp"
+    import os
+
+    assert os.environ["LMDEPLOY_EXECUTOR_BACKEND"] == "mp"
+    monkeypatch.delenv("LMDEPLOY_EXECUTOR_BACKEND")
+    assert bench.ensure_executor_backend(2, lambda n: object()) == "ray"
+    monkeypatch.setenv("LMDEPLOY_EXECUTOR_BACKEND", "ray")
+    assert bench.ensure_executor_backend(2, no_ray) == "ray"  # an explicit choice is kept
+
+
+def test_process_tree_env_sees_spawned_processes():
+    import os
+
+    env = {**os.environ, **lb.MULTI_GPU_ENV}
+    child = subprocess.Popen([sys.executable, "-c", "import subprocess, sys; subprocess.run(['sleep', '5'])"], env=env)
+    try:
+        import time
+
+        for _ in range(50):  # until the grandchild exists
+            procs = bench.process_tree_env(os.getpid())
+            if any(p["cmd"].startswith("sleep") for p in procs):
+                break
+            time.sleep(0.1)
+        mine = [p for p in procs if p["pid"] != os.getpid()]
+        assert {p["pid"] for p in mine} >= {child.pid} and any(p["cmd"].startswith("sleep") for p in mine)
+        assert bench.multicast_off(mine)  # the grandchild inherited the variables
+        assert not bench.multicast_off([{"pid": 1, "cmd": "x", "env": {"NCCL_NVLS_ENABLE": None}}]) and not bench.multicast_off([])
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_run_child_kills_its_process_group_on_timeout():
+    import time
+
+    t = time.monotonic()
+    assert bench.run_child([sys.executable, "-c", "import time; time.sleep(60)"], timeout_s=1) == "timeout"
+    assert time.monotonic() - t < 20
+    assert bench.run_child([sys.executable, "-c", "raise SystemExit(3)"], None) == "exit 3"
+    assert bench.run_child([sys.executable, "-c", "pass"], None) == "ok"
+
+
+def _fake_result(variant, tp, tok_s, kv_tokens, mb):
+    return {"variant": variant, "variant_id": bench.variant_id(variant, tp), "tp": tp,
+            "label": bench.LABELS[variant] + " (synthetic)", "synthetic": True, "model": "m", "engine": "pytorch",
+            "prompt_len": 128, "gen_len": 256, "repeats": 2, "warmup": 1,
+            "config": {"backend": {"cache_max_entry_count": 0.4, "tp": tp}},
+            "environment": {"gpu": "NVIDIA H200", "roofline_bw_bytes_s": 4.8e12, "copy_bw_bytes_s": 4.3e12},
+            "memory": {"weights_gpu_bytes": 26e9 if tp == 1 else None, "weights_per_gpu_bytes": 26e9 / tp,
+                       "weights_stored_bytes": 26e9, "kv_bytes_per_token": 819200 // tp,
+                       "kv_capacity_tokens": kv_tokens, "kv_capacity_ideal_tokens": kv_tokens + 1000},
+            "batches": [{"batch": b, "measured": {"decode_tok_s": tok_s * b, "output_tok_s": tok_s * b, "ttft_s": 0.03,
+                                                  "token_latency_p50_s": 0.008, "token_latency_p99_s": 0.009},
+                         "roofline": bench.rooflines(rl.per_gpu(mb, tp), b, 128, 256, 4.8e12, 989e12)}
+                        for b in (1, 8, 32)]}
+
+
+def test_report_with_tp_columns_speedups_and_line_plot(tmp_path):
+    mb = rl.ModelBytes(25_704_048_640, 819_200, 12_851_609_600, replicated_read_bytes=328_509_440,
+                       replicated_matmul_params=163_840_000)
+    res = [_fake_result("fp16", 1, 100.0, 40_000, mb), _fake_result("fp16", 2, 180.0, 200_000, mb)]
+    for r in res:
+        (tmp_path / f"x_{r['variant_id']}.json").write_text(json.dumps(r))
+    (tmp_path / "x.json").write_text(json.dumps({"command": "c", "results": res}))  # a report is not a variant
+    (tmp_path / "x_other_fp16.json").write_text(json.dumps({**res[0], "variant_id": "fp16"}))  # another stem
+    assert bench._saved_ids(tmp_path, "x") == ["fp16", "fp16_tp2"]
+    bench.write_report(tmp_path, None, "cmd", name="x")
+    md = (tmp_path / "x.md").read_text()
+    assert "| FP16 (synthetic) | 2 | 8 | 1,440 |" in md and "**per GPU**" in md
+    assert "| 12.11* (24.21) |" in md  # tp=2 weights from the shard arithmetic, marked
+    assert "| FP16 (synthetic) | 32 | 3,200 | 5,760 (tp=2) | 1.80x" in md
+    assert (tmp_path / "x.png").stat().st_size > 10_000
+
+
+def test_tokenizer_trim_keeps_the_first_ids_and_the_merges_they_need():
+    from serving.tokenizer_trim import trim_tokenizer_json
+
+    tok = {"added_tokens": [{"id": 0, "content": "<s>"}],
+           "model": {"type": "BPE", "vocab": {"<s>": 0, "a": 1, "b": 2, "c": 3, "ab": 4, "abc": 5, "bc": 6},
+                     "merges": [["a", "b"], ["ab", "c"], ["b", "c"]]}}
+    out = trim_tokenizer_json(tok, 5)
+    assert out["model"]["vocab"] == {"<s>": 0, "a": 1, "b": 2, "c": 3, "ab": 4}
+    assert out["model"]["merges"] == [["a", "b"]] and tok["model"]["merges"][1] == ["ab", "c"]  # input untouched
+    assert trim_tokenizer_json({**tok, "model": {**tok["model"], "merges": ["a b", "ab c"]}}, 5)["model"]["merges"] == ["a b"]
+    with pytest.raises(ValueError, match="special"):
+        trim_tokenizer_json({**tok, "added_tokens": [{"id": 6, "content": "<x>"}]}, 5)
