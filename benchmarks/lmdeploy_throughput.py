@@ -3,7 +3,7 @@ benchmark/profile_throughput.py: fixed prompt and output lengths, a fixed number
 
 For each variant (a list of config overrides: FP16, AWQ W4A16, AWQ W4A16 + KV int8) one child process composes the
 RunConfig from conf/, writes the synthetic checkpoint if the model is synthetic, starts the engine from that config
-(serving.lmdeploy_backend) and measures, for each batch size in eval.throughput.batch_sizes:
+(backends.lmdeploy) and measures, for each batch size in eval.throughput.batch_sizes:
 
   - output tok/s: all generated tokens / (last token - first request submitted), as profile_throughput reports it;
   - decode tok/s: tokens after each request's first / (last token - the moment every request had its first token):
@@ -13,7 +13,7 @@ RunConfig from conf/, writes the synthetic checkpoint if the model is synthetic,
   - weight memory (the engine's parameters on the GPU) and the KV cache: blocks allocated, tokens they hold.
 
 Beside each: the decode roofline (HBM bandwidth / bytes read per step: weights + batch x mean context x KV bytes per
-token; serving.roofline), the prefill floor for TTFT, and the KV capacity that cache_max_entry_count of the free
+token; backends.roofline), the prefill floor for TTFT, and the KV capacity that cache_max_entry_count of the free
 memory would hold. Prompts are random token ids (no tokenizer in the loop), generation ignores EOS, greedy.
 
     python -m benchmarks.lmdeploy_throughput --out results/gpu                  # the three variants, Llama-2-7B shape
@@ -34,8 +34,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from backends import roofline as rl
+from harness.environment import environment
+from harness.labels import config_label
+from harness.log import logger
 from harness.registry import Registry
-from serving import roofline as rl
 
 NAME = "lmdeploy_throughput"
 BASE_OVERRIDES = [
@@ -55,17 +58,14 @@ VARIANTS.add("fp16", ["quant=fp16", "kv=fp16"])
 VARIANTS.add("awq_w4a16", ["quant.method=awq", "quant.w_bit=4", "quant.group_size=128", "kv=fp16"])
 VARIANTS.add("awq_w4a16_kv8", ["quant.method=awq", "quant.w_bit=4", "quant.group_size=128", "kv=int8"])
 DEFAULT_VARIANTS = ["fp16", "awq_w4a16", "awq_w4a16_kv8"]
-LABELS = {"fp16": "FP16", "awq_w4a16": "AWQ W4A16", "awq_w4a16_kv8": "AWQ W4A16 + KV int8"}
 
 
 def label(cfg) -> str:
-    """What a row measured, from its resolved config."""
-    w = "FP16" if cfg.quant.method == "fp16" else f"AWQ W{cfg.quant.w_bit}A16 g{cfg.quant.group_size}"
-    return w + ("" if cfg.kv.bits == 16 else f" + KV int{cfg.kv.bits}")
+    """What a row measured, from its resolved config (harness.labels)."""
+    return config_label(cfg.quant, cfg.kv.bits)
 
 
-def log(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+log = logger("bench")
 
 
 # ----------------------------------------------------------------------------------------------- pure arithmetic
@@ -255,29 +255,6 @@ def write_report(out_dir: Path, variants: Optional[list[str]] = None, command: O
 # ----------------------------------------------------------------------------------------------- GPU side (child)
 
 
-def environment() -> dict:
-    import torch
-
-    env = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
-    for pkg in ("lmdeploy", "transformers", "triton"):
-        try:
-            env[pkg] = __import__(pkg).__version__
-        except Exception:
-            env[pkg] = None
-    if torch.cuda.is_available():
-        p = torch.cuda.get_device_properties(0)
-        env.update(gpu=p.name, gpu_memory_bytes=p.total_memory, gpu_uuid=str(getattr(p, "uuid", "")),
-                   sm_count=p.multi_processor_count)
-    try:
-        q = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
-                           capture_output=True, text=True, timeout=20).stdout.strip()
-        env["nvidia_smi"] = q
-        env["driver"] = q.split(",")[1].strip() if q else None
-    except Exception:
-        env["driver"] = None
-    return env
-
-
 def copy_bandwidth(nbytes: int = 1 << 31, iters: int = 20) -> float:
     """Device-to-device copy, bytes read + written per second (median of `iters`)."""
     import torch
@@ -299,7 +276,7 @@ def copy_bandwidth(nbytes: int = 1 << 31, iters: int = 20) -> float:
 
 
 def model_bytes(model_dir: Path, kv_bits: int) -> tuple[rl.ModelBytes, dict]:
-    from serving import synthetic
+    from harness import synthetic
 
     c = json.loads((model_dir / "config.json").read_text())
     hd = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
@@ -351,9 +328,9 @@ def run_variant(variant: str, model: str, extra: list[str], out_dir: Path, synth
     import torch
 
     from harness.records import run_id
-    from serving import lmdeploy_backend as lb
-    from serving import synthetic
-    from serving.compose import compose
+    from backends import lmdeploy as lb
+    from harness import synthetic
+    from harness.compose import compose
 
     overrides = [f"model={model}", *BASE_OVERRIDES, *VARIANTS.get(variant), *extra]
     cfg = compose(overrides)
@@ -452,7 +429,7 @@ def main(argv: list[str]) -> None:
         if res.returncode != 0:
             from harness.records import write_json_atomic
 
-            write_json_atomic(out / f"{NAME}_{v}.json", {"benchmark": NAME, "variant": v, "label": LABELS.get(v, v),
+            write_json_atomic(out / f"{NAME}_{v}.json", {"benchmark": NAME, "variant": v, "label": v,
                                                         "error": f"child exited with {res.returncode}"})
     write_report(out, a.variants, command)
 

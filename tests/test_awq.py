@@ -10,7 +10,7 @@ from harness.config import CalibConfig, QuantConfig
 from quant import METHODS, QuantContext
 from quant.awq.fold import apply_scale_
 from quant.awq.search import act_absmean, awq_scale, grid_points, group_gram, search_clip, search_scale
-from quant.layer_maps import LAYER_MAPS, layer_map_for
+from harness.architectures import ARCHITECTURES, architecture_for
 from quant.primitives import fake_quantize
 from quant.surgery import quantizable_linears
 
@@ -27,12 +27,12 @@ def _rotary_kwargs(model, x):
 
 @torch.no_grad()
 def _check_fold_invariance(model, x):
-    lmap = layer_map_for(model)
+    arch = architecture_for(model)
     block = model.model.layers[0]
     kwargs = _rotary_kwargs(model, x)
     before = _block_out(block, x, kwargs).double()
     g = torch.Generator().manual_seed(0)
-    for grp in lmap.groups:
+    for grp in arch.groups:
         if grp.when is not None and not grp.when(block):
             continue
         n = block.get_submodule(grp.linears[0]).in_features
@@ -66,11 +66,11 @@ def test_scale_fold_leaves_gemma_block_unchanged(model_type):
     wrong = copy.deepcopy(model)
     from quant.awq import fold
 
-    norm_name = LAYER_MAPS.get(model_type).groups[0].prev_op
+    norm_name = ARCHITECTURES.get(model_type).groups[0].prev_op
     blk = wrong.model.layers[0]
     s = torch.full((64,), 2.0)
     fold.fold_into_norm_(blk.get_submodule(norm_name), s, "norm")
-    fold.scale_linears_([blk.get_submodule(n) for n in LAYER_MAPS.get(model_type).groups[0].linears], s)
+    fold.scale_linears_([blk.get_submodule(n) for n in ARCHITECTURES.get(model_type).groups[0].linears], s)
     kw = _rotary_kwargs(model, x)
     assert (_block_out(blk, x, kw) - _block_out(model.model.layers[0], x, kw)).abs().max() > 1e-2
 
@@ -175,16 +175,16 @@ class _InternLM2Block(nn.Module):
 
 @torch.no_grad()
 def test_internlm2_map_fits_a_constructed_tree_and_folds_exactly():
-    lmap = LAYER_MAPS.get("internlm2")
+    arch = ARCHITECTURES.get("internlm2")
     torch.manual_seed(0)
     block = _InternLM2Block()
     for p in block.parameters():
         p.data.normal_(1.0, 0.3) if p.dim() == 1 else None
-    for rel in lmap.linears:
+    for rel in arch.linears:
         assert isinstance(block.get_submodule(rel), nn.Linear)
     x = torch.randn(5, 32)
     ref_ffn, ref_qkv = block.ffn(x), block.qkv(x)
-    for grp in lmap.groups:
+    for grp in arch.groups:
         n = block.get_submodule(grp.linears[0]).in_features
         apply_scale_(block, grp.prev_op, grp.prev_kind, grp.linears, torch.rand(n) + 0.5)
     torch.testing.assert_close(block.ffn(x), ref_ffn, rtol=1e-4, atol=1e-5)
@@ -198,8 +198,8 @@ def test_unsupported_architecture_names_the_registry():
     class M:
         config = Cfg()
 
-    with pytest.raises(KeyError, match="architecture layer map"):
-        layer_map_for(M())
+    with pytest.raises(KeyError, match="unknown architecture"):
+        architecture_for(M())
 
 
 def _truncated(model, n_layers):

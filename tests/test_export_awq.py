@@ -9,7 +9,7 @@ import torch
 from quant.surgery import quantizable_linears, quantize_linear_
 from safetensors.torch import load_file
 
-from quant.export_awq import (
+from quant.export.awq import (
     AWQExportError, export_awq, load_awq_dequantized, load_awq_qtensors, pack_awq_gemm, unpack_awq_gemm,
 )
 from quant.primitives import QTensor, dequantize, quantize_tensor

@@ -15,8 +15,8 @@ def _windows(ids, n=2, seqlen=64):
     return ids[: n * seqlen].view(n, seqlen)
 
 
-def test_self_kl_is_zero_and_reference_is_cached(smollm2_bf16, milton_ids, tmp_path):
-    model, windows = smollm2_bf16, _windows(milton_ids)
+def test_self_kl_is_zero_and_reference_is_cached(smollm2_bf16_shared, milton_ids, tmp_path):
+    model, windows = smollm2_bf16_shared, _windows(milton_ids)
     loads = []
 
     def load():
@@ -42,8 +42,8 @@ def test_self_kl_is_zero_and_reference_is_cached(smollm2_bf16, milton_ids, tmp_p
 
 
 @torch.no_grad()
-def test_metrics_match_float64_recomputation(smollm2_bf16, milton_ids, tmp_path):
-    ref, windows = smollm2_bf16, _windows(milton_ids[5000:])
+def test_metrics_match_float64_recomputation(smollm2_bf16_shared, milton_ids, tmp_path):
+    ref, windows = smollm2_bf16_shared, _windows(milton_ids[5000:])
     quant = copy.deepcopy(ref)
     for layer in quant.model.layers:  # a real perturbation: RTN w3 g64 fake-quantized MLPs
         for lin in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):

@@ -8,7 +8,7 @@ import torch
 
 from quant.surgery import quantizable_linears, quantize_linear_
 
-from quant.int4_linear import (
+from quant.kernels.int4_linear import (
     Int4KernelError, Int4WeightOnlyLinear, kernel_dequantize, swap_int4_linears, weight_bytes,
 )
 from quant.primitives import QTensor, quantize_tensor

@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig
 
+from eval.forward import cache_kwargs, forward
 from quant.kv_cache import (
     QuantizedKVCache,
     check_kv_supported,
@@ -23,12 +24,9 @@ FP16_TINY = 2.0**-14  # smallest normal fp16: below it the relative bound on the
 
 
 @pytest.fixture(scope="module")
-def model(smollm2_resolved):
-    from harness.config import ModelConfig
-    from harness.models import load_model
-
+def model(smollm2_fp32_shared):
     # fp32 weights, so the only K/V rounding in the comparisons is the cache's
-    return load_model(smollm2_resolved, ModelConfig(name="x", path="embedded:smollm2-135m-instruct", dtype="float32"))
+    return smollm2_fp32_shared
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +34,7 @@ def real_kv(model, milton_ids):
     """K and V of every layer for one 128-token Milton window, written by an ordinary (fp32) cache."""
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(input_ids=milton_ids[None, :128], cache=cache, use_cache=True)
+        forward(model, milton_ids[None, :128], cache)
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
@@ -124,7 +122,7 @@ def test_bytes_per_token(model, milton_ids):
     for bits in (8, 4):
         cache = QuantizedKVCache(c, bits=bits)
         with torch.no_grad():
-            model(input_ids=milton_ids[None, :40], cache=cache, use_cache=True)
+            forward(model, milton_ids[None, :40], cache)
         assert cache.get_seq_length() == 40
         assert cache.nbytes() == 40 * kv_bytes_per_token(L, H, D, bits)
 
@@ -149,9 +147,9 @@ def test_attention_reads_quantized_kv(model, milton_ids, bits):
     cache = _RecordingCache(model.config, bits=bits)
     ids = milton_ids[None, :18]
     with torch.no_grad():
-        model(input_ids=ids[:, :16], cache=cache, use_cache=True)
-        model(input_ids=ids[:, 16:17], cache=cache, use_cache=True)
-        model(input_ids=ids[:, 17:18], cache=cache, use_cache=True)
+        forward(model, ids[:, :16], cache)
+        forward(model, ids[:, 16:17], cache)
+        forward(model, ids[:, 17:18], cache)
     assert cache.get_seq_length() == 18
     written: dict[int, list] = {}
     for layer_idx, k_in, v_in, k_out, v_out in cache.log:
@@ -204,7 +202,7 @@ def test_greedy_generate(model, milton_ids):
     ref = model.generate(prompt, **kw)[0, 24:]
     for bits in (8, 4):
         cache = QuantizedKVCache(model.config, bits=bits)
-        out = model.generate(prompt, cache=cache, **kw)[0, 24:]
+        out = model.generate(prompt, **cache_kwargs(model, cache), **kw)[0, 24:]
         assert out.shape == ref.shape
         assert cache.get_seq_length() == 24 + 8 - 1  # the last token is sampled, never written
         if bits == 8:

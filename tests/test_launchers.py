@@ -61,6 +61,7 @@ def check_sweep(cwd: Path, out: subprocess.CompletedProcess) -> Path:
     return sweep
 
 
+@pytest.mark.slow
 def test_submitit_local_sweep(tmp_path):
     out = launch("submitit_local", tmp_path)
     sweep = check_sweep(tmp_path, out)
@@ -70,6 +71,7 @@ def test_submitit_local_sweep(tmp_path):
     assert len(list((sweep / ".submitit").glob("*/*_0_result.pkl"))) == 2
 
 
+@pytest.mark.slow
 def test_joblib_sweep(tmp_path):
     out = launch("local_parallel", tmp_path)
     check_sweep(tmp_path, out)

@@ -12,14 +12,14 @@ from harness.config import ConfigError
 TASK = "lambada_shakespeare_heldout_local"
 
 
-def test_local_task_matches_lm_eval_hflm(smollm2_resolved, smollm2_bf16, tokenizer):
+def test_local_task_matches_lm_eval_hflm(smollm2_resolved, smollm2_bf16_shared, tokenizer):
     from lm_eval.models.huggingface import HFLM
 
     from eval.lm_eval_adapter import HarnessLM
     from eval.tasks_eval import resolve_tasks, run_tasks
 
     tm = resolve_tasks([TASK])
-    ours = run_tasks(HarnessLM(smollm2_bf16, tokenizer, batch_size=8), [TASK], tm, limit=16)[TASK]
+    ours = run_tasks(HarnessLM(smollm2_bf16_shared, tokenizer, batch_size=8), [TASK], tm, limit=16)[TASK]
     stock = HFLM(pretrained=smollm2_resolved.directory, device="cpu", dtype=torch.bfloat16, batch_size=8)
     theirs = run_tasks(stock, [TASK], tm, limit=16)[TASK]
     assert ours["n"] == theirs["n"] == 16

@@ -13,13 +13,13 @@ import pytest
 import torch
 
 from benchmarks import lmdeploy_throughput as bench
-from experiments import serve
-from experiments.chat import Conversation, repl
+from app import serve
+from app.chat import Conversation, repl
 from harness.config import ConfigError
-from serving import lmdeploy_backend as lb
-from serving import roofline as rl
-from serving import synthetic
-from serving.compose import compose
+from backends import lmdeploy as lb
+from backends import roofline as rl
+from harness import synthetic
+from harness.compose import compose
 
 LLAMA2_7B_PARAMS = 6_738_415_616  # Llama-2-7b-hf, as published
 INTERNLM2_1_8B_PARAMS = 1_889_110_016  # 2 x 92544 x 2048 + 24 x 62,918,656 + 2048
@@ -105,8 +105,8 @@ def test_build_engine_config_calls_the_chosen_class(tmp_path):
 
 
 def test_lmdeploy_stays_an_optional_import():
-    code = ("import sys, serving.lmdeploy_backend, serving.synthetic, benchmarks.lmdeploy_throughput, experiments.serve, "
-            "experiments.chat; assert 'lmdeploy' not in sys.modules and 'openai' not in sys.modules")
+    code = ("import sys, backends.lmdeploy, harness.synthetic, benchmarks.lmdeploy_throughput, app.serve, "
+            "app.chat; assert 'lmdeploy' not in sys.modules and 'openai' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)
 
 
@@ -184,8 +184,8 @@ def test_median_over_rounds():
 def test_report_renders_table_and_plot(tmp_path):
     mb = rl.ModelBytes(13_214_687_232, 524_288, 6_607_077_376)
     res = []
-    for v, tok_s in (("fp16", 160.0), ("awq_w4a16", 129.0)):
-        res.append({"variant": v, "label": bench.LABELS[v] + " (synthetic)", "synthetic": True, "model": "m",
+    for v, label, tok_s in (("fp16", "FP16", 160.0), ("awq_w4a16", "AWQ w4 g128", 129.0)):
+        res.append({"variant": v, "label": label + " (synthetic)", "synthetic": True, "model": "m",
                     "engine": "pytorch", "prompt_len": 128, "gen_len": 256, "repeats": 3, "warmup": 1,
                     "config": {"backend": {"cache_max_entry_count": 0.4}},
                     "environment": {"gpu": "NVIDIA H100 80GB HBM3", "roofline_bw_bytes_s": 3.35e12, "copy_bw_bytes_s": 3.0e12},
@@ -391,15 +391,15 @@ def test_ppl_parts_round_trip_and_window_means(tmp_path):
     assert (tmp_path / "joined").read_bytes() == blob.read_bytes()
     # equal-length windows: exp of the mean window NLL is the token PPL
     nll = torch.rand(5, 511, dtype=torch.float64) * 6
-    assert lmdeploy_ppl.ppl_from_window_means(nll.mean(1).tolist()) == pytest.approx(nll.mean().exp().item())
+    assert lb.ppl_from_window_means(nll.mean(1).tolist()) == pytest.approx(nll.mean().exp().item())
     assert lmdeploy_ppl.relative_gap(101.0, 100.0) == pytest.approx(0.01)
 
 
 def test_tp2_reaches_engine_config_and_server_command_with_multicast_off():
     """Two GPUs (issue 9's CPU side): tp travels into the engine kwargs and the api_server command line, and every
     engine/server environment keeps NVLink multicast off."""
-    from serving import lmdeploy_backend as lb
-    from serving.compose import compose
+    from backends import lmdeploy as lb
+    from harness.compose import compose
 
     cfg = compose(["backend=lmdeploy", "backend.tp=2", "kv=int8"])
     kw = lb.engine_kwargs(cfg, "/m", "pytorch")

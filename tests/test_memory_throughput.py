@@ -49,7 +49,7 @@ def int4_under_test(rtn_bf16):
 
 
 def test_weight_bytes_by_hand(rtn_bf16, int4_under_test):
-    from quant.int4_linear import weight_bytes
+    from quant.kernels.int4_linear import weight_bytes
 
     model, qts = rtn_bf16
     L, H, I, kvh, hd, V = _shape(model.config)
@@ -69,7 +69,7 @@ def test_weight_bytes_by_hand(rtn_bf16, int4_under_test):
 
 @torch.no_grad()
 def test_throughput_runs_int4_kernel_and_matches_dequantized(rtn_bf16, int4_under_test, milton_ids, monkeypatch):
-    from quant import int4_linear
+    from quant.kernels import int4_linear
     from quant.kv_cache import QuantizedKVCache
 
     model, qts = rtn_bf16  # `model` holds the dequantized (fake-quantized) weights in bf16

@@ -1,5 +1,5 @@
 """notebooks/results.ipynb runs top to bottom (nbclient) on records: synthetic ones in a temporary results folder
-(through $QH_RESULTS_DIR, as `python -m experiments.report` runs it), none at all, and the repo's real results/ when
+(through $QH_RESULTS_DIR, as `python -m report` runs it), none at all, and the repo's real results/ when
 there are records there."""
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from experiments import report as R
 from harness.assets import REPO_ROOT
+from report import build as R
 from tests.test_report import demo_records, write_records
 
 
@@ -24,16 +24,13 @@ def _errors(nb) -> list:
 
 
 def test_notebook_is_built_from_its_script(tmp_path):
-    """The committed notebook is what notebooks/build_results_notebook.py writes (no stale cells or outputs)."""
-    import importlib.util
+    """The committed notebook is what report/notebook.py writes (no stale cells or outputs)."""
+    from report import notebook
 
-    spec = importlib.util.spec_from_file_location("build_nb", REPO_ROOT / "notebooks" / "build_results_notebook.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    built = mod.build()
+    built = notebook.build()
     on_disk = nbformat.read(REPO_ROOT / "notebooks" / "results.ipynb", as_version=4)
     assert [c.source for c in on_disk.cells] == [c.source for c in built.cells], \
-        "notebooks/results.ipynb is out of date: run python notebooks/build_results_notebook.py"
+        "notebooks/results.ipynb is out of date: run python -m report.notebook"
     assert not _outputs(on_disk)
 
 

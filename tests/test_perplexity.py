@@ -7,11 +7,11 @@ from eval.perplexity import ppl_metrics, window_nll
 from harness.data import eval_windows
 
 
-def test_window_ppl_matches_float64_reference(smollm2_fp32, milton_ids):
+def test_window_ppl_matches_float64_reference(smollm2_fp32_shared, milton_ids):
     windows = eval_windows(milton_ids, 128, 3)
-    nll, _ = window_nll(smollm2_fp32, windows, batch_size=2, progress=False)
+    nll, _ = window_nll(smollm2_fp32_shared, windows, batch_size=2, progress=False)
     with torch.no_grad():
-        logits = smollm2_fp32(windows).logits.double()  # full logits, plain forward
+        logits = smollm2_fp32_shared(windows).logits.double()  # full logits, plain forward
     logp = torch.log_softmax(logits[:, :-1], dim=-1)
     ref = -logp.gather(-1, windows[:, 1:, None]).squeeze(-1)
     assert nll.shape == ref.shape == (3, 127)
@@ -27,8 +27,8 @@ def test_windows_are_non_overlapping_and_drop_the_remainder(milton_ids):
     assert eval_windows(milton_ids, 256, 2).shape == (2, 256)
 
 
-def test_batching_does_not_change_the_score(smollm2_fp32, milton_ids):
+def test_batching_does_not_change_the_score(smollm2_fp32_shared, milton_ids):
     windows = eval_windows(milton_ids, 64, 4)
-    a, _ = window_nll(smollm2_fp32, windows, batch_size=1, progress=False)
-    b, _ = window_nll(smollm2_fp32, windows, batch_size=4, progress=False)
+    a, _ = window_nll(smollm2_fp32_shared, windows, batch_size=1, progress=False)
+    b, _ = window_nll(smollm2_fp32_shared, windows, batch_size=4, progress=False)
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

@@ -80,6 +80,7 @@ def test_bad_input_fails_before_the_model_loads(tmp_path, monkeypatch):
         pipeline.run(cfg_of(SMALL + ["quant.method=gptq", f"results_dir={tmp_path}"]))
 
 
+@pytest.mark.slow
 def test_cli_writes_one_record_and_reuses_it(tmp_path):
     args = [sys.executable, "-m", "experiments.run", *SMALL, f"results_dir={tmp_path}"]
     root = Path(CONF).parent

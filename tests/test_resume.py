@@ -4,6 +4,8 @@ rewriting them, and runs only the configs that were missing, loading the quantiz
 Also the atomic write every record and cache file goes through, killed in the middle of writing."""
 from __future__ import annotations
 
+import pytest
+
 import json
 import os
 import re
@@ -42,6 +44,7 @@ def complete_records(runs: Path) -> dict[str, bytes]:
     return found
 
 
+@pytest.mark.slow
 def test_killed_sweep_resumes_reusing_finished_records(tmp_path):
     results, sweep_dir, log = tmp_path / "results", tmp_path / "sweep", tmp_path / "first.log"
     runs = results / "runs"

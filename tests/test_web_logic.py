@@ -12,8 +12,8 @@ from http.server import BaseHTTPRequestHandler
 import pytest
 
 from harness.config import ConfigError
-from serving import openai_client
-from serving.chat_logic import (ContextTooLongError, EndpointError, SamplingSettings, Snapshot, add_exchange,
+from app import openai_client
+from app.chat_logic import (ContextTooLongError, EndpointError, SamplingSettings, Snapshot, add_exchange,
                                 answer_html, build_messages, cap_new_tokens, describe_divergence, describe_speed,
                                 divergence, divergence_char_offset, first_divergence, fit_to_context)
 from tests.conftest import http_server
@@ -61,7 +61,7 @@ def test_prompt_longer_than_the_context_is_refused_naming_the_limit():
 def test_real_tokenizer_context_refusal(smollm2_resolved):
     """The local side counts the chat-templated prompt with the model's own tokenizer."""
     from harness.config import ModelConfig
-    from serving.local_models import LocalModels
+    from app.local_models import LocalModels
 
     lm = LocalModels(ModelConfig(name="smollm2-135m-instruct", path="embedded:smollm2-135m-instruct"))
     assert lm.max_context() == 8192
@@ -265,8 +265,8 @@ def test_stop_ends_an_endpoint_answer_early(stub):
 
 
 def test_answerer_routes_the_endpoint_column_and_keeps_its_error(dead_url, stub):
-    from experiments.web_config import compose_web
-    from serving.answerer import Answerer
+    from app.web_config import compose_web
+    from app.answerer import Answerer
 
     setup = compose_web([f"web.endpoint.url={dead_url}", "web.compare=[fp16,endpoint]"])
     assert [v.name for v in setup.compare] == ["fp16", "endpoint"]
@@ -285,10 +285,10 @@ def test_answerer_routes_the_endpoint_column_and_keeps_its_error(dead_url, stub)
 
 
 def test_web_config_composes_presets_with_the_reference_first():
-    from experiments.web_config import compose_web
+    from app.web_config import compose_web
 
     s = compose_web(["web.compare=[rtn_w4,awq_w4_kv8]", "quant=rtn_w4"])
-    assert [v.label for v in s.compare] == ["FP16", "RTN w4 g64", "AWQ w4 g64 + KV int8"]
+    assert [v.label for v in s.compare] == ["FP16", "RTN w4 g64", "AWQ w4 g64 (search+clip) + KV int8"]
     assert s.compare[2].run.kv.bits == 8 and s.compare[2].run.quant.method == "awq"
     assert s.chat[0].label == "RTN w4 g64" and "RTN w4 g64" not in [v.label for v in s.chat[1:]]
     assert s.cfg.web.host == "127.0.0.1" and s.model_choice == "smollm2_135m"
@@ -302,7 +302,7 @@ def test_web_config_composes_presets_with_the_reference_first():
     (["web.top_p=0"], r"web.top_p"),
 ])
 def test_bad_web_config_fails_naming_the_field(overrides, match):
-    from experiments.web_config import compose_web
+    from app.web_config import compose_web
 
     with pytest.raises(ConfigError, match=match):
         compose_web(overrides)
@@ -316,7 +316,7 @@ def test_local_stream_matches_greedy_generate_and_stops():
     import torch
 
     from harness.config import ModelConfig, RunConfig
-    from serving.local_models import LocalModels
+    from app.local_models import LocalModels
 
     mc = ModelConfig(name="smollm2-135m-instruct", path="embedded:smollm2-135m-instruct", dtype="float32")
     lm = LocalModels(mc, progress=False)

@@ -1,4 +1,4 @@
-"""experiments.web_session end to end on the CPU: the page (a subprocess, web=endpoint) driven through gradio_client
+"""app.web_session end to end on the CPU: the page (a subprocess, web=endpoint) driven through gradio_client
 against a stub OpenAI-compatible server that answers like LMDeploy's api_server (streamed chat completions, and an
 HTTP 400 "Input length (N) must be smaller than the model context length (S)." for a prompt that does not fit). No
 model loads: the page's own model path points nowhere. Also the checks that run before anything starts."""
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from experiments import web_session
-from experiments.web_screenshot import REPO
+from app import web_session
+from app.browser import REPO
 from tests.conftest import http_server
 
 STUB_CONTEXT = 256  # the stub's session_len, counted in words of all messages
@@ -91,9 +91,10 @@ def _group_gone(pgid: int, wait_s: float = 5.0) -> bool:
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 def test_session_through_the_page_against_a_stub_server(stub, tmp_path):
     out = tmp_path / "ws"
-    cmd = [sys.executable, "-m", "experiments.web_session", "--endpoint", stub, "--context-len", str(STUB_CONTEXT),
+    cmd = [sys.executable, "-m", "app.web_session", "--endpoint", stub, "--context-len", str(STUB_CONTEXT),
            "--max-new-tokens", "16", "--out", str(out), "--", "model.path=/nonexistent/no-local-model"]
     t0 = time.monotonic()
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240)
@@ -130,9 +131,9 @@ def test_session_through_the_page_against_a_stub_server(stub, tmp_path):
     assert all(c["wall_s"] > 0 for c in rec["calls"])
 
     # what produced it, and nothing left running
-    assert rec["web"]["command"][1:3] == ["-m", "experiments.web"] and "web=endpoint" in rec["web"]["command"]
+    assert rec["web"]["command"][1:3] == ["-m", "app.web"] and "web=endpoint" in rec["web"]["command"]
     assert f"web.endpoint.url={stub}" in rec["web"]["command"] and "web.host=127.0.0.1" in rec["web"]["command"]
-    assert rec["session_command"][1:3] == ["-m", "experiments.web_session"]
+    assert rec["session_command"][1:3] == ["-m", "app.web_session"]
     assert rec["versions"]["gradio"] and rec["versions"]["gradio_client"] and rec["versions"]["torch"]
     assert _group_gone(rec["web"]["pid"])
     web_log = (out / "web_session_web.log").read_text()
@@ -149,10 +150,11 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_server_mode_stops_the_server_and_its_workers(tmp_path, monkeypatch):
     """The LMDeploy path with a fake api_server: this module run as a server process (the stub) that leaves a worker
     behind when it gets SIGINT, as an engine's workers may; the session must stop both and record the command."""
-    from serving import lmdeploy_backend as lb
+    from backends import lmdeploy as lb
 
     d = _checkpoint(tmp_path / "ckpt")
     real_command = lb.api_server_command
@@ -171,14 +173,14 @@ def test_server_mode_stops_the_server_and_its_workers(tmp_path, monkeypatch):
     assert "--cache-max-entry-count 0.4 " in cmd and "--model-format awq" in cmd
     assert f"--session-len {STUB_CONTEXT}" in cmd
     assert rec["context_len"] == STUB_CONTEXT and rec["context_len_from"] == "backend.session_len"
-    assert rec["web"]["title"].startswith("smollm2-135m-instruct · AWQ w4 g64 · via http://127.0.0.1:")
+    assert rec["web"]["title"].startswith("smollm2-135m-instruct · AWQ w4 g64 (search+clip) · via http://127.0.0.1:")
     assert f"model.path={d}" in rec["web"]["command"] and "quant=awq_w4" in rec["web"]["command"]
     worker = int((out / "web_session_server.log").read_text().split("worker pid ")[1].split()[0])
     assert not _alive(worker) and _group_gone(srv["pid"]) and _group_gone(rec["web"]["pid"])
 
 
 def test_down_endpoint_is_recorded_and_nothing_is_left(tmp_path):
-    from experiments.web_screenshot import free_port
+    from app.browser import free_port
 
     out = tmp_path / "ws"
     rc = web_session.main(["--endpoint", f"http://127.0.0.1:{free_port()}", "--context-len", "64",
@@ -215,8 +217,8 @@ def _checkpoint(d: Path, awq: bool = True, tokenizer: bool = True) -> Path:
 
 
 def test_exported_awq_checkpoint_is_served_as_awq_with_the_cache_share(tmp_path):
-    from serving import lmdeploy_backend as lb
-    from serving.compose import compose
+    from backends import lmdeploy as lb
+    from harness.compose import compose
 
     d = _checkpoint(tmp_path / "ckpt")
     cfg = compose(["backend=lmdeploy", f"model.path={d}", "quant=awq_w4", "backend.session_len=2048"])
@@ -236,7 +238,7 @@ def test_exported_awq_checkpoint_is_served_as_awq_with_the_cache_share(tmp_path)
     (True, True, "awq_w3", "set quant.w_bit=4 quant.group_size=64"),  # awq_w3: w3, the checkpoint w4
 ])
 def test_checkpoint_that_does_not_match_the_config_is_refused(tmp_path, awq, tokenizer, quant, match):
-    from serving.compose import compose
+    from harness.compose import compose
 
     d = _checkpoint(tmp_path / "ckpt", awq, tokenizer)
     cfg = compose(["backend=lmdeploy", f"model.path={d}", f"quant={quant}"])
@@ -245,7 +247,7 @@ def test_checkpoint_that_does_not_match_the_config_is_refused(tmp_path, awq, tok
 
 
 def test_short_copy_of_a_checkpoint_is_refused(tmp_path):
-    from serving.compose import compose
+    from harness.compose import compose
 
     d = _checkpoint(tmp_path / "ckpt")
     (d / "model.safetensors").write_bytes(b"0" * 10)

@@ -32,15 +32,15 @@ def _rolling_ll_by_hand(model, toks: list[int], prefix: int, L: int) -> float:
     return sum(logp[i, -k:].gather(-1, torch.tensor(t)[:, None]).sum().item() for i, (k, t) in enumerate(scored))
 
 
-def test_rolling_loglikelihood_matches_hand_protocol(smollm2_fp32, tokenizer):
+def test_rolling_loglikelihood_matches_hand_protocol(smollm2_fp32_shared, tokenizer):
     from harness.data import load_text
 
     doc = truncate_words(load_text("milton"), 500)
-    lm = HarnessLM(smollm2_fp32, tokenizer, batch_size=4, max_length=32)
+    lm = HarnessLM(smollm2_fp32_shared, tokenizer, batch_size=4, max_length=32)
     res = rolling_word_perplexity(lm, doc)
     toks = lm.tok_encode(doc)
     assert res["tokens"] == len(toks) and len(toks) > 3 * 32  # several full windows and a partial one
-    ref = _rolling_ll_by_hand(smollm2_fp32, toks, lm.prefix_token_id, 32)
+    ref = _rolling_ll_by_hand(smollm2_fp32_shared, toks, lm.prefix_token_id, 32)
     assert abs(res["loglikelihood"] - ref) < 1e-4 * abs(ref)
 
     words, n_bytes = len(re.split(r"\s+", doc)), len(doc.encode("utf-8"))
