@@ -168,7 +168,7 @@ def weight_bytes(rec: dict) -> Optional[float]:
                   dig(rec, "metrics", "quant", "weight_bytes")]
     if weight_bits(rec) == 16 and dig(rec, "config", "model", "dtype") in ("bfloat16", "float16"):
         n = finite(dig(rec, "provenance", "model", "n_params"))
-        candidates += [dig(m, "weights", "fp16_bytes"), 2.0 * n if n else None]
+        candidates += [dig(m, "weights", "fp16_bytes"), float(storage_bytes.FP16_BYTES * n) if n else None]
     return next((float(v) for v in candidates if finite(v) is not None), None)
 
 

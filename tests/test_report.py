@@ -298,11 +298,11 @@ def test_cli_writes_tables_figures_and_prints_where(tmp_path, capsys):
     assert float(rows[1]["kl_mean.milton"]) == pytest.approx(0.21)
 
 
-def test_kv_bytes_match_the_cache_implementation():
-    from quant.kv_cache import kv_bytes_per_token
-
-    for bits in (16, 8, 4):
-        assert V.kv_bytes_per_token(SHAPE, bits) == kv_bytes_per_token(30, 3, 64, bits)
+def test_kv_bytes_of_a_record_shape_by_hand():
+    """SmolLM2's shape (30 layers, 3 KV heads, head_dim 64): K and V, codes + fp16 scale and zero per token and head."""
+    assert V.kv_bytes_per_token(SHAPE, 16) == 30 * 2 * 3 * 64 * 2
+    assert V.kv_bytes_per_token(SHAPE, 8) == 30 * 2 * 3 * (64 + 4)
+    assert V.kv_bytes_per_token(SHAPE, 4) == 30 * 2 * 3 * (32 + 4)
 
 
 def test_pareto_front():
