@@ -7,7 +7,7 @@ start the app on a free 127.0.0.1 port, send one prompt in the Compare tab, wait
 (The default compare list includes AWQ w4: built on first use when it is not in the quantized cache, which takes up to
 tens of minutes on a CPU.)
 
-The end-to-end test (tests/test_web_e2e.py) uses the same helpers."""
+The end-to-end test (tests/app/test_web_e2e.py) uses the same helpers."""
 from __future__ import annotations
 
 import argparse

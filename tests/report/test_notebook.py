@@ -12,7 +12,7 @@ from nbclient import NotebookClient
 
 from harness.assets import REPO_ROOT
 from report import build as R
-from tests.test_report import demo_records, write_records
+from tests.report.test_report import demo_records, write_records
 
 
 def _outputs(nb) -> list:

@@ -12,7 +12,7 @@ from harness.config import ConfigError, register_schemas, to_run_config
 from harness.models import ModelUnavailableError
 from harness.records import run_id
 
-CONF = str(Path(__file__).resolve().parent.parent / "conf")
+CONF = str(Path(__file__).resolve().parents[2] / "conf")
 SMALL = ["eval.perplexity.seqlen=64", "eval.perplexity.max_windows=2", "eval.perplexity.batch_size=2", "progress=false"]
 
 

@@ -107,7 +107,7 @@ def test_build_engine_config_calls_the_chosen_class(tmp_path):
 def test_lmdeploy_stays_an_optional_import():
     code = ("import sys, backends.lmdeploy, harness.synthetic, benchmarks.lmdeploy_throughput, app.serve, "
             "app.chat; assert 'lmdeploy' not in sys.modules and 'openai' not in sys.modules")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
 
 
 # ----------------------------------------------------------------------------------------------- command lines

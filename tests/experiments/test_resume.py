@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from harness.records import load_records, run_id
-from tests.test_pipeline import CONF, SMALL, cfg_of
+from tests.experiments.test_pipeline import CONF, SMALL, cfg_of
 
 ROOT = Path(CONF).parent
 # three cheap configs: RTN w4 (one quantization, cached by the first) scored on 1, 2 and 3 windows of one split

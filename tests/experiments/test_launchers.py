@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 
 from harness.config import register_schemas
 from harness.records import run_id
-from tests.test_pipeline import CONF, SMALL, cfg_of
+from tests.experiments.test_pipeline import CONF, SMALL, cfg_of
 
 ROOT = Path(CONF).parent
 CONFIGS = ("quant=fp16", "quant=rtn_w4")

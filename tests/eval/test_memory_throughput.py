@@ -93,7 +93,7 @@ def test_throughput_runs_int4_kernel_and_matches_dequantized(rtn_bf16, int4_unde
     assert (run["ids"][:, 0] == ref["ids"][:, 0]).all()
     logits_int4 = swapped(prompt).logits.float()
     logits_deq = model(prompt).logits.float()
-    # bf16 tolerance: SmolLM2's bf16 logits are themselves ~2.2e-2 (relative) from fp32 (tests/test_int4_linear.py)
+    # bf16 tolerance: SmolLM2's bf16 logits are themselves ~2.2e-2 (relative) from fp32 (tests/quant/test_int4_linear.py)
     assert ((logits_int4 - logits_deq).norm() / logits_deq.norm()).item() < 5e-2
 
     # KV int8 decode through QuantizedKVCache: the cache holds exactly the arithmetic's bytes
