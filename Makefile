@@ -24,10 +24,10 @@ setup: $(STAMP)
 
 demo: setup
 	$(BIN)/python -m experiments.run -m +sweep=demo
-	$(BIN)/python -m experiments.report
+	$(BIN)/python -m report
 
 report: setup
-	$(BIN)/python -m experiments.report
+	$(BIN)/python -m report
 
 test: setup
 	$(BIN)/python -m pytest -q

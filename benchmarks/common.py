@@ -3,22 +3,11 @@ and writing the result JSON."""
 from __future__ import annotations
 
 import argparse
-import os
-import time
 from pathlib import Path
 
 import torch
 
-
-def environment() -> dict:
-    import platform
-
-    import lm_eval
-    import transformers
-
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "lm_eval": lm_eval.__version__,
-            "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine(),
-            "load_average_1m": os.getloadavg()[0], "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+from harness.environment import environment  # noqa: F401  (the benchmarks' machine state)
 
 
 def load_embedded(dtype: str = "bfloat16"):

@@ -15,7 +15,7 @@ Variants (weights: RTN w4 g64 asymmetric; the method does not change the speed, 
   aten._weight_int8pack_mm (the smaller-loss option for the output projection).
 Timing is eval/throughput.greedy_run (the evaluator's code): a prefill over [batch, prompt_len] real tokens, then
 gen_len - 1 single-token greedy steps; decode tok/s = batch * (gen_len - 1) / decode time.
-Weight bytes are measured from the modules (quant.int4_linear.weight_bytes); `single_int4_table` is arithmetic: the
+Weight bytes are measured from the modules (quant.kernels.int4_linear.weight_bytes); `single_int4_table` is arithmetic: the
 bytes if one int4 table served both the embedding lookup and lm_head (needs an int4 embedding gather, not built).
 """
 from __future__ import annotations
@@ -53,8 +53,8 @@ class Int8WeightOnlyHead(torch.nn.Module):
 
 
 def variant_bytes(model) -> dict:
-    """quant.int4_linear.weight_bytes plus the int8 head's buffers (which it does not know)."""
-    from quant.int4_linear import weight_bytes
+    """quant.kernels.int4_linear.weight_bytes plus the int8 head's buffers (which it does not know)."""
+    from quant.kernels.int4_linear import weight_bytes
 
     wb = weight_bytes(model)
     int8 = sum(b.numel() * b.element_size() for m in model.modules() if isinstance(m, Int8WeightOnlyHead)
@@ -65,7 +65,7 @@ def variant_bytes(model) -> dict:
 def build_variants(base, w_bit: int = 4, group_size: int = 64) -> dict:
     from harness.config import QuantConfig
     from quant import METHODS, QuantContext
-    from quant.int4_linear import Int4WeightOnlyLinear, swap_int4_linears
+    from quant.kernels.int4_linear import Int4WeightOnlyLinear, swap_int4_linears
     from quant.primitives import quantize_tensor
 
     fq = copy.deepcopy(base)
@@ -82,11 +82,13 @@ def build_variants(base, w_bit: int = 4, group_size: int = 64) -> dict:
 
 def single_table_bytes(model_int4, base, group_size: int = 64) -> int:
     """int4 model's bytes with the bf16 tied embedding replaced by one int4 g64 table (codes + bf16 scale/zero)."""
-    from quant.int4_linear import weight_bytes
+    from quant.kernels.int4_linear import weight_bytes
+    from harness.storage_bytes import quantized_weight_bytes
 
     emb = base.get_input_embeddings().weight
     v, h = emb.shape
-    return weight_bytes(model_int4)["total_bytes"] - emb.numel() * emb.element_size() + v * h // 2 + v * (h // group_size) * 4
+    table = quantized_weight_bytes(v * h, v * (h // group_size), 4, layout="int4_kernel")
+    return weight_bytes(model_int4)["total_bytes"] - emb.numel() * emb.element_size() + table
 
 
 def _common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:

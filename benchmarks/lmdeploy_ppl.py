@@ -15,23 +15,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
+
+from harness.log import logger
 
 NAME = "lmdeploy_ppl"
 PART_BYTES = 55 << 20
 DEFAULT_OVERRIDES = ["model=smollm2_135m", "quant=awq_w4", "backend=lmdeploy"]
 
 
-def log(msg: str) -> None:
-    print(f"[ppl] {msg}", file=sys.stderr, flush=True)
-
-
-def ppl_from_window_means(ce: list[float]) -> float:
-    """Windows of equal length: the token mean is the mean of the window means."""
-    return math.exp(sum(ce) / len(ce))
+log = logger("ppl")
 
 
 def relative_gap(real: float, sim: float) -> float:
@@ -61,17 +56,18 @@ def export(d: Path, overrides: list[str]) -> None:
     import torch
 
     from eval.perplexity import ppl_metrics, window_nll
-    from experiments.pipeline import calibration_provider, prepare
+    from experiments.pipeline import prepare
+    from harness.data import calibration_provider
     from harness.models import load_model
     from harness.records import write_json_atomic
     from quant import METHODS, QuantContext
-    from quant.export_awq import export_awq, load_awq_dequantized
-    from serving.compose import compose
+    from quant.export.awq import export_awq, load_awq_dequantized
+    from harness.compose import compose
 
     cfg = compose(overrides)
     prep = prepare(cfg)
     model = load_model(prep.resolved, cfg.model)
-    calib, _ = calibration_provider(cfg, prep.tokenizer)
+    calib, _ = calibration_provider(cfg.quant.calib, prep.tokenizer)
     t = time.perf_counter()
     outcome = METHODS.get(cfg.quant.method)(model, cfg.quant, QuantContext(calibration=calib, progress=False))
     t_quant = time.perf_counter() - t
@@ -98,8 +94,9 @@ def export(d: Path, overrides: list[str]) -> None:
 
 def gpu(d: Path, out: Path, parts_dir: Path | None) -> None:
     from harness.records import write_json_atomic
-    from serving import lmdeploy_backend as lb
-    from serving.compose import compose
+    from backends import lmdeploy as lb
+    from backends.lmdeploy import ppl_from_window_means
+    from harness.compose import compose
 
     sim = json.loads((d / "simulated.json").read_text())
     ckpt = d / "ckpt"
@@ -115,7 +112,7 @@ def gpu(d: Path, out: Path, parts_dir: Path | None) -> None:
         result[split] = {"token_ppl": ppl_from_window_means(ce), "window_nll_mean": ce, "windows": len(w),
                          "seqlen": len(w[0]), "seconds": time.perf_counter() - t}
         log(f"{split}: LMDeploy ({engine}) token PPL {result[split]['token_ppl']:.3f}")
-    from benchmarks.lmdeploy_throughput import environment
+    from harness.environment import environment
 
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / f"{NAME}_gpu.json", {"engine": engine, "engine_fallback_reason": reason,

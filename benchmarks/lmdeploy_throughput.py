@@ -3,7 +3,7 @@ benchmark/profile_throughput.py: fixed prompt and output lengths, a fixed number
 
 For each variant (a list of config overrides: FP16, AWQ W4A16, AWQ W4A16 + KV int8) one child process composes the
 RunConfig from conf/, writes the synthetic checkpoint if the model is synthetic, starts the engine from that config
-(serving.lmdeploy_backend) and measures, for each batch size in eval.throughput.batch_sizes:
+(backends.lmdeploy) and measures, for each batch size in eval.throughput.batch_sizes:
 
   - output tok/s: all generated tokens / (last token - first request submitted), as profile_throughput reports it;
   - decode tok/s: tokens after each request's first / (last token - the moment every request had its first token):
@@ -13,13 +13,13 @@ RunConfig from conf/, writes the synthetic checkpoint if the model is synthetic,
   - weight memory (the engine's parameters on the GPU) and the KV cache: blocks allocated, tokens they hold.
 
 Beside each: the decode roofline (HBM bandwidth / bytes read per step: weights + batch x mean context x KV bytes per
-token; serving.roofline), the prefill floor for TTFT, and the KV capacity that cache_max_entry_count of the free
+token; backends.roofline), the prefill floor for TTFT, and the KV capacity that cache_max_entry_count of the free
 memory would hold. Prompts are random token ids (no tokenizer in the loop), generation ignores EOS, greedy.
 
 With backend.tp=N (tensor parallelism over N GPUs) every memory figure and roofline is per GPU: the weights one GPU
 holds (its 1/N of the linears plus the embedding, LM head and norms, which LMDeploy's Llama keeps whole on every
 rank), the KV bytes per token of the heads it stores, its free memory, and one GPU's bandwidth over the bytes it
-reads per step (serving.roofline.per_gpu). KV capacity in tokens is what the engine holds: every GPU stores those
+reads per step (backends.roofline.per_gpu). KV capacity in tokens is what the engine holds: every GPU stores those
 tokens for its share of the heads. A tp > 1 result is saved as <name>_<variant>_tp<N>.json.
 
     python -m benchmarks.lmdeploy_throughput --out results/gpu                  # the three variants, Llama-2-7B shape
@@ -33,7 +33,6 @@ import asyncio
 import json
 import math
 import os
-import platform
 import signal
 import statistics
 import subprocess
@@ -43,8 +42,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from backends import roofline as rl
+from harness.environment import environment
+from harness.labels import config_label
+from harness.log import logger
 from harness.registry import Registry
-from serving import roofline as rl
 
 NAME = "lmdeploy_throughput"
 BASE_OVERRIDES = [
@@ -64,13 +66,11 @@ VARIANTS.add("fp16", ["quant=fp16", "kv=fp16"])
 VARIANTS.add("awq_w4a16", ["quant.method=awq", "quant.w_bit=4", "quant.group_size=128", "kv=fp16"])
 VARIANTS.add("awq_w4a16_kv8", ["quant.method=awq", "quant.w_bit=4", "quant.group_size=128", "kv=int8"])
 DEFAULT_VARIANTS = ["fp16", "awq_w4a16", "awq_w4a16_kv8"]
-LABELS = {"fp16": "FP16", "awq_w4a16": "AWQ W4A16", "awq_w4a16_kv8": "AWQ W4A16 + KV int8"}
 
 
 def label(cfg) -> str:
-    """What a row measured, from its resolved config."""
-    w = "FP16" if cfg.quant.method == "fp16" else f"AWQ W{cfg.quant.w_bit}A16 g{cfg.quant.group_size}"
-    return w + ("" if cfg.kv.bits == 16 else f" + KV int{cfg.kv.bits}")
+    """What a row measured, from its resolved config (harness.labels)."""
+    return config_label(cfg.quant, cfg.kv.bits)
 
 
 def variant_id(variant: str, tp: int = 1) -> str:
@@ -78,8 +78,7 @@ def variant_id(variant: str, tp: int = 1) -> str:
     return variant if tp == 1 else f"{variant}_tp{tp}"
 
 
-def log(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+log = logger("bench")
 
 
 # ----------------------------------------------------------------------------------------------- pure arithmetic
@@ -323,7 +322,7 @@ def _plot_tp(ok: list[dict], path: Path) -> None:
         ax.bar(xs, caps, width=width, color=colors[tp], label=f"tp={tp}")
         for x, c in zip(xs, caps):
             ax.text(x, c, f"{c / 1e3:,.0f}k", ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(range(len(variants)), [LABELS.get(v, v).replace(" + ", "\n+ ") for v in variants], fontsize=7)
+    ax.set_xticks(range(len(variants)), [next(r["label"] for r in ok if r["variant"] == v).replace(" (synthetic)", "").replace(" + ", "\n+ ") for v in variants], fontsize=7)
     share = ok[0]["config"]["backend"]["cache_max_entry_count"]
     ax.set_title(f"KV capacity, tokens (cache share {share} per GPU)", fontsize=9)
     ax.legend(fontsize=7)
@@ -388,35 +387,6 @@ def write_report(out_dir: Path, variants: Optional[list[str]] = None, command: O
 # ----------------------------------------------------------------------------------------------- GPU side (child)
 
 
-def environment() -> dict:
-    import torch
-
-    env = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
-    for pkg in ("lmdeploy", "transformers", "triton"):
-        try:
-            env[pkg] = __import__(pkg).__version__
-        except Exception:
-            env[pkg] = None
-    if torch.cuda.is_available():
-        p = torch.cuda.get_device_properties(0)
-        env.update(gpu=p.name, gpu_memory_bytes=p.total_memory, gpu_uuid=str(getattr(p, "uuid", "")),
-                   sm_count=p.multi_processor_count, gpu_count=torch.cuda.device_count())
-        if torch.cuda.device_count() > 1:
-            try:
-                env["gpu_topology"] = subprocess.run(["nvidia-smi", "topo", "-m"], capture_output=True, text=True,
-                                                     timeout=20).stdout.strip()
-            except Exception:
-                env["gpu_topology"] = None
-    try:
-        q = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
-                           capture_output=True, text=True, timeout=20).stdout.strip()
-        env["nvidia_smi"] = q
-        env["driver"] = q.split(",")[1].strip() if q else None
-    except Exception:
-        env["driver"] = None
-    return env
-
-
 def copy_bandwidth(nbytes: int = 1 << 31, iters: int = 20) -> float:
     """Device-to-device copy, bytes read + written per second (median of `iters`)."""
     import torch
@@ -442,7 +412,7 @@ def model_bytes(model_dir: Path, kv_bits: int, tp: int = 1) -> tuple[rl.ModelByt
 
     Sharding as LMDeploy's PyTorch Llama does it: the linears (q/k/v, o, gate/up, down) split over the ranks; the
     embedding table, the LM head and the norms are whole on every rank; the KV heads split."""
-    from serving import synthetic
+    from harness import synthetic
 
     c = json.loads((model_dir / "config.json").read_text())
     hd = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
@@ -509,7 +479,7 @@ def process_tree_env(root: int, keys: tuple[str, ...] = MULTICAST_ENV) -> list[d
 
 
 def multicast_off(procs: list[dict]) -> bool:
-    """Every process has NVLink multicast switched off (MULTICAST_ENV as serving.lmdeploy_backend sets them)."""
+    """Every process has NVLink multicast switched off (MULTICAST_ENV as backends.lmdeploy sets them)."""
     want = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
     return bool(procs) and all(p["env"].get(k) == v for p in procs for k, v in want.items())
 
@@ -570,9 +540,9 @@ def run_variant(variant: str, model: str, extra: list[str], out_dir: Path, synth
     import torch
 
     from harness.records import run_id
-    from serving import lmdeploy_backend as lb
-    from serving import synthetic
-    from serving.compose import compose
+    from backends import lmdeploy as lb
+    from harness import synthetic
+    from harness.compose import compose
 
     overrides = [f"model={model}", *BASE_OVERRIDES, *VARIANTS.get(variant), *extra]
     cfg = compose(overrides)
@@ -655,7 +625,7 @@ def run_variant(variant: str, model: str, extra: list[str], out_dir: Path, synth
 
 
 def _tp_of(overrides: list[str]) -> int:
-    from serving.compose import compose
+    from harness.compose import compose
 
     return compose(["backend=lmdeploy", *overrides]).backend.tp
 
@@ -721,7 +691,7 @@ def main(argv: list[str]) -> None:
                 continue
             from harness.records import write_json_atomic
 
-            write_json_atomic(path, {"benchmark": NAME, "variant": v, "variant_id": vid, "tp": ngpu, "label": LABELS.get(v, v),
+            write_json_atomic(path, {"benchmark": NAME, "variant": v, "variant_id": vid, "tp": ngpu, "label": v,
                                      "error": f"child {status}" + (f" (limit {a.variant_timeout:.0f} s)" if status == "timeout" else "")})
     write_report(out, ids, command, name=a.name)
 

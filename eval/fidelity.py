@@ -24,16 +24,17 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from eval.forward import forward
 from eval.perplexity import CE_CHUNK
 from eval.registry import EvalContext, evaluator
+from harness.environment import package_versions
 
 REFERENCE_VERSION = 1
 
 
 def _versions() -> str:
-    import transformers
-
-    return f"torch {torch.__version__}, transformers {transformers.__version__}"
+    v = package_versions(("torch", "transformers"))
+    return f"torch {v['torch']}, transformers {v['transformers']}"
 
 
 def reference_key(model_sha: str, dtype: torch.dtype, device: str, windows: torch.Tensor) -> str:
@@ -82,8 +83,7 @@ def last_hidden(model, windows: torch.Tensor, batch_size: int, cache_factory=Non
     out = []
     for b in tqdm(range(0, windows.shape[0], batch_size), desc=desc, disable=not progress, leave=False):
         ids = windows[b : b + batch_size].to(device)
-        kw = {"past_key_values": cache_factory(), "use_cache": True} if cache_factory else {"use_cache": False}
-        out.append(decoder(input_ids=ids, **kw).last_hidden_state[:, :-1].cpu())
+        out.append(forward(decoder, ids, cache_factory() if cache_factory else None).last_hidden_state[:, :-1].cpu())
     return torch.cat(out)
 
 
@@ -147,8 +147,7 @@ def compare(model, windows: torch.Tensor, ref_hidden: torch.Tensor, ref_head: di
     nll_p = torch.empty(n, T - 1)
     for b in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False):
         ids = windows[b : b + batch_size].to(device)
-        kw = {"past_key_values": cache_factory(), "use_cache": True} if cache_factory else {"use_cache": False}
-        hq = decoder(input_ids=ids, **kw).last_hidden_state[:, :-1]
+        hq = forward(decoder, ids, cache_factory() if cache_factory else None).last_hidden_state[:, :-1]
         hp = ref_hidden[b : b + batch_size].to(device)
         tgt = ids[:, 1:]
         for s in range(0, T - 1, CE_CHUNK):

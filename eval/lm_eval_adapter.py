@@ -15,6 +15,8 @@ from typing import Callable, Optional
 import torch
 from lm_eval.models.huggingface import HFLM
 
+from eval.forward import cache_kwargs, forward
+
 
 class HarnessLM(HFLM):
     def __init__(self, model: torch.nn.Module, tokenizer, batch_size: int = 8, max_length: Optional[int] = None,
@@ -29,11 +31,11 @@ class HarnessLM(HFLM):
         if self.kv_cache_factory is None:
             return super()._model_call(inps, attn_mask, labels)
         with torch.no_grad():
-            return self.model(inps, past_key_values=self.kv_cache_factory(), use_cache=True).logits
+            return forward(self.model, inps, self.kv_cache_factory()).logits
 
     def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs) -> torch.Tensor:
         if self.kv_cache_factory is not None:
-            generation_kwargs["past_key_values"] = self.kv_cache_factory()
+            generation_kwargs.update(cache_kwargs(self.model, self.kv_cache_factory()))
         return super()._model_generate(context, max_length, stop, **generation_kwargs)
 
     def get_model_info(self) -> dict:

@@ -4,7 +4,7 @@ the run's measured peak (process RSS on CPU, torch.cuda.max_memory_allocated on 
 Weight bytes, two layouts of the same int4 codes:
 - `awq_packed`: AWQ's checkpoint format (llm-awq / AutoAWQ GEMM): codes at w_bit bits, fp16 scales, zero points
   packed at w_bit bits (QTensor.nbytes_packed);
-- `int4_kernel`: what the CPU int4 kernel holds in memory (quant/int4_linear.py): codes at 4 bits, and a bf16
+- `int4_kernel`: what the CPU int4 kernel holds in memory (quant/kernels/int4_linear.py): codes at 4 bits, and a bf16
   (scale, float zero) pair per group.
 Everything not quantized (embeddings, tied lm_head, norms) counts at 2 bytes per value (fp16/bf16), tied parameters
 once. The FP16 baseline is every parameter at 2 bytes.
@@ -17,14 +17,7 @@ import sys
 import torch
 
 from eval.registry import EvalContext, evaluator
-
-FP16_BYTES = 2
-
-
-def fp16_param_bytes(model: torch.nn.Module) -> int:
-    """Every parameter at 2 bytes, tied parameters once (parameters() yields a shared tensor once)."""
-    return sum(p.numel() for p in model.parameters()) * FP16_BYTES
-
+from harness.storage_bytes import FP16_BYTES, fp16_param_bytes, quantized_weight_bytes
 
 def weight_memory(model: torch.nn.Module, qtensors: dict) -> dict:
     fp16_total = fp16_param_bytes(model)
@@ -32,9 +25,9 @@ def weight_memory(model: torch.nn.Module, qtensors: dict) -> dict:
     # parameters left in fp16: everything else (a quantized Linear's bias stays fp16 too)
     rest = fp16_total - quantized_params * FP16_BYTES
     codes = sum(qt.q.numel() * qt.w_bit // 8 for qt in qtensors.values())
-    n_groups = sum(qt.scales.numel() for qt in qtensors.values())
     awq_meta = sum(qt.nbytes_packed() for qt in qtensors.values()) - codes
-    kernel_meta = n_groups * 2 * 2  # bf16 scale + bf16 float zero per group
+    kernel_meta = sum(quantized_weight_bytes(qt.q.numel(), qt.scales.numel(), qt.w_bit, layout="int4_kernel")
+                      for qt in qtensors.values()) - codes
     out = {
         "fp16_bytes": fp16_total,
         "n_quantized_linears": len(qtensors),

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from eval.forward import forward
 from eval.registry import EvalContext, evaluator
 
 CE_CHUNK = 128  # positions per lm_head chunk: bounded memory, large enough for efficient matmuls
@@ -55,8 +56,7 @@ def window_nll(
     bar = tqdm(total=windows.numel(), desc=desc, unit="tok", disable=not progress, leave=False)
     for b in range(0, windows.shape[0], batch_size):
         ids = windows[b : b + batch_size].to(device)
-        kw = {"past_key_values": cache_factory(), "use_cache": True} if cache_factory else {"use_cache": False}
-        hidden = decoder(input_ids=ids, **kw).last_hidden_state
+        hidden = forward(decoder, ids, cache_factory() if cache_factory else None).last_hidden_state
         targets = ids[:, 1:]
         for s, logits in chunked_logits(model, hidden[:, :-1]):
             tgt = targets[:, s : s + logits.shape[1]]

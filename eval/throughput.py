@@ -20,6 +20,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from eval.forward import forward
 from eval.registry import EvalContext, evaluator
 
 
@@ -42,12 +43,12 @@ def greedy_run(model, prompt: torch.Tensor, gen_len: int, cache_factory=None) ->
     cache = cache_factory() if cache_factory else DynamicCache(config=model.config)
     prompt = prompt.to(next(model.parameters()).device)
     t0 = time.perf_counter()
-    out = model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out = forward(model, prompt, cache, logits_to_keep=1)
     nxt = out.logits[:, -1].argmax(-1, keepdim=True)
     t1 = time.perf_counter()
     generated = [nxt]
     for _ in range(gen_len - 1):
-        out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+        out = forward(model, nxt, cache)
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         generated.append(nxt)
     t2 = time.perf_counter()
@@ -91,7 +92,7 @@ def prompt_batch(ids: torch.Tensor, batch_size: int, prompt_len: int) -> torch.T
 def int4_model(model, qtensors: dict):
     """A copy of `model` whose quantized Linears run the int4 kernel (lm_head and embeddings stay in the model
     dtype), or (None, why not)."""
-    from quant.int4_linear import Int4KernelError, swap_int4_linears
+    from quant.kernels.int4_linear import Int4KernelError, swap_int4_linears
 
     if next(model.parameters()).device.type != "cpu":
         return None, "the int4 weight-only kernel used here is the CPU one"
@@ -127,7 +128,7 @@ def evaluate_throughput(ctx: EvalContext) -> dict | None:
     tc = ctx.cfg.eval.throughput
     if not tc.enabled:
         return None
-    from quant.int4_linear import weight_bytes
+    from quant.kernels.int4_linear import weight_bytes
 
     check_throughput_fits(ctx.cfg, ctx.model.config)
     model, weights, fallback = model_under_test(ctx, tc.int4_kernel)

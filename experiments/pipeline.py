@@ -1,4 +1,4 @@
-"""load -> calibrate -> quantize -> evaluate -> record, from one RunConfig.
+"""load -> calibrate -> quantize -> evaluate (by backend.name: backends/) -> record, from one RunConfig.
 
 `run(cfg)` is the Python API (the Hydra entry point `experiments.run` only builds the config and calls it):
 
@@ -10,8 +10,6 @@ Every check that can fail on bad input runs before the model is loaded or any lo
 """
 from __future__ import annotations
 
-import hashlib
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,17 +18,17 @@ import torch
 from transformers import AutoConfig
 
 from harness.config import RunConfig
-from harness.data import TEXT_SOURCES, calibration_samples, eval_windows, load_text, text_sha256, tokenize_cached
+from harness.data import TEXT_SOURCES, calibration_provider, eval_windows, load_text, text_sha256, tokenize_cached
 from harness.models import load_model, load_tokenizer, model_summary, resolve_model
+from harness.log import logger
 from harness.records import load_record, make_record, provenance, record_path, run_id, write_json_atomic
-from eval import EVALUATORS, EvalContext, ordered_names, preflight
-from quant import METHODS, QuantContext, QuantOutcome
-from quant import cache as quant_cache
-from serving.synthetic import refuse_quality_metrics
+from harness.synthetic import refuse_quality_metrics
+from backends import BACKENDS
+from eval import EvalContext, preflight
+from quant import METHODS, QuantContext, QuantOutcome, quantized_cache
 
 
-def log(msg: str) -> None:
-    print(f"[run] {msg}", file=sys.stderr, flush=True)
+log = logger("run")
 
 
 @dataclass
@@ -46,6 +44,7 @@ class Prepared:
 
 def prepare(cfg: RunConfig) -> Prepared:
     refuse_quality_metrics(cfg)  # synthetic (random) weights: throughput and memory only
+    BACKENDS.get(cfg.backend.name).preflight(cfg)  # e.g. backend=lmdeploy on a machine without a GPU
     method = METHODS.get(cfg.quant.method)
     for split in cfg.data.splits:
         TEXT_SOURCES.get(split)
@@ -67,20 +66,6 @@ def prepare(cfg: RunConfig) -> Prepared:
     return Prepared(resolved, tok, windows, texts, shas)
 
 
-def calibration_provider(cfg: RunConfig, tokenizer):
-    """Lazy calibration samples, so methods that need none never pay for them."""
-    state = {}
-
-    def get() -> torch.Tensor:
-        if "samples" not in state:
-            c = cfg.quant.calib
-            ids = tokenize_cached(tokenizer, load_text(c.dataset))
-            state["samples"] = calibration_samples(ids, c.n_samples, c.seqlen, c.seed)
-        return state["samples"]
-
-    return get, state
-
-
 def kv_cache_factory(cfg: RunConfig, model):
     if cfg.kv.bits == 16:
         return None
@@ -91,20 +76,9 @@ def kv_cache_factory(cfg: RunConfig, model):
 
 def quantize(cfg: RunConfig, model, model_sha: str, calib, calib_state: dict) -> QuantOutcome:
     """Quantize in place, through the content-addressed cache (methods other than fp16)."""
-    method = METHODS.get(cfg.quant.method)
-    if cfg.quant.method == "fp16":
-        return method(model, cfg.quant, QuantContext(calibration=calib, progress=cfg.progress))
-    key = quant_cache.quant_key(model_sha, cfg.quant, cfg.model.dtype)
-    cached = None if cfg.force else quant_cache.load_into(key, model)
-    if cached is not None:
-        log(f"quantized weights from cache ({key}); original quantize time {sum(cached.timings_s.values()):.1f} s")
-        return cached
-    outcome = method(model, cfg.quant, QuantContext(calibration=calib, progress=cfg.progress))
-    if "samples" in calib_state:
-        outcome.summary["calibration_sha256"] = hashlib.sha256(calib_state["samples"].numpy().tobytes()).hexdigest()[:16]
-    outcome.summary["cache_key"] = key
-    quant_cache.save(key, model, outcome)
-    return outcome
+    return quantized_cache.quantize_cached(model, cfg.quant, model_sha, cfg.model.dtype,
+                                           QuantContext(calibration=calib, progress=cfg.progress), calib_state,
+                                           force=cfg.force, log=log)
 
 
 def run(cfg: RunConfig) -> dict:
@@ -127,7 +101,7 @@ def run(cfg: RunConfig) -> dict:
     model = load_model(prep.resolved, cfg.model)
     timings["load_model"] = time.perf_counter() - t
 
-    calib, calib_state = calibration_provider(cfg, prep.tokenizer)
+    calib, calib_state = calibration_provider(cfg.quant.calib, prep.tokenizer)
     t = time.perf_counter()
     outcome = quantize(cfg, model, prep.resolved.model_sha, calib, calib_state)
     timings["quantize"] = time.perf_counter() - t
@@ -140,13 +114,7 @@ def run(cfg: RunConfig) -> dict:
                       kv_cache_factory=kv_cache_factory(cfg, model),
                       load_reference_model=lambda: load_model(prep.resolved, cfg.model), progress=cfg.progress,
                       results=metrics)
-    for name in ordered_names():
-        t = time.perf_counter()
-        result = EVALUATORS.get(name)(ctx)
-        if result is not None:
-            metrics[name] = result
-            timings[f"eval.{name}"] = time.perf_counter() - t
-            log(f"{name}: {_brief(result)}")
+    timings.update(BACKENDS.get(cfg.backend.name).evaluate(ctx, log))
 
     timings["total"] = time.perf_counter() - t_start
     prov = provenance({
@@ -161,21 +129,6 @@ def run(cfg: RunConfig) -> dict:
     write_json_atomic(path, record)
     log(f"wrote {path} (run_id {run_id(cfg)}, {timings['total']:.1f} s)")
     return record
-
-
-def _brief(result: dict) -> str:
-    """One line for the log: the first few numeric leaves of a result."""
-    flat = []
-
-    def walk(prefix, v):
-        if isinstance(v, dict):
-            for k, x in v.items():
-                walk(f"{prefix}.{k}" if prefix else k, x)
-        elif isinstance(v, (int, float)) and not isinstance(v, bool):
-            flat.append(f"{prefix}={v:.4g}")
-
-    walk("", result)
-    return ", ".join(flat[:6]) + (" ..." if len(flat) > 6 else "")
 
 
 def record_exists(cfg: RunConfig) -> bool:

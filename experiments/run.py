@@ -23,13 +23,13 @@ def main(cfg: DictConfig) -> float | None:
 
     try:
         run_cfg = to_run_config(cfg)
-    except ConfigError as e:
+        # A relative results_dir is relative to where the command was run (hydra.runtime.cwd), also in a launcher's
+        # job process and with hydra.job.chdir=true, so every job of a sweep writes into the same results/runs/.
+        run_cfg.results_dir = to_absolute_path(run_cfg.results_dir)
+        record = run(run_cfg)
+    except ConfigError as e:  # also what a backend's or an evaluator's preflight finds before the model loads
         print(f"config error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    # A relative results_dir is relative to where the command was run (hydra.runtime.cwd), also in a launcher's job
-    # process and with hydra.job.chdir=true, so every job of a sweep writes into the same results/runs/.
-    run_cfg.results_dir = to_absolute_path(run_cfg.results_dir)
-    record = run(run_cfg)
     ppl = record["metrics"].get("perplexity", {})
     # the first split's PPL is returned for Hydra sweepers that optimise a value
     return next(iter(ppl.values()))["token_ppl"] if ppl else None

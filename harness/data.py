@@ -140,3 +140,17 @@ def calibration_samples(ids: torch.Tensor, n_samples: int, seqlen: int, seed: in
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seqlen, (n_samples,), generator=g)
     return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+
+
+def calibration_provider(calib, tokenizer):
+    """Lazy calibration samples (`calib`: a CalibConfig), so methods that need none never pay for them. Returns
+    (get, state): `get()` tokenizes and samples once; `state["samples"]` holds them after the first call."""
+    state = {}
+
+    def get():
+        if "samples" not in state:
+            ids = tokenize_cached(tokenizer, load_text(calib.dataset))
+            state["samples"] = calibration_samples(ids, calib.n_samples, calib.seqlen, calib.seed)
+        return state["samples"]
+
+    return get, state

@@ -60,7 +60,7 @@ def resolve_model(cfg: ModelConfig) -> ResolvedModel:
     if path.startswith("synthetic:"):  # random weights at a real shape: throughput and memory only
         from harness.assets import cache_dir
         from harness.config import QuantConfig, RunConfig
-        from serving.synthetic import materialize
+        from harness.synthetic import materialize
 
         d = materialize(RunConfig(model=cfg, quant=QuantConfig(method="fp16")), cache_dir() / "synthetic")
         return ResolvedModel(str(d), None, f"synthetic:{Path(d).name}", f"SYNTHETIC random weights at the shape of {path[10:]}")

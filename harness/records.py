@@ -5,15 +5,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import platform
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
-from harness.assets import REPO_ROOT, atomic_file
+from harness.assets import atomic_file
 from harness.config import NON_IDENTITY_FIELDS, RunConfig
+from harness.environment import git_sha, hardware, package_versions
 
 RECORD_VERSION = 1
 
@@ -50,47 +49,8 @@ def load_records(results_dir: str | Path) -> list[dict]:
     return [load_record(p) for p in sorted(runs.glob("*.json"))] if runs.exists() else []
 
 
-def _git_sha() -> str | None:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5).stdout.strip()
-        return (sha + ("-dirty" if dirty else "")) or None
-    except Exception:
-        return None
-
-
-def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for pkg in ("torch", "transformers", "datasets", "hydra-core", "lm_eval", "lmdeploy", "gguf", "numpy"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
-    return out
-
-
-def _hardware() -> dict:
-    import torch
-
-    hw = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-          "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                hw["cpu_model"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    if torch.cuda.is_available():
-        hw["gpu"] = torch.cuda.get_device_name(0)
-        hw["cuda"] = torch.version.cuda
-    return hw
-
-
 def provenance(extra: dict | None = None) -> dict:
-    p = {"git_sha": _git_sha(), "versions": _versions(), "hardware": _hardware(),
+    p = {"git_sha": git_sha(), "versions": package_versions(), "hardware": hardware(),
          "python": platform.python_version(), "created_unix": time.time(),
          "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if extra:

@@ -25,6 +25,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.cache_utils import get_layer_types_and_kwargs
 
+from harness import storage_bytes
 from quant.primitives import pack_int4_pairs, unpack_int4_pairs
 
 KV_BITS = (16, 8, 4)  # 16 = unquantized; 8 / 4 = LMDeploy quant_policy 8 / 4
@@ -84,10 +85,9 @@ def kv_dequantize(kv: KVCodes, dtype: torch.dtype = torch.float32) -> torch.Tens
 
 
 def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, bits: int) -> int:
-    """Stored bytes per token for K and V over all layers: codes + fp16 scale and zero per head (bits=16: 2 per value)."""
+    """Stored bytes per token for K and V over all layers (harness.storage_bytes; bits=16: 2 per value)."""
     check_kv_supported(bits)
-    per_head = head_dim * 2 if bits == 16 else head_dim * bits // 8 + META_BYTES
-    return num_layers * 2 * num_kv_heads * per_head
+    return storage_bytes.kv_bytes_per_token(num_layers, num_kv_heads, head_dim, bits, META_BYTES)
 
 
 def _cat(a: KVCodes | None, b: KVCodes) -> KVCodes:
@@ -174,7 +174,8 @@ class QuantizedKVLayer(CacheLayerMixin):
 class QuantizedKVCache(Cache):
     """A `transformers` cache holding every layer's K/V as LMDeploy int8 / int4 codes (`bits` = quant_policy).
 
-    Use it as `model(..., past_key_values=QuantizedKVCache(model.config, bits=8))` or in `model.generate`.
+    Hand it to a model through eval.forward (`forward(model, ids, QuantizedKVCache(model.config, bits=8))`), which
+    uses the cache argument's name of the installed transformers, or to `model.generate` the same way.
     Full-attention decoders only (a sliding-window layer would need its own eviction)."""
 
     def __init__(self, config, bits: int):

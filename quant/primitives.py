@@ -30,12 +30,10 @@ class QTensor:
         return dequantize(self.q, self.scales, self.zeros, self.group_size).to(dtype)
 
     def nbytes_packed(self) -> int:
-        """Bytes when stored packed (codes at w_bit bits) with fp16 scales and zeros (zeros at w_bit bits, as AWQ packs them)."""
-        out, inn = self.q.shape
-        n = out * inn * self.w_bit // 8 + self.scales.numel() * 2
-        if self.zeros is not None:
-            n += self.zeros.numel() * self.w_bit // 8
-        return n
+        """Bytes when stored in AWQ's layout (harness.storage_bytes): codes and zeros at w_bit bits, fp16 scales."""
+        from harness.storage_bytes import quantized_weight_bytes
+
+        return quantized_weight_bytes(self.q.numel(), self.scales.numel(), self.w_bit, self.zeros is not None)
 
 
 def effective_group_size(in_features: int, group_size: int) -> int:

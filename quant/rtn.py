@@ -7,7 +7,8 @@ from tqdm.auto import tqdm
 
 from harness.config import QuantConfig
 from quant.registry import QuantContext, QuantOutcome, method
-from quant.surgery import packed_weight_bytes, plan_group_sizes, quantizable_linears, quantize_linear_
+from harness.storage_bytes import packed_weight_bytes
+from quant.surgery import plan_group_sizes, quantizable_linears, quantize_linear_
 
 
 @method("rtn", needs_calibration=False)

@@ -5,18 +5,18 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from harness.architectures import Architecture, architecture_for, get_blocks
 from harness.config import QuantConfig
-from quant.layer_maps import LayerMap, get_blocks, layer_map_for
 from quant.primitives import QTensor, check_group_size, quantize_tensor
 
 
-def quantizable_linears(model, lmap: LayerMap | None = None) -> dict[str, nn.Linear]:
+def quantizable_linears(model, arch: Architecture | None = None) -> dict[str, nn.Linear]:
     """Qualified name -> Linear for every Linear the layer map quantizes (lm_head and embeddings never are)."""
-    lmap = lmap or layer_map_for(model)
+    arch = arch or architecture_for(model)
     out = {}
-    for i, block in enumerate(get_blocks(model, lmap)):
-        for rel in lmap.linears:
-            out[f"{lmap.blocks}.{i}.{rel}"] = block.get_submodule(rel)
+    for i, block in enumerate(get_blocks(model, arch)):
+        for rel in arch.linears:
+            out[f"{arch.blocks}.{i}.{rel}"] = block.get_submodule(rel)
     return out
 
 
@@ -48,20 +48,3 @@ def quantize_linear_(linear: nn.Linear, w_bit: int, group_size: int, zero_point:
     qt = quantize_tensor(linear.weight.data, w_bit, group_size, zero_point)
     linear.weight.data.copy_(qt.dequantize(linear.weight.dtype))
     return qt
-
-
-def packed_weight_bytes(model, qtensors: dict[str, QTensor]) -> dict:
-    """Bytes of the weights as deployed: packed codes + fp16 scales/zeros for quantized Linears, fp16 for the rest
-    (tied parameters counted once)."""
-    quantized_params = {id(model.get_submodule(n).weight) for n in qtensors}
-    seen, fp16_bytes = set(), 0
-    for p in model.parameters():
-        if id(p) in seen or id(p) in quantized_params:
-            continue
-        seen.add(id(p))
-        fp16_bytes += p.numel() * 2
-    q_bytes = sum(q.nbytes_packed() for q in qtensors.values())
-    total_fp16 = sum(p.numel() * 2 for p in {id(p): p for p in model.parameters()}.values())
-    return {"weight_bytes": q_bytes + fp16_bytes, "weight_bytes_fp16": total_fp16,
-            "quantized_linear_bytes": q_bytes, "unquantized_bytes": fp16_bytes,
-            "weight_bytes_ratio": (q_bytes + fp16_bytes) / total_fp16}

@@ -12,6 +12,14 @@ import torch
 torch.set_num_threads(max(1, torch.get_num_threads()))
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tiers: a test is `fast` unless it is marked `slow` or `browser` (`pytest -m fast` for every change; CI runs
+    all three)."""
+    for item in items:
+        if not any(item.get_closest_marker(m) for m in ("slow", "browser")):
+            item.add_marker(pytest.mark.fast)
+
+
 @pytest.fixture(scope="session")
 def smollm2_resolved():
     from harness.config import ModelConfig
@@ -43,7 +51,20 @@ def smollm2_fp32(smollm2_resolved):
 
 @pytest.fixture
 def smollm2_bf16(smollm2_resolved):
+    """A fresh bf16 copy (tests may modify it)."""
     return _load(smollm2_resolved, "bfloat16")
+
+
+@pytest.fixture(scope="session")
+def smollm2_bf16_shared(smollm2_resolved):
+    """One bf16 model for the whole session, for tests that only read it (never modify it: others see the change)."""
+    return _load(smollm2_resolved, "bfloat16").eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2_fp32_shared(smollm2_resolved):
+    """One fp32 model for the whole session, for tests that only read it."""
+    return _load(smollm2_resolved, "float32").eval()
 
 
 @pytest.fixture(scope="session")

@@ -23,10 +23,11 @@ from harness.config import QuantConfig
 from quant.awq.fold import apply_scale_
 from quant.awq.search import (act_absmax, act_absmean, apply_clip_, group_gram, search_clip, search_scale, smoothing_scale,
                               weight_absmean)
-from quant.layer_maps import LayerMap, get_blocks, layer_map_for
+from harness.architectures import Architecture, get_blocks, architecture_for
 from quant.primitives import fake_quantize
 from quant.registry import QuantContext, QuantOutcome, method
-from quant.surgery import packed_weight_bytes, plan_group_sizes, quantize_linear_
+from harness.storage_bytes import packed_weight_bytes
+from quant.surgery import plan_group_sizes, quantize_linear_
 
 MINIBATCH = 16  # sequences per block forward
 
@@ -47,9 +48,9 @@ def _slice_batch(kwargs: dict, n: int) -> dict:
 
 
 @torch.no_grad()
-def capture_first_block_inputs(model, lmap: LayerMap, samples: torch.Tensor) -> tuple[torch.Tensor, dict]:
+def capture_first_block_inputs(model, arch: Architecture, samples: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """Hidden states entering block 0 for every calibration sequence, and the kwargs the model passes to blocks."""
-    block0 = get_blocks(model, lmap)[0]
+    block0 = get_blocks(model, arch)[0]
     store: dict[str, Any] = {"x": []}
 
     def hook(_mod, args, kwargs):
@@ -76,10 +77,10 @@ def capture_first_block_inputs(model, lmap: LayerMap, samples: torch.Tensor) -> 
     return torch.cat(store["x"]), kwargs
 
 
-def _input_keys(lmap: LayerMap) -> dict[str, str]:
+def _input_keys(arch: Architecture) -> dict[str, str]:
     """Linear -> the name under which its input is captured (Linears of one scaling group share one input)."""
-    keys = {n: n for n in lmap.linears}
-    for g in lmap.groups:
+    keys = {n: n for n in arch.linears}
+    for g in arch.groups:
         for n in g.linears:
             keys[n] = g.linears[0]
     return keys
@@ -124,7 +125,7 @@ def _inspect_fn(block, group, kwargs):
 @method("awq", needs_calibration=True)
 def awq(model, cfg: QuantConfig, ctx: QuantContext) -> QuantOutcome:
     timings = {}
-    lmap = layer_map_for(model)  # unsupported architecture: fails here, naming the registry
+    arch = architecture_for(model)  # unsupported architecture: fails here, naming the registry
     sizes, fallbacks = plan_group_sizes(model, cfg)  # bad group size: fails here, naming the layer
 
     t = time.perf_counter()
@@ -132,7 +133,7 @@ def awq(model, cfg: QuantConfig, ctx: QuantContext) -> QuantOutcome:
     vocab = model.get_input_embeddings().weight.shape[0]
     if int(samples.max()) >= vocab:
         raise ValueError(f"calibration token id {int(samples.max())} is outside the model's vocabulary ({vocab})")
-    x, kwargs = capture_first_block_inputs(model, lmap, samples)
+    x, kwargs = capture_first_block_inputs(model, arch, samples)
     timings["calibration_capture"] = time.perf_counter() - t
 
     # clipping scores a seeded random subset of calibration tokens. (llm-awq takes every k-th token; with k a
@@ -146,14 +147,14 @@ def awq(model, cfg: QuantConfig, ctx: QuantContext) -> QuantOutcome:
     if cfg.search_tokens > 0:
         search_idx = torch.randperm(n_tok, generator=torch.Generator().manual_seed(cfg.calib.seed + 1))[: cfg.search_tokens]
         search_idx = search_idx.sort().values
-    keys = _input_keys(lmap)
+    keys = _input_keys(arch)
     capture = sorted(set(keys.values()))
     qtensors, chosen_alpha = {}, {}
     t_search = t_clip = t_fwd = t_quant = 0.0
-    blocks = get_blocks(model, lmap)
+    blocks = get_blocks(model, arch)
     bar = tqdm(blocks, desc=f"awq w{cfg.w_bit} g{cfg.group_size}", disable=not ctx.progress, leave=False)
     for i, block in enumerate(bar):
-        prefix = f"{lmap.blocks}.{i}"
+        prefix = f"{arch.blocks}.{i}"
         t = time.perf_counter()
         x_next, feats = run_block(block, x, kwargs, capture)
         # mean |x| per input channel of every captured input: AWQ's statistic, and a NaN/Inf anywhere makes it non-finite
@@ -167,7 +168,7 @@ def awq(model, cfg: QuantConfig, ctx: QuantContext) -> QuantOutcome:
         # 2-3. scales: search every group on the original block, then fold them all (llm-awq auto_scale_block)
         t = time.perf_counter()
         plans = []
-        for grp in lmap.groups:
+        for grp in arch.groups:
             if grp.when is not None and not grp.when(block):
                 continue
             lins = [block.get_submodule(n) for n in grp.linears]
@@ -197,8 +198,8 @@ def awq(model, cfg: QuantConfig, ctx: QuantContext) -> QuantOutcome:
         t = time.perf_counter()
         if cfg.clip:
             grams: dict[tuple[str, int], torch.Tensor] = {}
-            for rel in lmap.linears:
-                if rel in lmap.no_clip:
+            for rel in arch.linears:
+                if rel in arch.no_clip:
                     continue
                 lin = block.get_submodule(rel)
                 gsz = sizes[f"{prefix}.{rel}"]
@@ -214,7 +215,7 @@ def awq(model, cfg: QuantConfig, ctx: QuantContext) -> QuantOutcome:
 
         # 5. quantize
         t = time.perf_counter()
-        for rel in lmap.linears:
+        for rel in arch.linears:
             name = f"{prefix}.{rel}"
             qtensors[name] = quantize_linear_(block.get_submodule(rel), cfg.w_bit, sizes[name], cfg.zero_point)
         t_quant += time.perf_counter() - t

@@ -5,7 +5,7 @@
 #
 # Run on the two-GPU machine (nvidia-h200-x2) from the repository root, with .device/ carried (filled by
 # ../shared/device/prepare-lmdeploy.sh, plus the hydra-core/omegaconf/antlr4 wheels and
-# .device/tokenizers/smollm2-32k from `python -m serving.tokenizer_trim .device/tokenizers/smollm2-135m-instruct
+# .device/tokenizers/smollm2-32k from `python -m harness.tokenizer_trim .device/tokenizers/smollm2-135m-instruct
 # .device/tokenizers/smollm2-32k --vocab 32000`), as two consecutive commands while the machine stays warm (the
 # second reuses the checkpoints the first wrote under /tmp/synthetic, or writes them again):
 #
@@ -21,7 +21,7 @@ t_start=$(date +%s)
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .device/whl/*.whl
 export PYTHONPATH=$PWD/.device/lmdeploy:/tmp/site PYTHONUNBUFFERED=1
 { echo "== environment before anything is set here"; env | grep -E 'NVLS|MULTICAST|NCCL|LMDEPLOY' | sort; } > /tmp/r/env_$stage.txt
-# NVLink multicast stays off in every process (serving.lmdeploy_backend also sets these for tp > 1; GPU.md: keep
+# NVLink multicast stays off in every process (backends.lmdeploy also sets these for tp > 1; GPU.md: keep
 # them set everywhere). LMDeploy's PyTorch engine runs tp > 1 through Ray unless told otherwise; Ray is not there.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 LMDEPLOY_EXECUTOR_BACKEND=mp
 { nvidia-smi; nvidia-smi topo -m; nvidia-smi nvlink --status | head -40; df -h /tmp; free -g; nproc; } > /tmp/r/machine_$stage.txt 2>&1

@@ -1,0 +1,142 @@
+"""Serve a model behind LMDeploy's OpenAI-compatible API, from the harness's config, and talk to it.
+
+    python -m app.serve -- model=smollm2_135m backend=lmdeploy kv=int8          # serve until Ctrl-C
+    python -m app.serve --ask "Say hello." --out results/gpu/serve_chat.json -- model=smollm2_135m_synthetic
+
+The server is `lmdeploy serve api_server` started with the run's cache share (backend.cache_max_entry_count), KV
+quant policy (kv.bits), max batch size, session length and tp, and `--model-format awq` for AWQ checkpoints
+(backends.lmdeploy.api_server_command). It binds 127.0.0.1. Health is polled on /v1/models (start-up takes
+a minute or more: the engine loads the weights and captures CUDA graphs). The client is the `openai` package.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Optional
+
+from harness.log import logger
+
+
+log = logger("serve")
+
+
+def parse_models(body: str) -> list[str]:
+    """The model ids in a /v1/models answer ({"object": "list", "data": [{"id": ...}, ...]})."""
+    return [m["id"] for m in json.loads(body).get("data", [])]
+
+
+def wait_healthy(base_url: str, proc: Optional[subprocess.Popen] = None, timeout_s: float = 600,
+                 interval_s: float = 2.0, fetch=None) -> tuple[list[str], float]:
+    """Poll GET {base_url}/v1/models until it lists a model; (model ids, seconds waited). Fails early if the server
+    process exits."""
+    fetch = fetch or (lambda url: urllib.request.urlopen(url, timeout=5).read().decode())
+    t0 = time.monotonic()
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"api_server exited with {proc.returncode} before it was healthy")
+        try:
+            ids = parse_models(fetch(f"{base_url}/v1/models"))
+            if ids:
+                return ids, time.monotonic() - t0
+        except (urllib.error.URLError, ConnectionError, OSError, ValueError):
+            pass
+        if time.monotonic() - t0 > timeout_s:
+            raise TimeoutError(f"{base_url}/v1/models did not answer within {timeout_s:.0f} s")
+        time.sleep(interval_s)
+
+
+def chat_completion(base_url: str, model: str, messages: list[dict], max_tokens: int = 64,
+                    temperature: float = 0.0) -> dict:
+    """One chat completion through the openai client; the answer and its usage as a plain dict."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{base_url}/v1", api_key="none")
+    t0 = time.perf_counter()
+    r = client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, temperature=temperature)
+    return {"content": r.choices[0].message.content, "finish_reason": r.choices[0].finish_reason,
+            "usage": r.usage.model_dump() if r.usage else None, "latency_s": time.perf_counter() - t0,
+            "response": r.model_dump()}
+
+
+def start_server(cmd: list[str], log_path: Optional[Path] = None, env: Optional[dict] = None) -> subprocess.Popen:
+    """`env`: the server's environment (backends.lmdeploy.engine_env keeps NVLink multicast off for tp > 1)."""
+    out = open(log_path, "w") if log_path else None
+    # its own process group, so stopping it stops the engine's workers too
+    return subprocess.Popen(cmd, stdout=out or None, stderr=subprocess.STDOUT if out else None, start_new_session=True,
+                            env=env)
+
+
+def stop_server(proc: subprocess.Popen, grace_s: float = 20) -> None:
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def main(argv: list[str]) -> None:
+    from backends import lmdeploy as lb
+    from harness import synthetic
+    from harness.compose import compose
+
+    ap = argparse.ArgumentParser(description="lmdeploy serve api_server from the harness config")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=23333)
+    ap.add_argument("--ask", help="send this user message once the server is healthy, print the answer, stop")
+    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--out", help="write the exchange (command, timings, answer) to this JSON file")
+    ap.add_argument("--server-log", help="the server's output goes here (default: this terminal)")
+    ap.add_argument("--synthetic-root", default="/tmp/synthetic")
+    ap.add_argument("--tokenizer", help="tokenizer files for a synthetic checkpoint")
+    ap.add_argument("--timeout", type=float, default=480)
+    ap.add_argument("overrides", nargs="*", help="config overrides, e.g. model=smollm2_135m kv=int8")
+    a = ap.parse_args(argv)
+
+    cfg = compose(["backend=lmdeploy", *a.overrides])
+    model_dir = lb.resolve_model_dir(cfg, a.synthetic_root, a.tokenizer)
+    synthetic.check_tokenizer_fits(model_dir)
+    engine, reason = lb.choose_engine(cfg)
+    cmd = lb.api_server_command(cfg, model_dir, a.host, a.port, engine)
+    log(("SYNTHETIC weights: the answers are noise. " if synthetic.is_synthetic(model_dir) else "") + " ".join(cmd))
+    base = f"http://{a.host}:{a.port}"
+    t0 = time.perf_counter()
+    proc = start_server(cmd, Path(a.server_log) if a.server_log else None, env=lb.engine_env(cfg))
+    try:
+        models, waited = wait_healthy(base, proc, a.timeout)
+        log(f"healthy after {waited:.0f} s at {base}; models {models}")
+        if not a.ask:
+            log("serving; Ctrl-C stops it")
+            proc.wait()
+            return
+        messages = [{"role": "user", "content": a.ask}]
+        answer = chat_completion(base, models[0], messages, a.max_tokens)
+        print(answer["content"])
+        record = {"command": cmd, "engine": engine, "engine_fallback_reason": reason, "base_url": base,
+                  "models": models, "healthy_after_s": waited, "messages": messages, "answer": answer,
+                  "synthetic": synthetic.is_synthetic(model_dir), "checkpoint": synthetic.read_marker(model_dir),
+                  "engine_kwargs": lb.engine_kwargs(cfg, model_dir, engine), "overrides": a.overrides,
+                  "total_s": time.perf_counter() - t0, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        if a.out:
+            from harness.environment import environment
+            from harness.records import write_json_atomic
+
+            record["environment"] = environment()
+            write_json_atomic(Path(a.out), record)
+            log(f"wrote {a.out}")
+    finally:
+        stop_server(proc)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,308 @@
+"""RunConfig -> LMDeploy: engine choice, engine config, pipeline, `lmdeploy serve api_server` command line.
+
+The translation (`engine_kwargs`, `api_server_command`) is pure and tested on the CPU; lmdeploy is imported only
+where an engine is built. Field mapping (LMDeploy 0.18 names):
+
+    backend.cache_max_entry_count -> cache_max_entry_count  (share of *free* GPU memory for the KV cache)
+    backend.session_len / max_batch_size / tp -> session_len / max_batch_size / tp
+    kv.bits 16 / 8 / 4            -> quant_policy 0 / 8 / 4  (per-token, per-head asymmetric int8 / int4 K and V)
+    an AWQ checkpoint             -> model_format='awq', dtype float16 (LMDeploy's AWQ kernels compute in fp16)
+    model.dtype                   -> dtype
+
+TurboMind is used when `lmdeploy.turbomind` imports with its native module (`engine: auto`); otherwise the PyTorch
+engine. On the H100 test machine TurboMind cannot load (its extension links CUDA 12; the image has CUDA 13).
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+from backends import BACKENDS
+from harness.config import ConfigError, RunConfig
+from harness.registry import Registry
+
+QUANT_POLICY = {16: 0, 8: 8, 4: 4}
+ENGINE_DTYPE = {"bfloat16": "bfloat16", "float16": "float16", "float32": "auto"}  # fp32: LMDeploy runs fp16
+
+
+def quant_policy(kv_bits: int) -> int:
+    try:
+        return QUANT_POLICY[kv_bits]
+    except KeyError:
+        raise ConfigError(f"kv.bits: {kv_bits} has no LMDeploy quant_policy; allowed: 16, 8, 4") from None
+
+
+def checkpoint_format(model_dir) -> Optional[str]:
+    """'awq' for an AutoAWQ-format checkpoint (quantization_config.quant_method == 'awq'), else None (plain HF)."""
+    p = Path(model_dir) / "config.json"
+    if not p.exists():
+        return None
+    q = json.loads(p.read_text()).get("quantization_config") or {}
+    method = q.get("quant_method")
+    if method is None:
+        return None
+    if method != "awq":
+        raise ConfigError(f"model.path: {model_dir} is quantized with {method!r}; this harness serves awq or unquantized")
+    return "awq"
+
+
+def turbomind_unavailable_reason(importer: Callable[[str], object] = None) -> Optional[str]:
+    """None when TurboMind can run here, else why not."""
+    import importlib
+
+    importer = importer or importlib.import_module
+    try:
+        tm = importer("lmdeploy.turbomind")
+    except Exception as e:  # ImportError, OSError from a missing libcudart.so.12, ...
+        return f"lmdeploy.turbomind does not import ({type(e).__name__}: {e})"
+    is_available = getattr(tm, "is_available", None)
+    if is_available is not None and not is_available():
+        return f"lmdeploy.turbomind has no native module ({getattr(tm, '_import_error', 'not built')})"
+    return None
+
+
+def choose_engine(cfg: RunConfig, importer: Callable[[str], object] = None) -> tuple[str, Optional[str]]:
+    """(engine, why TurboMind was not used or None)."""
+    want = cfg.backend.engine
+    if want == "pytorch":
+        return "pytorch", "backend.engine=pytorch"
+    reason = turbomind_unavailable_reason(importer)
+    if reason is None:
+        return "turbomind", None
+    if want == "turbomind":
+        raise ConfigError(f"backend.engine: turbomind was asked for but {reason}; use backend.engine=auto or pytorch")
+    return "pytorch", reason
+
+
+def engine_kwargs(cfg: RunConfig, model_dir, engine: str) -> dict:
+    """Keyword arguments of PytorchEngineConfig / TurbomindEngineConfig for this run."""
+    b = cfg.backend
+    if engine not in ENGINES:
+        raise ConfigError(f"backend.engine: {engine!r} is not one of {', '.join(ENGINES.names())}")
+    if engine == "pytorch" and not b.cache_max_entry_count < 1.0:
+        # PytorchEngineConfig asserts 0 < cache_max_entry_count < 1
+        raise ConfigError("backend.cache_max_entry_count: LMDeploy's PyTorch engine needs a share below 1.0")
+    fmt = checkpoint_format(model_dir)
+    kw = {
+        "dtype": "float16" if fmt == "awq" else ENGINE_DTYPE[cfg.model.dtype],
+        "tp": b.tp,
+        "session_len": b.session_len,
+        "max_batch_size": b.max_batch_size,
+        "cache_max_entry_count": b.cache_max_entry_count,
+        "quant_policy": quant_policy(cfg.kv.bits),
+    }
+    if fmt is not None:
+        kw["model_format"] = fmt
+    return kw
+
+
+ENGINES: Registry[str] = Registry("LMDeploy engine (backend.engine)")
+ENGINES.add("pytorch", "PytorchEngineConfig")
+ENGINES.add("turbomind", "TurbomindEngineConfig")
+
+
+# NVLink multicast stays off wherever several GPUs talk (NCCL, PyTorch symmetric memory, NVSHMEM): on shared hosts a
+# program using it can take the GPUs out of service. Set in this process before the engine spawns its workers, and
+# in the environment of every server started from here.
+MULTI_GPU_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def engine_env(cfg: RunConfig, base: Optional[dict] = None) -> dict:
+    """The environment an engine or server runs with: `base` (default os.environ) plus MULTI_GPU_ENV when tp > 1."""
+    import os
+
+    env = dict(os.environ if base is None else base)
+    if cfg.backend.tp > 1:
+        env.update(MULTI_GPU_ENV)
+    return env
+
+
+def build_engine_config(cfg: RunConfig, model_dir, importer: Callable[[str], object] = None):
+    """(engine config object, engine name, fallback reason)."""
+    import importlib
+
+    engine, reason = choose_engine(cfg, importer)
+    lmdeploy = (importer or importlib.import_module)("lmdeploy")
+    return getattr(lmdeploy, ENGINES.get(engine))(**engine_kwargs(cfg, model_dir, engine)), engine, reason
+
+
+def make_pipeline(cfg: RunConfig, model_dir, log_level: str = "WARNING"):
+    """An lmdeploy.pipeline for this run. Call it under `if __name__ == '__main__':` (the engine spawns workers)."""
+    import lmdeploy
+
+    if cfg.backend.name != "lmdeploy":
+        raise ConfigError(f"backend.name: {cfg.backend.name!r}; LMDeploy runs need backend=lmdeploy")
+    engine_cfg, engine, reason = build_engine_config(cfg, model_dir)
+    import os
+
+    os.environ.update({k: v for k, v in engine_env(cfg, {}).items()})  # inherited by the engine's workers
+    if reason and engine == "pytorch":
+        print(f"[lmdeploy] PyTorch engine ({reason})", file=sys.stderr, flush=True)
+    pipe = lmdeploy.pipeline(str(model_dir), backend_config=engine_cfg, log_level=log_level,
+                             trust_remote_code=cfg.model.trust_remote_code)
+    return pipe, engine, reason
+
+
+def api_server_command(cfg: RunConfig, model_dir, host: str = "127.0.0.1", port: int = 23333,
+                       engine: str = "pytorch", python: str = sys.executable) -> list[str]:
+    """`lmdeploy serve api_server` for this run, through `python -m lmdeploy` (works where LMDeploy is only on
+    PYTHONPATH, with no console script)."""
+    kw = engine_kwargs(cfg, model_dir, engine)
+    cmd = [python, "-m", "lmdeploy", "serve", "api_server", str(model_dir),
+           "--backend", engine, "--server-name", host, "--server-port", str(port),
+           "--cache-max-entry-count", str(kw["cache_max_entry_count"]),
+           "--quant-policy", str(kw["quant_policy"]),
+           "--max-batch-size", str(kw["max_batch_size"]),
+           "--tp", str(kw["tp"]),
+           "--dtype", kw["dtype"]]
+    if kw["session_len"] is not None:
+        cmd += ["--session-len", str(kw["session_len"])]
+    if "model_format" in kw:
+        cmd += ["--model-format", kw["model_format"]]
+    if cfg.model.trust_remote_code:
+        cmd += ["--trust-remote-code"]
+    return cmd
+
+
+def resolve_model_dir(cfg: RunConfig, synthetic_root=None, tokenizer_dir=None) -> Path:
+    """The directory LMDeploy loads: a synthetic checkpoint written on demand, or what harness.models resolves
+    (embedded model, local directory, hub id)."""
+    from harness import synthetic
+
+    if synthetic.arch_name(cfg.model.path) is not None:
+        return synthetic.materialize(cfg, Path(synthetic_root or "/tmp/synthetic"),
+                                     Path(tokenizer_dir) if tokenizer_dir else None)
+    from harness.models import resolve_model
+
+    return Path(resolve_model(cfg.model).directory)
+
+
+# ----------------------------------------------------------------------------------------------- engine readings
+
+
+def _first(obj, paths: list[str]):
+    for path in paths:
+        cur = obj
+        try:
+            for part in path.split("."):
+                cur = getattr(cur, part)
+        except AttributeError:
+            continue
+        if cur is not None:
+            return cur
+    return None
+
+
+def kv_cache_stats(pipe) -> dict:
+    """KV blocks the engine allocated and the tokens they hold (PyTorch engine: cache_config after init)."""
+    cc = _first(pipe, ["async_engine.engine.cache_config", "async_engine.engine.executor.cache_config"])
+    if cc is None:
+        return {}
+    blocks, block = getattr(cc, "num_gpu_blocks", None), getattr(cc, "block_size", None)
+    out = {"num_gpu_blocks": blocks, "block_size": block,
+           "reserved_blocks": getattr(cc, "num_reserved_gpu_blocks", 0)}
+    if blocks and block:
+        out["capacity_tokens"] = int(blocks * block)
+    return out
+
+
+def engine_model(pipe):
+    """The torch module the PyTorch engine runs (uni executor), or None where it lives in another process."""
+    m = _first(pipe, ["async_engine.engine.executor.model_agent.patched_model"])
+    if m is not None and hasattr(m, "get_model"):
+        m = m.get_model()
+    return m
+
+
+def module_bytes(module) -> dict:
+    """Bytes of the distinct GPU tensors a module holds: parameters (the weights) and buffers apart."""
+    if module is None or not hasattr(module, "parameters"):
+        return {}
+    seen, out = set(), {"parameters": 0, "buffers": 0}
+    for kind, tensors in (("parameters", module.parameters()), ("buffers", module.buffers())):
+        for t in tensors:
+            if not t.is_cuda or t.untyped_storage().data_ptr() in seen:
+                continue
+            seen.add(t.untyped_storage().data_ptr())
+            out[kind] += t.untyped_storage().nbytes()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- backend=lmdeploy
+
+
+def ppl_from_window_means(ce: list[float]) -> float:
+    """Windows of equal length: the token mean is the mean of the window means (what `Pipeline.get_ppl` returns)."""
+    import math
+
+    return math.exp(sum(ce) / len(ce))
+
+
+class LMDeployBackend:
+    """Perplexity through LMDeploy's real kernels: the run's weights exported (FP16 as loaded; quantized weights as
+    an AWQ GEMM checkpoint, quant/export/awq.py), loaded by the engine from the run's config, scored with
+    `Pipeline.get_ppl` on the same windows the hf backend scores."""
+
+    SUPPORTED_EVALUATORS = ("perplexity",)
+
+    def preflight(self, cfg: RunConfig, cuda_available: Optional[bool] = None, find_spec=None) -> None:
+        import importlib.util
+
+        if cuda_available is None:
+            import torch
+
+            cuda_available = torch.cuda.is_available()
+        if not cuda_available:
+            raise ConfigError("backend.name: 'lmdeploy' runs LMDeploy's engine, which needs a CUDA GPU, and this "
+                              "machine has none; use backend=hf here (transformers on the CPU), or run on a GPU machine")
+        if (find_spec or importlib.util.find_spec)("lmdeploy") is None:
+            raise ConfigError("backend.name: 'lmdeploy' needs the lmdeploy package: pip install -e .[lmdeploy]")
+        extra = [n for n in ("word_perplexity", "fidelity", "tasks", "throughput")
+                 if getattr(getattr(cfg.eval, n, None), "enabled", False)]
+        if extra:
+            raise ConfigError(f"eval: backend=lmdeploy evaluates {', '.join(self.SUPPORTED_EVALUATORS)} only; "
+                              f"{', '.join(f'eval.{n}.enabled' for n in extra)} must be false (use eval=ppl)")
+
+    def evaluate(self, ctx, log) -> dict:
+        import tempfile
+        import time
+
+        import torch
+
+        cfg = ctx.cfg
+        timings = {}
+        with tempfile.TemporaryDirectory(prefix="lmdeploy-run-") as tmp:
+            t = time.perf_counter()
+            if ctx.qtensors:
+                from quant.export.awq import export_awq
+
+                model_dir = export_awq(ctx.model, ctx.qtensors, Path(tmp) / "awq", tokenizer=ctx.tokenizer)
+            else:
+                model_dir = resolve_model_dir(cfg)
+            timings["export"] = time.perf_counter() - t
+            ctx.model.to("cpu")  # the engine takes its share of *free* GPU memory
+            torch.cuda.empty_cache()
+            t = time.perf_counter()
+            pipe, engine, reason = make_pipeline(cfg, model_dir)
+            timings["engine_start"] = time.perf_counter() - t
+            result = {}
+            try:
+                if cfg.eval.perplexity.enabled:
+                    t = time.perf_counter()
+                    for split, w in ctx.windows.items():
+                        ce = [float(x) for x in pipe.get_ppl(w.tolist())]
+                        result[split] = {"token_ppl": ppl_from_window_means(ce), "window_nll_mean": ce,
+                                         "windows": int(w.shape[0]), "seqlen": int(w.shape[1])}
+                        log(f"perplexity ({engine} engine): {split} {result[split]['token_ppl']:.4g}")
+                    timings["eval.perplexity"] = time.perf_counter() - t
+                    ctx.results["perplexity"] = result
+                ctx.results["backend"] = {"engine": engine, "engine_fallback_reason": reason,
+                                          "engine_kwargs": {k: str(v) for k, v in engine_kwargs(cfg, model_dir, engine).items()}}
+            finally:
+                pipe.close()
+        return timings
+
+
+BACKENDS.add("lmdeploy", LMDeployBackend())

@@ -1,0 +1,72 @@
+"""A quantization config in the field's words: "FP16", "RTN w4 g64", "AWQ w4 g64 (search+clip) + KV int8". One
+label function per method, in one registry; the report's rows, the web page's variants and the benchmarks' rows
+all name a config through `config_label`. Works on plain dicts (a record's config), so readers of old records and
+live configs share it."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+from harness.registry import Registry
+
+# detail (group size and variant) and a sort key within the method, from the quant config as a dict
+LABELS: Registry[Callable[[dict], tuple[str, tuple]]] = Registry("row label (by quant.method)")
+METHOD_ORDER = ["fp16", "rtn", "awq"]  # rows: FP16 first, then baselines, then methods; others alphabetically after
+
+
+def group_text(q: dict) -> str:
+    g = q.get("group_size", -1)
+    s = "per-channel" if g in (-1, None) else f"g{g}"
+    return s if q.get("zero_point", True) else f"{s} sym"
+
+
+@LABELS.register("fp16")
+def _label_fp16(q):
+    return "", ()
+
+
+@LABELS.register("rtn")
+def _label_rtn(q):
+    return group_text(q), ()
+
+
+@LABELS.register("awq")
+def _label_awq(q):
+    # Lin et al. 2023: scale search (Sec. 3.2) + weight clipping; LMDeploy's `lite auto_awq` default is a fixed
+    # smoothing ratio with neither search nor clipping.
+    search, clip, ratio = q.get("search_scale", True), q.get("clip", True), q.get("smooth_ratio", 0.5)
+    if search:
+        variant, rank = ("search+clip" if clip else "search"), 0 if clip else 1
+    elif not clip and ratio == 0.5:
+        variant, rank = "LMDeploy smoothing", 2
+    else:
+        variant, rank = f"smoothing α={ratio:g}" + ("+clip" if clip else ""), 3
+    if q.get("duo_scaling"):
+        variant += ", duo"
+    return f"{group_text(q)} ({variant})", (rank,)
+
+
+def method_name(q: dict) -> str:
+    m = q.get("method", "fp16")
+    return "FP16" if m == "fp16" else m.upper()
+
+
+def method_detail(q: dict) -> tuple[str, tuple]:
+    m = q.get("method", "fp16")
+    return LABELS.get(m)(q) if m in LABELS else (group_text(q), ())
+
+
+def kv_text(kv_bits: int) -> str:
+    return "" if kv_bits == 16 else f" + KV int{kv_bits}"
+
+
+def backend_text(backend: str) -> str:
+    return "" if backend in ("hf", None) else f" [{backend}]"
+
+
+def config_label(quant, kv_bits: int = 16, backend: str = "hf") -> str:
+    """`quant`: a QuantConfig or its dict. The text of a report row for that config."""
+    q = dataclasses.asdict(quant) if dataclasses.is_dataclass(quant) else dict(quant)
+    bits = "" if q.get("method", "fp16") == "fp16" else f" w{q.get('w_bit')}"
+    detail = method_detail(q)[0]
+    return f"{method_name(q)}{bits}{(' ' + detail) if detail else ''}{kv_text(kv_bits)}{backend_text(backend)}"

@@ -1,0 +1,61 @@
+"""How many bytes weights and the KV cache take as stored: one implementation of each count, used by the quantizers'
+summaries, the memory evaluator, synthetic checkpoints, rooflines and the report.
+
+Layouts:
+- "awq": AutoAWQ GEMM / LMDeploy `model_format='awq'`: codes packed at w_bit bits, an fp16 scale per group and, with
+  a zero point, the zero packed at w_bit bits too;
+- "int4_kernel": torch's CPU/CUDA int4 weight-only kernel: codes at 4 bits, a 16-bit scale and a 16-bit float zero
+  per group (quant/kernels/int4_linear.py).
+- KV cache (LMDeploy `quant_policy` 8 / 4): K and V codes at kv bits, plus a scale and a zero point per token, per
+  KV head, for K and for V, in a 16-bit dtype; unquantized K/V are 16-bit values.
+"""
+from __future__ import annotations
+
+FP16_BYTES = 2
+KV_META_BYTES = 2 * FP16_BYTES  # scale + zero point, per token, per KV head, for K and for V each
+
+
+def quantized_weight_bytes(n_weights: int, n_groups: int, w_bit: int, zero_point: bool = True,
+                           layout: str = "awq") -> int:
+    """Bytes of `n_weights` codes in `n_groups` quantization groups (all groups of all rows)."""
+    codes = n_weights * w_bit // 8
+    if layout == "awq":
+        return codes + n_groups * FP16_BYTES + (n_groups * w_bit // 8 if zero_point else 0)
+    if layout == "int4_kernel":
+        return codes + n_groups * 2 * FP16_BYTES
+    raise ValueError(f"unknown weight layout {layout!r} (awq, int4_kernel)")
+
+
+def awq_linear_bytes(out_features: int, in_features: int, w_bit: int, group_size: int) -> int:
+    """One Linear in AutoAWQ's GEMM layout (qweight, qzeros, scales)."""
+    return quantized_weight_bytes(out_features * in_features, out_features * (in_features // group_size), w_bit)
+
+
+def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, bits: int,
+                       meta_bytes: int = KV_META_BYTES) -> int:
+    """K and V of one token over all layers: codes plus scale and zero per head (bits 8 / 4), or 16-bit values."""
+    if bits not in (16, 8, 4):
+        raise ValueError(f"kv bits must be 16, 8 or 4, got {bits}")
+    per_head = head_dim * FP16_BYTES if bits == 16 else head_dim * bits // 8 + meta_bytes
+    return num_layers * 2 * num_kv_heads * per_head
+
+
+def distinct_param_bytes(model) -> int:
+    """Bytes the parameters occupy in their own dtypes (parameters() yields a tied parameter once)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def fp16_param_bytes(model) -> int:
+    """Every parameter at 2 bytes, tied parameters once."""
+    return sum(p.numel() for p in model.parameters()) * FP16_BYTES
+
+
+def packed_weight_bytes(model, qtensors: dict) -> dict:
+    """Bytes of the weights as deployed: packed codes + fp16 scales/zeros (AWQ layout) for the quantized Linears,
+    fp16 for every other parameter (tied parameters counted once)."""
+    total_fp16 = fp16_param_bytes(model)
+    q_bytes = sum(q.nbytes_packed() for q in qtensors.values())
+    rest = total_fp16 - sum(model.get_submodule(n).weight.numel() for n in qtensors) * FP16_BYTES
+    return {"weight_bytes": q_bytes + rest, "weight_bytes_fp16": total_fp16,
+            "quantized_linear_bytes": q_bytes, "unquantized_bytes": rest,
+            "weight_bytes_ratio": (q_bytes + rest) / total_fp16}

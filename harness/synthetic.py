@@ -1,0 +1,353 @@
+"""Synthetic checkpoints: random weights at a real architecture's shape, for throughput and memory only.
+
+Weights of Llama-2-7B or InternLM2 cannot be downloaded on these machines, but an engine's speed and memory depend
+on the shapes and the storage format, not on the values. The shapes are data (harness/arch/<name>.json holds the
+released config.json); its family in the architecture registry (harness.architectures) names every tensor. The writer
+makes an fp16 Hugging Face checkpoint, or an AWQ checkpoint in AutoAWQ's GEMM format with random int4 codes, on
+whatever device it is given (on the GPU machine a 7B checkpoint takes seconds to generate).
+
+Every such checkpoint carries `synthetic.json`; every result made from one says `synthetic`, and quality metrics
+(perplexity, fidelity, tasks) are refused for it: random weights have no quality to measure.
+
+    python -m harness.synthetic model=llama2_7b_synthetic quant.method=awq quant.group_size=128 --root /tmp/synth
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+
+from harness import architectures, storage_bytes
+from harness.architectures import FAMILIES, TensorSpec
+from harness.config import RunConfig
+
+ARCH_DIR = Path(__file__).resolve().parent / "arch"
+PREFIX = "synthetic:"
+MARKER = "synthetic.json"
+COMPLETE = ".complete"
+SHARD_BYTES = 2 << 30
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                   "chat_template.jinja", "vocab.json", "merges.txt")
+NOTE = "synthetic: random weights at a real architecture's shape; throughput and memory only, never quality"
+
+
+class SyntheticWeightsError(ValueError):
+    """A quality metric was asked of random weights."""
+
+
+# ----------------------------------------------------------------------------------------------- architectures
+
+
+@dataclass(frozen=True)
+class Arch:
+    name: str
+    layout: str
+    hf_config: dict
+    source: str
+    remote_code: tuple[str, ...] = ()
+
+    @property
+    def head_dim(self) -> int:
+        c = self.hf_config
+        return c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+
+    @property
+    def num_kv_heads(self) -> int:
+        c = self.hf_config
+        return c.get("num_key_value_heads") or c["num_attention_heads"]
+
+    @property
+    def num_layers(self) -> int:
+        return self.hf_config["num_hidden_layers"]
+
+    def tensors(self) -> list[TensorSpec]:
+        return FAMILIES.get(self.layout).tensors(self.hf_config)
+
+
+def load_arch(name: str, **overrides) -> Arch:
+    """harness/arch/<name>.json; `overrides` replace config fields (tests use small shapes)."""
+    path = ARCH_DIR / f"{name}.json"
+    if not path.exists():
+        known = ", ".join(sorted(p.stem for p in ARCH_DIR.glob("*.json")))
+        raise KeyError(f"unknown synthetic architecture {name!r}; known: {known}")
+    d = json.loads(path.read_text())
+    cfg = {**d["hf_config"], **overrides}
+    return Arch(d["name"], d["layout"], cfg, d["source"], tuple(d.get("remote_code", ())))
+
+
+def arch_name(model_path: str) -> Optional[str]:
+    """'synthetic:llama2-7b' -> 'llama2-7b'; anything else -> None."""
+    return model_path[len(PREFIX):] if model_path.startswith(PREFIX) else None
+
+
+# ----------------------------------------------------------------------------------------------- formats and bytes
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    """fp16, or AWQ GEMM (AutoAWQ's WQLinear_GEMM: int4 codes packed 8 to an int32, asymmetric, per group)."""
+
+    name: str = "fp16"  # fp16 | awq
+    w_bit: int = 4
+    group_size: int = 128
+
+    @property
+    def label(self) -> str:
+        return "fp16" if self.name == "fp16" else f"awq-w{self.w_bit}g{self.group_size}"
+
+
+def weight_format(cfg: RunConfig) -> WeightFormat:
+    """quant.method fp16 -> fp16; any other method -> AWQ GEMM storage at quant.w_bit / quant.group_size (the codes
+    are random, so which method would have chosen them does not matter)."""
+    if cfg.quant.method == "fp16":
+        return WeightFormat("fp16")
+    if cfg.quant.w_bit != 4:
+        raise ValueError(f"quant.w_bit: synthetic AWQ checkpoints are 4-bit (LMDeploy's AWQ kernels), got {cfg.quant.w_bit}")
+    if cfg.quant.group_size == -1:
+        raise ValueError("quant.group_size: AWQ GEMM storage needs a group size, got -1")
+    return WeightFormat("awq", cfg.quant.w_bit, cfg.quant.group_size)
+
+
+def awq_shapes(out_features: int, in_features: int, fmt: WeightFormat) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """AutoAWQ GEMM tensors of one linear layer: qweight [in, out/8] int32, qzeros [in/g, out/8] int32,
+    scales [in/g, out] fp16 (the transpose of nn.Linear's weight)."""
+    pack = 32 // fmt.w_bit
+    if out_features % pack or in_features % fmt.group_size:
+        raise ValueError(f"AWQ GEMM needs out_features % {pack} == 0 and in_features % group_size == 0, "
+                         f"got out={out_features}, in={in_features}, group_size={fmt.group_size}")
+    groups = in_features // fmt.group_size
+    return {"qweight": ((in_features, out_features // pack), torch.int32),
+            "qzeros": ((groups, out_features // pack), torch.int32),
+            "scales": ((groups, out_features), torch.float16)}
+
+
+def weight_bytes(arch: Arch, fmt: WeightFormat) -> dict:
+    """Bytes of each kind of tensor as stored (the LM head and embeddings stay fp16, as AutoAWQ keeps them)."""
+    out = {"linear": 0, "embedding": 0, "lm_head": 0, "norm": 0}
+    for t in arch.tensors():
+        if t.kind == "linear" and fmt.name == "awq":
+            awq_shapes(*t.shape, fmt)  # checks the shape fits the format
+            out["linear"] += storage_bytes.awq_linear_bytes(*t.shape, fmt.w_bit, fmt.group_size)
+        else:
+            out[t.kind] += math.prod(t.shape) * storage_bytes.FP16_BYTES
+    out["total"] = sum(out.values())
+    # what one decode step reads: every linear and the LM head (the tied embedding when there is no LM head), the
+    # norms; of the embedding only one row per sequence, left out
+    head = out["lm_head"] if out["lm_head"] else out["embedding"]
+    out["decode_read"] = out["linear"] + head + out["norm"]
+    return out
+
+
+def parameter_count(arch: Arch) -> dict:
+    return architectures.parameter_count(FAMILIES.get(arch.layout), arch.hf_config)
+
+
+# ----------------------------------------------------------------------------------------------- writing
+
+
+def _random_tensors(arch: Arch, fmt: WeightFormat, device: str, seed: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """Values chosen so that activations stay finite through every layer in fp16 (std 0.02, the usual init),
+    which keeps the engine's sampling well defined; their meaning is nil."""
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    for t in arch.tensors():
+        if t.kind == "norm":
+            yield t.name, torch.ones(t.shape, dtype=torch.float16, device=device)
+        elif t.kind == "linear" and fmt.name == "awq":
+            shapes = awq_shapes(*t.shape, fmt)
+            for part in ("qweight", "qzeros"):
+                # every 32-bit pattern is 8 valid int4 codes
+                yield f"{t.name}.{part}", torch.randint(-2**31, 2**31 - 1, shapes[part][0], generator=g,
+                                                          dtype=torch.int32, device=device)
+            # codes and zeros uniform on 0..15: (q - z) has std ~6.5, so this scale gives weights of std ~0.02
+            s = torch.empty(shapes["scales"][0], dtype=torch.float16, device=device).uniform_(0.002, 0.004, generator=g)
+            yield f"{t.name}.scales", s
+        else:
+            name = t.name if t.name.endswith(".weight") else t.name + ".weight"
+            yield name, torch.randn(t.shape, dtype=torch.float16, device=device, generator=g).mul_(0.02)
+
+
+def _hf_config(arch: Arch, fmt: WeightFormat) -> dict:
+    c = dict(arch.hf_config)
+    c["torch_dtype"] = "float16"
+    if fmt.name == "awq":
+        # AutoAWQ's quantization_config, which transformers and LMDeploy (model_format='awq') read
+        c["quantization_config"] = {"quant_method": "awq", "bits": fmt.w_bit, "group_size": fmt.group_size,
+                                    "zero_point": True, "version": "gemm", "modules_to_not_convert": None}
+    return c
+
+
+def write_checkpoint(arch: Arch, out_dir: Path, fmt: WeightFormat, *, device: str = "cpu", seed: int = 0,
+                     tokenizer_dir: Optional[Path] = None) -> Path:
+    """Write a safetensors checkpoint (sharded, with an index) plus config.json, tokenizer files and synthetic.json."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    t0 = time.perf_counter()
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in _random_tensors(arch, fmt, device, seed):
+        nb = tensor.numel() * tensor.element_size()
+        if size + nb > SHARD_BYTES and shards[-1]:
+            _flush(shards, out_dir, save_file)
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor.cpu()
+        size += nb
+    _flush(shards, out_dir, save_file)
+    n = len(shards)
+    weight_map, total = {}, 0
+    for i in range(n):
+        src = out_dir / f"tmp-{i:05d}.safetensors"
+        dst = out_dir / (f"model-{i + 1:05d}-of-{n:05d}.safetensors" if n > 1 else "model.safetensors")
+        src.rename(dst)
+        total += dst.stat().st_size
+        for k in _safetensors_keys(dst):
+            weight_map[k] = dst.name
+    if n > 1:
+        (out_dir / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    (out_dir / "config.json").write_text(json.dumps(_hf_config(arch, fmt), indent=2))
+    for f in arch.remote_code:
+        shutil.copy(ARCH_DIR / f, out_dir / f)
+    tok_vocab = copy_tokenizer(tokenizer_dir, out_dir) if tokenizer_dir else None
+    c = arch.hf_config
+    (out_dir / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": c.get("bos_token_id"), "eos_token_id": c.get("eos_token_id"), "do_sample": False}))
+    marker = {"synthetic": True, "note": NOTE, "arch": arch.name, "arch_source": arch.source, "format": fmt.label,
+              "w_bit": fmt.w_bit if fmt.name == "awq" else 16, "group_size": fmt.group_size if fmt.name == "awq" else None,
+              "seed": seed, "weight_bytes": weight_bytes(arch, fmt), "parameters": parameter_count(arch),
+              "file_bytes": total, "tokenizer_source": str(tokenizer_dir) if tokenizer_dir else None,
+              "tokenizer_vocab": tok_vocab, "write_s": round(time.perf_counter() - t0, 2)}
+    (out_dir / MARKER).write_text(json.dumps(marker, indent=2))
+    (out_dir / COMPLETE).write_text("ok\n")
+    return out_dir
+
+
+def _flush(shards, out_dir: Path, save_file) -> None:
+    i = len(shards) - 1
+    save_file(shards[i], str(out_dir / f"tmp-{i:05d}.safetensors"), metadata={"format": "pt"})
+    shards[i] = {}
+
+
+def _safetensors_keys(path: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return list(f.keys())
+
+
+def copy_tokenizer(src: Path, dst: Path) -> int:
+    """Copy a tokenizer's files; return its vocabulary size (token ids it can produce)."""
+    src = Path(src)
+    copied = [f for f in TOKENIZER_FILES if (src / f).exists()]
+    if not copied:
+        raise FileNotFoundError(f"no tokenizer files in {src} (looked for {', '.join(TOKENIZER_FILES)})")
+    for f in copied:
+        shutil.copy(src / f, dst / f)
+    from transformers import AutoTokenizer
+
+    return len(AutoTokenizer.from_pretrained(str(dst)))
+
+
+# ----------------------------------------------------------------------------------------------- from a RunConfig
+
+
+def default_tokenizer_dir() -> Optional[Path]:
+    """The embedded SmolLM2 tokenizer when its converted checkpoint is in the cache (never downloads)."""
+    from harness.assets import cache_dir
+
+    d = cache_dir() / "models" / "smollm2-135m-instruct-fp16"
+    return d if (d / "tokenizer.json").exists() else None
+
+
+def checkpoint_dirname(arch: Arch, fmt: WeightFormat, seed: int) -> str:
+    return f"{arch.name}-{fmt.label}-seed{seed}"
+
+
+def materialize(cfg: RunConfig, root: Path, tokenizer_dir: Optional[Path] = None, device: Optional[str] = None) -> Path:
+    """The synthetic checkpoint a config names (model.path synthetic:<arch>, quant.* for the format), written under
+    `root` unless a complete one is there already."""
+    name = arch_name(cfg.model.path)
+    if name is None or cfg.model.weights != "random":
+        raise ValueError(f"model.path {cfg.model.path!r} with model.weights {cfg.model.weights!r} is not synthetic "
+                         f"(needs path {PREFIX}<arch> and weights: random)")
+    arch, fmt = load_arch(name), weight_format(cfg)
+    out = Path(root) / checkpoint_dirname(arch, fmt, cfg.seed)
+    if (out / COMPLETE).exists():
+        return out
+    tokenizer_dir = tokenizer_dir or default_tokenizer_dir()
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"[synthetic] writing {out.name} on {device} ...", file=sys.stderr, flush=True)
+    write_checkpoint(arch, out, fmt, device=device, seed=cfg.seed, tokenizer_dir=tokenizer_dir)
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def read_marker(model_dir) -> Optional[dict]:
+    p = Path(model_dir) / MARKER
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def is_synthetic(model_dir) -> bool:
+    return read_marker(model_dir) is not None
+
+
+def check_tokenizer_fits(model_dir) -> None:
+    """Free text is only safe when every id the tokenizer makes has an embedding row."""
+    m = read_marker(model_dir)
+    if m is None or m.get("tokenizer_vocab") is None:
+        return
+    vocab = json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
+    if m["tokenizer_vocab"] > vocab:
+        raise ValueError(f"{model_dir}: the tokenizer makes ids up to {m['tokenizer_vocab'] - 1} but the model has "
+                         f"{vocab} embedding rows; use token ids below {vocab} (the benchmark does) or an "
+                         f"architecture whose vocabulary fits the tokenizer (synthetic:smollm2-135m)")
+
+
+def quality_metrics_enabled(cfg: RunConfig) -> list[str]:
+    e = cfg.eval
+    names = [("eval.perplexity", e.perplexity.enabled), ("eval.word_perplexity", e.word_perplexity.enabled),
+             ("eval.fidelity", e.fidelity.enabled), ("eval.tasks", e.tasks.enabled)]
+    return [n for n, on in names if on]
+
+
+def refuse_quality_metrics(cfg: RunConfig) -> None:
+    """Random weights have no quality: refuse any quality metric on them, before any work."""
+    if cfg.model.weights != "random":
+        return
+    on = quality_metrics_enabled(cfg)
+    if on:
+        raise SyntheticWeightsError(
+            f"model.weights: random ({cfg.model.path}) is synthetic and measures throughput and memory only; "
+            f"disable {', '.join(n + '.enabled' for n in on)}")
+
+
+def main(argv: list[str]) -> None:
+    import argparse
+
+    from harness.compose import compose
+
+    ap = argparse.ArgumentParser(description="write the synthetic checkpoint a config names; prints its directory")
+    ap.add_argument("--root", default="/tmp/synthetic")
+    ap.add_argument("--tokenizer", default=None)
+    ap.add_argument("--device", default=None)
+    ap.add_argument("overrides", nargs="*")
+    a = ap.parse_args(argv)
+    cfg = compose(a.overrides)
+    print(materialize(cfg, Path(a.root), Path(a.tokenizer) if a.tokenizer else None, a.device))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

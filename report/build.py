@@ -1,0 +1,140 @@
+"""The report stage: every record under <results>/runs/ -> paper-style tables, figures and an executed notebook.
+
+    python -m report [--results-dir results] [--strict] [--no-figures] [--no-notebook]
+
+Writes <results>/tables/table<N>.{md,csv,tex} (one table per set of comparable eval settings) and records.csv (one
+row per run, every metric), <results>/figures/*.{png,pdf}, and <results>/notebooks/results.executed.ipynb (the
+notebook notebooks/results.ipynb run top to bottom on these records). Reads records only; it never recomputes.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+from harness.assets import REPO_ROOT
+from harness.records import load_records
+from report import render
+from report import tables as T
+
+NOTEBOOK = REPO_ROOT / "notebooks" / "results.ipynb"
+RESULTS_ENV = "QH_RESULTS_DIR"  # the notebook reads its records from here (default: <repo>/results)
+
+
+class ReportError(RuntimeError):
+    """The records cannot be reported as asked; the message says why and what to do."""
+
+
+def load(results_dir: Path) -> tuple[list[dict], list[str]]:
+    """Complete records, and a note for each one left out (a run still in progress or failed)."""
+    records = load_records(results_dir)
+    skipped = [f"{r.get('run_id')}: status {r.get('status')!r}, left out" for r in records
+               if r.get("status", "complete") != "complete"]
+    return [r for r in records if r.get("status", "complete") == "complete"], skipped
+
+
+def write_tables(tables: list[T.Table], records: list[dict], out_dir: Path) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for old in out_dir.iterdir():  # tables of an older report (fewer groups then) must not linger
+        if re.fullmatch(r"table\d+\.(md|csv|tex)", old.name):
+            old.unlink()
+    paths = []
+    for t in tables:
+        for ext, text in (("md", render.to_markdown(t)), ("tex", render.to_latex(t))):
+            p = out_dir / f"table{t.index}.{ext}"
+            p.write_text(text)
+            paths.append(p)
+        p = out_dir / f"table{t.index}.csv"
+        render.to_csv_frame(t).to_csv(p, index=False)
+        paths.append(p)
+    p = out_dir / "records.csv"
+    T.records_frame(records).to_csv(p, index=False)
+    paths.append(p)
+    return paths
+
+
+def execute_notebook(results_dir: Path, out: Path, src: Path = NOTEBOOK, timeout_s: int = 600) -> Path:
+    """Run the results notebook on `results_dir` (passed as $QH_RESULTS_DIR) from notebooks/, save the executed copy.
+    A failing cell raises after the partly executed copy is written, so the error is visible in it."""
+    import nbformat
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
+
+    nb = nbformat.read(src, as_version=4)
+    env = {**os.environ, RESULTS_ENV: str(Path(results_dir).resolve()), "MPLBACKEND": "module://matplotlib_inline.backend_inline"}
+    client = NotebookClient(nb, timeout=timeout_s, kernel_name="python3", resources={"metadata": {"path": str(src.parent)}})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # the kernel's own stderr (jupyter's start-up chatter) goes to a file, shown only if the run fails
+    with tempfile.TemporaryFile("w+") as kernel_log:
+        try:
+            client.execute(env=env, stderr=kernel_log)
+        except Exception as e:
+            nbformat.write(nb, out)
+            kernel_log.seek(0)
+            tail = "".join(kernel_log.readlines()[-20:])
+            what = e if isinstance(e, CellExecutionError) else f"{type(e).__name__}: {e}"
+            raise ReportError(f"the results notebook failed; the partly executed copy is {out}:\n{what}"
+                              + (f"\nkernel stderr:\n{tail}" if tail.strip() else "")) from None
+    nbformat.write(nb, out)
+    return out
+
+
+def report(results_dir: Path, strict: bool = False, figures: bool = True, notebook: bool = True,
+           out=None) -> dict:
+    """Build everything; returns {"tables": [...], "figures": [...], "notebook": path or None, "markdown": str}."""
+    results_dir = Path(results_dir)
+    records, skipped = load(results_dir)
+    if not records:
+        raise ReportError(f"no complete run records under {results_dir / 'runs'}; make some with "
+                          f"`python -m experiments.run` (or `make demo`), or pass --results-dir")
+    groups = T.group_records(records)
+    if len(groups) > 1:
+        msg = T.split_message(groups)
+        if strict:
+            raise ReportError(msg + "\n--strict: refusing to report records with different eval settings; rerun them "
+                              "with one setting or drop --strict to get one table per setting.")
+        print(msg, file=sys.stderr)
+    for s in skipped:
+        print(f"note: {s}", file=sys.stderr)
+
+    tables = [T.build_table(g, i + 1) for i, g in enumerate(groups)]
+    md = "\n".join(render.to_markdown(t) for t in tables)
+    print(md, file=out or sys.stdout)
+    table_paths = write_tables(tables, records, results_dir / "tables")
+    fig_paths = []
+    if figures:
+        from report.plots import save_figures
+
+        fig_paths = save_figures(tables, results_dir / "figures")
+    nb_path = None
+    if notebook:
+        nb_path = execute_notebook(results_dir, results_dir / "notebooks" / "results.executed.ipynb")
+    return {"tables": table_paths, "figures": fig_paths, "notebook": nb_path, "markdown": md}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m report", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--results-dir", default="results", help="folder holding runs/ (default: results)")
+    ap.add_argument("--strict", action="store_true", help="refuse (exit 2) when records have different eval settings "
+                    "instead of writing one table per setting")
+    ap.add_argument("--no-figures", action="store_true", help="skip the figures")
+    ap.add_argument("--no-notebook", action="store_true", help="skip executing the results notebook")
+    args = ap.parse_args(argv)
+    try:
+        out = report(Path(args.results_dir), strict=args.strict, figures=not args.no_figures,
+                     notebook=not args.no_notebook)
+    except ReportError as e:
+        print(f"report: {e}", file=sys.stderr)
+        return 2
+    rel = lambda p: os.path.relpath(p) if not os.path.relpath(p).startswith("..") else str(p)  # noqa: E731
+    print("Report written:")
+    print(f"  tables:   {', '.join(rel(p) for p in out['tables'])}")
+    figs = sorted({rel(p) for p in out["figures"] if str(p).endswith(".png")})
+    print(f"  figures:  {', '.join(figs) if figs else '(none)'}{' (+ .pdf of each)' if figs else ''}")
+    print(f"  notebook: {rel(out['notebook']) if out['notebook'] else '(skipped)'}")
+    return 0
+
+

@@ -1,0 +1,173 @@
+"""Tables (report.tables.Table) as markdown, CSV and LaTeX (booktabs), with the notes every table carries: the
+model and what its FP16 is, the data and its hashes, the protocol of each metric, how to read deltas and bold."""
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+from report.record_view import METRICS, Metric, dig, is_reference, is_synthetic
+from report.tables import Column, Row, Table
+
+# --------------------------------------------------------------------------------------------------------------------
+# words around a table
+
+
+def title(t: Table) -> str:
+    s = t.settings
+    models = ", ".join(t.model_name(m) for m in t.models)
+    splits = ", ".join(s.get("data.splits") or ())
+    return f"Table {t.index}: {models} on {s.get('data.name')} ({splits})"
+
+
+def notes(t: Table) -> list[str]:
+    """The lines under a table: what each model and its FP16 are, the data, each metric's protocol, how to read it."""
+    s = t.settings
+    present = {c.metric for _, c in t.columns}
+    out = []
+    for mid in t.models:  # first: what "FP16" is (for the embedded model, a dequantized Q4_1 GGUF)
+        rec = t.any_record(mid)
+        note = dig(rec, "provenance", "reference_note") or dig(rec, "config", "model", "reference_note")
+        origin = dig(rec, "provenance", "model_origin") or dig(rec, "config", "model", "path")
+        line = f"Model {t.model_name(mid)}: {origin} (sha {mid[1]}, run in {s.get('model.dtype')})."
+        if note:
+            line += f" {note.rstrip('.')}."
+        if is_synthetic(rec):
+            line += " SYNTHETIC random weights: quality columns are left out for this model."
+        out.append(line)
+    mw = s.get("eval.perplexity.max_windows")
+    shas = ", ".join(f"{k.split('.', 1)[1]} {v}" for k, v in s.items() if k.startswith("data_sha256.") and v)
+    out.append(f"Data: {s.get('data.name')}" + (f" (sha256 prefix: {shas})." if shas else "."))
+    out.append(f"Token PPL: paper protocol (GPTQ/AWQ): non-overlapping windows of {s.get('eval.perplexity.seqlen')} "
+               f"tokens, remainder dropped, {'every window' if mw is None else f'first {mw} windows'} of each split.")
+    if "word_ppl" in present:
+        out.append(f"Word PPL: lm-eval rolling loglikelihood, max_length {s.get('eval.word_perplexity.max_length')}, "
+                   f"first {s.get('eval.word_perplexity.max_chars')} characters of each split.")
+    if "kl_mean" in present:
+        out.append(f"KL: mean per-token KL(FP16 ‖ quantized) over {s.get('eval.fidelity.max_windows')} windows per split.")
+    if "acc" in present:
+        limit = s.get("eval.tasks.limit")
+        out.append(f"Accuracy: lm-eval, {s.get('eval.tasks.num_fewshot')}-shot, "
+                   f"{'all examples' if limit is None else f'first {limit} examples'} of each task, in %.")
+    if "weight_bytes" in present:
+        out.append(f"Weights: stored bytes of all weights incl. group scales/zeros, in {t.weight_unit[0]} "
+                   f"(10{'⁹' if t.weight_unit[1] == 1e9 else '⁶'} bytes).")
+    if "kv_bytes_per_token" in present:
+        out.append("KV B/token: K+V cache bytes per token of context (all layers), incl. fp16 scale+zero of quantized KV.")
+    if "decode_tok_s" in present:
+        devs = sorted({c.key[1] for _, c in t.columns if c.metric == "decode_tok_s"})
+        paths = sorted({str(dig(rec, "metrics", "throughput", "weights")) for r in t.rows for rec in r.records.values()
+                        if dig(rec, "metrics", "throughput", "weights") and not is_reference(rec)})
+        out.append(f"Decode tok/s at batch b (prompt {s.get('eval.throughput.prompt_len')}, "
+                   f"{s.get('eval.throughput.gen_len')} new tokens) on {'; '.join(devs)}"
+                   + (f"; quantized weights ran as: {'; '.join(paths)}." if paths else "."))
+    out.append("↓ lower is better, ↑ higher is better; bold = best among the quantized configs; (+x) = difference to "
+               "FP16 of the same model, (0.42×) = ratio to FP16; – = not measured.")
+    out.extend(t.dropped)
+    return out
+
+
+def _arrow(m: Metric) -> str:
+    return {"lower": " ↓", "higher": " ↑"}.get(m.better or "", "")
+
+
+def headers(t: Table) -> list[str]:
+    devs = {c.key[1] for _, c in t.columns if c.metric == "decode_tok_s"}
+    multi = len(t.models) > 1
+    out = []
+    for mid, c in t.columns:
+        h = c.header(t.weight_unit[0], show_device=len(devs) > 1) + _arrow(METRICS.get(c.metric))
+        out.append(f"{t.model_name(mid)}: {h}" if multi else h)
+    return out
+
+
+def cell(t: Table, row: Row, mid, col: Column, bold: Callable[[str], str]) -> str:
+    m = METRICS.get(col.metric)
+    v = t.value(row, mid, col)
+    if v is None:
+        return "–"
+    s = f"{t.display(col, v):,.{m.digits}f}"
+    if row.key in t.best(mid, col):
+        s = bold(s)
+    d = t.delta(row, mid, col)
+    if d is not None and m.delta == "ratio" and abs(d - 1) >= 0.005:  # an unchanged quantity needs no "1.00×"
+        s += f" ({d:.2f}×)"
+    elif d is not None and m.delta == "diff":
+        s += f" ({d:+.{m.digits}f})"
+    return s
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# renderers
+
+
+def to_markdown(t: Table) -> str:
+    hs = ["config"] + headers(t)
+    lines = [f"### {title(t)}", "", "| " + " | ".join(hs) + " |", "|" + "|".join([":---"] + ["---:"] * (len(hs) - 1)) + "|"]
+    for r in t.rows:
+        cells = [cell(t, r, mid, c, lambda s: f"**{s}**") for mid, c in t.columns]
+        lines.append("| " + " | ".join([r.text] + cells) + " |")
+    lines.append("")
+    lines.extend(f"- {n}" for n in notes(t))
+    return "\n".join(lines) + "\n"
+
+
+def to_csv_frame(t: Table):
+    """Raw numbers (not rounded): one row per config, a value and a vs-FP16 column per (model, metric)."""
+    import pandas as pd
+
+    data = []
+    for r in t.rows:
+        d = {"config": r.text}
+        for (mid, c), h in zip(t.columns, headers(t)):
+            h = h.replace(" ↓", "").replace(" ↑", "")
+            if len(t.models) == 1:
+                h = f"{t.model_name(mid)}: {h}"
+            d[h] = t.display(c, t.value(r, mid, c))
+            if METRICS.get(c.metric).delta:
+                d[f"{h} vs FP16 ({METRICS.get(c.metric).delta})"] = t.delta(r, mid, c)
+        d["run_ids"] = " ".join(rec.get("run_id", "") for rec in r.records.values())
+        data.append(d)
+    return pd.DataFrame(data)
+
+
+_TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
+        "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "↓": r"$\downarrow$", "↑": r"$\uparrow$",
+        "×": r"$\times$", "⁶": r"$^{6}$", "⁹": r"$^{9}$", "‖": r"$\|$", "α": r"$\alpha$", "–": "--"}
+
+
+def tex_escape(s: str) -> str:
+    return "".join(_TEX.get(ch, ch) for ch in str(s))
+
+
+def to_latex(t: Table) -> str:
+    """booktabs table: a header row of models (one multicolumn each) over a row of metrics."""
+    hs = [tex_escape(h.split(": ", 1)[1] if len(t.models) > 1 else h) for h in headers(t)]
+    spans = []
+    for mid in t.models:
+        n = sum(1 for m, _ in t.columns if m == mid)
+        if n:
+            spans.append((t.model_name(mid), n))
+    lines = [r"% generated by python -m report; needs \usepackage{booktabs}", r"\begin{table}[t]",
+             r"\centering", r"\small", r"\begin{tabular}{l" + "r" * len(t.columns) + "}", r"\toprule"]
+    lines.append(" & " + " & ".join(rf"\multicolumn{{{n}}}{{c}}{{{tex_escape(name)}}}" for name, n in spans) + r" \\")
+    start, rules = 2, []
+    for _, n in spans:
+        rules.append(rf"\cmidrule(lr){{{start}-{start + n - 1}}}")
+        start += n
+    lines.append(" ".join(rules))
+    lines.append("config & " + " & ".join(hs) + r" \\")
+    lines.append(r"\midrule")
+    for r in t.rows:
+        cells = []
+        for mid, c in t.columns:
+            s = cell(t, r, mid, c, lambda x: "\0B" + x + "\0E")
+            s = tex_escape(s).replace("\0B", r"\textbf{").replace("\0E", "}")
+            s = re.sub(r" \((.*)\)$", r" {\\scriptsize(\1)}", s).replace("(-", "($-$")
+            cells.append(s)
+        lines.append(tex_escape(r.text) + " & " + " & ".join(cells) + r" \\")
+        if r.reference:
+            lines.append(r"\midrule")
+    lines += [r"\bottomrule", r"\end{tabular}",
+              r"\caption{" + tex_escape(title(t).split(": ", 1)[1]) + ". " + " ".join(tex_escape(n) for n in notes(t)) + "}",
+              r"\end{table}"]
+    return "\n".join(lines) + "\n"
