@@ -159,7 +159,7 @@ def test_server_mode_stops_the_server_and_its_workers(tmp_path, monkeypatch):
     d = _checkpoint(tmp_path / "ckpt")
     real_command = lb.api_server_command
     monkeypatch.setattr(lb, "api_server_command", lambda cfg, model_dir, host, port, engine: [
-        sys.executable, "-m", "tests.test_web_session", str(port), "--", *real_command(cfg, model_dir, host, port)])
+        sys.executable, "-m", "tests.app.test_web_session", str(port), "--", *real_command(cfg, model_dir, host, port)])
     monkeypatch.setattr(web_session, "check_imports", lambda server: None)  # no lmdeploy on this machine
     monkeypatch.chdir(REPO)
     out = tmp_path / "ws"
