@@ -24,7 +24,7 @@ CHUNK = 8192  # tokens per chunk for statistics over large activation tensors
 def act_absmean(x: torch.Tensor) -> torch.Tensor:
     """Per-channel mean |x| over every token, accumulated in float32 (in chunks: no full-size float32 copy)."""
     x = x.reshape(-1, x.shape[-1])
-    total = torch.zeros(x.shape[-1], dtype=torch.float64)
+    total = torch.zeros(x.shape[-1], dtype=torch.float64, device=x.device)
     for i in range(0, x.shape[0], CHUNK):
         total += x[i : i + CHUNK].abs().sum(0, dtype=torch.float32).double()
     return (total / x.shape[0]).float()
@@ -136,7 +136,7 @@ def group_gram(x: torch.Tensor, group_size: int, chunk: int = CHUNK) -> torch.Te
     n, in_f = x.shape
     g = in_f if group_size == -1 else group_size
     n_groups = in_f // g
-    h = torch.zeros(n_groups, g, g, dtype=torch.float32)
+    h = torch.zeros(n_groups, g, g, dtype=torch.float32, device=x.device)
     for i in range(0, n, chunk):
         xg = x[i : i + chunk].float().reshape(-1, n_groups, g).transpose(0, 1)  # [G, c, g]
         h.baddbmm_(xg.transpose(1, 2), xg)
@@ -166,13 +166,13 @@ def search_clip(
     g = in_f if group_size == -1 else group_size
     n_groups = in_f // g
     h = gram if gram is not None else group_gram(x, g)  # [G, g, g]
-    best_max = torch.empty(out_f, n_groups)
+    best_max = torch.empty(out_f, n_groups, device=w.device)
     for o in range(0, out_f, oc_batch):
         wb = w[o : o + oc_batch].float()  # [ob, in]
         ob = wb.shape[0]
         wgrp = wb.reshape(ob, n_groups, g)
         org_max = wgrp.abs().amax(dim=-1, keepdim=True)  # [ob, G, 1]
-        min_err = torch.full((n_groups, ob), float("inf"))
+        min_err = torch.full((n_groups, ob), float("inf"), device=w.device)
         best = org_max.squeeze(-1).clone()  # [ob, G]
         for k in range(int(max_shrink * n_grid)):
             max_val = org_max * (1 - k / n_grid)
