@@ -47,6 +47,15 @@ def _codes(kv):
     return unpack_int4_halves(kv.codes) if kv.bits == 4 else kv.codes
 
 
+def test_check_kv_supported():
+    for bits in (16, 8, 4):
+        check_kv_supported(bits)
+    with pytest.raises(ValueError, match=r"kv\.bits=3.*\{16, 8, 4\}"):
+        check_kv_supported(3)
+    with pytest.raises(ValueError, match=r"kv\.bits"):
+        QuantizedKVCache(LlamaConfig(num_hidden_layers=1), bits=16)
+
+
 # ---- LMDeploy's kernels, transcribed from the Triton source (lmdeploy/pytorch/kernels/cuda/, InternLM/lmdeploy@1263d5cd)
 # Written independently of quant/kv_cache.py: every Triton operation is computed in float64 and rounded to the type
 # Triton gives its result (triton/language/semantic.py `computation_type_impl`); float64 holds every product and
