@@ -272,7 +272,8 @@ def run(args: argparse.Namespace) -> dict:
 
 def _line(r: dict) -> str:
     c = r["codes"]
-    parts = [f"{r['dtype']:8s} D={r['head_dim']:<3d} out={r['outlier_scale'] or 0:<4g} int{r['quant_policy']} {r['tensor']}:",
+    case = f"{r['dtype']:8s} D={r['head_dim']:<3d} out={r['outlier_scale'] or 0:<4g} int{r['quant_policy']} {r['tensor']}:"
+    parts = [case,
              f"codes eq {c['frac_equal']:.5f} ±1 {c['frac_pm1']:.5f}",
              f"scale rel {r['scale']['max_rel_diff']:.2e}", f"zero {r['zero']['max_abs_diff_codes']:.3g}"]
     for p in ("prefill", "prefill_fused", "decode"):

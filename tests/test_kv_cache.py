@@ -56,7 +56,8 @@ def test_check_kv_supported():
         QuantizedKVCache(LlamaConfig(num_hidden_layers=1), bits=16)
 
 
-# ---- LMDeploy's kernels, transcribed from the Triton source (lmdeploy/pytorch/kernels/cuda/, InternLM/lmdeploy@1263d5cd)
+# ---- LMDeploy's kernels, transcribed from the Triton source (lmdeploy/pytorch/kernels/cuda/,
+# InternLM/lmdeploy@1263d5cd)
 # Written independently of quant/kv_cache.py: every Triton operation is computed in float64 and rounded to the type
 # Triton gives its result (triton/language/semantic.py `computation_type_impl`); float64 holds every product and
 # difference of these operands, and f64 -> f32 -> f16/bf16 is one correct rounding for a single such operation.
@@ -199,7 +200,8 @@ def test_bit_for_bit_against_lmdeploy_kernels(dtype, bits, head_dim):
     assert (prefill[~nan_rows] != decode[~nan_rows]).any()
     if bits == 4:  # byte j = q[j] | q[j + D/2] << 4: the high nibble holds the second half of the head
         q = _codes(kv)
-        assert torch.equal(kv.codes >> 4, q[..., head_dim // 2:]) and torch.equal(kv.codes & 0xF, q[..., :head_dim // 2])
+        half = head_dim // 2
+        assert torch.equal(kv.codes >> 4, q[..., half:]) and torch.equal(kv.codes & 0xF, q[..., :half])
 
 
 def test_dequant_rounding_per_dtype():
