@@ -1,21 +1,45 @@
 """KV-cache quantization with LMDeploy's numerics (`quant_policy` 8 / 4), and a `transformers` cache that stores only
 the quantized K/V.
 
-The math follows LMDeploy's PyTorch engine (InternLM/lmdeploy @ 1263d5cd, lmdeploy/pytorch/kernels/cuda/):
-- quantize, fill_kv_cache.py `_quant_int8` (lines 23-29) / `_quant_int4` (lines 33-43), per token and per KV head,
-  min/max over head_dim:
-      scale = (max - min) / (2^b - 1);  zero = -min / scale          (zero is a float in code units, not rounded)
-      q = uint8(x / scale + zero + 0.5)                                (round half up; the argument is >= 0)
-  The codes use the in-register fp32 scale/zero; the cache stores scale and zero separately (`scales_zeros[..., 0/1]`,
-  lines 266-276) in the model dtype (cache_engine.py `get_quant_cache_descs`); here always fp16.
-- dequantize, flatten_kv_cache.py lines 368-372: x_hat = q * scale - scale * zero, from the stored scale/zero.
-Because zero is not rounded, u = (x - min) / scale lies in [0, 2^b - 1] exactly, so nothing clips and the error is
-at most scale/2 per element (plus the fp16 rounding of the stored scale and zero).
+Reference: LMDeploy's PyTorch engine, lmdeploy/pytorch/kernels/cuda/ at InternLM/lmdeploy@1263d5cd (version.py 0.16.0,
+the newest source this harness could read; the 0.18.0 wheel is what the GPU check runs,
+benchmarks/kv_lmdeploy_check.py). Function names, not line numbers:
 
-Differences, all outside the numerics: LMDeploy's int8 kernel does its arithmetic in the model dtype, here in fp32 (its
-int4 kernel casts to fp32 too); LMDeploy packs int4 as byte j = q[j] | q[j + D/2] << 4, here adjacent pairs
-(`pack_int4_pairs`): the same bytes per token. A token whose K (or V) head is constant has max == min, where LMDeploy
-divides by zero; here its scale is set to 1 so it round-trips to fp16(min).
+- quantize, fill_kv_cache.py `_quant_int8` / `_quant_int4`, per token and per KV head, min/max over head_dim.
+  Triton's `tl.min`/`tl.max` widen fp16/bf16 to fp32, and every division involving fp16/bf16 runs in fp32, so the
+  whole step is fp32 (only the inputs are in the model dtype):
+      scale = (max - min) / (2^b - 1);  zero = -min / scale          (zero is a float in code units, not rounded)
+      q = uint8(x / scale + zero + 0.5)                                (truncating cast; the argument is >= 0)
+  Triton's fp32 `/` is the approximate `div.full.f32`; here it is IEEE, so a value on a rounding boundary can land
+  one code apart (the GPU check measures how often).
+- store, `_fill_page_quant_int8` / `_fill_page_quant_int4`: codes uint8; int4 byte j = q[j] | q[j + D/2] << 4 (the
+  two halves of the head, `_quant_int4(val1, val2)`: `q_val1 + q_val2 * 16`); scale and zero in
+  `scales_zeros[..., 0]` / `[..., 1]`, cast to the MODEL dtype (cache_engine.py `get_quant_cache_descs`:
+  `dtype = model_config.dtype`), fp16 or bf16, round to nearest even. The codes were computed with the unrounded fp32
+  scale/zero; dequantization reads the rounded ones (for bf16 that is most of the error: 8 mantissa bits).
+- dequantize, two kernels that round differently (Triton promotes uint8 with fp16 to fp16, with bf16 to fp32):
+  prefill, flatten_kv_cache.py `_flatten_kv_cache_quant`:  sz = s*z in the model dtype, then
+      fp16: x = fp16(fp16(q*s) - sz);          bf16: x = bf16(fp32(q*s) - sz)
+  decode, pagedattention.py `_fwd_grouped_split_quant_kernel` (`k = ((k - kz) * ks).to(q.dtype)`):
+      fp16: x = fp16(fp16(q - z) * s);         bf16: x = bf16(fp32(q - z) * s)
+  Both are pure functions here (`kv_dequantize_prefill`, `kv_dequantize_decode`). The engine uses the prefill one for
+  every forward with more than one new token (it flattens the whole cache, history included) and the decode one for
+  single-token steps; `QuantizedKVCache(dequant="auto")` does the same per update, "prefill" / "decode" force one.
+  (Whether the GPU compiler fuses the prefill's fp16 `q*s - sz` into one FMA is not in the source; the GPU check
+  reports both.)
+
+A KV head that is constant at some token (max == min) gets scale 0 and zero = -min/0 = ±inf (NaN when min is 0); its
+dequantized values are then 0*(±inf) = NaN, and attention over them is NaN for every query of that KV group, as in the
+engine. This module reproduces that rather than substituting a scale (which would hide a difference from the deployed
+engine); since a NaN head poisons every later score, the cache counts such (token, head) rows
+(`QuantizedKVCache.constant_heads`; also rows whose range underflows the model dtype) so a record can report why.
+None occurred in the embedded SmolLM2 (bf16) over 20 x 512 Milton tokens, int8 or int4.
+A constant head's codes are 0 (NaN converts to 0 on the GPU); they are never read as numbers.
+
+Effect on the embedded SmolLM2 (bf16, Milton, 20 x 512 tokens, token PPL; fp16 KV 94.006): int8 94.107 (+0.101; with
+the former fp16 scale/zero and fp32 dequant +0.106), int4 103.031 (+9.02; formerly +9.39). Storing scale/zero in bf16
+makes the int8 K/V error 1.46x (prefill) / 1.29x (decode) the former one, but int8's error is so far below what moves
+PPL that the change is noise; int4's error barely changes (+0.2%), its PPL moves by the luck of the roundings.
 """
 from __future__ import annotations
 
@@ -26,11 +50,9 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.cache_utils import get_layer_types_and_kwargs
 
 from harness import storage_bytes
-from quant.primitives import pack_int4_pairs, unpack_int4_pairs
 
 KV_BITS = (16, 8, 4)  # 16 = unquantized; 8 / 4 = LMDeploy quant_policy 8 / 4
-META_DTYPE = torch.float16  # stored scale and zero
-META_BYTES = 2 * 2  # fp16 scale + fp16 zero, per token per KV head
+DEQUANT_PATHS = ("auto", "prefill", "decode")
 
 
 def check_kv_supported(bits: int) -> None:
@@ -44,8 +66,8 @@ def _check_quant_bits(bits: int) -> None:
 
 
 class KVCodes(NamedTuple):
-    """Quantized K or V [batch, kv_heads, seq, head_dim]: codes uint8 [..., head_dim * bits / 8], scales and zeros
-    fp16 [batch, kv_heads, seq]."""
+    """Quantized K or V [batch, kv_heads, seq, head_dim]: codes uint8 [..., head_dim * bits / 8] (int4: LMDeploy's
+    half-split nibbles), scales and zeros [batch, kv_heads, seq] in the model dtype."""
 
     codes: torch.Tensor
     scales: torch.Tensor
@@ -56,38 +78,100 @@ class KVCodes(NamedTuple):
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.zeros))
 
 
+def pack_int4_halves(q: torch.Tensor) -> torch.Tensor:
+    """LMDeploy's int4 KV layout: byte j = q[j] | q[j + D/2] << 4 (fill_kv_cache.py `_quant_int4`)."""
+    half = q.shape[-1] // 2
+    return q[..., :half] | (q[..., half:] << 4)
+
+
+def unpack_int4_halves(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of pack_int4_halves (flatten_kv_cache.py `_dequant_int4`: low nibbles first, then high)."""
+    return torch.cat([packed & 0xF, packed >> 4], dim=-1)
+
+
 def kv_quant_params(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 scale and zero [batch, kv_heads, seq] of x [batch, kv_heads, seq, head_dim], as LMDeploy computes them."""
+    """fp32 scale and zero [batch, kv_heads, seq] of x [batch, kv_heads, seq, head_dim], as `_quant_int8`/`_quant_int4`
+    compute them (before they are stored in the model dtype). A constant head gives scale 0, zero ±inf/NaN."""
     _check_quant_bits(bits)
     x = x.float()
     mn, mx = x.amin(dim=-1), x.amax(dim=-1)
     scales = (mx - mn) / (2**bits - 1)
-    scales = torch.where(scales > 0, scales, torch.ones_like(scales))  # constant head: LMDeploy would divide by 0
-    zeros = -mn / scales
-    return scales, zeros
+    return scales, -mn / scales
+
+
+def kv_codes(x: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unpacked uint8 codes uint8(x / scale + zero + 0.5), fp32, from the fp32 (unrounded) scale/zero."""
+    u = x.float() / scales[..., None] + zeros[..., None] + 0.5
+    # truncation == floor as u >= 0; NaN (constant head) -> 0 as the GPU's float->int conversion; the clamp only
+    # guards rounding at the ends, it never moves a finite code (u <= 2^b - 1 + 0.5 + a few ulp)
+    return torch.nan_to_num(u.trunc(), nan=0.0).clamp_(0, 2**bits - 1).to(torch.uint8)
 
 
 def kv_quantize(x: torch.Tensor, bits: int) -> KVCodes:
-    """LMDeploy's per-token, per-head asymmetric quantization of K or V [batch, kv_heads, seq, head_dim]."""
+    """LMDeploy's per-token, per-head asymmetric quantization of K or V [batch, kv_heads, seq, head_dim]; scale and
+    zero stored in x's dtype (the model dtype)."""
     scales, zeros = kv_quant_params(x, bits)
-    # floor(u + 0.5) == LMDeploy's truncating uint8 cast, as u >= 0; the clamp only guards fp32 rounding at the ends
-    q = torch.floor(x.float() / scales[..., None] + zeros[..., None] + 0.5).clamp_(0, 2**bits - 1).to(torch.uint8)
+    q = kv_codes(x, scales, zeros, bits)
     if bits == 4:
-        q = pack_int4_pairs(q)
-    return KVCodes(q, scales.to(META_DTYPE), zeros.to(META_DTYPE), bits)
+        if q.shape[-1] % 2:
+            raise ValueError(f"head_dim={q.shape[-1]} cannot be packed at kv.bits=4")
+        q = pack_int4_halves(q)
+    return KVCodes(q, scales.to(x.dtype), zeros.to(x.dtype), bits)
 
 
-def kv_dequantize(kv: KVCodes, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """x_hat = q * scale - scale * zero (LMDeploy's flatten_kv_cache), in fp32, returned in `dtype`."""
-    q = unpack_int4_pairs(kv.codes) if kv.bits == 4 else kv.codes
-    s, z = kv.scales.float()[..., None], kv.zeros.float()[..., None]
-    return (q.float() * s - s * z).to(dtype)
+def _codes_and_meta(kv: KVCodes):
+    q = unpack_int4_halves(kv.codes) if kv.bits == 4 else kv.codes
+    return q, kv.scales[..., None], kv.zeros[..., None]
 
 
-def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, bits: int) -> int:
-    """Stored bytes per token for K and V over all layers (harness.storage_bytes; bits=16: 2 per value)."""
+def _op_dtype(meta: torch.dtype) -> torch.dtype:
+    """Triton's type of `uint8 op meta`: fp16 stays fp16; bf16 (and fp32) compute in fp32 (semantic.py
+    computation_type_impl). fp16/bf16 results below are formed in fp32 and rounded once, which equals the correctly
+    rounded fp16/bf16 operation for + - * (fp32 has more than 2p+2 bits)."""
+    return torch.float16 if meta == torch.float16 else torch.float32
+
+
+def kv_dequantize_prefill(kv: KVCodes, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """flatten_kv_cache.py `_flatten_kv_cache_quant`: sz = s*z (model dtype); x = (q*s - sz) in Triton's types,
+    rounded to the model dtype; returned in `dtype` (default: the model dtype)."""
+    q, s, z = _codes_and_meta(kv)
+    meta, op = s.dtype, _op_dtype(s.dtype)
+    sz = (s.float() * z.float()).to(meta)
+    qs = (q.float() * s.float()).to(op)
+    x = (qs.float() - sz.float()).to(op).to(meta)
+    return x if dtype is None else x.to(dtype)
+
+
+def kv_dequantize_decode(kv: KVCodes, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """pagedattention.py `_fwd_grouped_split_quant_kernel`: x = ((q - z) * s) in Triton's types, rounded to the model
+    dtype; returned in `dtype` (default: the model dtype)."""
+    q, s, z = _codes_and_meta(kv)
+    meta, op = s.dtype, _op_dtype(s.dtype)
+    d = (q.float() - z.float()).to(op)
+    x = (d.float() * s.float()).to(op).to(meta)
+    return x if dtype is None else x.to(dtype)
+
+
+def kv_dequantize(kv: KVCodes, dtype: torch.dtype | None = None, path: str = "prefill") -> torch.Tensor:
+    """The engine's dequantization on `path` ("prefill" or "decode")."""
+    if path == "prefill":
+        return kv_dequantize_prefill(kv, dtype)
+    if path == "decode":
+        return kv_dequantize_decode(kv, dtype)
+    raise ValueError(f"dequant path {path!r}: one of 'prefill', 'decode'")
+
+
+def degenerate_rows(kv: KVCodes) -> int:
+    """(token, head) rows whose stored scale is 0 (constant head, or a range that underflows the model dtype) or whose
+    stored zero is not finite (|min| / scale overflows fp16): the engine dequantizes them to NaN / inf."""
+    return int(((kv.scales == 0) | ~torch.isfinite(kv.zeros)).sum())
+
+
+def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, bits: int, dtype_bytes: int = 2) -> int:
+    """Stored bytes per token for K and V over all layers (harness.storage_bytes): codes plus scale and zero in the
+    model dtype (`dtype_bytes`: 2 for fp16/bf16, LMDeploy's dtypes); bits=16: 2 per value."""
     check_kv_supported(bits)
-    return storage_bytes.kv_bytes_per_token(num_layers, num_kv_heads, head_dim, bits, META_BYTES)
+    return storage_bytes.kv_bytes_per_token(num_layers, num_kv_heads, head_dim, bits, 2 * dtype_bytes)
 
 
 def _cat(a: KVCodes | None, b: KVCodes) -> KVCodes:
@@ -100,34 +184,47 @@ def _map(kv: KVCodes | None, fn) -> KVCodes | None:
     return None if kv is None else KVCodes(*(fn(t) for t in kv[:3]), kv.bits)
 
 
+def _path(dequant: str, new_tokens: int) -> str:
+    """LMDeploy flattens the cache (prefill kernel) for a forward with several new tokens, and reads it inside the
+    paged-attention kernel for a one-token decode step."""
+    if dequant == "auto":
+        return "decode" if new_tokens == 1 else "prefill"
+    return dequant
+
+
 class QuantizedKVLayer(CacheLayerMixin):
-    """One layer's K/V, kept only as LMDeploy codes + fp16 scales/zeros. Every `update` (prefill chunk or decode step)
-    quantizes the new tokens, appends them, and returns the whole cache dequantized, so attention reads quantized K/V
-    for the current tokens too (as LMDeploy's prefill reads its flattened, dequantized cache)."""
+    """One layer's K/V, kept only as LMDeploy codes + scales/zeros in the model dtype. Every `update` (prefill chunk or
+    decode step) quantizes the new tokens, appends them, and returns the whole cache dequantized, so attention reads
+    quantized K/V for the current tokens too (as LMDeploy's prefill reads its flattened, dequantized cache)."""
 
     is_sliding = False
     is_croppable = True  # per-token scales: dropping the last tokens leaves the rest as it was
 
-    def __init__(self, bits: int):
+    def __init__(self, bits: int, dequant: str = "auto"):
         super().__init__()
         _check_quant_bits(bits)
-        self.bits = bits
+        if dequant not in DEQUANT_PATHS:
+            raise ValueError(f"dequant={dequant!r}: one of {DEQUANT_PATHS}")
+        self.bits, self.dequant = bits, dequant
         self.k: KVCodes | None = None
         self.v: KVCodes | None = None
         self.dtype: torch.dtype | None = None
+        self.constant_heads = 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device, self.dtype = key_states.device, key_states.dtype
-        if key_states.shape[-1] * self.bits % 8:
+        if key_states.shape[-1] * self.bits % 8 or (self.bits == 4 and key_states.shape[-1] % 2):
             raise ValueError(f"head_dim={key_states.shape[-1]} cannot be packed at kv.bits={self.bits}")
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self.k = _cat(self.k, kv_quantize(key_states, self.bits))
-        self.v = _cat(self.v, kv_quantize(value_states, self.bits))
-        return kv_dequantize(self.k, key_states.dtype), kv_dequantize(self.v, value_states.dtype)
+        k_new, v_new = kv_quantize(key_states, self.bits), kv_quantize(value_states, self.bits)
+        self.constant_heads += degenerate_rows(k_new) + degenerate_rows(v_new)
+        self.k, self.v = _cat(self.k, k_new), _cat(self.v, v_new)
+        path = _path(self.dequant, key_states.shape[2])
+        return (kv_dequantize(self.k, key_states.dtype, path), kv_dequantize(self.v, value_states.dtype, path))
 
     def get_seq_length(self) -> int:
         return 0 if self.k is None else self.k.codes.shape[2]
@@ -154,6 +251,7 @@ class QuantizedKVLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.k = self.v = None
         self.is_initialized = False
+        self.constant_heads = 0
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove > 0:
@@ -172,22 +270,31 @@ class QuantizedKVLayer(CacheLayerMixin):
 
 
 class QuantizedKVCache(Cache):
-    """A `transformers` cache holding every layer's K/V as LMDeploy int8 / int4 codes (`bits` = quant_policy).
+    """A `transformers` cache holding every layer's K/V as LMDeploy int8 / int4 codes (`bits` = quant_policy), scale
+    and zero in the model dtype.
+
+    `dequant`: "auto" (the engine: prefill kernel for a multi-token forward, paged-attention decode kernel for a
+    one-token step), or "prefill" / "decode" for one kernel's rounding throughout.
+    `constant_heads`: (token, KV head) rows written so far, K and V, with scale 0 (dequantized to NaN, as the engine).
 
     Hand it to a model through eval.forward (`forward(model, ids, QuantizedKVCache(model.config, bits=8))`), which
     uses the cache argument's name of the installed transformers, or to `model.generate` the same way.
     Full-attention decoders only (a sliding-window layer would need its own eviction)."""
 
-    def __init__(self, config, bits: int):
+    def __init__(self, config, bits: int, dequant: str = "auto"):
         _check_quant_bits(bits)
         text = config.get_text_config(decoder=True)
         layer_types, _ = get_layer_types_and_kwargs(text)
         other = set(layer_types) - {"full_attention"}
         if other:
             raise ValueError(f"QuantizedKVCache supports full-attention layers only; the model has {sorted(other)}")
-        self.bits = bits
-        super().__init__(layers=[QuantizedKVLayer(bits) for _ in range(text.num_hidden_layers)])
+        self.bits, self.dequant = bits, dequant
+        super().__init__(layers=[QuantizedKVLayer(bits, dequant) for _ in range(text.num_hidden_layers)])
+
+    @property
+    def constant_heads(self) -> int:
+        return sum(layer.constant_heads for layer in self.layers)
 
     def nbytes(self) -> int:
-        """Bytes actually stored: codes + fp16 scales and zeros, over all layers."""
+        """Bytes actually stored: codes + scales and zeros (model dtype), over all layers."""
         return sum(layer.nbytes() for layer in self.layers)
