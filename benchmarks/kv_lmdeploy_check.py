@@ -15,7 +15,8 @@ fp16 and bf16. For every case and for K and V, the JSON holds:
   and max) — 1.0 means the deployed cache loses exactly what the harness says;
   `prefill`: flatten_kv_cache against kv_dequantize_prefill; `prefill_fused`: the same LMDeploy output against
   fp16(q*s - s*z) rounded once, i.e. if the compiler fused the fp16 multiply-subtract into one FMA (bf16 computes in
-  fp32 anyway); `decode`: V only, read out of the paged-attention kernel with a zero query and ALiBi slopes so steep
+  fp32 anyway). The 2026-11-28 H200 run found the fused form (100% where codes agree, the two-rounding form 14-60%),
+  and kv_dequantize_prefill now is that form, so both columns agree for runs after it; `decode`: V only, read out of the paged-attention kernel with a zero query and ALiBi slopes so steep
   that each query sees only its last token (output = that token's dequantized V, exactly; K's dequant is the same
   expression `((k - kz) * ks).to(q.dtype)` but only enters through q.k, so it is not read out).
 
@@ -90,13 +91,10 @@ def _unpack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def round_fp16_fused(q: torch.Tensor, s: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
     """fp16(q*s - sz) rounded once (an FMA), from fp16 s and sz: the exact value in float64 (q*s and the difference
-    fit its 53 bits), rounded to fp16's grid with ties to even (torch's float64 -> fp16 cast rounds twice)."""
-    x = q.double() * s.double() - sz.double()
-    exp = torch.floor(torch.log2(x.abs().clamp_min(2.0**-24))).clamp_min(-14)
-    ulp = torch.exp2(exp - 10)
-    r = torch.round(x / ulp) * ulp
-    r = torch.where(r.abs() >= 65520, torch.copysign(torch.full_like(r, math.inf), r), r)
-    return torch.where(torch.isfinite(x), r, x).to(torch.float16)
+    fit its 53 bits), rounded once to fp16 (quant.kv_cache.round_to_fp16_once)."""
+    from quant.kv_cache import round_to_fp16_once
+
+    return round_to_fp16_once(q.double() * s.double() - sz.double())
 
 
 def harness_side(x: torch.Tensor, bits: int) -> dict:

@@ -43,6 +43,7 @@ PPL that the change is noise; int4's error barely changes (+0.2%), its PPL moves
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -131,14 +132,32 @@ def _op_dtype(meta: torch.dtype) -> torch.dtype:
     return torch.float16 if meta == torch.float16 else torch.float32
 
 
+def round_to_fp16_once(x: torch.Tensor) -> torch.Tensor:
+    """float64 -> fp16 rounded once, to nearest with ties to even (torch's float64 -> fp16 cast goes through fp32,
+    which can round twice)."""
+    x = x.double()
+    exp = torch.floor(torch.log2(x.abs().clamp_min(2.0**-24))).clamp_min(-14)
+    ulp = torch.exp2(exp - 10)
+    r = torch.round(x / ulp) * ulp
+    r = torch.where(r.abs() >= 65520, torch.copysign(torch.full_like(r, math.inf), r), r)
+    return torch.where(torch.isfinite(x), r, x).to(torch.float16)
+
+
 def kv_dequantize_prefill(kv: KVCodes, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """flatten_kv_cache.py `_flatten_kv_cache_quant`: sz = s*z (model dtype); x = (q*s - sz) in Triton's types,
-    rounded to the model dtype; returned in `dtype` (default: the model dtype)."""
+    """flatten_kv_cache.py `_flatten_kv_cache_quant`: sz = s*z (model dtype); x = q*s - sz, rounded to the model dtype;
+    returned in `dtype` (default: the model dtype).
+
+    fp16: the compiled kernel fuses the multiply-subtract into one FMA, so x = fp16(q*s - sz) is rounded once (on an
+    H200 with LMDeploy 0.18.0 this matched 100% of values where codes, scale and zero agree; the unfused reading of the
+    source, fp16(fp16(q*s) - sz), matched 14-60%: results/gpu/kv_lmdeploy_check.json, `prefill_fused`). bf16 (and
+    fp32) compute in fp32 (Triton's type rules), where q*s is exact: x = bf16(fp32(q*s) - sz)."""
     q, s, z = _codes_and_meta(kv)
-    meta, op = s.dtype, _op_dtype(s.dtype)
+    meta = s.dtype
     sz = (s.float() * z.float()).to(meta)
-    qs = (q.float() * s.float()).to(op)
-    x = (qs.float() - sz.float()).to(op).to(meta)
+    if meta == torch.float16:
+        x = round_to_fp16_once(q.double() * s.double() - sz.double())
+    else:
+        x = (q.float() * s.float() - sz.float()).to(meta)
     return x if dtype is None else x.to(dtype)
 
 

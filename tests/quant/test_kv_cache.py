@@ -139,10 +139,27 @@ def _lmdeploy_codes(codes: torch.Tensor, bits: int, head_dim: int) -> torch.Tens
 
 
 def lmdeploy_flatten(codes, s, z, bits, head_dim):
-    """flatten_kv_cache.py `_flatten_kv_cache_quant`: ksz = ks * kz; kq = (kc * ks - ksz).to(out dtype)."""
+    """flatten_kv_cache.py `_flatten_kv_cache_quant`: ksz = ks * kz; kq = (kc * ks - ksz).to(out dtype). In fp16 the
+    compiled kernel evaluates `kc * ks - ksz` as one FMA (measured on the GPU: results/gpu/kv_lmdeploy_check.json,
+    prefill_fused 100% bit-identical): the exact value, rounded once to fp16."""
     kc = _lmdeploy_codes(codes, bits, head_dim)
     ksz = _tl(operator.mul, s, z)
+    if s.dtype == torch.float16:
+        exact = kc.double() * s[:, None].double() - ksz[:, None].double()  # exact in float64
+        return _fp16_round_once(exact)
     return _tl(operator.sub, _tl(operator.mul, kc, s[:, None]), ksz[:, None]).to(s.dtype)
+
+
+def _fp16_round_once(x: torch.Tensor) -> torch.Tensor:
+    """float64 -> fp16, rounded once to nearest-even, written independently of the harness: the two fp16 neighbours
+    of x from nextafter, the nearer one (ties: the even significand)."""
+    lo = x.to(torch.float32).to(torch.float16)  # may be off by one ulp after double rounding: fix below
+    down = torch.where(lo.double() > x, torch.nextafter(lo, torch.tensor(-math.inf, dtype=torch.float16)), lo)
+    up = torch.nextafter(down, torch.tensor(math.inf, dtype=torch.float16))
+    dd, du = (x - down.double()).abs(), (up.double() - x).abs()
+    even_up = (up.view(torch.int16) & 1) == 0
+    pick_up = (du < dd) | ((du == dd) & even_up)
+    return torch.where(torch.isfinite(x), torch.where(pick_up, up, down), x.to(torch.float16))
 
 
 def lmdeploy_paged_decode(codes, s, z, bits, head_dim):
@@ -210,7 +227,10 @@ def test_dequant_rounding_per_dtype():
         s, z = torch.tensor([[[0.01]]], dtype=dtype), torch.tensor([[[37.3]]], dtype=dtype)
         kv = KVCodes(torch.full((1, 1, 1, 1), 200, dtype=torch.uint8), s, z, 8)
         s64, z64 = s.double().item(), z.double().item()
-        prefill = (torch.tensor(200 * s64).to(op).double() - torch.tensor(s64 * z64).to(dtype).double()).to(dtype)
+        sz = torch.tensor(s64 * z64).to(dtype).double()
+        # fp16: one FMA, rounded once (exact in float64, then a correctly rounded cast via nextafter neighbours)
+        prefill = (_fp16_round_once(torch.tensor(200 * s64 - sz.item(), dtype=torch.float64)) if dtype == torch.float16
+                   else (torch.tensor(200 * s64).to(op).double() - sz).to(dtype))
         decode = (torch.tensor(200 - z64).to(op).double() * s64).to(op).to(dtype)
         assert kv_dequantize_prefill(kv).item() == prefill.item()
         assert kv_dequantize_decode(kv).item() == decode.item()

@@ -93,8 +93,8 @@ def test_compare_statistics(bits):
 
 
 def test_self_check_end_to_end(tmp_path):
-    """--self-check runs the whole script on the CPU; the fused fp16 variant differs from the kernel's two roundings
-    often enough for the GPU run to tell them apart, and not at all for bf16 (fp32 arithmetic)."""
+    """--self-check runs the whole script on the CPU (the harness against itself). The harness's prefill is the fused
+    form the GPU run found (one rounding in fp16; fp32 arithmetic in bf16), so both prefill columns agree fully."""
     assert chk.main(["--self-check", "--out", str(tmp_path), "--seqs", "2", "--tokens", "40", "--kv-heads", "2",
                      "--head-dims", "64"]) == 0
     out = json.loads((tmp_path / "kv_lmdeploy_check.json").read_text())
@@ -104,4 +104,4 @@ def test_self_check_end_to_end(tmp_path):
         assert r["codes"]["frac_equal"] == 1.0 and r["prefill"]["frac_bit_identical"] == 1.0
         assert ("decode" in r) == (r["tensor"] == "V")
         fused = r["prefill_fused"]["frac_bit_identical"]
-        assert (fused < 0.99) if r["dtype"] == "float16" else (fused == 1.0)
+        assert fused == 1.0
