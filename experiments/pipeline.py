@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig
 
-from harness.config import RunConfig
-from harness.data import TEXT_SOURCES, calibration_provider, eval_windows, load_text, text_sha256, tokenize_cached
+from harness.config import ConfigError, RunConfig
+from harness.data import (TEXT_SOURCES, bos_token_id, calibration_identity, calibration_provider, eval_windows, load_text, text_sha256,
+                          tokenize_cached)
 from harness.models import load_model, load_tokenizer, model_summary, resolve_model
 from harness.log import logger
 from harness.records import load_record, make_record, provenance, record_path, run_id, write_json_atomic
@@ -40,6 +41,7 @@ class Prepared:
     windows: dict  # split -> [n, seqlen] token ids
     texts: dict
     split_sha: dict
+    bos_token_id: int | None  # at the head of every window and calibration sample (data.add_bos)
 
 
 def prepare(cfg: RunConfig) -> Prepared:
@@ -57,13 +59,17 @@ def prepare(cfg: RunConfig) -> Prepared:
     resolved = resolve_model(cfg.model)
     preflight(cfg, AutoConfig.from_pretrained(resolved.directory, trust_remote_code=cfg.model.trust_remote_code))
     tok = load_tokenizer(resolved, cfg.model)
+    try:
+        bos = bos_token_id(tok, cfg.data.add_bos)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     windows, shas, texts = {}, {}, {}
     for split in cfg.data.splits:
         text = texts[split] = load_text(split)
         shas[split] = text_sha256(text)[:16]
         ids = tokenize_cached(tok, text)
-        windows[split] = eval_windows(ids, cfg.eval.perplexity.seqlen, cfg.eval.perplexity.max_windows, split)
-    return Prepared(resolved, tok, windows, texts, shas)
+        windows[split] = eval_windows(ids, cfg.eval.perplexity.seqlen, cfg.eval.perplexity.max_windows, split, bos)
+    return Prepared(resolved, tok, windows, texts, shas, bos)
 
 
 def kv_cache_factory(cfg: RunConfig, model):
@@ -74,11 +80,13 @@ def kv_cache_factory(cfg: RunConfig, model):
     return lambda: QuantizedKVCache(model.config, bits=cfg.kv.bits)
 
 
-def quantize(cfg: RunConfig, model, model_sha: str, calib, calib_state: dict) -> QuantOutcome:
+def quantize(cfg: RunConfig, model, prep: Prepared, calib, calib_state: dict) -> QuantOutcome:
     """Quantize in place, through the content-addressed cache (methods other than fp16)."""
-    return quantized_cache.quantize_cached(model, cfg.quant, model_sha, cfg.model.dtype,
+    calib_id = (calibration_identity(cfg.quant.calib, prep.tokenizer, prep.bos_token_id)
+                if METHODS.get(cfg.quant.method).needs_calibration else None)  # loads the text only when needed
+    return quantized_cache.quantize_cached(model, cfg.quant, prep.resolved.model_sha, cfg.model.dtype,
                                            QuantContext(calibration=calib, progress=cfg.progress), calib_state,
-                                           force=cfg.force, log=log)
+                                           force=cfg.force, log=log, calib_id=calib_id)
 
 
 def run(cfg: RunConfig) -> dict:
@@ -101,9 +109,9 @@ def run(cfg: RunConfig) -> dict:
     model = load_model(prep.resolved, cfg.model)
     timings["load_model"] = time.perf_counter() - t
 
-    calib, calib_state = calibration_provider(cfg.quant.calib, prep.tokenizer)
+    calib, calib_state = calibration_provider(cfg.quant.calib, prep.tokenizer, prep.bos_token_id)
     t = time.perf_counter()
-    outcome = quantize(cfg, model, prep.resolved.model_sha, calib, calib_state)
+    outcome = quantize(cfg, model, prep, calib, calib_state)
     timings["quantize"] = time.perf_counter() - t
     timings.update({f"quantize.{k}": v for k, v in outcome.timings_s.items()})
 
@@ -123,6 +131,7 @@ def run(cfg: RunConfig) -> dict:
         "reference_note": cfg.model.reference_note,
         "model": model_summary(model),
         "data_sha256": prep.split_sha,
+        "bos_token_id": prep.bos_token_id,  # at the head of every window and calibration sample (None: no BOS)
         "seed": cfg.seed,
     })
     record = make_record(cfg, metrics, prov, timings)

@@ -41,9 +41,14 @@ class DataConfig:
     name: str = MISSING
     # text sources scored for perplexity (names registered in harness.data.TEXT_SOURCES)
     splits: list[str] = field(default_factory=list)
+    # a BOS token at the head of every evaluation window and calibration sample: auto (lm-eval's convention: when the
+    # tokenizer defines one and adds it itself) | true | false (harness.data.bos_token_id)
+    add_bos: str = "auto"
 
     def validate(self) -> None:
         _require(len(self.splits) > 0, "data.splits", "needs at least one split")
+        self.add_bos = str(self.add_bos).lower()  # a command-line true/false arrives as a bool turned into "True"
+        _require(self.add_bos in ("auto", "true", "false"), "data.add_bos", f"{self.add_bos!r} is not one of auto, true, false")
 
 
 @dataclass
@@ -225,6 +230,9 @@ class RunConfig:
 
 # fields that do not change a run's result, so they are left out of its identity hash
 NON_IDENTITY_FIELDS = ("results_dir", "force", "progress")
+# fields added after records existed, left out of a run's identity while they hold their default, so those records
+# keep their run_id (data.add_bos=auto gives the embedded SmolLM2 no BOS, exactly as before the field existed)
+LATE_FIELDS = {("data", "add_bos"): "auto"}
 
 
 def register_schemas() -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.assets import atomic_file
-from harness.config import NON_IDENTITY_FIELDS, RunConfig
+from harness.config import LATE_FIELDS, NON_IDENTITY_FIELDS, RunConfig
 from harness.environment import git_sha, hardware, package_versions
 
 RECORD_VERSION = 1
@@ -21,6 +21,9 @@ def identity(cfg: RunConfig) -> dict:
     d = dataclasses.asdict(cfg)
     for k in NON_IDENTITY_FIELDS:
         d.pop(k, None)
+    for (section, k), default in LATE_FIELDS.items():
+        if d.get(section, {}).get(k, default) == default:
+            d[section].pop(k, None)
     return d
 
 

@@ -31,7 +31,9 @@ def eval_settings(rec: dict) -> dict:
     c, e = rec.get("config", {}), dig(rec, "config", "eval", default={}) or {}
     shas = dig(rec, "provenance", "data_sha256", default={}) or {}
     s = {"data.name": dig(c, "data", "name"), "data.splits": tuple(dig(c, "data", "splits", default=()) or ()),
-         "model.dtype": dig(c, "model", "dtype")}  # the dtype the model ran in changes every number
+         "model.dtype": dig(c, "model", "dtype"),  # the dtype the model ran in changes every number
+         # the token at the head of every window (None: no BOS; records from before the field had none)
+         "bos_token_id": dig(rec, "provenance", "bos_token_id")}
     s.update({f"data_sha256.{k}": v for k, v in sorted(shas.items())})
     metrics = rec.get("metrics", {}) or {}
     for section, fields in SECTION_SETTINGS.items():

@@ -346,3 +346,14 @@ def test_a_sweep_over_a_field_outside_the_label_gives_separate_rows():
     b["config"]["quant"]["n_grid"] = 10
     texts = [r.text for r in T.build_tables([make_record(method="fp16"), a, b])[0].rows]
     assert texts == ["FP16", "AWQ w4 g64 (search+clip) [quant.n_grid=20]", "AWQ w4 g64 (search+clip) [quant.n_grid=10]"]
+
+
+def test_bos_is_stated_under_each_table_and_separates_records():
+    plain = make_record()
+    with_bos = make_record(method="rtn")
+    with_bos["provenance"]["bos_token_id"] = 2
+    tables = T.build_tables([plain, with_bos])
+    assert len(tables) == 2  # a window with a BOS is another protocol: never one column
+    lines = [n for t in tables for n in M.notes(t) if n.startswith("BOS:")]
+    assert len(lines) == 2
+    assert "none" in lines[0] and "token 2 heads every window" in lines[1]
