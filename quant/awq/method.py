@@ -37,9 +37,11 @@ class _Stop(Exception):
 
 
 def _slice_batch(kwargs: dict, n: int) -> dict:
-    """Block kwargs captured for a minibatch of MINIBATCH sequences, cut to n sequences where they carry a batch dim."""
+    """Block kwargs captured for the first minibatch (up to MINIBATCH sequences), cut to n sequences where they carry
+    a batch dim: masks [B, 1, T, T], per-sequence rotary tables and position ids [B, T, ...]. 1-D tensors
+    (cache_position) and tables shared by the batch (dim 0 of size 1) pass unchanged."""
     def cut(v):
-        if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == MINIBATCH and n != MINIBATCH:
+        if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[0] > n:
             return v[:n]
         if isinstance(v, tuple):
             return tuple(cut(t) for t in v)
@@ -47,20 +49,36 @@ def _slice_batch(kwargs: dict, n: int) -> dict:
     return {k: cut(v) for k, v in kwargs.items()}
 
 
+def _clean_kwargs(kwargs: dict) -> dict:
+    kw = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "past_key_value")}
+    kw["use_cache"] = False
+    return kw
+
+
 @torch.no_grad()
-def capture_first_block_inputs(model, arch: Architecture, samples: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """Hidden states entering block 0 for every calibration sequence, and the kwargs the model passes to blocks."""
-    block0 = get_blocks(model, arch)[0]
-    store: dict[str, Any] = {"x": []}
+def capture_block_inputs(model, arch: Architecture, samples: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:
+    """Hidden states entering block 0 for every calibration sequence, and for *every* block the keyword arguments
+    the model's own forward passes to that block (Gemma-3's global layers get other rotary embeddings and masks than
+    its sliding ones).
 
-    def hook(_mod, args, kwargs):
-        x = args[0] if args else kwargs.pop("hidden_states")
-        store["x"].append(x)
-        if "kwargs" not in store:
-            store["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        raise _Stop
+    The kwargs come from the first minibatch, run through every block once (stopped before the last block runs);
+    every later minibatch stops at block 0. They are kept by reference: blocks that get the same objects (one rotary
+    tuple for all Llama layers) share them, so memory is one set of rotary tables and masks per distinct object, not
+    per block; nothing of the hidden states past block 0 is kept."""
+    blocks = get_blocks(model, arch)
+    store: dict[str, Any] = {"x": [], "kwargs": [None] * len(blocks)}
 
-    h = block0.register_forward_pre_hook(hook, with_kwargs=True)
+    def hook(i):
+        def pre(_mod, args, kwargs):
+            if i == 0:
+                store["x"].append(args[0] if args else kwargs["hidden_states"])
+            if store["kwargs"][i] is None:
+                store["kwargs"][i] = _clean_kwargs(kwargs)
+            if (i == 0 and store["kwargs"][-1] is not None) or i == len(blocks) - 1:
+                raise _Stop
+        return pre
+
+    hs = [b.register_forward_pre_hook(hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
     device = next(model.parameters()).device
     try:
         for i in range(0, samples.shape[0], MINIBATCH):
@@ -69,12 +87,9 @@ def capture_first_block_inputs(model, arch: Architecture, samples: torch.Tensor)
             except _Stop:
                 pass
     finally:
-        h.remove()
-    kwargs = store["kwargs"]
-    kwargs["use_cache"] = False
-    kwargs.pop("past_key_values", None)
-    kwargs.pop("past_key_value", None)
-    return torch.cat(store["x"]), kwargs
+        for h in hs:
+            h.remove()
+    return torch.cat(store["x"]), store["kwargs"]
 
 
 def _input_keys(arch: Architecture) -> dict[str, str]:
@@ -133,7 +148,7 @@ def awq(model, cfg: QuantConfig, ctx: QuantContext) -> QuantOutcome:
     vocab = model.get_input_embeddings().weight.shape[0]
     if int(samples.max()) >= vocab:
         raise ValueError(f"calibration token id {int(samples.max())} is outside the model's vocabulary ({vocab})")
-    x, kwargs = capture_first_block_inputs(model, arch, samples)
+    x, block_kwargs = capture_block_inputs(model, arch, samples)
     timings["calibration_capture"] = time.perf_counter() - t
 
     # clipping scores a seeded random subset of calibration tokens. (llm-awq takes every k-th token; with k a
@@ -155,6 +170,7 @@ def awq(model, cfg: QuantConfig, ctx: QuantContext) -> QuantOutcome:
     bar = tqdm(blocks, desc=f"awq w{cfg.w_bit} g{cfg.group_size}", disable=not ctx.progress, leave=False)
     for i, block in enumerate(bar):
         prefix = f"{arch.blocks}.{i}"
+        kwargs = block_kwargs[i]  # what the real forward passes to this block
         t = time.perf_counter()
         x_next, feats = run_block(block, x, kwargs, capture)
         # mean |x| per input channel of every captured input: AWQ's statistic, and a NaN/Inf anywhere makes it non-finite
