@@ -22,11 +22,14 @@ from harness.data import (TEXT_SOURCES, bos_token_id, calibration_identity, cali
                           tokenize_cached)
 from harness.models import load_model, load_tokenizer, model_summary, resolve_model
 from harness.log import logger
+from harness.environment import changed_parts, code_version, machine_name
 from harness.records import load_record, make_record, provenance, record_path, run_id, write_json_atomic
 from harness.synthetic import refuse_quality_metrics
 from backends import BACKENDS
-from eval import EvalContext, preflight
+from eval import EvalContext, ordered_names, preflight
+from eval.registry import evaluator_sources
 from quant import METHODS, QuantContext, QuantOutcome, quantized_cache
+from quant.registry import method_sources
 
 
 log = logger("run")
@@ -89,13 +92,50 @@ def quantize(cfg: RunConfig, model, prep: Prepared, calib, calib_state: dict) ->
                                            force=cfg.force, log=log, calib_id=calib_id)
 
 
+# sources behind every run's numbers, beside the method's (quant.registry.METHOD_SOURCES) and each enabled
+# evaluator's (eval.registry.EVALUATOR_SOURCES)
+RUN_SOURCES = ["harness/data.py", "harness/corpus.py", "eval/forward.py"]
+
+
+def code_version_of(cfg: RunConfig) -> dict:
+    """The version of the code that determines `cfg`'s numbers, part by part (harness.environment.code_version)."""
+    parts = {"data": RUN_SOURCES, f"quant.{cfg.quant.method}": method_sources(cfg.quant.method),
+             f"backends.{cfg.backend.name}": [f"backends/{cfg.backend.name}.py"]}
+    if cfg.kv.bits != 16:
+        parts["quant.kv_cache"] = ["quant/kv_cache.py"]
+    for name in ordered_names():
+        section = getattr(cfg.eval, name, None)
+        if section is None or getattr(section, "enabled", True):
+            parts[f"eval.{name}"] = evaluator_sources(name)
+    return code_version(parts)
+
+
+def stale_reason(rec: dict, cfg: RunConfig) -> str | None:
+    """Why an existing complete record cannot stand for `cfg` now, or None: other code made it, or (for a record with
+    throughput) another machine measured it."""
+    now = code_version_of(cfg)
+    old = rec.get("code_version")
+    if not old:
+        return "made before records carried a code_version"
+    if old.get("hash") != now["hash"]:
+        return f"made by other code ({', '.join(changed_parts(old, now))} changed)"
+    if (rec.get("metrics") or {}).get("throughput") is not None:
+        here, there = machine_name(), (rec.get("provenance") or {}).get("machine")
+        if there != here:
+            return f"throughput measured on another machine ({there}; this is {here})"
+    return None
+
+
 def run(cfg: RunConfig) -> dict:
     path = record_path(cfg)
     if path.exists() and not cfg.force:
         rec = load_record(path)
         if rec.get("status") == "complete":
-            log(f"record {path} exists (run_id {rec['run_id']}); reusing it (force=true recomputes)")
-            return rec
+            why = stale_reason(rec, cfg)
+            if why is None:
+                log(f"record {path} exists (run_id {rec['run_id']}); reusing it (force=true recomputes)")
+                return rec
+            log(f"record {path} {why}; recomputing")
     t_start = time.perf_counter()
     timings = {}
     torch.manual_seed(cfg.seed)
@@ -134,7 +174,7 @@ def run(cfg: RunConfig) -> dict:
         "bos_token_id": prep.bos_token_id,  # at the head of every window and calibration sample (None: no BOS)
         "seed": cfg.seed,
     })
-    record = make_record(cfg, metrics, prov, timings)
+    record = make_record(cfg, metrics, prov, timings, code_version=code_version_of(cfg))
     write_json_atomic(path, record)
     log(f"wrote {path} (run_id {run_id(cfg)}, {timings['total']:.1f} s)")
     return record
@@ -142,4 +182,7 @@ def run(cfg: RunConfig) -> dict:
 
 def record_exists(cfg: RunConfig) -> bool:
     p = Path(record_path(cfg))
-    return p.exists() and load_record(p).get("status") == "complete"
+    if not p.exists():
+        return False
+    rec = load_record(p)
+    return rec.get("status") == "complete" and stale_reason(rec, cfg) is None

@@ -14,7 +14,8 @@ import torch
 from harness.assets import atomic_file, cache_dir
 from harness.config import QuantConfig
 from quant.primitives import QTensor
-from quant.registry import METHODS, QuantContext, QuantOutcome
+from harness.environment import sources_sha
+from quant.registry import METHODS, QuantContext, QuantOutcome, method_sources
 
 CACHE_VERSION = 3  # bump when a method changes what it computes (2: clipping on a random token subset; 3: Gram clip)
 
@@ -22,7 +23,8 @@ CACHE_VERSION = 3  # bump when a method changes what it computes (2: clipping on
 def quant_key(model_sha: str, cfg: QuantConfig, dtype: str, calib_id: dict | None = None) -> str:
     """`calib_id`: what the calibration samples are made of (harness.data.calibration_identity: the text's sha256,
     tokenizer, BOS); left out for methods that do not calibrate."""
-    blob = {"v": CACHE_VERSION, "model": model_sha, "dtype": dtype, "quant": dataclasses.asdict(cfg)}
+    blob = {"v": CACHE_VERSION, "model": model_sha, "dtype": dtype, "quant": dataclasses.asdict(cfg),
+            "code": sources_sha(method_sources(cfg.method))}  # the method's sources: new code, new weights
     if calib_id is not None and METHODS.get(cfg.method).needs_calibration:
         blob["calibration"] = calib_id
     blob = json.dumps(blob, sort_keys=True)

@@ -33,6 +33,21 @@ class QuantMethod(Protocol):
 
 METHODS: Registry[QuantMethod] = Registry("quantization method (quant.method)")
 
+# the sources that determine what each method computes (its code version: harness.environment.code_version), beside
+# what every method shares; a method registered without an entry fails tests/quant/test_code_version.py
+COMMON_SOURCES = ["quant/primitives.py", "quant/surgery.py", "quant/registry.py"]
+METHOD_SOURCES = {
+    "fp16": [],
+    "rtn": ["quant/rtn.py"],
+    "awq": ["quant/awq/method.py", "quant/awq/search.py", "quant/awq/fold.py", "harness/architectures.py"],
+}
+
+
+def method_sources(name: str) -> list[str]:
+    if name not in METHOD_SOURCES:
+        raise KeyError(f"quantization method {name!r} has no entry in quant.registry.METHOD_SOURCES")
+    return COMMON_SOURCES + METHOD_SOURCES[name]
+
 
 def method(name: str, needs_calibration: bool):
     def deco(fn):

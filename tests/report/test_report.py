@@ -357,3 +357,24 @@ def test_bos_is_stated_under_each_table_and_separates_records():
     lines = [n for t in tables for n in M.notes(t) if n.startswith("BOS:")]
     assert len(lines) == 2
     assert "none" in lines[0] and "token 2 heads every window" in lines[1]
+
+
+def test_a_row_held_by_two_records_shows_the_newest_and_says_what_was_dropped(tmp_path, capsys):
+    old = make_record(extra={"word_perplexity": {"milton": {"word_perplexity": 900.0}}})
+    old["code_version"] = {"hash": "aaaa", "parts": {}}
+    new = make_record(ppl=(95.0, 42.0))
+    new["code_version"] = {"hash": "bbbb", "parts": {}}
+    new["provenance"]["hardware"] = {"cpu_model": "Other CPU", "cpu_count": 8}
+    (t,) = T.build_tables([new, old])  # order of the files does not matter: the newest is shown
+    (row,) = t.rows
+    assert next(iter(row.records.values())) is new
+    (msg,) = t.dropped
+    assert msg.startswith(f"Dropped record {old['run_id']}") and "aaaa vs bbbb" in msg
+    assert "machine AMD EPYC (2 cores) vs Other CPU (8 cores)" in msg and "word_perplexity cells" in msg
+    assert msg in M.notes(t)
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    for i, r in enumerate((old, new)):
+        (runs / f"{i}.json").write_text(json.dumps(r))
+    R.main(["--results-dir", str(tmp_path), "--no-figures", "--no-notebook"])
+    assert f"Dropped record {old['run_id']}" in capsys.readouterr().err
