@@ -24,11 +24,12 @@ from harness.models import load_model, load_tokenizer, model_summary, resolve_mo
 from harness.log import logger
 from harness.environment import changed_parts, code_version, machine_name
 from harness.records import load_record, make_record, provenance, record_path, run_id, write_json_atomic
-from harness.synthetic import refuse_quality_metrics
+from harness.synthetic import refuse_quality_metrics, without_quality_metrics
 from backends import BACKENDS
 from eval import EvalContext, ordered_names, preflight
 from eval.registry import evaluator_sources
 from quant import METHODS, QuantContext, QuantOutcome, quantized_cache
+from quant.onload import Placement, peak_memory
 from quant.registry import method_sources
 
 
@@ -75,6 +76,10 @@ def prepare(cfg: RunConfig) -> Prepared:
     return Prepared(resolved, tok, windows, texts, shas, bos)
 
 
+def any_evaluator_enabled(cfg: RunConfig) -> bool:
+    return any(getattr(getattr(cfg.eval, name, None), "enabled", False) for name in ordered_names())
+
+
 def kv_cache_factory(cfg: RunConfig, model):
     if cfg.kv.bits == 16:
         return None
@@ -83,12 +88,13 @@ def kv_cache_factory(cfg: RunConfig, model):
     return lambda: QuantizedKVCache(model.config, bits=cfg.kv.bits)
 
 
-def quantize(cfg: RunConfig, model, prep: Prepared, calib, calib_state: dict) -> QuantOutcome:
+def quantize(cfg: RunConfig, model, prep: Prepared, calib, calib_state: dict,
+             placement: Placement = Placement()) -> QuantOutcome:
     """Quantize in place, through the content-addressed cache (methods other than fp16)."""
     calib_id = (calibration_identity(cfg.quant.calib, prep.tokenizer, prep.bos_token_id)
                 if METHODS.get(cfg.quant.method).needs_calibration else None)  # loads the text only when needed
     return quantized_cache.quantize_cached(model, cfg.quant, prep.resolved.model_sha, cfg.model.dtype,
-                                           QuantContext(calibration=calib, progress=cfg.progress), calib_state,
+                                           QuantContext(calibration=calib, progress=cfg.progress, placement=placement), calib_state,
                                            force=cfg.force, log=log, calib_id=calib_id)
 
 
@@ -127,6 +133,10 @@ def stale_reason(rec: dict, cfg: RunConfig) -> str | None:
 
 
 def run(cfg: RunConfig) -> dict:
+    cfg, off = without_quality_metrics(cfg)
+    if off:
+        log(f"model.weights: random ({cfg.model.path}): quality has no meaning on random weights; switched off "
+            f"{', '.join(off)} (quantization, timings and memory only)")
     path = record_path(cfg)
     if path.exists() and not cfg.force:
         rec = load_record(path)
@@ -144,16 +154,24 @@ def run(cfg: RunConfig) -> dict:
     prep = prepare(cfg)
     timings["prepare"] = time.perf_counter() - t
 
+    place = Placement.of(cfg.model.device, cfg.offload)
     t = time.perf_counter()
-    log(f"loading {cfg.model.name} ({prep.resolved.origin})")
-    model = load_model(prep.resolved, cfg.model)
+    log(f"loading {cfg.model.name} ({prep.resolved.origin})" + (" into host memory; blocks onload to "
+                                                                 f"{place.compute} in turn" if place.offload else ""))
+    model = load_model(prep.resolved, cfg.model, device="cpu" if place.offload else None)
     timings["load_model"] = time.perf_counter() - t
 
     calib, calib_state = calibration_provider(cfg.quant.calib, prep.tokenizer, prep.bos_token_id)
+    if place.compute.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(place.compute)
     t = time.perf_counter()
-    outcome = quantize(cfg, model, prep, calib, calib_state)
+    outcome = quantize(cfg, model, prep, calib, calib_state, place)
     timings["quantize"] = time.perf_counter() - t
-    timings.update({f"quantize.{k}": v for k, v in outcome.timings_s.items()})
+    timings.update({f"quantize.{k}": v for k, v in outcome.timings_s.items()
+                    if isinstance(v, (int, float))})
+    outcome.summary["peak_memory_quantize"] = peak_memory(place.compute)
+    if place.offload and any_evaluator_enabled(cfg):
+        model.to(place.compute)  # evaluation runs the whole model where the config says
 
     metrics: dict = {"quant": outcome.summary}
 

@@ -100,14 +100,15 @@ def load_tokenizer(resolved: ResolvedModel, cfg: ModelConfig):
     return AutoTokenizer.from_pretrained(resolved.directory, trust_remote_code=cfg.trust_remote_code, **kw)
 
 
-def load_model(resolved: ResolvedModel, cfg: ModelConfig):
+def load_model(resolved: ResolvedModel, cfg: ModelConfig, device: str | None = None):
+    """The model in cfg.dtype on `device` (default cfg.device; the host when a quantizer onloads blocks itself)."""
     from transformers import AutoModelForCausalLM
 
     kw = {"gguf_file": resolved.gguf_file} if resolved.gguf_file else {}
     model = AutoModelForCausalLM.from_pretrained(
         resolved.directory, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code, **kw
     )
-    model.to(cfg.device).eval()
+    model.to(device or cfg.device).eval()
     return model
 
 

@@ -9,12 +9,14 @@ import torch
 
 from harness.config import QuantConfig
 from harness.registry import Registry
+from quant.onload import Placement
 
 
 @dataclass
 class QuantContext:
     calibration: Callable[[], torch.Tensor]  # lazily gives [n_samples, seqlen] token ids
     progress: bool = True
+    placement: Placement = field(default_factory=Placement)  # where blocks compute, where weights rest (quant.onload)
 
 
 @dataclass

@@ -148,7 +148,9 @@ def awq(model, cfg: QuantConfig, ctx: QuantContext) -> QuantOutcome:
     vocab = model.get_input_embeddings().weight.shape[0]
     if int(samples.max()) >= vocab:
         raise ValueError(f"calibration token id {int(samples.max())} is outside the model's vocabulary ({vocab})")
-    x, block_kwargs = capture_block_inputs(model, arch, samples)
+    place = ctx.placement
+    with place.capture(model, get_blocks(model, arch)):
+        x, block_kwargs = capture_block_inputs(model, arch, samples)
     timings["calibration_capture"] = time.perf_counter() - t
 
     # clipping scores a seeded random subset of calibration tokens. (llm-awq takes every k-th token; with k a
@@ -166,77 +168,21 @@ def awq(model, cfg: QuantConfig, ctx: QuantContext) -> QuantOutcome:
     capture = sorted(set(keys.values()))
     qtensors, chosen_alpha = {}, {}
     t_search = t_clip = t_fwd = t_quant = 0.0
+    block_s = []
     blocks = get_blocks(model, arch)
     bar = tqdm(blocks, desc=f"awq w{cfg.w_bit} g{cfg.group_size}", disable=not ctx.progress, leave=False)
     for i, block in enumerate(bar):
-        prefix = f"{arch.blocks}.{i}"
-        kwargs = block_kwargs[i]  # what the real forward passes to this block
-        t = time.perf_counter()
-        x_next, feats = run_block(block, x, kwargs, capture)
-        # mean |x| per input channel of every captured input: AWQ's statistic, and a NaN/Inf anywhere makes it non-finite
-        x_means = {name: act_absmean(f) for name, f in feats.items()}
-        t_fwd += time.perf_counter() - t
-        for name, m in x_means.items():
-            if not torch.isfinite(m).all():
-                raise FloatingPointError(f"calibration activations at the input of {prefix}.{name} contain NaN/Inf "
-                                         f"(check model.dtype and the calibration data)")
-
-        # 2-3. scales: search every group on the original block, then fold them all (llm-awq auto_scale_block)
-        t = time.perf_counter()
-        plans = []
-        for grp in arch.groups:
-            if grp.when is not None and not grp.when(block):
-                continue
-            lins = [block.get_submodule(n) for n in grp.linears]
-            gsz = [sizes[f"{prefix}.{n}"] for n in grp.linears]
-            feat = feats[keys[grp.linears[0]]]
-            if cfg.search_scale:
-                def qw(w, j, gsz=gsz):
-                    return fake_quantize(w, cfg.w_bit, gsz[j], cfg.zero_point)
-                w_mean = weight_absmean([lin.weight for lin in lins], gsz[0]) if cfg.duo_scaling else None
-                if search_idx is not None and not grp.inspect_takes_block_kwargs:
-                    xs = feat.reshape(-1, feat.shape[-1])[search_idx].unsqueeze(0)  # one pseudo-sequence of tokens
-                else:
-                    xs = feat[: cfg.search_samples]
-                s, alpha, _ = search_scale(_inspect_fn(block, grp, kwargs), xs, lins, x_means[keys[grp.linears[0]]], qw,
-                                           cfg.n_grid, w_mean, cfg.scale_grid)
-                chosen_alpha[f"{prefix}.{grp.linears[0]}"] = alpha
-            else:
-                s = smoothing_scale(act_absmax(feat), weight_absmean([lin.weight for lin in lins], gsz[0]), cfg.smooth_ratio)
-            plans.append((grp, s))
-        for grp, s in plans:
-            apply_scale_(block, grp.prev_op, grp.prev_kind, grp.linears, s)
-            key = keys[grp.linears[0]]
-            feats[key].div_(s.to(feats[key].dtype))
-        t_search += time.perf_counter() - t
-
-        # 4. clipping search on the scaled weights and inputs (one Gram matrix per input, shared by its Linears)
-        t = time.perf_counter()
-        if cfg.clip:
-            grams: dict[tuple[str, int], torch.Tensor] = {}
-            for rel in arch.linears:
-                if rel in arch.no_clip:
-                    continue
-                lin = block.get_submodule(rel)
-                gsz = sizes[f"{prefix}.{rel}"]
-                key = (keys[rel], gsz)
-                if key not in grams:
-                    feat = feats[keys[rel]].reshape(-1, lin.in_features)
-                    grams[key] = group_gram(feat if clip_idx is None else feat[clip_idx], gsz)
-                max_val = search_clip(lin.weight.data, None, cfg.w_bit, gsz, cfg.zero_point, cfg.clip_n_grid,
-                                      cfg.clip_max_shrink, gram=grams[key])
-                apply_clip_(lin, max_val)
-            del grams
-        t_clip += time.perf_counter() - t
-
-        # 5. quantize
-        t = time.perf_counter()
-        for rel in arch.linears:
-            name = f"{prefix}.{rel}"
-            qtensors[name] = quantize_linear_(block.get_submodule(rel), cfg.w_bit, sizes[name], cfg.zero_point)
-        t_quant += time.perf_counter() - t
-        x = x_next
-        del feats
+        t_block = time.perf_counter()
+        t_acc: dict[str, float] = {}
+        with place.block(block):  # what the real forward passes to this block: block_kwargs[i]
+            x = _awq_block(block, i, x, block_kwargs[i], arch, cfg, sizes, keys, capture, search_idx, clip_idx,
+                           qtensors, chosen_alpha, t_acc)
+        t_fwd += t_acc["fwd"]
+        t_search += t_acc["search"]
+        t_clip += t_acc["clip"]
+        t_quant += t_acc["quant"]
+        place.to_host({n: q for n, q in qtensors.items() if n.startswith(f"{arch.blocks}.{i}.")})
+        block_s.append(time.perf_counter() - t_block)
 
     timings.update(block_forward=t_fwd, scale_search=t_search, clip_search=t_clip, quantize=t_quant)
     summary = {
@@ -248,6 +194,83 @@ def awq(model, cfg: QuantConfig, ctx: QuantContext) -> QuantOutcome:
         "scale_grid": cfg.scale_grid,
         "layers_quantized": len(qtensors), "group_fallback_layers": fallbacks,
         "alpha_mean": sum(chosen_alpha.values()) / len(chosen_alpha) if chosen_alpha else None,
+        "block_seconds": block_s, "placement": {"compute": str(place.compute), "offload": place.offload},
         **packed_weight_bytes(model, qtensors),
     }
     return QuantOutcome(summary=summary, timings_s=timings, qtensors=qtensors)
+
+
+def _awq_block(block, i, x, kwargs, arch, cfg, sizes, keys, capture, search_idx, clip_idx, qtensors, chosen_alpha,
+               t_acc) -> torch.Tensor:
+    """One decoder block, on whatever device it and `x` are on: forward (capture), scale search and fold, clip search,
+    quantize. Fills qtensors / chosen_alpha, adds stage seconds to t_acc, returns the block's outputs (the next
+    block's inputs)."""
+    t_search = t_clip = t_fwd = t_quant = 0.0
+    prefix = f"{arch.blocks}.{i}"
+    t = time.perf_counter()
+    x_next, feats = run_block(block, x, kwargs, capture)
+    # mean |x| per input channel of every captured input: AWQ's statistic, and a NaN/Inf anywhere makes it non-finite
+    x_means = {name: act_absmean(f) for name, f in feats.items()}
+    t_fwd += time.perf_counter() - t
+    for name, m in x_means.items():
+        if not torch.isfinite(m).all():
+            raise FloatingPointError(f"calibration activations at the input of {prefix}.{name} contain NaN/Inf "
+                                     f"(check model.dtype and the calibration data)")
+
+    # 2-3. scales: search every group on the original block, then fold them all (llm-awq auto_scale_block)
+    t = time.perf_counter()
+    plans = []
+    for grp in arch.groups:
+        if grp.when is not None and not grp.when(block):
+            continue
+        lins = [block.get_submodule(n) for n in grp.linears]
+        gsz = [sizes[f"{prefix}.{n}"] for n in grp.linears]
+        feat = feats[keys[grp.linears[0]]]
+        if cfg.search_scale:
+            def qw(w, j, gsz=gsz):
+                return fake_quantize(w, cfg.w_bit, gsz[j], cfg.zero_point)
+            w_mean = weight_absmean([lin.weight for lin in lins], gsz[0]) if cfg.duo_scaling else None
+            if search_idx is not None and not grp.inspect_takes_block_kwargs:
+                xs = feat.reshape(-1, feat.shape[-1])[search_idx].unsqueeze(0)  # one pseudo-sequence of tokens
+            else:
+                xs = feat[: cfg.search_samples]
+            s, alpha, _ = search_scale(_inspect_fn(block, grp, kwargs), xs, lins, x_means[keys[grp.linears[0]]], qw,
+                                       cfg.n_grid, w_mean, cfg.scale_grid)
+            chosen_alpha[f"{prefix}.{grp.linears[0]}"] = alpha
+        else:
+            s = smoothing_scale(act_absmax(feat), weight_absmean([lin.weight for lin in lins], gsz[0]), cfg.smooth_ratio)
+        plans.append((grp, s))
+    for grp, s in plans:
+        apply_scale_(block, grp.prev_op, grp.prev_kind, grp.linears, s)
+        key = keys[grp.linears[0]]
+        feats[key].div_(s.to(feats[key].dtype))
+    t_search += time.perf_counter() - t
+
+    # 4. clipping search on the scaled weights and inputs (one Gram matrix per input, shared by its Linears)
+    t = time.perf_counter()
+    if cfg.clip:
+        grams: dict[tuple[str, int], torch.Tensor] = {}
+        for rel in arch.linears:
+            if rel in arch.no_clip:
+                continue
+            lin = block.get_submodule(rel)
+            gsz = sizes[f"{prefix}.{rel}"]
+            key = (keys[rel], gsz)
+            if key not in grams:
+                feat = feats[keys[rel]].reshape(-1, lin.in_features)
+                grams[key] = group_gram(feat if clip_idx is None else feat[clip_idx], gsz)
+            max_val = search_clip(lin.weight.data, None, cfg.w_bit, gsz, cfg.zero_point, cfg.clip_n_grid,
+                                  cfg.clip_max_shrink, gram=grams[key])
+            apply_clip_(lin, max_val)
+        del grams
+    t_clip += time.perf_counter() - t
+
+    # 5. quantize
+    t = time.perf_counter()
+    for rel in arch.linears:
+        name = f"{prefix}.{rel}"
+        qtensors[name] = quantize_linear_(block.get_submodule(rel), cfg.w_bit, sizes[name], cfg.zero_point)
+    t_quant += time.perf_counter() - t
+    del feats
+    t_acc.update(fwd=t_fwd, search=t_search, clip=t_clip, quant=t_quant)
+    return x_next
