@@ -69,9 +69,12 @@ class LocalModels:
     def weights_key(self, cfg: RunConfig) -> str:
         if cfg.quant.method == "fp16":
             return "fp16"
+        from harness.data import bos_token_id, calibration_identity
         from quant import quantized_cache as quant_cache
 
-        return quant_cache.quant_key(self.resolved.model_sha, cfg.quant, cfg.model.dtype)
+        calib_id = (calibration_identity(cfg.quant.calib, self.tokenizer, bos_token_id(self.tokenizer, cfg.data.add_bos))
+                    if self.needs_calibration(cfg) else None)
+        return quant_cache.quant_key(self.resolved.model_sha, cfg.quant, cfg.model.dtype, calib_id)
 
     def state(self, cfg: RunConfig) -> str:
         """loaded | cached (quantized weights on disk) | missing (must be quantized first)."""
@@ -99,7 +102,7 @@ class LocalModels:
         with lock:
             if key in self._models:
                 return self._models[key]
-            from harness.data import calibration_provider
+            from harness.data import bos_token_id, calibration_identity, calibration_provider
             from harness.models import load_model
             from quant import QuantContext, quantized_cache
 
@@ -111,10 +114,12 @@ class LocalModels:
                 status(f"{label}: restoring quantized weights from the cache" if was == "cached" else
                        f"{label}: quantizing now (not in the quantized cache yet)"
                        + ("; calibrating first" if self.needs_calibration(cfg) else ""))
-                calib, calib_state = calibration_provider(cfg.quant.calib, self.tokenizer)
+                bos = bos_token_id(self.tokenizer, cfg.data.add_bos)
+                calib, calib_state = calibration_provider(cfg.quant.calib, self.tokenizer, bos)
                 t = time.perf_counter()
                 quantized_cache.quantize_cached(model, cfg.quant, self.resolved.model_sha, cfg.model.dtype,
-                                                QuantContext(calibration=calib, progress=cfg.progress), calib_state)
+                                                QuantContext(calibration=calib, progress=cfg.progress), calib_state,
+                                                calib_id=calibration_identity(cfg.quant.calib, self.tokenizer, bos))
                 status(f"{label}: ready in {time.perf_counter() - t:.1f} s")
             model.eval()
             self._warm_up(model)

@@ -67,7 +67,7 @@ def export(d: Path, overrides: list[str]) -> None:
     cfg = compose(overrides)
     prep = prepare(cfg)
     model = load_model(prep.resolved, cfg.model)
-    calib, _ = calibration_provider(cfg.quant.calib, prep.tokenizer)
+    calib, _ = calibration_provider(cfg.quant.calib, prep.tokenizer, prep.bos_token_id)
     t = time.perf_counter()
     outcome = METHODS.get(cfg.quant.method)(model, cfg.quant, QuantContext(calibration=calib, progress=False))
     t_quant = time.perf_counter() - t

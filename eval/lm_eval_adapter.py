@@ -20,11 +20,13 @@ from eval.forward import cache_kwargs, forward
 
 class HarnessLM(HFLM):
     def __init__(self, model: torch.nn.Module, tokenizer, batch_size: int = 8, max_length: Optional[int] = None,
-                 kv_cache_factory: Optional[Callable[[], object]] = None, softmax_dtype=None):
+                 kv_cache_factory: Optional[Callable[[], object]] = None, softmax_dtype=None,
+                 add_bos_token: Optional[bool] = None):
         # HFLM warns at length that a pre-built model skips its loading options; that is the point here
         logging.getLogger("lm_eval.models.huggingface").setLevel(logging.ERROR)
         super().__init__(pretrained=model, tokenizer=copy.deepcopy(tokenizer),  # HFLM may set a pad token on it
-                         backend="causal", batch_size=batch_size, max_length=max_length, softmax_dtype=softmax_dtype)
+                         backend="causal", batch_size=batch_size, max_length=max_length, softmax_dtype=softmax_dtype,
+                         add_bos_token=add_bos_token)
         self.kv_cache_factory = kv_cache_factory
 
     def _model_call(self, inps: torch.Tensor, attn_mask=None, labels=None) -> torch.Tensor:
@@ -44,7 +46,12 @@ class HarnessLM(HFLM):
                 "model_dtype": str(self.model.dtype)}
 
 
+# data.add_bos -> HFLM's add_bos_token: None is lm-eval's own default (the tokenizer's add_special_tokens behaviour),
+# the convention `auto` follows for the harness's windows (harness.data.bos_token_id)
+ADD_BOS_TOKEN = {"auto": None, "true": True, "false": False}
+
+
 def from_context(ctx, batch_size: int, max_length: Optional[int] = None) -> HarnessLM:
     """The run's model under test (weights and KV numerics as configured) as an lm-eval LM."""
     return HarnessLM(ctx.model, ctx.tokenizer, batch_size=batch_size, max_length=max_length,
-                     kv_cache_factory=ctx.kv_cache_factory)
+                     kv_cache_factory=ctx.kv_cache_factory, add_bos_token=ADD_BOS_TOKEN[ctx.cfg.data.add_bos])

@@ -34,6 +34,24 @@ EVALUATORS: Registry[Callable[[EvalContext], Optional[dict]]] = Registry("evalua
 ORDER = ["perplexity", "word_perplexity", "fidelity", "tasks", "memory", "throughput"]
 
 
+# the sources that determine each evaluator's numbers (its code version: harness.environment.code_version); an
+# evaluator registered without an entry fails tests/quant/test_code_version.py
+EVALUATOR_SOURCES = {
+    "perplexity": ["eval/perplexity.py"],
+    "word_perplexity": ["eval/word_perplexity.py", "eval/lm_eval_adapter.py"],
+    "fidelity": ["eval/fidelity.py", "eval/perplexity.py"],
+    "tasks": ["eval/tasks_eval.py", "eval/lm_eval_adapter.py", "eval/tasks"],
+    "memory": ["eval/memory.py", "harness/storage_bytes.py"],
+    "throughput": ["eval/throughput.py", "quant/kernels"],
+}
+
+
+def evaluator_sources(name: str) -> list[str]:
+    if name not in EVALUATOR_SOURCES:
+        raise KeyError(f"evaluator {name!r} has no entry in eval.registry.EVALUATOR_SOURCES")
+    return EVALUATOR_SOURCES[name]
+
+
 def evaluator(name: str):
     return EVALUATORS.register(name)
 

@@ -17,15 +17,20 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig
 
-from harness.config import RunConfig
-from harness.data import TEXT_SOURCES, calibration_provider, eval_windows, load_text, text_sha256, tokenize_cached
+from harness.config import ConfigError, RunConfig
+from harness.data import (TEXT_SOURCES, bos_token_id, calibration_identity, calibration_provider, eval_windows, load_text, text_sha256,
+                          tokenize_cached)
 from harness.models import load_model, load_tokenizer, model_summary, resolve_model
 from harness.log import logger
+from harness.environment import changed_parts, code_version, machine_name
 from harness.records import load_record, make_record, provenance, record_path, run_id, write_json_atomic
-from harness.synthetic import refuse_quality_metrics
+from harness.synthetic import refuse_quality_metrics, without_quality_metrics
 from backends import BACKENDS
-from eval import EvalContext, preflight
+from eval import EvalContext, ordered_names, preflight
+from eval.registry import evaluator_sources
 from quant import METHODS, QuantContext, QuantOutcome, quantized_cache
+from quant.onload import Placement, peak_memory
+from quant.registry import method_sources
 
 
 log = logger("run")
@@ -40,6 +45,7 @@ class Prepared:
     windows: dict  # split -> [n, seqlen] token ids
     texts: dict
     split_sha: dict
+    bos_token_id: int | None  # at the head of every window and calibration sample (data.add_bos)
 
 
 def prepare(cfg: RunConfig) -> Prepared:
@@ -57,13 +63,21 @@ def prepare(cfg: RunConfig) -> Prepared:
     resolved = resolve_model(cfg.model)
     preflight(cfg, AutoConfig.from_pretrained(resolved.directory, trust_remote_code=cfg.model.trust_remote_code))
     tok = load_tokenizer(resolved, cfg.model)
+    try:
+        bos = bos_token_id(tok, cfg.data.add_bos)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     windows, shas, texts = {}, {}, {}
     for split in cfg.data.splits:
         text = texts[split] = load_text(split)
         shas[split] = text_sha256(text)[:16]
         ids = tokenize_cached(tok, text)
-        windows[split] = eval_windows(ids, cfg.eval.perplexity.seqlen, cfg.eval.perplexity.max_windows, split)
-    return Prepared(resolved, tok, windows, texts, shas)
+        windows[split] = eval_windows(ids, cfg.eval.perplexity.seqlen, cfg.eval.perplexity.max_windows, split, bos)
+    return Prepared(resolved, tok, windows, texts, shas, bos)
+
+
+def any_evaluator_enabled(cfg: RunConfig) -> bool:
+    return any(getattr(getattr(cfg.eval, name, None), "enabled", False) for name in ordered_names())
 
 
 def kv_cache_factory(cfg: RunConfig, model):
@@ -74,20 +88,64 @@ def kv_cache_factory(cfg: RunConfig, model):
     return lambda: QuantizedKVCache(model.config, bits=cfg.kv.bits)
 
 
-def quantize(cfg: RunConfig, model, model_sha: str, calib, calib_state: dict) -> QuantOutcome:
+def quantize(cfg: RunConfig, model, prep: Prepared, calib, calib_state: dict,
+             placement: Placement = Placement()) -> QuantOutcome:
     """Quantize in place, through the content-addressed cache (methods other than fp16)."""
-    return quantized_cache.quantize_cached(model, cfg.quant, model_sha, cfg.model.dtype,
-                                           QuantContext(calibration=calib, progress=cfg.progress), calib_state,
-                                           force=cfg.force, log=log)
+    calib_id = (calibration_identity(cfg.quant.calib, prep.tokenizer, prep.bos_token_id)
+                if METHODS.get(cfg.quant.method).needs_calibration else None)  # loads the text only when needed
+    return quantized_cache.quantize_cached(model, cfg.quant, prep.resolved.model_sha, cfg.model.dtype,
+                                           QuantContext(calibration=calib, progress=cfg.progress, placement=placement), calib_state,
+                                           force=cfg.force, log=log, calib_id=calib_id)
+
+
+# sources behind every run's numbers, beside the method's (quant.registry.METHOD_SOURCES) and each enabled
+# evaluator's (eval.registry.EVALUATOR_SOURCES)
+RUN_SOURCES = ["harness/data.py", "harness/corpus.py", "eval/forward.py"]
+
+
+def code_version_of(cfg: RunConfig) -> dict:
+    """The version of the code that determines `cfg`'s numbers, part by part (harness.environment.code_version)."""
+    parts = {"data": RUN_SOURCES, f"quant.{cfg.quant.method}": method_sources(cfg.quant.method),
+             f"backends.{cfg.backend.name}": [f"backends/{cfg.backend.name}.py"]}
+    if cfg.kv.bits != 16:
+        parts["quant.kv_cache"] = ["quant/kv_cache.py"]
+    for name in ordered_names():
+        section = getattr(cfg.eval, name, None)
+        if section is None or getattr(section, "enabled", True):
+            parts[f"eval.{name}"] = evaluator_sources(name)
+    return code_version(parts)
+
+
+def stale_reason(rec: dict, cfg: RunConfig) -> str | None:
+    """Why an existing complete record cannot stand for `cfg` now, or None: other code made it, or (for a record with
+    throughput) another machine measured it."""
+    now = code_version_of(cfg)
+    old = rec.get("code_version")
+    if not old:
+        return "made before records carried a code_version"
+    if old.get("hash") != now["hash"]:
+        return f"made by other code ({', '.join(changed_parts(old, now))} changed)"
+    if (rec.get("metrics") or {}).get("throughput") is not None:
+        here, there = machine_name(), (rec.get("provenance") or {}).get("machine")
+        if there != here:
+            return f"throughput measured on another machine ({there}; this is {here})"
+    return None
 
 
 def run(cfg: RunConfig) -> dict:
+    cfg, off = without_quality_metrics(cfg)
+    if off:
+        log(f"model.weights: random ({cfg.model.path}): quality has no meaning on random weights; switched off "
+            f"{', '.join(off)} (quantization, timings and memory only)")
     path = record_path(cfg)
     if path.exists() and not cfg.force:
         rec = load_record(path)
         if rec.get("status") == "complete":
-            log(f"record {path} exists (run_id {rec['run_id']}); reusing it (force=true recomputes)")
-            return rec
+            why = stale_reason(rec, cfg)
+            if why is None:
+                log(f"record {path} exists (run_id {rec['run_id']}); reusing it (force=true recomputes)")
+                return rec
+            log(f"record {path} {why}; recomputing")
     t_start = time.perf_counter()
     timings = {}
     torch.manual_seed(cfg.seed)
@@ -96,16 +154,24 @@ def run(cfg: RunConfig) -> dict:
     prep = prepare(cfg)
     timings["prepare"] = time.perf_counter() - t
 
+    place = Placement.of(cfg.model.device, cfg.offload)
     t = time.perf_counter()
-    log(f"loading {cfg.model.name} ({prep.resolved.origin})")
-    model = load_model(prep.resolved, cfg.model)
+    log(f"loading {cfg.model.name} ({prep.resolved.origin})" + (" into host memory; blocks onload to "
+                                                                 f"{place.compute} in turn" if place.offload else ""))
+    model = load_model(prep.resolved, cfg.model, device="cpu" if place.offload else None)
     timings["load_model"] = time.perf_counter() - t
 
-    calib, calib_state = calibration_provider(cfg.quant.calib, prep.tokenizer)
+    calib, calib_state = calibration_provider(cfg.quant.calib, prep.tokenizer, prep.bos_token_id)
+    if place.compute.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(place.compute)
     t = time.perf_counter()
-    outcome = quantize(cfg, model, prep.resolved.model_sha, calib, calib_state)
+    outcome = quantize(cfg, model, prep, calib, calib_state, place)
     timings["quantize"] = time.perf_counter() - t
-    timings.update({f"quantize.{k}": v for k, v in outcome.timings_s.items()})
+    timings.update({f"quantize.{k}": v for k, v in outcome.timings_s.items()
+                    if isinstance(v, (int, float))})
+    outcome.summary["peak_memory_quantize"] = peak_memory(place.compute)
+    if place.offload and any_evaluator_enabled(cfg):
+        model.to(place.compute)  # evaluation runs the whole model where the config says
 
     metrics: dict = {"quant": outcome.summary}
 
@@ -123,9 +189,10 @@ def run(cfg: RunConfig) -> dict:
         "reference_note": cfg.model.reference_note,
         "model": model_summary(model),
         "data_sha256": prep.split_sha,
+        "bos_token_id": prep.bos_token_id,  # at the head of every window and calibration sample (None: no BOS)
         "seed": cfg.seed,
     })
-    record = make_record(cfg, metrics, prov, timings)
+    record = make_record(cfg, metrics, prov, timings, code_version=code_version_of(cfg))
     write_json_atomic(path, record)
     log(f"wrote {path} (run_id {run_id(cfg)}, {timings['total']:.1f} s)")
     return record
@@ -133,4 +200,7 @@ def run(cfg: RunConfig) -> dict:
 
 def record_exists(cfg: RunConfig) -> bool:
     p = Path(record_path(cfg))
-    return p.exists() and load_record(p).get("status") == "complete"
+    if not p.exists():
+        return False
+    rec = load_record(p)
+    return rec.get("status") == "complete" and stale_reason(rec, cfg) is None

@@ -57,6 +57,33 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, computed once and remembered in cache_dir()/file_sha256.json under the file's path,
+    size, mtime_ns and inode: an unchanged file is never read again, a touched or replaced one is hashed anew."""
+    import json
+
+    path = Path(path).resolve()  # hub snapshots are symlinks into a blob store: key the real file
+    st = path.stat()
+    stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
+    memo = cache_dir() / "file_sha256.json"
+    try:
+        known = json.loads(memo.read_text())
+    except (OSError, ValueError):
+        known = {}
+    hit = known.get(str(path))
+    if hit and hit[:3] == stamp:
+        return hit[3]
+    sha = sha256_file(path)
+    try:  # re-read: another process may have added entries meanwhile (a lost entry only costs a rehash)
+        known = json.loads(memo.read_text())
+    except (OSError, ValueError):
+        known = {}
+    known[str(path)] = stamp + [sha]
+    with atomic_file(memo) as tmp:
+        tmp.write_text(json.dumps(known, indent=0, sort_keys=True))
+    return sha
+
+
 class AssetError(RuntimeError):
     pass
 

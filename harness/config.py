@@ -41,9 +41,14 @@ class DataConfig:
     name: str = MISSING
     # text sources scored for perplexity (names registered in harness.data.TEXT_SOURCES)
     splits: list[str] = field(default_factory=list)
+    # a BOS token at the head of every evaluation window and calibration sample: auto (lm-eval's convention: when the
+    # tokenizer defines one and adds it itself) | true | false (harness.data.bos_token_id)
+    add_bos: str = "auto"
 
     def validate(self) -> None:
         _require(len(self.splits) > 0, "data.splits", "needs at least one split")
+        self.add_bos = str(self.add_bos).lower()  # a command-line true/false arrives as a bool turned into "True"
+        _require(self.add_bos in ("auto", "true", "false"), "data.add_bos", f"{self.add_bos!r} is not one of auto, true, false")
 
 
 @dataclass
@@ -217,6 +222,9 @@ class RunConfig:
     results_dir: str = "results"
     force: bool = False  # recompute even if a record with the same run_id exists
     progress: bool = True
+    # with model.device=cuda: weights rest in host memory and each decoder block computes on the GPU in turn
+    # (quant/onload.py); the arithmetic is the same either way, so it is not part of the run's identity
+    offload: bool = True
 
     def validate(self) -> None:
         for part in (self.model, self.data, self.eval, self.quant, self.kv, self.backend):
@@ -224,7 +232,10 @@ class RunConfig:
 
 
 # fields that do not change a run's result, so they are left out of its identity hash
-NON_IDENTITY_FIELDS = ("results_dir", "force", "progress")
+NON_IDENTITY_FIELDS = ("results_dir", "force", "progress", "offload")
+# fields added after records existed, left out of a run's identity while they hold their default, so those records
+# keep their run_id (data.add_bos=auto gives the embedded SmolLM2 no BOS, exactly as before the field existed)
+LATE_FIELDS = {("data", "add_bos"): "auto"}
 
 
 def register_schemas() -> None:

@@ -123,26 +123,65 @@ def tokenize_cached(tokenizer, text: str) -> torch.Tensor:
     return ids
 
 
-def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None, split: str = "") -> torch.Tensor:
-    """GPTQ/AWQ paper protocol: non-overlapping windows of `seqlen` tokens from the start, remainder dropped."""
-    n = ids.numel() // seqlen
+def bos_token_id(tokenizer, add_bos: str = "auto") -> int | None:
+    """The token id put at the head of every evaluation window and calibration sample, or None for none.
+
+    `auto` follows lm-eval's convention: a BOS when the tokenizer defines one (`bos_token_id` set) *and* adds it
+    itself with add_special_tokens=True (Gemma, Llama-2); SmolLM2's tokenizer defines <|im_start|> as BOS but never
+    adds it, so it gets none. `true` forces the tokenizer's BOS (an error when it has none), `false` never adds one."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if add_bos == "false":
+        return None
+    if add_bos == "true":
+        if bos is None:
+            raise ValueError("data.add_bos=true, but the tokenizer defines no bos_token_id; use auto or false")
+        return int(bos)
+    if bos is None:
+        return None
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return int(bos) if ids and ids[0] == bos else None
+
+
+def _with_bos(rows: torch.Tensor, bos_id: int | None) -> torch.Tensor:
+    if bos_id is None:
+        return rows
+    return torch.cat([torch.full((rows.shape[0], 1), bos_id, dtype=rows.dtype), rows], dim=1)
+
+
+def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None, split: str = "",
+                 bos_id: int | None = None) -> torch.Tensor:
+    """GPTQ/AWQ paper protocol: non-overlapping windows of `seqlen` tokens from the start, remainder dropped.
+    With a BOS (`bos_id`), a window is the BOS plus the next seqlen-1 text tokens: windows keep their length, the
+    BOS is never a target, so every text token of a window is scored (lm-eval's convention)."""
+    body = seqlen - (bos_id is not None)
+    n = ids.numel() // body
     if n == 0:
         raise ValueError(f"split {split!r} has {ids.numel()} tokens, fewer than eval.perplexity.seqlen={seqlen}; lower seqlen")
     if max_windows is not None:
         n = min(n, max_windows)
-    return ids[: n * seqlen].view(n, seqlen)
+    return _with_bos(ids[: n * body].view(n, body), bos_id)
 
 
-def calibration_samples(ids: torch.Tensor, n_samples: int, seqlen: int, seed: int) -> torch.Tensor:
-    """`n_samples` windows of `seqlen` tokens at seeded random offsets (the GPTQ/llm-awq sampling of a long text)."""
-    if ids.numel() <= seqlen:
+def calibration_samples(ids: torch.Tensor, n_samples: int, seqlen: int, seed: int,
+                        bos_id: int | None = None) -> torch.Tensor:
+    """`n_samples` windows of `seqlen` tokens at seeded random offsets (the GPTQ/llm-awq sampling of a long text);
+    with a BOS, the BOS plus seqlen-1 text tokens (as the evaluation windows)."""
+    body = seqlen - (bos_id is not None)
+    if ids.numel() <= body:
         raise ValueError(f"calibration text has {ids.numel()} tokens, needs more than quant.calib.seqlen={seqlen}")
     g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, ids.numel() - seqlen, (n_samples,), generator=g)
-    return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+    starts = torch.randint(0, ids.numel() - body, (n_samples,), generator=g)
+    return _with_bos(torch.stack([ids[s : s + body] for s in starts.tolist()]), bos_id)
 
 
-def calibration_provider(calib, tokenizer):
+def calibration_identity(calib, tokenizer, bos_id: int | None) -> dict:
+    """What the calibration samples are made of, for cache keys: the text's bytes, the tokenizer, the BOS and the
+    sampling (`calib`: a CalibConfig)."""
+    return {"text_sha256": text_sha256(load_text(calib.dataset))[:16], "tokenizer": tokenizer_id(tokenizer),
+            "bos_token_id": bos_id, "n_samples": calib.n_samples, "seqlen": calib.seqlen, "seed": calib.seed}
+
+
+def calibration_provider(calib, tokenizer, bos_id: int | None = None):
     """Lazy calibration samples (`calib`: a CalibConfig), so methods that need none never pay for them. Returns
     (get, state): `get()` tokenizes and samples once; `state["samples"]` holds them after the first call."""
     state = {}
@@ -150,7 +189,7 @@ def calibration_provider(calib, tokenizer):
     def get():
         if "samples" not in state:
             ids = tokenize_cached(tokenizer, load_text(calib.dataset))
-            state["samples"] = calibration_samples(ids, calib.n_samples, calib.seqlen, calib.seed)
+            state["samples"] = calibration_samples(ids, calib.n_samples, calib.seqlen, calib.seed, bos_id)
         return state["samples"]
 
     return get, state

@@ -2,6 +2,7 @@
 used by run records (harness.records.provenance), benchmarks and GPU scripts alike."""
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import subprocess
@@ -39,6 +40,38 @@ def git_sha() -> str | None:
         return (sha + ("-dirty" if run("status", "--porcelain", "--untracked-files=no") else "")) or None
     except Exception:
         return None
+
+
+def sources_sha(paths) -> str:
+    """sha256 prefix of the bytes of source files (paths relative to the repository root; a folder means every file
+    under it but caches): the version of the code those files hold."""
+    h = hashlib.sha256()
+    for rel in sorted(paths):
+        p = REPO_ROOT / rel
+        files = sorted(f for f in p.rglob("*") if f.is_file() and "__pycache__" not in f.parts) if p.is_dir() else [p]
+        for f in files:
+            h.update(f"{f.relative_to(REPO_ROOT)}\n".encode())
+            h.update(f.read_bytes() if f.exists() else b"(missing)")
+    return h.hexdigest()[:12]
+
+
+def code_version(parts: dict) -> dict:
+    """{"hash": one hash over every part, "parts": {part name: hash of its sources}} for `parts` = {name: [paths]};
+    the parts name what changed when two versions differ."""
+    hashes = {name: sources_sha(paths) for name, paths in sorted(parts.items())}
+    return {"hash": hashlib.sha256(repr(sorted(hashes.items())).encode()).hexdigest()[:12], "parts": hashes}
+
+
+def changed_parts(old: dict | None, new: dict) -> list[str]:
+    """Names of the parts whose sources differ between two code versions (every part when `old` is missing)."""
+    old_parts = (old or {}).get("parts", {})
+    return [k for k in sorted(new["parts"].keys() | old_parts.keys()) if old_parts.get(k) != new["parts"].get(k)]
+
+
+def machine_name(hw: dict | None = None) -> str:
+    """What a throughput number was measured on: the GPU's name where there is one, else the CPU model."""
+    hw = hardware() if hw is None else hw
+    return hw.get("gpu") or hw.get("cpu_model") or hw.get("processor") or "unknown"
 
 
 def gpu() -> dict:

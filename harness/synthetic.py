@@ -323,6 +323,20 @@ def quality_metrics_enabled(cfg: RunConfig) -> list[str]:
     return [n for n, on in names if on]
 
 
+def without_quality_metrics(cfg: RunConfig) -> tuple[RunConfig, list[str]]:
+    """For random weights: a copy of `cfg` with every quality evaluator switched off, and their names (so a
+    quantize-only run on a synthetic checkpoint goes on, saying what it left out); other configs unchanged."""
+    on = quality_metrics_enabled(cfg) if cfg.model.weights == "random" else []
+    if not on:
+        return cfg, []
+    import copy
+
+    out = copy.deepcopy(cfg)
+    for name in on:
+        getattr(out.eval, name.split(".", 1)[1]).enabled = False
+    return out, on
+
+
 def refuse_quality_metrics(cfg: RunConfig) -> None:
     """Random weights have no quality: refuse any quality metric on them, before any work."""
     if cfg.model.weights != "random":

@@ -14,13 +14,20 @@ import torch
 from harness.assets import atomic_file, cache_dir
 from harness.config import QuantConfig
 from quant.primitives import QTensor
-from quant.registry import METHODS, QuantContext, QuantOutcome
+from harness.environment import sources_sha
+from quant.registry import METHODS, QuantContext, QuantOutcome, method_sources
 
 CACHE_VERSION = 3  # bump when a method changes what it computes (2: clipping on a random token subset; 3: Gram clip)
 
 
-def quant_key(model_sha: str, cfg: QuantConfig, dtype: str) -> str:
-    blob = json.dumps({"v": CACHE_VERSION, "model": model_sha, "dtype": dtype, "quant": dataclasses.asdict(cfg)}, sort_keys=True)
+def quant_key(model_sha: str, cfg: QuantConfig, dtype: str, calib_id: dict | None = None) -> str:
+    """`calib_id`: what the calibration samples are made of (harness.data.calibration_identity: the text's sha256,
+    tokenizer, BOS); left out for methods that do not calibrate."""
+    blob = {"v": CACHE_VERSION, "model": model_sha, "dtype": dtype, "quant": dataclasses.asdict(cfg),
+            "code": sources_sha(method_sources(cfg.method))}  # the method's sources: new code, new weights
+    if calib_id is not None and METHODS.get(cfg.method).needs_calibration:
+        blob["calibration"] = calib_id
+    blob = json.dumps(blob, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -62,14 +69,14 @@ def load_into(key: str, model) -> QuantOutcome | None:
 
 
 def quantize_cached(model, cfg: QuantConfig, model_sha: str, dtype: str, ctx: QuantContext, calib_state: dict,
-                    force: bool = False, log=lambda msg: None) -> QuantOutcome:
+                    force: bool = False, log=lambda msg: None, calib_id: dict | None = None) -> QuantOutcome:
     """Quantize `model` in place with `cfg.method`, through this cache (fp16 passes through untouched).
     `calib_state` is the calibration provider's state (harness.data.calibration_provider): its samples' hash goes
-    into the summary when the method drew them."""
+    into the summary when the method drew them; `calib_id` (what they are made of) goes into the key."""
     method = METHODS.get(cfg.method)
     if cfg.method == "fp16":
         return method(model, cfg, ctx)
-    key = quant_key(model_sha, cfg, dtype)
+    key = quant_key(model_sha, cfg, dtype, calib_id)
     cached = None if force else load_into(key, model)
     if cached is not None:
         log(f"quantized weights from cache ({key}); original quantize time {sum(cached.timings_s.values()):.1f} s")

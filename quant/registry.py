@@ -9,12 +9,14 @@ import torch
 
 from harness.config import QuantConfig
 from harness.registry import Registry
+from quant.onload import Placement
 
 
 @dataclass
 class QuantContext:
     calibration: Callable[[], torch.Tensor]  # lazily gives [n_samples, seqlen] token ids
     progress: bool = True
+    placement: Placement = field(default_factory=Placement)  # where blocks compute, where weights rest (quant.onload)
 
 
 @dataclass
@@ -32,6 +34,21 @@ class QuantMethod(Protocol):
 
 
 METHODS: Registry[QuantMethod] = Registry("quantization method (quant.method)")
+
+# the sources that determine what each method computes (its code version: harness.environment.code_version), beside
+# what every method shares; a method registered without an entry fails tests/quant/test_code_version.py
+COMMON_SOURCES = ["quant/primitives.py", "quant/surgery.py", "quant/registry.py"]
+METHOD_SOURCES = {
+    "fp16": [],
+    "rtn": ["quant/rtn.py"],
+    "awq": ["quant/awq/method.py", "quant/awq/search.py", "quant/awq/fold.py", "harness/architectures.py"],
+}
+
+
+def method_sources(name: str) -> list[str]:
+    if name not in METHOD_SOURCES:
+        raise KeyError(f"quantization method {name!r} has no entry in quant.registry.METHOD_SOURCES")
+    return COMMON_SOURCES + METHOD_SOURCES[name]
 
 
 def method(name: str, needs_calibration: bool):

@@ -101,6 +101,9 @@ def report(results_dir: Path, strict: bool = False, figures: bool = True, notebo
         print(f"note: {s}", file=sys.stderr)
 
     tables = [T.build_table(g, i + 1) for i, g in enumerate(groups)]
+    for t in tables:  # also in the table's notes; said here so a reader of the console sees it too
+        for d in t.dropped:
+            print(f"note: table {t.index}: {d}", file=sys.stderr)
     md = "\n".join(render.to_markdown(t) for t in tables)
     print(md, file=out or sys.stdout)
     table_paths = write_tables(tables, records, results_dir / "tables")

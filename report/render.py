@@ -39,6 +39,10 @@ def notes(t: Table) -> list[str]:
     out.append(f"Data: {s.get('data.name')}" + (f" (sha256 prefix: {shas})." if shas else "."))
     out.append(f"Token PPL: paper protocol (GPTQ/AWQ): non-overlapping windows of {s.get('eval.perplexity.seqlen')} "
                f"tokens, remainder dropped, {'every window' if mw is None else f'first {mw} windows'} of each split.")
+    bos = s.get("bos_token_id")
+    out.append("BOS: none (the tokenizer adds none; data.add_bos)." if bos is None else
+               f"BOS: token {bos} heads every window and calibration sample (then seqlen-1 text tokens, all scored; "
+               f"data.add_bos).")
     if "word_ppl" in present:
         out.append(f"Word PPL: lm-eval rolling loglikelihood, max_length {s.get('eval.word_perplexity.max_length')}, "
                    f"first {s.get('eval.word_perplexity.max_chars')} characters of each split.")

@@ -31,7 +31,9 @@ def eval_settings(rec: dict) -> dict:
     c, e = rec.get("config", {}), dig(rec, "config", "eval", default={}) or {}
     shas = dig(rec, "provenance", "data_sha256", default={}) or {}
     s = {"data.name": dig(c, "data", "name"), "data.splits": tuple(dig(c, "data", "splits", default=()) or ()),
-         "model.dtype": dig(c, "model", "dtype")}  # the dtype the model ran in changes every number
+         "model.dtype": dig(c, "model", "dtype"),  # the dtype the model ran in changes every number
+         # the token at the head of every window (None: no BOS; records from before the field had none)
+         "bos_token_id": dig(rec, "provenance", "bos_token_id")}
     s.update({f"data_sha256.{k}": v for k, v in sorted(shas.items())})
     metrics = rec.get("metrics", {}) or {}
     for section, fields in SECTION_SETTINGS.items():
@@ -192,6 +194,23 @@ def _row_identity(rec: dict) -> str:
     return repr(sorted(_flatten(_distinct_fields(rec)).items()))
 
 
+def dropped_message(old: dict, new: dict, row: str, model: str) -> str:
+    """One line for a record left out because a newer one holds the same row: which, and how the two differ."""
+    why = []
+    cv_old, cv_new = (dig(r, "code_version", "hash") for r in (old, new))
+    if cv_old != cv_new:
+        why.append(f"code version {cv_old or 'unrecorded'} vs {cv_new or 'unrecorded'}")
+    m_old, m_new = hardware_name(old), hardware_name(new)
+    if m_old != m_new:
+        why.append(f"machine {m_old} vs {m_new}")
+    lost = sorted(set(old.get("metrics") or {}) - set(new.get("metrics") or {}))
+    if lost:
+        why.append(f"its {', '.join(lost)} cells are not in the newer record")
+    return (f"Dropped record {old.get('run_id')} ({dig(old, 'provenance', 'created', default='?')}): record "
+            f"{new.get('run_id')} ({dig(new, 'provenance', 'created', default='?')}) has the same row ({row}, {model}) "
+            f"and is newer, so it is shown" + (f"; they differ in {'; '.join(why)}." if why else "."))
+
+
 def build_table(records: list[dict], index: int = 1) -> Table:
     """One table from records that share eval settings."""
     dropped = []
@@ -203,9 +222,8 @@ def build_table(records: list[dict], index: int = 1) -> Table:
             models.append(mid)
         ident = _row_identity(rec)
         row = rows_by_id.setdefault(ident, Row(label=row_label(rec), text=row_label(rec).text, key=ident))
-        if mid in row.records:  # same config rerun under another run_id (e.g. an unused quant field changed)
-            dropped.append(f"{rec.get('run_id')} repeats {row.records[mid].get('run_id')} ({row.text}, {mid[0]}); "
-                           f"the newer record is shown")
+        if mid in row.records:  # same config rerun (e.g. other code, another machine, an unused quant field changed)
+            dropped.append(dropped_message(row.records[mid], rec, row.text, mid[0]))
         row.records[mid] = rec
     rows = sorted(rows_by_id.values(), key=lambda r: r.label.rank)
     _disambiguate(rows)

@@ -37,9 +37,11 @@ class _Stop(Exception):
 
 
 def _slice_batch(kwargs: dict, n: int) -> dict:
-    """Block kwargs captured for a minibatch of MINIBATCH sequences, cut to n sequences where they carry a batch dim."""
+    """Block kwargs captured for the first minibatch (up to MINIBATCH sequences), cut to n sequences where they carry
+    a batch dim: masks [B, 1, T, T], per-sequence rotary tables and position ids [B, T, ...]. 1-D tensors
+    (cache_position) and tables shared by the batch (dim 0 of size 1) pass unchanged."""
     def cut(v):
-        if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == MINIBATCH and n != MINIBATCH:
+        if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[0] > n:
             return v[:n]
         if isinstance(v, tuple):
             return tuple(cut(t) for t in v)
@@ -47,20 +49,36 @@ def _slice_batch(kwargs: dict, n: int) -> dict:
     return {k: cut(v) for k, v in kwargs.items()}
 
 
+def _clean_kwargs(kwargs: dict) -> dict:
+    kw = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "past_key_value")}
+    kw["use_cache"] = False
+    return kw
+
+
 @torch.no_grad()
-def capture_first_block_inputs(model, arch: Architecture, samples: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """Hidden states entering block 0 for every calibration sequence, and the kwargs the model passes to blocks."""
-    block0 = get_blocks(model, arch)[0]
-    store: dict[str, Any] = {"x": []}
+def capture_block_inputs(model, arch: Architecture, samples: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:
+    """Hidden states entering block 0 for every calibration sequence, and for *every* block the keyword arguments
+    the model's own forward passes to that block (Gemma-3's global layers get other rotary embeddings and masks than
+    its sliding ones).
 
-    def hook(_mod, args, kwargs):
-        x = args[0] if args else kwargs.pop("hidden_states")
-        store["x"].append(x)
-        if "kwargs" not in store:
-            store["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        raise _Stop
+    The kwargs come from the first minibatch, run through every block once (stopped before the last block runs);
+    every later minibatch stops at block 0. They are kept by reference: blocks that get the same objects (one rotary
+    tuple for all Llama layers) share them, so memory is one set of rotary tables and masks per distinct object, not
+    per block; nothing of the hidden states past block 0 is kept."""
+    blocks = get_blocks(model, arch)
+    store: dict[str, Any] = {"x": [], "kwargs": [None] * len(blocks)}
 
-    h = block0.register_forward_pre_hook(hook, with_kwargs=True)
+    def hook(i):
+        def pre(_mod, args, kwargs):
+            if i == 0:
+                store["x"].append(args[0] if args else kwargs["hidden_states"])
+            if store["kwargs"][i] is None:
+                store["kwargs"][i] = _clean_kwargs(kwargs)
+            if (i == 0 and store["kwargs"][-1] is not None) or i == len(blocks) - 1:
+                raise _Stop
+        return pre
+
+    hs = [b.register_forward_pre_hook(hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
     device = next(model.parameters()).device
     try:
         for i in range(0, samples.shape[0], MINIBATCH):
@@ -69,12 +87,9 @@ def capture_first_block_inputs(model, arch: Architecture, samples: torch.Tensor)
             except _Stop:
                 pass
     finally:
-        h.remove()
-    kwargs = store["kwargs"]
-    kwargs["use_cache"] = False
-    kwargs.pop("past_key_values", None)
-    kwargs.pop("past_key_value", None)
-    return torch.cat(store["x"]), kwargs
+        for h in hs:
+            h.remove()
+    return torch.cat(store["x"]), store["kwargs"]
 
 
 def _input_keys(arch: Architecture) -> dict[str, str]:
@@ -133,7 +148,9 @@ def awq(model, cfg: QuantConfig, ctx: QuantContext) -> QuantOutcome:
     vocab = model.get_input_embeddings().weight.shape[0]
     if int(samples.max()) >= vocab:
         raise ValueError(f"calibration token id {int(samples.max())} is outside the model's vocabulary ({vocab})")
-    x, kwargs = capture_first_block_inputs(model, arch, samples)
+    place = ctx.placement
+    with place.capture(model, get_blocks(model, arch)):
+        x, block_kwargs = capture_block_inputs(model, arch, samples)
     timings["calibration_capture"] = time.perf_counter() - t
 
     # clipping scores a seeded random subset of calibration tokens. (llm-awq takes every k-th token; with k a
@@ -151,76 +168,21 @@ def awq(model, cfg: QuantConfig, ctx: QuantContext) -> QuantOutcome:
     capture = sorted(set(keys.values()))
     qtensors, chosen_alpha = {}, {}
     t_search = t_clip = t_fwd = t_quant = 0.0
+    block_s = []
     blocks = get_blocks(model, arch)
     bar = tqdm(blocks, desc=f"awq w{cfg.w_bit} g{cfg.group_size}", disable=not ctx.progress, leave=False)
     for i, block in enumerate(bar):
-        prefix = f"{arch.blocks}.{i}"
-        t = time.perf_counter()
-        x_next, feats = run_block(block, x, kwargs, capture)
-        # mean |x| per input channel of every captured input: AWQ's statistic, and a NaN/Inf anywhere makes it non-finite
-        x_means = {name: act_absmean(f) for name, f in feats.items()}
-        t_fwd += time.perf_counter() - t
-        for name, m in x_means.items():
-            if not torch.isfinite(m).all():
-                raise FloatingPointError(f"calibration activations at the input of {prefix}.{name} contain NaN/Inf "
-                                         f"(check model.dtype and the calibration data)")
-
-        # 2-3. scales: search every group on the original block, then fold them all (llm-awq auto_scale_block)
-        t = time.perf_counter()
-        plans = []
-        for grp in arch.groups:
-            if grp.when is not None and not grp.when(block):
-                continue
-            lins = [block.get_submodule(n) for n in grp.linears]
-            gsz = [sizes[f"{prefix}.{n}"] for n in grp.linears]
-            feat = feats[keys[grp.linears[0]]]
-            if cfg.search_scale:
-                def qw(w, j, gsz=gsz):
-                    return fake_quantize(w, cfg.w_bit, gsz[j], cfg.zero_point)
-                w_mean = weight_absmean([lin.weight for lin in lins], gsz[0]) if cfg.duo_scaling else None
-                if search_idx is not None and not grp.inspect_takes_block_kwargs:
-                    xs = feat.reshape(-1, feat.shape[-1])[search_idx].unsqueeze(0)  # one pseudo-sequence of tokens
-                else:
-                    xs = feat[: cfg.search_samples]
-                s, alpha, _ = search_scale(_inspect_fn(block, grp, kwargs), xs, lins, x_means[keys[grp.linears[0]]], qw,
-                                           cfg.n_grid, w_mean, cfg.scale_grid)
-                chosen_alpha[f"{prefix}.{grp.linears[0]}"] = alpha
-            else:
-                s = smoothing_scale(act_absmax(feat), weight_absmean([lin.weight for lin in lins], gsz[0]), cfg.smooth_ratio)
-            plans.append((grp, s))
-        for grp, s in plans:
-            apply_scale_(block, grp.prev_op, grp.prev_kind, grp.linears, s)
-            key = keys[grp.linears[0]]
-            feats[key].div_(s.to(feats[key].dtype))
-        t_search += time.perf_counter() - t
-
-        # 4. clipping search on the scaled weights and inputs (one Gram matrix per input, shared by its Linears)
-        t = time.perf_counter()
-        if cfg.clip:
-            grams: dict[tuple[str, int], torch.Tensor] = {}
-            for rel in arch.linears:
-                if rel in arch.no_clip:
-                    continue
-                lin = block.get_submodule(rel)
-                gsz = sizes[f"{prefix}.{rel}"]
-                key = (keys[rel], gsz)
-                if key not in grams:
-                    feat = feats[keys[rel]].reshape(-1, lin.in_features)
-                    grams[key] = group_gram(feat if clip_idx is None else feat[clip_idx], gsz)
-                max_val = search_clip(lin.weight.data, None, cfg.w_bit, gsz, cfg.zero_point, cfg.clip_n_grid,
-                                      cfg.clip_max_shrink, gram=grams[key])
-                apply_clip_(lin, max_val)
-            del grams
-        t_clip += time.perf_counter() - t
-
-        # 5. quantize
-        t = time.perf_counter()
-        for rel in arch.linears:
-            name = f"{prefix}.{rel}"
-            qtensors[name] = quantize_linear_(block.get_submodule(rel), cfg.w_bit, sizes[name], cfg.zero_point)
-        t_quant += time.perf_counter() - t
-        x = x_next
-        del feats
+        t_block = time.perf_counter()
+        t_acc: dict[str, float] = {}
+        with place.block(block):  # what the real forward passes to this block: block_kwargs[i]
+            x = _awq_block(block, i, x, block_kwargs[i], arch, cfg, sizes, keys, capture, search_idx, clip_idx,
+                           qtensors, chosen_alpha, t_acc)
+        t_fwd += t_acc["fwd"]
+        t_search += t_acc["search"]
+        t_clip += t_acc["clip"]
+        t_quant += t_acc["quant"]
+        place.to_host({n: q for n, q in qtensors.items() if n.startswith(f"{arch.blocks}.{i}.")})
+        block_s.append(time.perf_counter() - t_block)
 
     timings.update(block_forward=t_fwd, scale_search=t_search, clip_search=t_clip, quantize=t_quant)
     summary = {
@@ -232,6 +194,83 @@ def awq(model, cfg: QuantConfig, ctx: QuantContext) -> QuantOutcome:
         "scale_grid": cfg.scale_grid,
         "layers_quantized": len(qtensors), "group_fallback_layers": fallbacks,
         "alpha_mean": sum(chosen_alpha.values()) / len(chosen_alpha) if chosen_alpha else None,
+        "block_seconds": block_s, "placement": {"compute": str(place.compute), "offload": place.offload},
         **packed_weight_bytes(model, qtensors),
     }
     return QuantOutcome(summary=summary, timings_s=timings, qtensors=qtensors)
+
+
+def _awq_block(block, i, x, kwargs, arch, cfg, sizes, keys, capture, search_idx, clip_idx, qtensors, chosen_alpha,
+               t_acc) -> torch.Tensor:
+    """One decoder block, on whatever device it and `x` are on: forward (capture), scale search and fold, clip search,
+    quantize. Fills qtensors / chosen_alpha, adds stage seconds to t_acc, returns the block's outputs (the next
+    block's inputs)."""
+    t_search = t_clip = t_fwd = t_quant = 0.0
+    prefix = f"{arch.blocks}.{i}"
+    t = time.perf_counter()
+    x_next, feats = run_block(block, x, kwargs, capture)
+    # mean |x| per input channel of every captured input: AWQ's statistic, and a NaN/Inf anywhere makes it non-finite
+    x_means = {name: act_absmean(f) for name, f in feats.items()}
+    t_fwd += time.perf_counter() - t
+    for name, m in x_means.items():
+        if not torch.isfinite(m).all():
+            raise FloatingPointError(f"calibration activations at the input of {prefix}.{name} contain NaN/Inf "
+                                     f"(check model.dtype and the calibration data)")
+
+    # 2-3. scales: search every group on the original block, then fold them all (llm-awq auto_scale_block)
+    t = time.perf_counter()
+    plans = []
+    for grp in arch.groups:
+        if grp.when is not None and not grp.when(block):
+            continue
+        lins = [block.get_submodule(n) for n in grp.linears]
+        gsz = [sizes[f"{prefix}.{n}"] for n in grp.linears]
+        feat = feats[keys[grp.linears[0]]]
+        if cfg.search_scale:
+            def qw(w, j, gsz=gsz):
+                return fake_quantize(w, cfg.w_bit, gsz[j], cfg.zero_point)
+            w_mean = weight_absmean([lin.weight for lin in lins], gsz[0]) if cfg.duo_scaling else None
+            if search_idx is not None and not grp.inspect_takes_block_kwargs:
+                xs = feat.reshape(-1, feat.shape[-1])[search_idx].unsqueeze(0)  # one pseudo-sequence of tokens
+            else:
+                xs = feat[: cfg.search_samples]
+            s, alpha, _ = search_scale(_inspect_fn(block, grp, kwargs), xs, lins, x_means[keys[grp.linears[0]]], qw,
+                                       cfg.n_grid, w_mean, cfg.scale_grid)
+            chosen_alpha[f"{prefix}.{grp.linears[0]}"] = alpha
+        else:
+            s = smoothing_scale(act_absmax(feat), weight_absmean([lin.weight for lin in lins], gsz[0]), cfg.smooth_ratio)
+        plans.append((grp, s))
+    for grp, s in plans:
+        apply_scale_(block, grp.prev_op, grp.prev_kind, grp.linears, s)
+        key = keys[grp.linears[0]]
+        feats[key].div_(s.to(feats[key].dtype))
+    t_search += time.perf_counter() - t
+
+    # 4. clipping search on the scaled weights and inputs (one Gram matrix per input, shared by its Linears)
+    t = time.perf_counter()
+    if cfg.clip:
+        grams: dict[tuple[str, int], torch.Tensor] = {}
+        for rel in arch.linears:
+            if rel in arch.no_clip:
+                continue
+            lin = block.get_submodule(rel)
+            gsz = sizes[f"{prefix}.{rel}"]
+            key = (keys[rel], gsz)
+            if key not in grams:
+                feat = feats[keys[rel]].reshape(-1, lin.in_features)
+                grams[key] = group_gram(feat if clip_idx is None else feat[clip_idx], gsz)
+            max_val = search_clip(lin.weight.data, None, cfg.w_bit, gsz, cfg.zero_point, cfg.clip_n_grid,
+                                  cfg.clip_max_shrink, gram=grams[key])
+            apply_clip_(lin, max_val)
+        del grams
+    t_clip += time.perf_counter() - t
+
+    # 5. quantize
+    t = time.perf_counter()
+    for rel in arch.linears:
+        name = f"{prefix}.{rel}"
+        qtensors[name] = quantize_linear_(block.get_submodule(rel), cfg.w_bit, sizes[name], cfg.zero_point)
+    t_quant += time.perf_counter() - t
+    del feats
+    t_acc.update(fwd=t_fwd, search=t_search, clip=t_clip, quant=t_quant)
+    return x_next

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 from harness.config import ConfigError, register_schemas, to_run_config
@@ -102,3 +103,14 @@ def test_cli_writes_one_record_and_reuses_it(tmp_path):
     assert second.returncode == 0 and "reusing it" in second.stderr
     assert records[0].stat().st_mtime_ns == mtime  # not rewritten
     assert "loading" not in second.stderr  # the model was never loaded
+
+
+def test_prepare_puts_the_bos_at_the_head_of_every_window():
+    from experiments.pipeline import prepare
+
+    forced = prepare(cfg_of(SMALL + ["data.add_bos=true"]))
+    auto = prepare(cfg_of(SMALL))
+    assert forced.bos_token_id == 1 and auto.bos_token_id is None  # SmolLM2's tokenizer adds no BOS itself
+    for split, w in forced.windows.items():
+        assert w.shape == auto.windows[split].shape and (w[:, 0] == 1).all()
+        assert torch.equal(w[0, 1:], auto.windows[split].flatten()[: w.shape[1] - 1])

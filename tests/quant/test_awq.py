@@ -263,3 +263,57 @@ def test_group_size_128_fails_fast_or_falls_back_per_channel(smollm2_fp32):
     assert out.qtensors["model.layers.0.mlp.down_proj"].group_size == 128
     assert out.qtensors["model.layers.0.mlp.up_proj"].group_size == 576
     assert len(quantizable_linears(m)) == 7
+
+
+def _tiny_gemma3(n_layers=4):
+    """A Gemma-3 text model with random weights whose layers differ in what the forward passes them: sliding layers
+    (window 4, rotary theta 1e4) and a global one (full causal mask, theta 1e6), as the real 270M's every sixth."""
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig
+
+    cfg = Gemma3TextConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=n_layers,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=4,
+                           sliding_window_pattern=2, max_position_embeddings=64,
+                           layer_types=["sliding_attention", "full_attention"] * (n_layers // 2))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").double().eval()
+    for p in model.parameters():
+        p.data.normal_(0, 0.3)
+    return model
+
+
+@torch.no_grad()
+def test_calibration_gives_every_block_the_inputs_the_real_forward_gives_it():
+    from quant.awq.method import capture_block_inputs, run_block
+
+    model = _tiny_gemma3()
+    arch = architecture_for(model)
+    samples = torch.randint(0, 128, (20, 24), generator=torch.Generator().manual_seed(0))  # 2 minibatches
+    real = []
+    hooks = [b.register_forward_hook(lambda m, a, o: real.append(o[0] if isinstance(o, tuple) else o))
+             for b in model.model.layers]
+    for i in range(0, 20, 16):  # the real forward, minibatch by minibatch as calibration runs it
+        model(input_ids=samples[i : i + 16], use_cache=False)
+    for h in hooks:
+        h.remove()
+    n = len(model.model.layers)
+    real_out = [torch.cat(real[j::n]) for j in range(n)]
+
+    x, block_kwargs = capture_block_inputs(model, arch, samples)
+    assert len(block_kwargs) == n
+    for j, block in enumerate(model.model.layers):
+        x, _ = run_block(block, x, block_kwargs[j], [])
+        torch.testing.assert_close(x, real_out[j], rtol=1e-10, atol=1e-10)
+    # the old calibration (block 0's kwargs for every block) is measurably wrong on the global layer
+    x0, _ = capture_block_inputs(model, arch, samples)
+    x1, _ = run_block(model.model.layers[0], x0, block_kwargs[0], [])
+    wrong, _ = run_block(model.model.layers[1], x1, block_kwargs[0], [])
+    assert (wrong - real_out[1]).abs().max() > 1e-2
+
+
+def test_awq_runs_on_a_model_with_sliding_and_global_layers():
+    model = _tiny_gemma3().float()
+    samples = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    cfg = QuantConfig(method="awq", w_bit=4, group_size=16, search_samples=2, n_grid=4, clip_n_grid=4, clip_tokens=0,
+                      calib=CalibConfig(n_samples=4, seqlen=16))
+    out = METHODS.get("awq")(model, cfg, QuantContext(calibration=lambda: samples, progress=False))
+    assert out.summary["layers_quantized"] == 7 * len(model.model.layers)

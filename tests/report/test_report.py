@@ -346,3 +346,35 @@ def test_a_sweep_over_a_field_outside_the_label_gives_separate_rows():
     b["config"]["quant"]["n_grid"] = 10
     texts = [r.text for r in T.build_tables([make_record(method="fp16"), a, b])[0].rows]
     assert texts == ["FP16", "AWQ w4 g64 (search+clip) [quant.n_grid=20]", "AWQ w4 g64 (search+clip) [quant.n_grid=10]"]
+
+
+def test_bos_is_stated_under_each_table_and_separates_records():
+    plain = make_record()
+    with_bos = make_record(method="rtn")
+    with_bos["provenance"]["bos_token_id"] = 2
+    tables = T.build_tables([plain, with_bos])
+    assert len(tables) == 2  # a window with a BOS is another protocol: never one column
+    lines = [n for t in tables for n in M.notes(t) if n.startswith("BOS:")]
+    assert len(lines) == 2
+    assert "none" in lines[0] and "token 2 heads every window" in lines[1]
+
+
+def test_a_row_held_by_two_records_shows_the_newest_and_says_what_was_dropped(tmp_path, capsys):
+    old = make_record(extra={"word_perplexity": {"milton": {"word_perplexity": 900.0}}})
+    old["code_version"] = {"hash": "aaaa", "parts": {}}
+    new = make_record(ppl=(95.0, 42.0))
+    new["code_version"] = {"hash": "bbbb", "parts": {}}
+    new["provenance"]["hardware"] = {"cpu_model": "Other CPU", "cpu_count": 8}
+    (t,) = T.build_tables([new, old])  # order of the files does not matter: the newest is shown
+    (row,) = t.rows
+    assert next(iter(row.records.values())) is new
+    (msg,) = t.dropped
+    assert msg.startswith(f"Dropped record {old['run_id']}") and "aaaa vs bbbb" in msg
+    assert "machine AMD EPYC (2 cores) vs Other CPU (8 cores)" in msg and "word_perplexity cells" in msg
+    assert msg in M.notes(t)
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    for i, r in enumerate((old, new)):
+        (runs / f"{i}.json").write_text(json.dumps(r))
+    R.main(["--results-dir", str(tmp_path), "--no-figures", "--no-notebook"])
+    assert f"Dropped record {old['run_id']}" in capsys.readouterr().err

@@ -1,0 +1,202 @@
+"""Quantizing a 7B on one GPU: the harness's AWQ (scale + clip search), RTN and, with the GPU's memory capped below
+the model's size, AWQ again, against LMDeploy's `lite auto_awq` (default: smoothing only; optionally
+`--search-scale`), on the same synthetic Llama-2-7B checkpoint and the same calibration tokens, in one run.
+
+Each variant runs in a process of its own (fresh peak-memory counters): wall seconds end to end (load, quantize,
+export of the AWQ GEMM checkpoint), seconds per decoder block, peak GPU memory (torch's allocator) and peak host
+memory (resident set). The harness keeps the weights in host memory and moves one decoder block at a time to the
+GPU (quant/onload.py); LMDeploy does the same. Calibration: 128 x 512 random token ids below 32,000 (seed 0), fed to
+both (LMDeploy's `get_calib_loaders` is replaced by a function returning them: it downloads datasets otherwise).
+Random weights: time and memory only, never quality.
+
+    python -m benchmarks.quantize_gpu --out $OUT --tokenizer .device/tokenizers/smollm2-135m-instruct
+    python -m benchmarks.quantize_gpu --variants lmdeploy_search --out $OUT ...
+    python -m benchmarks.quantize_gpu --report results/gpu        # the table again from the saved JSON
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from harness.log import logger
+
+NAME = "quantize_gpu"
+VARIANTS = ["harness_awq", "harness_rtn", "harness_awq_capped", "lmdeploy_default", "lmdeploy_search"]
+DEFAULT_VARIANTS = ["harness_awq", "harness_rtn", "harness_awq_capped", "lmdeploy_default"]
+N_SAMPLES, SEQLEN, VOCAB = 128, 512, 32000
+CAP_BYTES = 6 * 2**30  # the capped run: the GPU memory the harness may use, far below the 12.6 GiB of fp16 weights
+log = logger("quantize_gpu")
+
+
+def calibration_tokens(n: int = N_SAMPLES, seqlen: int = SEQLEN, vocab: int = VOCAB, seed: int = 0):
+    import torch
+
+    return torch.randint(0, vocab, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+def cap_fraction(cap_bytes: int, total_bytes: int) -> float:
+    """torch.cuda.set_per_process_memory_fraction's argument for a cap in bytes."""
+    if not 0 < cap_bytes < total_bytes:
+        raise ValueError(f"cap {cap_bytes} must be between 0 and the GPU's {total_bytes} bytes")
+    return cap_bytes / total_bytes
+
+
+def _peak(torch) -> dict:
+    import resource
+
+    out = {"host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+           "gpu_peak_allocated_bytes": None}
+    if torch.cuda.is_available():
+        out.update(gpu_peak_allocated_bytes=torch.cuda.max_memory_allocated(),
+                   gpu_peak_reserved_bytes=torch.cuda.max_memory_reserved())
+    return out
+
+
+def run_harness(variant: str, model_dir: Path, work: Path, model: list[str], device: str) -> dict:
+    import torch
+
+    from harness.compose import compose
+    from harness.models import ResolvedModel, load_model
+    from quant import METHODS, QuantContext
+    from quant.export.awq import export_awq
+    from quant.onload import Placement
+
+    capped = variant.endswith("_capped")
+    if capped:  # (on a GPU)
+        torch.cuda.set_per_process_memory_fraction(cap_fraction(CAP_BYTES, torch.cuda.get_device_properties(0).total_memory))
+    cfg = compose([model[0], "quant=rtn_w4" if "rtn" in variant else "quant=awq_w4", *model[1:]])
+    samples = calibration_tokens()
+    t0 = time.perf_counter()
+    model = load_model(ResolvedModel(str(model_dir), None, "synthetic", "synthetic"), cfg.model, device="cpu")
+    t_load = time.perf_counter() - t0
+    ctx = QuantContext(calibration=lambda: samples, progress=False, placement=Placement.of(device, True))
+    t = time.perf_counter()
+    out = METHODS.get(cfg.quant.method)(model, cfg.quant, ctx)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t_quant = time.perf_counter() - t
+    t = time.perf_counter()
+    export_awq(model, out.qtensors, work / "awq", check_weights=False)
+    t_export = time.perf_counter() - t
+    blocks = out.summary.get("block_seconds") or []
+    return {"seconds": {"load": t_load, "quantize": t_quant, "export": t_export, "total": time.perf_counter() - t0},
+            "block_seconds_median": sorted(blocks)[len(blocks) // 2] if blocks else None, "n_blocks": len(blocks),
+            "stage_seconds": {k: v for k, v in out.timings_s.items() if isinstance(v, (int, float))},
+            "memory": _peak(torch), "gpu_cap_bytes": CAP_BYTES if capped else None,
+            "quant": {k: cfg.quant.__dict__[k] for k in ("method", "w_bit", "group_size")}}
+
+
+def run_lmdeploy(variant: str, model_dir: Path, work: Path, model: list[str], device: str) -> dict:
+    import torch
+    from lmdeploy.lite.apis import calibrate as lmd_calibrate
+    from lmdeploy.lite.apis.auto_awq import auto_awq
+
+    samples = calibration_tokens()
+    lmd_calibrate.get_calib_loaders = lambda *a, **k: [samples[i : i + 1] for i in range(samples.shape[0])]
+    search = variant == "lmdeploy_search"
+    t0 = time.perf_counter()
+    auto_awq(str(model_dir), work_dir=str(work / "awq"), calib_samples=N_SAMPLES, calib_seqlen=SEQLEN,
+             batch_size=128 if search else 1, w_bits=4, w_group_size=128, search_scale=search, device="cuda",
+             dtype="float16")
+    return {"seconds": {"total": time.perf_counter() - t0}, "memory": _peak(torch),
+            "quant": {"method": "lmdeploy auto_awq" + (" --search-scale" if search else ""), "w_bit": 4,
+                      "group_size": 128}}
+
+
+def child(variant: str, model_dir: Path, out: Path, model: list[str], device: str) -> None:
+    import tempfile
+
+    from harness.environment import environment
+
+    with tempfile.TemporaryDirectory(prefix=f"{variant}-") as work:
+        res = (run_lmdeploy if variant.startswith("lmdeploy") else run_harness)(variant, model_dir, Path(work), model,
+                                                                                device)
+    res.update(variant=variant, model=model, environment=environment())
+    (out / f"{NAME}_{variant}.json").write_text(json.dumps(res, indent=1))
+
+
+def table(results: list[dict]) -> str:
+    gib = lambda b: f"{b / 2**30:.1f}" if b else "–"  # noqa: E731
+    ok = [r for r in results if "error" not in r]
+    base = {r["variant"]: r["seconds"]["total"] for r in ok}
+    lines = ["| variant | total s | load / quantize / export s | s per block (median) | peak GPU GiB | peak host GiB |"
+             " vs LMDeploy default |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['variant']} | failed: {r['error'][:80]} | | | | | |")
+            continue
+        s, m = r["seconds"], r["memory"]
+        parts = " / ".join(f"{s[k]:.1f}" for k in ("load", "quantize", "export") if k in s) or "–"
+        ratio = base.get("lmdeploy_default", 0) / s["total"] if base.get("lmdeploy_default") else None
+        lines.append(f"| {r['variant']}{' (GPU capped at ' + gib(r['gpu_cap_bytes']) + ' GiB)' if r.get('gpu_cap_bytes') else ''}"
+                     f" | {s['total']:.1f} | {parts} | {r.get('block_seconds_median') or 0:.2f} | "
+                     f"{gib(m['gpu_peak_allocated_bytes'])} | {gib(m['host_peak_rss_bytes'])} | "
+                     f"{f'{ratio:.1f}x faster' if ratio else '–'} |")
+    env = next((r["environment"] for r in ok), {})
+    model = " ".join(next((r.get("model") for r in ok if r.get("model")), []) or ["?"])
+    lines.append(f"\n{env.get('gpu')}, driver {env.get('driver')}, torch {env.get('torch')}, LMDeploy "
+                 f"{env.get('lmdeploy')}; {model} (synthetic fp16 weights), w4, {N_SAMPLES} x {SEQLEN} random "
+                 f"calibration tokens; each variant in its own process.")
+    return "\n".join(lines)
+
+
+def report(out: Path, variants: list[str]) -> str:
+    results = []
+    for v in variants:
+        p = out / f"{NAME}_{v}.json"
+        if p.exists():
+            results.append(json.loads(p.read_text()))
+    md = table(results)
+    (out / f"{NAME}.md").write_text(md + "\n")
+    (out / f"{NAME}.json").write_text(json.dumps(results, indent=1))
+    return md
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.quantize_gpu", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=VARIANTS)
+    ap.add_argument("--out", type=Path, default=Path("results/gpu"))
+    ap.add_argument("--synthetic-root", type=Path, default=Path("/tmp/synthetic"))
+    ap.add_argument("--tokenizer", type=Path, default=None, help="tokenizer files for the synthetic checkpoint")
+    ap.add_argument("--model", default="llama2_7b_synthetic", help="a synthetic conf/model option")
+    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--device", default="cuda", help="where blocks compute (cpu: a dry run of the harness variants)")
+    ap.add_argument("--timeout", type=float, default=420, help="seconds a variant may take")
+    ap.add_argument("--report", type=Path, help="only rebuild the table from saved JSON in this folder")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.report:
+        print(report(a.report, VARIANTS))
+        return 0
+    a.out.mkdir(parents=True, exist_ok=True)
+    model = [f"model={a.model}", f"quant.group_size={a.group_size}"]
+    if a.child:
+        child(a.child, a.model_dir, a.out, model, a.device)
+        return 0
+    from harness import synthetic
+    from harness.compose import compose
+
+    t = time.perf_counter()
+    model_dir = synthetic.materialize(compose(model + ["quant=fp16"]), a.synthetic_root, a.tokenizer)
+    log(f"synthetic checkpoint {model_dir} ready in {time.perf_counter() - t:.0f} s")
+    for v in a.variants:
+        log(f"variant {v}")
+        cmd = [sys.executable, "-m", "benchmarks.quantize_gpu", "--child", v, "--model-dir", str(model_dir),
+               "--out", str(a.out), "--model", a.model, "--group-size", str(a.group_size), "--device", a.device]
+        try:
+            rc = subprocess.run(cmd, timeout=a.timeout).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+        if rc != 0:
+            (a.out / f"{NAME}_{v}.json").write_text(json.dumps({"variant": v, "error": f"child {rc}"}))
+    print(report(a.out, a.variants))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

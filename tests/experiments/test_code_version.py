@@ -1,0 +1,87 @@
+"""No stale reuse: every record carries the version of the code behind its numbers (and the machine); a record is
+reused only while both match, else recomputed with the reason printed; the quantized-weight cache key moves with the
+method's code."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+import harness.environment as env
+from eval.registry import EVALUATOR_SOURCES, EVALUATORS
+from harness.assets import REPO_ROOT
+from quant.registry import METHOD_SOURCES, METHODS
+from tests.experiments.test_pipeline import SMALL, cfg_of
+
+
+def test_every_registered_method_and_evaluator_names_its_sources():
+    for name in METHODS.names():
+        assert name in METHOD_SOURCES, f"method {name} has no entry in quant.registry.METHOD_SOURCES"
+    for name in EVALUATORS.names():
+        assert name in EVALUATOR_SOURCES, f"evaluator {name} has no entry in eval.registry.EVALUATOR_SOURCES"
+    for paths in [*METHOD_SOURCES.values(), *EVALUATOR_SOURCES.values()]:
+        for p in paths:
+            assert (REPO_ROOT / p).exists(), p
+
+
+@pytest.fixture
+def repo_copy(tmp_path, monkeypatch):
+    """The sources under a temporary root, so a test can edit one."""
+    for d in ("harness", "quant", "eval", "backends"):
+        shutil.copytree(REPO_ROOT / d, tmp_path / d, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(env, "REPO_ROOT", tmp_path)
+    return tmp_path
+
+
+def test_editing_a_method_changes_its_part_and_the_quantized_cache_key(repo_copy):
+    from experiments.pipeline import code_version_of
+    from harness.config import QuantConfig
+    from quant.quantized_cache import quant_key
+
+    awq, rtn = cfg_of(SMALL + ["quant=awq_w4"]), cfg_of(SMALL + ["quant=rtn_w4"])
+    before = {c.quant.method: code_version_of(c) for c in (awq, rtn)}
+    keys = {m: quant_key("m", QuantConfig(method=m), "bfloat16") for m in ("awq", "rtn")}
+    with open(repo_copy / "quant" / "awq" / "search.py", "a") as f:
+        f.write("\n# a change\n")
+    after = {c.quant.method: code_version_of(c) for c in (awq, rtn)}
+    assert after["awq"]["hash"] != before["awq"]["hash"]
+    assert env.changed_parts(before["awq"], after["awq"]) == ["quant.awq"]
+    assert after["rtn"] == before["rtn"]  # RTN's numbers do not depend on AWQ's search
+    assert quant_key("m", QuantConfig(method="awq"), "bfloat16") != keys["awq"]
+    assert quant_key("m", QuantConfig(method="rtn"), "bfloat16") == keys["rtn"]
+
+
+def test_stale_reasons():
+    from experiments.pipeline import code_version_of, stale_reason
+
+    cfg = cfg_of(SMALL)
+    cv = code_version_of(cfg)
+    rec = {"status": "complete", "code_version": cv, "metrics": {}, "provenance": {"machine": "elsewhere"}}
+    assert stale_reason(rec, cfg) is None  # no throughput: the machine does not matter
+    assert "code_version" in stale_reason({**rec, "code_version": None}, cfg)
+    other = json.loads(json.dumps(cv))
+    other["hash"], other["parts"]["eval.perplexity"] = "x", "y"
+    assert stale_reason({**rec, "code_version": other}, cfg) == "made by other code (eval.perplexity changed)"
+    with_tp = {**rec, "metrics": {"throughput": {}}}
+    assert "another machine (elsewhere" in stale_reason(with_tp, cfg)
+    assert stale_reason({**with_tp, "provenance": {"machine": env.machine_name()}}, cfg) is None
+
+
+def test_run_reuses_only_a_record_of_the_same_code(tmp_path, capsys):
+    from experiments import pipeline
+
+    cfg = cfg_of(SMALL + ["eval.perplexity.max_windows=1", f"results_dir={tmp_path}"])
+    rec = pipeline.run(cfg)
+    assert rec["code_version"]["hash"] and rec["provenance"]["machine"]
+    path = next((tmp_path / "runs").glob("*.json"))
+    assert path.stem == rec["run_id"]
+    capsys.readouterr()
+    pipeline.run(cfg)
+    assert "reusing it" in capsys.readouterr().err
+    rec["code_version"]["parts"]["quant.fp16"] = "old"
+    rec["code_version"]["hash"] = "old"
+    path.write_text(json.dumps(rec))
+    again = pipeline.run(cfg)
+    err = capsys.readouterr().err
+    assert f"record {path} made by other code (quant.fp16 changed); recomputing" in err
+    assert again["code_version"] == pipeline.code_version_of(cfg) and again["run_id"] == rec["run_id"]
