@@ -28,7 +28,7 @@ NAME = "quantize_gpu"
 VARIANTS = ["harness_awq", "harness_rtn", "harness_awq_capped", "lmdeploy_default", "lmdeploy_search"]
 DEFAULT_VARIANTS = ["harness_awq", "harness_rtn", "harness_awq_capped", "lmdeploy_default"]
 N_SAMPLES, SEQLEN, VOCAB = 128, 512, 32000
-CAP_BYTES = 6 * 2**30  # the capped run: the GPU memory the harness may use, far below the 12.6 GiB of fp16 weights
+CAP_GIB = 10.0  # the capped run: the GPU memory the harness may use, below the 12.6 GiB of the 7B's fp16 weights
 log = logger("quantize_gpu")
 
 
@@ -56,7 +56,8 @@ def _peak(torch) -> dict:
     return out
 
 
-def run_harness(variant: str, model_dir: Path, work: Path, model: list[str], device: str) -> dict:
+def run_harness(variant: str, model_dir: Path, work: Path, model: list[str], device: str,
+                cap_bytes: int = int(CAP_GIB * 2**30)) -> dict:
     import torch
 
     from harness.compose import compose
@@ -67,7 +68,7 @@ def run_harness(variant: str, model_dir: Path, work: Path, model: list[str], dev
 
     capped = variant.endswith("_capped")
     if capped:  # (on a GPU)
-        torch.cuda.set_per_process_memory_fraction(cap_fraction(CAP_BYTES, torch.cuda.get_device_properties(0).total_memory))
+        torch.cuda.set_per_process_memory_fraction(cap_fraction(cap_bytes, torch.cuda.get_device_properties(0).total_memory))
     cfg = compose([model[0], "quant=rtn_w4" if "rtn" in variant else "quant=awq_w4", *model[1:]])
     samples = calibration_tokens()
     t0 = time.perf_counter()
@@ -86,11 +87,11 @@ def run_harness(variant: str, model_dir: Path, work: Path, model: list[str], dev
     return {"seconds": {"load": t_load, "quantize": t_quant, "export": t_export, "total": time.perf_counter() - t0},
             "block_seconds_median": sorted(blocks)[len(blocks) // 2] if blocks else None, "n_blocks": len(blocks),
             "stage_seconds": {k: v for k, v in out.timings_s.items() if isinstance(v, (int, float))},
-            "memory": _peak(torch), "gpu_cap_bytes": CAP_BYTES if capped else None,
+            "memory": _peak(torch), "gpu_cap_bytes": cap_bytes if capped else None,
             "quant": {k: cfg.quant.__dict__[k] for k in ("method", "w_bit", "group_size")}}
 
 
-def run_lmdeploy(variant: str, model_dir: Path, work: Path, model: list[str], device: str) -> dict:
+def run_lmdeploy(variant: str, model_dir: Path, work: Path, model: list[str], device: str, cap_bytes: int = 0) -> dict:
     import torch
     from lmdeploy.lite.apis import calibrate as lmd_calibrate
     from lmdeploy.lite.apis.auto_awq import auto_awq
@@ -107,14 +108,14 @@ def run_lmdeploy(variant: str, model_dir: Path, work: Path, model: list[str], de
                       "group_size": 128}}
 
 
-def child(variant: str, model_dir: Path, out: Path, model: list[str], device: str) -> None:
+def child(variant: str, model_dir: Path, out: Path, model: list[str], device: str, cap_bytes: int) -> None:
     import tempfile
 
     from harness.environment import environment
 
     with tempfile.TemporaryDirectory(prefix=f"{variant}-") as work:
         res = (run_lmdeploy if variant.startswith("lmdeploy") else run_harness)(variant, model_dir, Path(work), model,
-                                                                                device)
+                                                                                device, cap_bytes)
     res.update(variant=variant, model=model, environment=environment())
     (out / f"{NAME}_{variant}.json").write_text(json.dumps(res, indent=1))
 
@@ -165,6 +166,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="llama2_7b_synthetic", help="a synthetic conf/model option")
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--device", default="cuda", help="where blocks compute (cpu: a dry run of the harness variants)")
+    ap.add_argument("--cap-gib", type=float, default=CAP_GIB, help="GPU memory cap of the capped run, GiB")
     ap.add_argument("--timeout", type=float, default=420, help="seconds a variant may take")
     ap.add_argument("--report", type=Path, help="only rebuild the table from saved JSON in this folder")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -176,7 +178,7 @@ def main(argv=None) -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     model = [f"model={a.model}", f"quant.group_size={a.group_size}"]
     if a.child:
-        child(a.child, a.model_dir, a.out, model, a.device)
+        child(a.child, a.model_dir, a.out, model, a.device, int(a.cap_gib * 2**30))
         return 0
     from harness import synthetic
     from harness.compose import compose
@@ -187,7 +189,8 @@ def main(argv=None) -> int:
     for v in a.variants:
         log(f"variant {v}")
         cmd = [sys.executable, "-m", "benchmarks.quantize_gpu", "--child", v, "--model-dir", str(model_dir),
-               "--out", str(a.out), "--model", a.model, "--group-size", str(a.group_size), "--device", a.device]
+               "--out", str(a.out), "--model", a.model, "--group-size", str(a.group_size), "--device", a.device,
+               "--cap-gib", str(a.cap_gib)]
         try:
             rc = subprocess.run(cmd, timeout=a.timeout).returncode
         except subprocess.TimeoutExpired:
