@@ -5,7 +5,7 @@ A synthetic checkpoint at Llama-2's shape has 32,000 embedding rows; the embedde
 BPE vocabulary is ordered by merge rank, so keeping the ids below N (and only the merges whose two parts and result
 all survive) leaves a smaller tokenizer of the same kind: every byte is still a base token, so any text encodes; the
 special tokens (ids 0-16) stay. The text it makes from random weights is noise either way: this only lets a
-chat request reach such a model (experiments.serve) with ids it can look up.
+chat request reach such a model (app.serve) with ids it can look up.
 
     python -m harness.tokenizer_trim .device/tokenizers/smollm2-135m-instruct .device/tokenizers/smollm2-32k --vocab 32000
 """

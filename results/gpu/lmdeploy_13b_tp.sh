@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 18, LMDeploy tensor parallelism: the throughput benchmark on a Llama-2-13B-shaped model with SYNTHETIC
 # (random) weights, FP16 / AWQ W4A16 g128 / AWQ W4A16 g128 + KV int8, tp=1 and tp=2, batch 1, 8, 32; and
-# experiments.serve with tp=2 answering a chat completion through the openai client.
+# app.serve with tp=2 answering a chat completion through the openai client.
 #
 # Run on the two-GPU machine (nvidia-h200-x2) from the repository root, with .device/ carried (filled by
 # ../shared/device/prepare-lmdeploy.sh, plus the hydra-core/omegaconf/antlr4 wheels and
@@ -42,7 +42,7 @@ if [ "$stage" = tp1 ]; then
   wait $A $B
   cp /tmp/r/tp1b/*_awq_*.json /tmp/r/tp1/ 2>/dev/null
   # serve with tp=2: the AWQ W4A16 + KV int8 checkpoint written above, both GPUs
-  python3 -m experiments.serve --ask "Write one sentence about rivers." --out /tmp/r/serve_chat_13b_tp2.json \
+  python3 -m app.serve --ask "Write one sentence about rivers." --out /tmp/r/serve_chat_13b_tp2.json \
       --server-log "$OUT/serve_13b_tp2_server.log" --tokenizer $TOK --synthetic-root $SYN --timeout 160 \
       -- model=llama2_13b_synthetic quant.method=awq quant.group_size=128 kv=int8 backend.tp=2 backend.max_batch_size=8 \
       > "$OUT/serve_13b_tp2.log" 2>&1 &
