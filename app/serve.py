@@ -97,7 +97,7 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--out", help="write the exchange (command, timings, answer) to this JSON file")
     ap.add_argument("--server-log", help="the server's output goes here (default: this terminal)")
-    ap.add_argument("--synthetic-root", default="/tmp/synthetic")
+    ap.add_argument("--synthetic-root", default=None)
     ap.add_argument("--tokenizer", help="tokenizer files for a synthetic checkpoint")
     ap.add_argument("--timeout", type=float, default=480)
     ap.add_argument("overrides", nargs="*", help="config overrides, e.g. model=smollm2_135m kv=int8")

@@ -379,7 +379,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--web-timeout", type=float, default=300, help="seconds for the page to answer")
     ap.add_argument("--request-timeout", type=float, default=300,
                     help="the page's web.endpoint.timeout_s (the first W4A16 request autotunes Triton kernels)")
-    ap.add_argument("--synthetic-root", default="/tmp/synthetic")
+    ap.add_argument("--synthetic-root", default=None)
     ap.add_argument("--tokenizer", help="tokenizer files for a synthetic checkpoint (as app.serve)")
     ap.add_argument("overrides", nargs="*", help="run config overrides, e.g. model.path=/tmp/ckpt quant=awq_w4")
     a = ap.parse_args(argv)

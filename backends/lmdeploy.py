@@ -172,7 +172,7 @@ def resolve_model_dir(cfg: RunConfig, synthetic_root=None, tokenizer_dir=None) -
     from harness import synthetic
 
     if synthetic.arch_name(cfg.model.path) is not None:
-        return synthetic.materialize(cfg, Path(synthetic_root or "/tmp/synthetic"),
+        return synthetic.materialize(cfg, Path(synthetic_root) if synthetic_root else synthetic.default_root(),
                                      Path(tokenizer_dir) if tokenizer_dir else None)
     from harness.models import resolve_model
 

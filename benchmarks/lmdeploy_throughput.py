@@ -324,7 +324,7 @@ def run_round(pipe, batch: int, prompt_len: int, gen_len: int, vocab: int, seed:
     return s
 
 
-def run_variant(variant: str, model: str, extra: list[str], out_dir: Path, synth_root: Path, tokenizer: Optional[str]) -> dict:
+def run_variant(variant: str, model: str, extra: list[str], out_dir: Path, synth_root: Optional[str], tokenizer: Optional[str]) -> dict:
     import torch
 
     from harness.records import run_id
@@ -403,7 +403,7 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=VARIANTS.names())
     ap.add_argument("--model", default="llama2_7b_synthetic", help="a conf/model option")
     ap.add_argument("--out", default="results/gpu")
-    ap.add_argument("--synthetic-root", default="/tmp/synthetic")
+    ap.add_argument("--synthetic-root", default=None, help="default: <cache>/synthetic")
     ap.add_argument("--tokenizer", default=None, help="tokenizer files for synthetic checkpoints")
     ap.add_argument("--report", metavar="DIR", help="only rebuild the table and plot from saved JSON")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -416,13 +416,13 @@ def main(argv: list[str]) -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     if a.child:
-        run_variant(a.child, a.model, a.overrides, out, Path(a.synthetic_root), a.tokenizer)
+        run_variant(a.child, a.model, a.overrides, out, a.synthetic_root, a.tokenizer)
         return
     command = "python -m benchmarks.lmdeploy_throughput " + " ".join(argv)
     for v in a.variants:
         # one process per variant: a fresh CUDA context, so each engine sees the same free memory
         cmd = [sys.executable, "-m", "benchmarks.lmdeploy_throughput", "--child", v, "--model", a.model,
-               "--out", str(out), "--synthetic-root", a.synthetic_root, *(["--tokenizer", a.tokenizer] if a.tokenizer else []),
+               "--out", str(out), *(["--synthetic-root", a.synthetic_root] if a.synthetic_root else []), *(["--tokenizer", a.tokenizer] if a.tokenizer else []),
                *a.overrides]
         log(f"variant {v}")
         res = subprocess.run(cmd)

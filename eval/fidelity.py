@@ -108,7 +108,7 @@ class ReferenceStore:
     def head(self) -> dict:
         path = self.root / f"head-{_head_key(self.model_sha, self.dtype)}.pt"
         if path.exists():
-            return torch.load(path)
+            return torch.load(path, weights_only=True)
         m = self._ref_model()
         lin = m.get_output_embeddings()
         head = {"weight": lin.weight.detach().cpu().clone(),
@@ -120,7 +120,7 @@ class ReferenceStore:
         key = reference_key(self.model_sha, self.dtype, self.device, windows)
         path = self.root / f"hidden-{key}.pt"
         if path.exists():
-            return torch.load(path), key, True
+            return torch.load(path, weights_only=True), key, True
         self.misses += 1
         h = last_hidden(self._ref_model(), windows, self.batch_size, None, self.progress, f"fp16 reference {split}")
         _save_atomic(h, path)

@@ -116,7 +116,7 @@ def tokenize_cached(tokenizer, text: str) -> torch.Tensor:
     key = f"{tokenizer_id(tokenizer)}-{text_sha256(text)[:16]}"
     path = cache_dir() / "tokens" / f"{key}.pt"
     if path.exists():
-        return torch.load(path)
+        return torch.load(path, weights_only=True)
     ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
     with atomic_file(path) as tmp:
         torch.save(ids, tmp)

@@ -9,7 +9,7 @@ whatever device it is given (on the GPU machine a 7B checkpoint takes seconds to
 Every such checkpoint carries `synthetic.json`; every result made from one says `synthetic`, and quality metrics
 (perplexity, fidelity, tasks) are refused for it: random weights have no quality to measure.
 
-    python -m harness.synthetic model=llama2_7b_synthetic quant.method=awq quant.group_size=128 --root /tmp/synth
+    python -m harness.synthetic model=llama2_7b_synthetic quant.method=awq quant.group_size=128 --root /data/synth
 """
 from __future__ import annotations
 
@@ -263,6 +263,14 @@ def copy_tokenizer(src: Path, dst: Path) -> int:
 # ----------------------------------------------------------------------------------------------- from a RunConfig
 
 
+def default_root() -> Path:
+    """Where synthetic checkpoints go unless --synthetic-root says otherwise: inside the project's own cache, not a
+    shared folder such as /tmp, where another user could plant a checkpoint (and code) that a run would load."""
+    from harness.assets import cache_dir
+
+    return cache_dir() / "synthetic"
+
+
 def default_tokenizer_dir() -> Optional[Path]:
     """The embedded SmolLM2 tokenizer when its converted checkpoint is in the cache (never downloads)."""
     from harness.assets import cache_dir
@@ -340,13 +348,13 @@ def main(argv: list[str]) -> None:
     from harness.compose import compose
 
     ap = argparse.ArgumentParser(description="write the synthetic checkpoint a config names; prints its directory")
-    ap.add_argument("--root", default="/tmp/synthetic")
+    ap.add_argument("--root", default=None, help="default: <cache>/synthetic (harness.synthetic.default_root)")
     ap.add_argument("--tokenizer", default=None)
     ap.add_argument("--device", default=None)
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args(argv)
     cfg = compose(a.overrides)
-    print(materialize(cfg, Path(a.root), Path(a.tokenizer) if a.tokenizer else None, a.device))
+    print(materialize(cfg, Path(a.root) if a.root else default_root(), Path(a.tokenizer) if a.tokenizer else None, a.device))
 
 
 if __name__ == "__main__":
