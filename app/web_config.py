@@ -22,7 +22,7 @@ class EndpointConfig:
     url: Optional[str] = None  # e.g. http://127.0.0.1:23333 (with or without /v1)
     model: Optional[str] = None  # model id; None = the first one GET /v1/models lists
     timeout_s: float = 60.0
-    api_key: str = "none"
+    # no api_key here: keys come from the environment only (QH_API_KEYS, harness.exposure), never from a config
 
 
 @dataclass

@@ -12,6 +12,11 @@ class ConfigError(ValueError):
     """A config value is invalid; the message names the field and what is allowed."""
 
 
+def user_error(field_name: str, value, allowed: str, fix: str) -> ConfigError:
+    """The one shape of a user error: `<field>: <value> — <allowed> — <fix>` (printed as `error: ...`)."""
+    return ConfigError(f"{field_name}: {value} — {allowed} — {fix}")
+
+
 def _require(cond: bool, field_name: str, msg: str) -> None:
     if not cond:
         raise ConfigError(f"{field_name}: {msg}")
