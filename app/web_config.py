@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from harness.config import ConfigError, RunConfig, _require, register_schemas
+from harness.config import ConfigError, RunConfig, _require, check_known_keys, register_schemas
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 ENDPOINT = "endpoint"  # the name that puts the OpenAI-compatible endpoint among the compare columns / chat choices
@@ -113,6 +113,7 @@ def compose_web(overrides: list[str] | tuple[str, ...] = ()) -> WebSetup:
         model_choice = str(node.hydra.runtime.choices.get("model", "smollm2_135m"))
         with open_dict(node):
             del node["hydra"]
+        check_known_keys(node, WebRunConfig)
         cfg = OmegaConf.to_object(node)
         cfg.validate()
         unknown = [p for p in cfg.web.compare if p != ENDPOINT and p not in presets()]

@@ -19,13 +19,12 @@ register_schemas()
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    from experiments.pipeline import run
-
     try:
         run_cfg = to_run_config(cfg)
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    from experiments.pipeline import run  # after the config is checked: torch and transformers take seconds
     # A relative results_dir is relative to where the command was run (hydra.runtime.cwd), also in a launcher's job
     # process and with hydra.job.chdir=true, so every job of a sweep writes into the same results/runs/.
     run_cfg.results_dir = to_absolute_path(run_cfg.results_dir)
