@@ -17,11 +17,15 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig
 
-from harness.config import RunConfig
-from harness.data import TEXT_SOURCES, calibration_provider, eval_windows, load_text, text_sha256, tokenize_cached
-from harness.models import load_model, load_tokenizer, model_summary, resolve_model
+from harness.assets import AssetError
+from harness.config import ConfigError, RunConfig
+from harness.data import (TEXT_SOURCES, DataUnavailableError, calibration_provider, eval_windows, load_text, text_sha256,
+                          tokenize_cached)
+from harness.models import ModelUnavailableError, check_device, load_model, load_tokenizer, model_summary, resolve_model
 from harness.log import logger
-from harness.records import load_record, make_record, provenance, record_path, run_id, write_json_atomic
+from harness.records import (CorruptRecordError, check_results_dir, load_record, make_record, provenance, record_path,
+                             run_id, write_json_atomic)
+from harness.registry import UnknownNameError
 from harness.synthetic import refuse_quality_metrics
 from backends import BACKENDS
 from eval import EvalContext, preflight
@@ -29,6 +33,8 @@ from quant import METHODS, QuantContext, QuantOutcome, quantized_cache
 
 
 log = logger("run")
+# what a user can fix (config, paths, inputs): the command line prints these as one line, without a traceback
+USER_ERRORS = (ConfigError, UnknownNameError, ModelUnavailableError, DataUnavailableError, AssetError)
 
 
 @dataclass
@@ -43,6 +49,8 @@ class Prepared:
 
 
 def prepare(cfg: RunConfig) -> Prepared:
+    check_results_dir(cfg.results_dir)  # a record that cannot be written must fail now, not after the evaluation
+    check_device(cfg.model)
     refuse_quality_metrics(cfg)  # synthetic (random) weights: throughput and memory only
     BACKENDS.get(cfg.backend.name).preflight(cfg)  # e.g. backend=lmdeploy on a machine without a GPU
     method = METHODS.get(cfg.quant.method)
@@ -84,8 +92,8 @@ def quantize(cfg: RunConfig, model, model_sha: str, calib, calib_state: dict) ->
 def run(cfg: RunConfig) -> dict:
     path = record_path(cfg)
     if path.exists() and not cfg.force:
-        rec = load_record(path)
-        if rec.get("status") == "complete":
+        rec = existing_record(path)
+        if rec is not None and rec.get("status") == "complete":
             log(f"record {path} exists (run_id {rec['run_id']}); reusing it (force=true recomputes)")
             return rec
     t_start = time.perf_counter()
@@ -131,6 +139,16 @@ def run(cfg: RunConfig) -> dict:
     return record
 
 
+def existing_record(path: Path) -> dict | None:
+    """The record at `path`, or None when it is corrupt (then it counts as missing: the run is recomputed)."""
+    try:
+        return load_record(path)
+    except CorruptRecordError as e:
+        log(f"{e}; treating it as missing and recomputing the run")
+        return None
+
+
 def record_exists(cfg: RunConfig) -> bool:
     p = Path(record_path(cfg))
-    return p.exists() and load_record(p).get("status") == "complete"
+    rec = existing_record(p) if p.exists() else None
+    return rec is not None and rec.get("status") == "complete"

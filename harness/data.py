@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 
 from harness.assets import atomic_file, cache_dir, corpus_root
+from harness.config import ConfigError
 from harness.corpus import EMBEDDED_SPLITS
 from harness.registry import Registry
 
@@ -127,7 +128,7 @@ def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None, split:
     """GPTQ/AWQ paper protocol: non-overlapping windows of `seqlen` tokens from the start, remainder dropped."""
     n = ids.numel() // seqlen
     if n == 0:
-        raise ValueError(f"split {split!r} has {ids.numel()} tokens, fewer than eval.perplexity.seqlen={seqlen}; lower seqlen")
+        raise ConfigError(f"split {split!r} has {ids.numel()} tokens, fewer than eval.perplexity.seqlen={seqlen}; lower seqlen")
     if max_windows is not None:
         n = min(n, max_windows)
     return ids[: n * seqlen].view(n, seqlen)
@@ -136,7 +137,7 @@ def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None, split:
 def calibration_samples(ids: torch.Tensor, n_samples: int, seqlen: int, seed: int) -> torch.Tensor:
     """`n_samples` windows of `seqlen` tokens at seeded random offsets (the GPTQ/llm-awq sampling of a long text)."""
     if ids.numel() <= seqlen:
-        raise ValueError(f"calibration text has {ids.numel()} tokens, needs more than quant.calib.seqlen={seqlen}")
+        raise ConfigError(f"calibration text has {ids.numel()} tokens, needs more than quant.calib.seqlen={seqlen}")
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seqlen, (n_samples,), generator=g)
     return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])

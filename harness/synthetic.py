@@ -26,7 +26,7 @@ import torch
 
 from harness import architectures, storage_bytes
 from harness.architectures import FAMILIES, TensorSpec
-from harness.config import RunConfig
+from harness.config import ConfigError, RunConfig
 
 ARCH_DIR = Path(__file__).resolve().parent / "arch"
 PREFIX = "synthetic:"
@@ -38,7 +38,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 NOTE = "synthetic: random weights at a real architecture's shape; throughput and memory only, never quality"
 
 
-class SyntheticWeightsError(ValueError):
+class SyntheticWeightsError(ConfigError):
     """A quality metric was asked of random weights."""
 
 
