@@ -293,7 +293,10 @@ def materialize(cfg: RunConfig, root: Path, tokenizer_dir: Optional[Path] = None
     arch, fmt = load_arch(name), weight_format(cfg)
     out = Path(root) / checkpoint_dirname(arch, fmt, cfg.seed)
     if (out / COMPLETE).exists():
-        return out
+        if code_is_ours(arch, out):
+            return out
+        print(f"[synthetic] warning: {out} holds Python files other than the repository's own "
+              f"({', '.join(arch.remote_code) or 'none'}); writing it again", file=sys.stderr, flush=True)
     tokenizer_dir = tokenizer_dir or default_tokenizer_dir()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     print(f"[synthetic] writing {out.name} on {device} ...", file=sys.stderr, flush=True)
@@ -301,6 +304,12 @@ def materialize(cfg: RunConfig, root: Path, tokenizer_dir: Optional[Path] = None
     if device == "cuda":
         torch.cuda.empty_cache()
     return out
+
+
+def code_is_ours(arch: Arch, model_dir: Path) -> bool:
+    """The checkpoint's Python files (what trust_remote_code would run) are exactly the repository's copies."""
+    found = {p.name: p.read_bytes() for p in Path(model_dir).glob("*.py")}
+    return found == {f: (ARCH_DIR / f).read_bytes() for f in arch.remote_code}
 
 
 def read_marker(model_dir) -> Optional[dict]:

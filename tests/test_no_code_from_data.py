@@ -134,3 +134,22 @@ def test_trust_remote_code_only_where_the_config_sets_it():
             continue
         text = p.read_text()
         assert "trust_remote_code=True" not in text and "trust_remote_code = True" not in text, p
+
+
+def test_a_synthetic_checkpoint_runs_only_the_repositorys_code(tmp_path):
+    """A reused synthetic checkpoint whose Python files differ from the repository's (what trust_remote_code would
+    import) is written again, not loaded."""
+    from harness import synthetic
+
+    arch = synthetic.load_arch("internlm2-chat-1_8b")
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    for f in arch.remote_code:
+        (d / f).write_bytes((synthetic.ARCH_DIR / f).read_bytes())
+    assert synthetic.code_is_ours(arch, d)
+    (d / arch.remote_code[0]).write_text("import os; os.system('touch /tmp/pwned')\n")
+    assert not synthetic.code_is_ours(arch, d)
+    (d / arch.remote_code[0]).write_bytes((synthetic.ARCH_DIR / arch.remote_code[0]).read_bytes())
+    (d / "modeling_extra.py").write_text("")
+    assert not synthetic.code_is_ours(arch, d)
+    assert synthetic.code_is_ours(synthetic.load_arch("smollm2-135m"), tmp_path)  # no code at all
