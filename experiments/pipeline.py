@@ -18,7 +18,7 @@ import torch
 from transformers import AutoConfig
 
 from harness.assets import AssetError
-from harness.config import ConfigError, RunConfig
+from harness.config import ConfigError, RunConfig, user_error
 from harness.data import (TEXT_SOURCES, DataUnavailableError, calibration_provider, eval_windows, load_text, text_sha256,
                           tokenize_cached)
 from harness.models import ModelUnavailableError, check_device, load_model, load_tokenizer, model_summary, resolve_model
@@ -134,9 +134,19 @@ def run(cfg: RunConfig) -> dict:
         "seed": cfg.seed,
     })
     record = make_record(cfg, metrics, prov, timings)
-    write_json_atomic(path, record)
+    write_record(path, record, cfg)
     log(f"wrote {path} (run_id {run_id(cfg)}, {timings['total']:.1f} s)")
     return record
+
+
+def write_record(path: Path, record: dict, cfg: RunConfig) -> None:
+    """The record, atomically; a disk that filled up during the run is a one-line error naming the path."""
+    try:
+        write_json_atomic(path, record)
+    except OSError as e:
+        raise user_error("results_dir", cfg.results_dir, f"writing {path} failed ({type(e).__name__}: "
+                         f"{e.strerror or e})", "free space or fix permissions, then run the same command again "
+                         "(quantized weights are cached)") from None
 
 
 def existing_record(path: Path) -> dict | None:

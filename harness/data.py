@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from harness.assets import atomic_file, cache_dir, corpus_root
+from harness.assets import cache_dir, corpus_root, load_cached_tensors, save_cached_tensors
 from harness.config import ConfigError
 from harness.corpus import EMBEDDED_SPLITS
 from harness.registry import Registry
@@ -116,11 +116,10 @@ def tokenize_cached(tokenizer, text: str) -> torch.Tensor:
     """1-D int64 token ids of `text` (no special tokens), cached under a key of (tokenizer, text) content."""
     key = f"{tokenizer_id(tokenizer)}-{text_sha256(text)[:16]}"
     path = cache_dir() / "tokens" / f"{key}.pt"
-    if path.exists():
-        return torch.load(path, weights_only=True)
-    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-    with atomic_file(path) as tmp:
-        torch.save(ids, tmp)
+    ids = load_cached_tensors(path)
+    if ids is None:
+        ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+        save_cached_tensors(ids, path)
     return ids
 
 

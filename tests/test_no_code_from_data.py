@@ -153,3 +153,31 @@ def test_a_synthetic_checkpoint_runs_only_the_repositorys_code(tmp_path):
     (d / "modeling_extra.py").write_text("")
     assert not synthetic.code_is_ours(arch, d)
     assert synthetic.code_is_ours(synthetic.load_arch("smollm2-135m"), tmp_path)  # no code at all
+
+
+def test_tensor_caches_load_without_code_and_survive_bad_files(tmp_path, capsys, monkeypatch):
+    """The token and FP16-reference caches (harness.assets.load/save_cached_tensors): a planted pickle is a miss that
+    runs nothing, a truncated file is a named miss, a write that fails is a warning."""
+    from harness.assets import load_cached_tensors, save_cached_tensors
+
+    marker = tmp_path / "pwned"
+    planted = tmp_path / "tokens" / "x.pt"
+    planted.parent.mkdir()
+    torch.save({"ids": _Plant(marker)}, planted)
+    assert load_cached_tensors(planted) is None and not marker.exists()
+    assert str(planted) in capsys.readouterr().err
+
+    good = tmp_path / "tokens" / "y.pt"
+    save_cached_tensors({"weight": torch.arange(5), "softcap": None}, good)
+    back = load_cached_tensors(good)
+    assert torch.equal(back["weight"], torch.arange(5)) and back["softcap"] is None
+    good.write_bytes(good.read_bytes()[:40])
+    assert load_cached_tensors(good) is None and str(good) in capsys.readouterr().err
+
+    def full(*a, **k):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")
+
+    monkeypatch.setattr(torch, "save", full)
+    save_cached_tensors(torch.arange(3), tmp_path / "tokens" / "z.pt")  # no exception: a warning
+    assert "could not write the cache file" in capsys.readouterr().err
+    assert not (tmp_path / "tokens" / "z.pt").exists()

@@ -191,3 +191,13 @@ def test_cli_prints_one_line_and_a_traceback_only_with_harness_debug(tmp_path):
     assert "Traceback" not in p.stderr and "loading" not in p.stderr, p.stderr
     p = subprocess.run(args, cwd=ROOT, env={**env, "HARNESS_DEBUG": "1"}, capture_output=True, text=True, timeout=180)
     assert p.returncode != 0 and "Traceback" in p.stderr and "ConfigError" in p.stderr
+
+
+def test_a_record_that_cannot_be_written_at_the_end_is_a_named_error(tmp_path):
+    from experiments import pipeline
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    cfg = cfg_of(SMALL + [f"results_dir={blocker}"])
+    with pytest.raises(ConfigError, match=rf"^results_dir: {blocker} — writing {blocker}/runs/\w+\.json failed"):
+        pipeline.write_record(records.record_path(cfg), {"run_id": "x"}, cfg)
