@@ -30,6 +30,7 @@ from harness.synthetic import refuse_quality_metrics
 from backends import BACKENDS
 from eval import EvalContext, preflight
 from quant import METHODS, QuantContext, QuantOutcome, quantized_cache
+from quant.surgery import check_group_sizes
 
 
 log = logger("run")
@@ -63,7 +64,9 @@ def prepare(cfg: RunConfig) -> Prepared:
 
         check_kv_supported(cfg.kv.bits)
     resolved = resolve_model(cfg.model)
-    preflight(cfg, AutoConfig.from_pretrained(resolved.directory, trust_remote_code=cfg.model.trust_remote_code))
+    model_config = AutoConfig.from_pretrained(resolved.directory, trust_remote_code=cfg.model.trust_remote_code)
+    check_group_sizes(cfg.quant, model_config.to_dict())
+    preflight(cfg, model_config)
     tok = load_tokenizer(resolved, cfg.model)
     windows, shas, texts = {}, {}, {}
     for split in cfg.data.splits:

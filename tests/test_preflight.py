@@ -201,3 +201,20 @@ def test_a_record_that_cannot_be_written_at_the_end_is_a_named_error(tmp_path):
     cfg = cfg_of(SMALL + [f"results_dir={blocker}"])
     with pytest.raises(ConfigError, match=rf"^results_dir: {blocker} — writing {blocker}/runs/\w+\.json failed"):
         pipeline.write_record(records.record_path(cfg), {"run_id": "x"}, cfg)
+
+
+def test_group_size_that_does_not_divide_a_layer_fails_before_the_model_loads(tmp_path, monkeypatch, smollm2_resolved):
+    from transformers import AutoConfig
+
+    from experiments import pipeline
+    from harness.config import QuantConfig
+    from quant.surgery import check_group_sizes
+
+    hf = AutoConfig.from_pretrained(smollm2_resolved.directory).to_dict()
+    with pytest.raises(ConfigError, match=r"quant.group_size=128 does not divide in_features=576 of model\.layers\.0\."):
+        check_group_sizes(QuantConfig(method="rtn", group_size=128), hf)
+    check_group_sizes(QuantConfig(method="rtn", group_size=128, group_fallback="per_channel"), hf)
+    check_group_sizes(QuantConfig(method="rtn", group_size=64), hf)
+    monkeypatch.setattr(pipeline, "load_model", _boom)
+    with pytest.raises(ConfigError, match="quant.group_size=128"):
+        pipeline.run(cfg_of(SMALL + ["quant=rtn_w4", "quant.group_size=128", f"results_dir={tmp_path}"]))
