@@ -19,8 +19,8 @@ from transformers import AutoConfig
 
 from harness.assets import AssetError
 from harness.config import ConfigError, RunConfig, user_error
-from harness.data import (TEXT_SOURCES, DataUnavailableError, calibration_provider, eval_windows, load_text, text_sha256,
-                          tokenize_cached)
+from harness.data import (TEXT_SOURCES, DataUnavailableError, calibration_ids, calibration_provider, eval_windows,
+                          load_text, text_sha256, tokenize_cached)
 from harness.models import ModelUnavailableError, check_device, load_model, load_tokenizer, model_summary, resolve_model
 from harness.log import logger
 from harness.records import (CorruptRecordError, check_results_dir, load_record, make_record, provenance, record_path,
@@ -66,8 +66,10 @@ def prepare(cfg: RunConfig) -> Prepared:
     resolved = resolve_model(cfg.model)
     model_config = AutoConfig.from_pretrained(resolved.directory, trust_remote_code=cfg.model.trust_remote_code)
     check_group_sizes(cfg.quant, model_config.to_dict())
-    preflight(cfg, model_config)
     tok = load_tokenizer(resolved, cfg.model)
+    if method.needs_calibration:
+        calibration_ids(cfg.quant.calib, tok)  # quant.calib.seqlen against the calibration text, before loading
+    preflight(cfg, model_config)  # the evaluators' and the calibration's memory
     windows, shas, texts = {}, {}, {}
     for split in cfg.data.splits:
         text = texts[split] = load_text(split)

@@ -133,10 +133,23 @@ def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None, split:
     return ids[: n * seqlen].view(n, seqlen)
 
 
+def check_calibration_text(ids: torch.Tensor, seqlen: int) -> None:
+    if ids.numel() <= seqlen:
+        raise ConfigError(f"quant.calib.seqlen: {seqlen} — the calibration text has {ids.numel()} tokens, a window "
+                          f"must be shorter — use quant.calib.seqlen={min(512, ids.numel() - 1)} or a longer "
+                          "quant.calib.dataset")
+
+
+def calibration_ids(calib, tokenizer) -> torch.Tensor:
+    """The calibration text's token ids, checked against quant.calib.seqlen (cheap: the tokens are cached)."""
+    ids = tokenize_cached(tokenizer, load_text(calib.dataset))
+    check_calibration_text(ids, calib.seqlen)
+    return ids
+
+
 def calibration_samples(ids: torch.Tensor, n_samples: int, seqlen: int, seed: int) -> torch.Tensor:
     """`n_samples` windows of `seqlen` tokens at seeded random offsets (the GPTQ/llm-awq sampling of a long text)."""
-    if ids.numel() <= seqlen:
-        raise ConfigError(f"calibration text has {ids.numel()} tokens, needs more than quant.calib.seqlen={seqlen}")
+    check_calibration_text(ids, seqlen)
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seqlen, (n_samples,), generator=g)
     return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
@@ -149,8 +162,8 @@ def calibration_provider(calib, tokenizer):
 
     def get():
         if "samples" not in state:
-            ids = tokenize_cached(tokenizer, load_text(calib.dataset))
-            state["samples"] = calibration_samples(ids, calib.n_samples, calib.seqlen, calib.seed)
+            state["samples"] = calibration_samples(calibration_ids(calib, tokenizer), calib.n_samples, calib.seqlen,
+                                                   calib.seed)
         return state["samples"]
 
     return get, state

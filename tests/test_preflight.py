@@ -218,3 +218,34 @@ def test_group_size_that_does_not_divide_a_layer_fails_before_the_model_loads(tm
     monkeypatch.setattr(pipeline, "load_model", _boom)
     with pytest.raises(ConfigError, match="quant.group_size=128"):
         pipeline.run(cfg_of(SMALL + ["quant=rtn_w4", "quant.group_size=128", f"results_dir={tmp_path}"]))
+
+
+# ----------------------------------------------------------------------------------------------- calibration
+
+
+def test_calibration_that_cannot_fit_in_memory_is_refused(smollm2_resolved, monkeypatch):
+    from transformers import AutoConfig
+
+    from eval import memory
+    from harness.config import CalibConfig
+
+    hf = AutoConfig.from_pretrained(smollm2_resolved.directory)
+    per_token = 5 * 576 + 1536  # bf16: x 2 bytes
+    monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": 1000 * 512 * per_token * 2)
+    memory.check_calibration_fits(hf, CalibConfig(n_samples=128), "cpu")
+    with pytest.raises(ConfigError) as e:
+        memory.check_calibration_fits(hf, CalibConfig(n_samples=6000), "cpu")
+    assert str(e.value).startswith("quant.calib.n_samples: 6000 — 6000 x 512 calibration tokens need about ")
+    assert str(e.value).endswith("use at most quant.calib.n_samples=900")
+
+
+def test_calibration_checks_run_before_the_model_loads(tmp_path, monkeypatch, calib_ids):
+    from eval import memory
+    from experiments import pipeline
+
+    monkeypatch.setattr(pipeline, "load_model", _boom)
+    with pytest.raises(ConfigError, match=rf"^quant.calib.seqlen: 100000000 — the calibration text has {calib_ids.numel()} tokens"):
+        pipeline.run(cfg_of(SMALL + ["quant=awq_w4", "quant.calib.seqlen=100000000", f"results_dir={tmp_path}"]))
+    monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": 1 << 30)
+    with pytest.raises(ConfigError, match=r"^quant.calib.n_samples: 6000 — "):
+        pipeline.run(cfg_of(SMALL + ["quant=awq_w4", "quant.calib.n_samples=6000", f"results_dir={tmp_path}"]))
