@@ -15,7 +15,8 @@ from safetensors.torch import load_file, save_file
 
 from harness.assets import atomic_file, cache_dir
 from harness.log import logger
-from harness.config import QuantConfig
+from harness.config import QuantConfig, user_error
+from harness.models import first_nonfinite
 from quant.primitives import QTensor
 from quant.registry import METHODS, QuantContext, QuantOutcome
 
@@ -130,6 +131,7 @@ def quantize_cached(model, cfg: QuantConfig, model_sha: str, dtype: str, ctx: Qu
         log(f"quantized weights from cache ({key}); original quantize time {sum(cached.timings_s.values()):.1f} s")
         return cached
     outcome = method(model, cfg, ctx)
+    check_quantized_finite(model, cfg)  # before the cache or any evaluation sees the weights
     if "samples" in calib_state:
         outcome.summary["calibration_sha256"] = hashlib.sha256(calib_state["samples"].numpy().tobytes()).hexdigest()[:16]
     outcome.summary["cache_key"] = key
@@ -138,6 +140,14 @@ def quantize_cached(model, cfg: QuantConfig, model_sha: str, dtype: str, ctx: Qu
     except OSError as e:  # e.g. a full disk: the cache is optional, the run goes on
         warn(f"warning: could not write the quantized-weight cache under {_paths(key)[0].parent} ({e}); continuing")
     return outcome
+
+
+def check_quantized_finite(model, cfg: QuantConfig) -> None:
+    bad = first_nonfinite(model)
+    if bad is not None:
+        name, count, numel = bad
+        raise user_error("quant.method", cfg.method, f"quantizing left {count} NaN/Inf values of {numel} in {name} "
+                         "(the loaded weights were finite)", "nothing was cached or recorded; try model.dtype=float32")
 
 
 def is_cached(key: str) -> bool:

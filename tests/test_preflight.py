@@ -249,3 +249,29 @@ def test_calibration_checks_run_before_the_model_loads(tmp_path, monkeypatch, ca
     monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": 1 << 30)
     with pytest.raises(ConfigError, match=r"^quant.calib.n_samples: 6000 — "):
         pipeline.run(cfg_of(SMALL + ["quant=awq_w4", "quant.calib.n_samples=6000", f"results_dir={tmp_path}"]))
+
+
+def test_weights_that_quantization_makes_nonfinite_are_named_and_never_cached(tmp_path, monkeypatch):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from harness.config import QuantConfig
+    from harness.registry import Registry
+    from quant import quantized_cache
+    from quant.registry import QuantContext, QuantOutcome
+
+    def broken(model, cfg, ctx):
+        model.get_parameter("model.layers.1.mlp.up_proj.weight").data[0, :2] = float("nan")
+        return QuantOutcome()
+
+    methods = Registry("quantization method")
+    methods.add("rtn", broken)
+    monkeypatch.setattr(quantized_cache, "METHODS", methods)
+    monkeypatch.setenv("QH_CACHE", str(tmp_path / "cache"))
+    hf = AutoConfig.for_model("llama", vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2)
+    model = AutoModelForCausalLM.from_config(hf)
+    cfg = QuantConfig(method="rtn")
+    with pytest.raises(ConfigError, match=r"^quant.method: rtn — quantizing left 2 NaN/Inf values of 8192 in "
+                                          r"model\.layers\.1\.mlp\.up_proj\.weight"):
+        quantized_cache.quantize_cached(model, cfg, "sha", "float32", QuantContext(calibration=lambda: None), {})
+    assert not quantized_cache.is_cached(quantized_cache.quant_key("sha", cfg, "float32"))
