@@ -93,9 +93,22 @@ def _qtensors(meta: dict, tensors: dict) -> dict[str, QTensor]:
                        w_bit=d["w_bit"], group_size=d["group_size"]) for n, d in meta["qtensors"].items()}
 
 
+def _check_fits(model, state: dict) -> None:
+    """ValueError unless `state` has exactly the model's tensors, each of the model's shape (checked before loading,
+    so a cache that does not fit leaves the model as it was)."""
+    own = model.state_dict()
+    if own.keys() != state.keys():
+        raise ValueError(f"tensors differ from the model's (missing {sorted(own.keys() - state.keys())[:3]}, "
+                         f"unexpected {sorted(state.keys() - own.keys())[:3]})")
+    wrong = [k for k, v in own.items() if state[k].shape != v.shape]
+    if wrong:
+        raise ValueError(f"{wrong[0]} has shape {tuple(state[wrong[0]].shape)}, the model {tuple(own[wrong[0]].shape)}")
+
+
 def load_into(key: str, model) -> QuantOutcome | None:
     """Restore a cached quantization into `model` (same architecture); None on a miss. A file that does not parse
-    (truncated, foreign, an old pickle) is named in a warning and counts as a miss: the cache is optional."""
+    (truncated, foreign, an old pickle) or does not fit the model is named in a warning and counts as a miss, the
+    model untouched: the cache is optional."""
     tensors_path, sidecar = _paths(key)
     if not (tensors_path.exists() and sidecar.exists()):
         return None
@@ -104,15 +117,14 @@ def load_into(key: str, model) -> QuantOutcome | None:
         qtensors = _qtensors(meta, tensors)
         state = {k[len("params."):]: v for k, v in tensors.items() if k.startswith("params.")}
         state.update({k: state[stored] for k, stored in meta["tied"].items()})
-    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
-        warn(f"warning: {tensors_path} (or its .json) is not a readable quantized-weight cache "
-             f"({type(e).__name__}: {str(e)[:120]}); treating it as a miss and quantizing again")
+        for n, q in qtensors.items():
+            state[f"{n}.weight"] = q.dequantize(model.get_submodule(n).weight.dtype)
+        _check_fits(model, state)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError, SafetensorError) as e:
+        warn(f"warning: {tensors_path} (or its .json) is not a usable quantized-weight cache "
+             f"({type(e).__name__}: {str(e)[:160]}); treating it as a miss and quantizing again")
         return None
-    for n, q in qtensors.items():
-        state[f"{n}.weight"] = q.dequantize(model.get_submodule(n).weight.dtype)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or missing:
-        raise RuntimeError(f"cached quantization {tensors_path} does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.load_state_dict(state, strict=True)
     summary = dict(meta["summary"], from_cache=True)
     return QuantOutcome(summary=summary, timings_s=meta["timings_s"], qtensors=qtensors)
 

@@ -181,3 +181,19 @@ def test_tensor_caches_load_without_code_and_survive_bad_files(tmp_path, capsys,
     save_cached_tensors(torch.arange(3), tmp_path / "tokens" / "z.pt")  # no exception: a warning
     assert "could not write the cache file" in capsys.readouterr().err
     assert not (tmp_path / "tokens" / "z.pt").exists()
+
+
+def test_a_cache_that_does_not_fit_the_model_is_a_miss_and_leaves_it_untouched(cache, capsys):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model = _tiny_llama()
+    outcome = METHODS.get("rtn")(model, RTN, QuantContext(calibration=lambda: None, progress=False))
+    key = quantized_cache.quant_key("sha", RTN, "bfloat16")
+    path = quantized_cache.save(key, model, outcome)
+    other_cfg = AutoConfig.for_model("llama", vocab_size=96, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    other = AutoModelForCausalLM.from_config(other_cfg).to(torch.bfloat16)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    assert quantized_cache.load_into(key, other) is None
+    assert str(path) in capsys.readouterr().err
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
