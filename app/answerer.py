@@ -70,7 +70,7 @@ class Answerer:
                stop: Optional[threading.Event] = None) -> Iterator[Union[str, Snapshot]]:
         if v.run is None:
             ep = self.web.endpoint
-            yield from openai_client.stream_chat(ep.url, ep.model, messages, settings, ep.timeout_s, ep.api_key, stop)
+            yield from openai_client.stream_chat(ep.url, ep.model, messages, settings, ep.timeout_s, stop=stop)
             return
         # the prompt is checked against the context before anything is loaded or built
         ctx = self.context_len()

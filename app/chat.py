@@ -124,7 +124,7 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--system", default=None)
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--temperature", type=float, default=0.0)
-    ap.add_argument("--synthetic-root", default="/tmp/synthetic")
+    ap.add_argument("--synthetic-root", default=None)
     ap.add_argument("--tokenizer", default=None)
     ap.add_argument("overrides", nargs="*", help="config overrides, e.g. backend=lmdeploy kv=int8")
     opts = ap.parse_args(argv)

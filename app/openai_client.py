@@ -18,6 +18,7 @@ from typing import Iterator, Optional
 
 from app.serve import parse_models
 from app.chat_logic import EndpointError, Messages, SamplingSettings, Snapshot
+from harness import exposure
 
 START_HINT = "is the server running? (python -m app.serve, or lmdeploy serve api_server)"
 
@@ -60,7 +61,7 @@ def list_models(url: str, timeout_s: float = 10.0) -> list[str]:
     """Model ids served at `url` (GET /v1/models)."""
     full = f"{base_url(url)}/v1/models"
     try:
-        with urllib.request.urlopen(full, timeout=timeout_s) as r:
+        with urllib.request.urlopen(urllib.request.Request(full, headers=exposure.auth_headers()), timeout=timeout_s) as r:
             return parse_models(r.read().decode())
     except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
         raise EndpointError(_describe(e, full, timeout_s)) from None
@@ -87,14 +88,15 @@ def request_body(model: str, messages: Messages, s: SamplingSettings) -> dict:
 
 
 def stream_chat(url: str, model: Optional[str], messages: Messages, settings: SamplingSettings,
-                timeout_s: float = 60.0, api_key: str = "none",
+                timeout_s: float = 60.0, api_key: Optional[str] = None,
                 stop: Optional[threading.Event] = None) -> Iterator[Snapshot]:
-    """Stream one chat completion; yields the answer so far after every chunk, the last one with done=True."""
+    """Stream one chat completion; yields the answer so far after every chunk, the last one with done=True.
+    `api_key`: None = the first of $QH_API_KEYS (harness.exposure), sent as `Authorization: Bearer`."""
     model_id = resolve_model_id(url, model, min(timeout_s, 10.0))
     full = f"{base_url(url)}/v1/chat/completions"
     req = urllib.request.Request(full, data=json.dumps(request_body(model_id, messages, settings)).encode(),
                                  headers={"Content-Type": "application/json", "Accept": "text/event-stream",
-                                          "Authorization": f"Bearer {api_key}"}, method="POST")
+                                          **exposure.auth_headers(api_key)}, method="POST")
     t0 = time.perf_counter()
     snap = Snapshot(count_unit="chunks")
     try:

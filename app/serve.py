@@ -5,8 +5,11 @@
 
 The server is `lmdeploy serve api_server` started with the run's cache share (backend.cache_max_entry_count), KV
 quant policy (kv.bits), max batch size, session length and tp, and `--model-format awq` for AWQ checkpoints
-(backends.lmdeploy.api_server_command). It binds 127.0.0.1. Health is polled on /v1/models (start-up takes
-a minute or more: the engine loads the weights and captures CUDA graphs). The client is the `openai` package.
+(backends.lmdeploy.api_server_command). It binds 127.0.0.1. Another --host needs API keys, from the environment
+only (QH_API_KEYS=key1,key2: `--api-keys` of the server, never printed or recorded; harness.exposure); without one
+it refuses to start. Health is polled on /v1/models (start-up takes a minute or more: the engine loads the weights
+and captures CUDA graphs). The clients here send the first key as `Authorization: Bearer`. The client is the
+`openai` package.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import urllib.request
 from pathlib import Path
 from typing import Optional
 
+from harness import exposure
 from harness.log import logger
 
 
@@ -37,7 +41,8 @@ def wait_healthy(base_url: str, proc: Optional[subprocess.Popen] = None, timeout
                  interval_s: float = 2.0, fetch=None) -> tuple[list[str], float]:
     """Poll GET {base_url}/v1/models until it lists a model; (model ids, seconds waited). Fails early if the server
     process exits."""
-    fetch = fetch or (lambda url: urllib.request.urlopen(url, timeout=5).read().decode())
+    fetch = fetch or (lambda url: urllib.request.urlopen(
+        urllib.request.Request(url, headers=exposure.auth_headers()), timeout=5).read().decode())
     t0 = time.monotonic()
     while True:
         if proc is not None and proc.poll() is not None:
@@ -58,7 +63,7 @@ def chat_completion(base_url: str, model: str, messages: list[dict], max_tokens:
     """One chat completion through the openai client; the answer and its usage as a plain dict."""
     from openai import OpenAI
 
-    client = OpenAI(base_url=f"{base_url}/v1", api_key="none")
+    client = OpenAI(base_url=f"{base_url}/v1", api_key=exposure.client_api_key())
     t0 = time.perf_counter()
     r = client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, temperature=temperature)
     return {"content": r.choices[0].message.content, "finish_reason": r.choices[0].finish_reason,
@@ -86,9 +91,8 @@ def stop_server(proc: subprocess.Popen, grace_s: float = 20) -> None:
 
 
 def main(argv: list[str]) -> None:
-    from backends import lmdeploy as lb
-    from harness import synthetic
     from harness.compose import compose
+    from harness.config import ConfigError
 
     ap = argparse.ArgumentParser(description="lmdeploy serve api_server from the harness config")
     ap.add_argument("--host", default="127.0.0.1")
@@ -97,18 +101,27 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--out", help="write the exchange (command, timings, answer) to this JSON file")
     ap.add_argument("--server-log", help="the server's output goes here (default: this terminal)")
-    ap.add_argument("--synthetic-root", default="/tmp/synthetic")
+    ap.add_argument("--synthetic-root", default=None)
     ap.add_argument("--tokenizer", help="tokenizer files for a synthetic checkpoint")
     ap.add_argument("--timeout", type=float, default=480)
     ap.add_argument("overrides", nargs="*", help="config overrides, e.g. model=smollm2_135m kv=int8")
     a = ap.parse_args(argv)
 
-    cfg = compose(["backend=lmdeploy", *a.overrides])
+    try:  # before any model is resolved or written
+        keys = exposure.server_api_keys(a.host, "--host")
+        cfg = compose(["backend=lmdeploy", *a.overrides])
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    from backends import lmdeploy as lb
+    from harness import synthetic
+
     model_dir = lb.resolve_model_dir(cfg, a.synthetic_root, a.tokenizer)
     synthetic.check_tokenizer_fits(model_dir)
     engine, reason = lb.choose_engine(cfg)
-    cmd = lb.api_server_command(cfg, model_dir, a.host, a.port, engine)
-    log(("SYNTHETIC weights: the answers are noise. " if synthetic.is_synthetic(model_dir) else "") + " ".join(cmd))
+    cmd = lb.api_server_command(cfg, model_dir, a.host, a.port, engine, api_keys=keys)
+    shown = exposure.redact(cmd)  # what is printed and recorded: never the keys
+    log(("SYNTHETIC weights: the answers are noise. " if synthetic.is_synthetic(model_dir) else "") + " ".join(shown))
     base = f"http://{a.host}:{a.port}"
     t0 = time.perf_counter()
     proc = start_server(cmd, Path(a.server_log) if a.server_log else None, env=lb.engine_env(cfg))
@@ -122,7 +135,7 @@ def main(argv: list[str]) -> None:
         messages = [{"role": "user", "content": a.ask}]
         answer = chat_completion(base, models[0], messages, a.max_tokens)
         print(answer["content"])
-        record = {"command": cmd, "engine": engine, "engine_fallback_reason": reason, "base_url": base,
+        record = {"command": shown, "engine": engine, "engine_fallback_reason": reason, "base_url": base,
                   "models": models, "healthy_after_s": waited, "messages": messages, "answer": answer,
                   "synthetic": synthetic.is_synthetic(model_dir), "checkpoint": synthetic.read_marker(model_dir),
                   "engine_kwargs": lb.engine_kwargs(cfg, model_dir, engine), "overrides": a.overrides,

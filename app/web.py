@@ -6,7 +6,9 @@
 
 The arguments are Hydra overrides on conf/web.yaml: the run groups (model, quant, kv, +experiment=...) choose what
 the chat answers with first, the web group (conf/web/, app/web_config.py) what the page offers. It binds
-web.host (127.0.0.1) and never makes a public share link. In-process models load through harness.models; quantized
+web.host (127.0.0.1) and never makes a public share link. Any host but 127.0.0.1/localhost/::1 needs a login from
+the environment (QH_WEB_USER, QH_WEB_PASSWORD: Gradio's auth; harness.exposure), or the page refuses to start;
+with them set, a loopback page asks for the login too. In-process models load through harness.models; quantized
 variants come from the quantization cache, or are built on first use (RTN: seconds; AWQ: minutes on a CPU). The
 page's logic is in app/ (chat_logic, openai_client, local_models, answerer, web_ui).
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import socket
 import sys
 
+from harness import exposure
 from harness.log import logger
 
 
@@ -42,8 +45,9 @@ def main(argv: list[str]) -> None:
 
     try:
         setup = compose_web(argv)
+        auth = exposure.web_credentials(setup.cfg.web.host)  # before the model loads
     except (ConfigError, HydraException, OmegaConfBaseException) as e:
-        print(f"config error: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     web = setup.cfg.web
     if not port_free(web.host, web.port):  # before the model loads, not after
@@ -61,8 +65,8 @@ def main(argv: list[str]) -> None:
             log(line)
     demo = build_app(ans)
     demo.queue(default_concurrency_limit=1)
-    log(f"{title_of(ans)}: http://{web.host}:{web.port}")
-    demo.launch(server_name=web.host, server_port=web.port, share=False, inbrowser=False, show_error=True,
+    log(f"{title_of(ans)}: http://{web.host}:{web.port}" + (" (login required)" if auth else ""))
+    demo.launch(server_name=web.host, server_port=web.port, share=False, inbrowser=False, show_error=True, auth=auth,
                 css=CSS, footer_links=["api", "settings"], quiet=True, mcp_server=False, ssr_mode=False)
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from harness.config import ConfigError, RunConfig, _require, register_schemas
+from harness.config import ConfigError, RunConfig, _require, check_known_keys, register_schemas
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 ENDPOINT = "endpoint"  # the name that puts the OpenAI-compatible endpoint among the compare columns / chat choices
@@ -22,7 +22,7 @@ class EndpointConfig:
     url: Optional[str] = None  # e.g. http://127.0.0.1:23333 (with or without /v1)
     model: Optional[str] = None  # model id; None = the first one GET /v1/models lists
     timeout_s: float = 60.0
-    api_key: str = "none"
+    # no api_key here: keys come from the environment only (QH_API_KEYS, harness.exposure), never from a config
 
 
 @dataclass
@@ -113,6 +113,7 @@ def compose_web(overrides: list[str] | tuple[str, ...] = ()) -> WebSetup:
         model_choice = str(node.hydra.runtime.choices.get("model", "smollm2_135m"))
         with open_dict(node):
             del node["hydra"]
+        check_known_keys(node, WebRunConfig)
         cfg = OmegaConf.to_object(node)
         cfg.validate()
         unknown = [p for p in cfg.web.compare if p != ENDPOINT and p not in presets()]

@@ -44,6 +44,7 @@ from typing import Optional
 
 from app.browser import REPO, free_port, log_tail, wait_page
 from app.serve import start_server, stop_server, wait_healthy
+from harness import exposure
 from harness.log import logger
 
 NAME = "web_session"
@@ -339,7 +340,7 @@ def make_plan(a: argparse.Namespace, server_log: Path) -> Plan:
             context_len, context_from = cfg.backend.session_len, "backend.session_len"
         else:
             context_len, context_from = model_context_len(Path(model_dir)), "config.json max_position_embeddings"
-        server = {"command": server_cmd, "engine": engine, "engine_fallback_reason": reason,
+        server = {"command": exposure.redact(server_cmd), "engine": engine, "engine_fallback_reason": reason,
                   "engine_kwargs": lb.engine_kwargs(cfg, model_dir, engine), "model_dir": str(model_dir),
                   "synthetic": synthetic.is_synthetic(model_dir), **checkpoint, "log": server_log.name}
     web_port = free_port()
@@ -379,7 +380,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--web-timeout", type=float, default=300, help="seconds for the page to answer")
     ap.add_argument("--request-timeout", type=float, default=300,
                     help="the page's web.endpoint.timeout_s (the first W4A16 request autotunes Triton kernels)")
-    ap.add_argument("--synthetic-root", default="/tmp/synthetic")
+    ap.add_argument("--synthetic-root", default=None)
     ap.add_argument("--tokenizer", help="tokenizer files for a synthetic checkpoint (as app.serve)")
     ap.add_argument("overrides", nargs="*", help="run config overrides, e.g. model.path=/tmp/ckpt quant=awq_w4")
     a = ap.parse_args(argv)
@@ -416,7 +417,7 @@ def main(argv: list[str]) -> int:
     try:
         if plan.server_cmd is not None:
             log(("SYNTHETIC weights: the answers are noise. " if plan.server["synthetic"] else "")
-                + " ".join(plan.server_cmd))
+                + " ".join(exposure.redact(plan.server_cmd)))
             srv = start_server(plan.server_cmd, server_log, env=plan.server_env)
             record["server"]["pid"] = srv.pid
         models, waited = wait_healthy(plan.base_url, srv, a.server_timeout)

@@ -17,9 +17,10 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 from backends import BACKENDS
+from harness import exposure
 from harness.config import ConfigError, RunConfig
 from harness.registry import Registry
 
@@ -146,9 +147,12 @@ def make_pipeline(cfg: RunConfig, model_dir, log_level: str = "WARNING"):
 
 
 def api_server_command(cfg: RunConfig, model_dir, host: str = "127.0.0.1", port: int = 23333,
-                       engine: str = "pytorch", python: str = sys.executable) -> list[str]:
+                       engine: str = "pytorch", python: str = sys.executable,
+                       api_keys: Optional[Sequence[str]] = None) -> list[str]:
     """`lmdeploy serve api_server` for this run, through `python -m lmdeploy` (works where LMDeploy is only on
-    PYTHONPATH, with no console script)."""
+    PYTHONPATH, with no console script). `api_keys`: None = $QH_API_KEYS (harness.exposure); a non-loopback host
+    without a key is refused. The command holds the keys: print or record it only through exposure.redact."""
+    keys = exposure.check_server_keys(host, exposure.api_keys() if api_keys is None else api_keys)
     kw = engine_kwargs(cfg, model_dir, engine)
     cmd = [python, "-m", "lmdeploy", "serve", "api_server", str(model_dir),
            "--backend", engine, "--server-name", host, "--server-port", str(port),
@@ -163,6 +167,8 @@ def api_server_command(cfg: RunConfig, model_dir, host: str = "127.0.0.1", port:
         cmd += ["--model-format", kw["model_format"]]
     if cfg.model.trust_remote_code:
         cmd += ["--trust-remote-code"]
+    if keys:
+        cmd += ["--api-keys", *keys]
     return cmd
 
 
@@ -172,7 +178,7 @@ def resolve_model_dir(cfg: RunConfig, synthetic_root=None, tokenizer_dir=None) -
     from harness import synthetic
 
     if synthetic.arch_name(cfg.model.path) is not None:
-        return synthetic.materialize(cfg, Path(synthetic_root or "/tmp/synthetic"),
+        return synthetic.materialize(cfg, Path(synthetic_root) if synthetic_root else synthetic.default_root(),
                                      Path(tokenizer_dir) if tokenizer_dir else None)
     from harness.models import resolve_model
 

@@ -535,8 +535,8 @@ def run_round(pipe, batch: int, prompt_len: int, gen_len: int, vocab: int, seed:
     return s
 
 
-def run_variant(variant: str, model: str, extra: list[str], out_dir: Path, synth_root: Path, tokenizer: Optional[str],
-                name: str = NAME) -> dict:
+def run_variant(variant: str, model: str, extra: list[str], out_dir: Path, synth_root: Optional[str],
+                tokenizer: Optional[str], name: str = NAME) -> dict:
     import torch
 
     from harness.records import run_id
@@ -656,7 +656,7 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--model", default="llama2_7b_synthetic", help="a conf/model option")
     ap.add_argument("--out", default="results/gpu")
     ap.add_argument("--name", default=NAME, help="file name stem of the results (<name>_<variant>.json, <name>.md, ...)")
-    ap.add_argument("--synthetic-root", default="/tmp/synthetic")
+    ap.add_argument("--synthetic-root", default=None, help="default: <cache>/synthetic")
     ap.add_argument("--tokenizer", default=None, help="tokenizer files for synthetic checkpoints")
     ap.add_argument("--variant-timeout", type=float, default=None,
                     help="seconds one variant (checkpoint, engine start, every batch) may take before its processes are killed")
@@ -672,7 +672,7 @@ def main(argv: list[str]) -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     if a.child:
-        run_variant(a.child, a.model, a.overrides, out, Path(a.synthetic_root), a.tokenizer, a.name)
+        run_variant(a.child, a.model, a.overrides, out, a.synthetic_root, a.tokenizer, a.name)
         return
     command = "python -m benchmarks.lmdeploy_throughput " + " ".join(argv)
     ngpu = _tp_of(a.overrides)
@@ -680,7 +680,7 @@ def main(argv: list[str]) -> None:
     for v, vid in zip(a.variants, ids):
         # one process per variant: a fresh CUDA context, so each engine sees the same free memory
         cmd = [sys.executable, "-m", "benchmarks.lmdeploy_throughput", "--child", v, "--model", a.model,
-               "--out", str(out), "--name", a.name, "--synthetic-root", a.synthetic_root,
+               "--out", str(out), "--name", a.name, *(["--synthetic-root", a.synthetic_root] if a.synthetic_root else []),
                *(["--tokenizer", a.tokenizer] if a.tokenizer else []), *a.overrides]
         log(f"variant {vid}")
         path, t0 = out / f"{a.name}_{vid}.json", time.time()

@@ -5,6 +5,12 @@ from eval import perplexity  # noqa: E402,F401
 from eval import word_perplexity, fidelity, tasks_eval, memory, throughput  # noqa: E402,F401
 
 
+import torch  # noqa: E402
+
+from harness.models import DTYPES  # noqa: E402
+from quant import METHODS  # noqa: E402
+
+
 def preflight(cfg, model_config=None) -> None:
     """Fail fast, before the model is loaded or quantized, on input the enabled evaluators cannot run: an unknown or
     offline-unavailable lm-eval task (the error lists the local tasks), a batch that does not fit in free memory.
@@ -18,3 +24,6 @@ def preflight(cfg, model_config=None) -> None:
         if ev.word_perplexity.enabled:
             memory.check_fits(model_config, ev.word_perplexity.batch_size, ev.word_perplexity.max_length, cfg.kv.bits,
                               "eval.word_perplexity.batch_size", device=cfg.model.device)
+        if METHODS.get(cfg.quant.method).needs_calibration:  # the calibration is checked here too: it needs memory
+            memory.check_calibration_fits(model_config, cfg.quant.calib, cfg.model.device,
+                                          torch.finfo(DTYPES[cfg.model.dtype]).bits // 8)

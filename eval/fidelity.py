@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from eval.forward import forward
 from eval.perplexity import CE_CHUNK
 from eval.registry import EvalContext, evaluator
+from harness.assets import load_cached_tensors, save_cached_tensors
 from harness.environment import package_versions
 
 REFERENCE_VERSION = 1
@@ -56,13 +57,6 @@ def _reference_dir() -> Path:
     d = cache_dir() / "reference"
     d.mkdir(parents=True, exist_ok=True)
     return d
-
-
-def _save_atomic(obj, path: Path) -> None:
-    from harness.assets import atomic_file
-
-    with atomic_file(path) as tmp:
-        torch.save(obj, tmp)
 
 
 def _softcap(model):
@@ -107,23 +101,25 @@ class ReferenceStore:
 
     def head(self) -> dict:
         path = self.root / f"head-{_head_key(self.model_sha, self.dtype)}.pt"
-        if path.exists():
-            return torch.load(path)
+        cached = load_cached_tensors(path)
+        if cached is not None:
+            return cached
         m = self._ref_model()
         lin = m.get_output_embeddings()
         head = {"weight": lin.weight.detach().cpu().clone(),
                 "bias": None if lin.bias is None else lin.bias.detach().cpu().clone(), "softcap": _softcap(m)}
-        _save_atomic(head, path)
+        save_cached_tensors(head, path)
         return head
 
     def hidden(self, windows: torch.Tensor, split: str = "") -> tuple[torch.Tensor, str, bool]:
         key = reference_key(self.model_sha, self.dtype, self.device, windows)
         path = self.root / f"hidden-{key}.pt"
-        if path.exists():
-            return torch.load(path), key, True
+        cached = load_cached_tensors(path)
+        if cached is not None:
+            return cached, key, True
         self.misses += 1
         h = last_hidden(self._ref_model(), windows, self.batch_size, None, self.progress, f"fp16 reference {split}")
-        _save_atomic(h, path)
+        save_cached_tensors(h, path)
         return h, key, False
 
     def release(self) -> None:

@@ -104,6 +104,30 @@ def forward_bytes(config, batch_size: int, seq_len: int, kv_bits: int, logits_po
     return kv + acts + scores + logits
 
 
+def calibration_bytes(config, n_samples: int, seqlen: int, act_bytes: int = 2) -> int:
+    """What a block-by-block calibration (AWQ, quant/awq/method.py) holds at once, per calibration token: the block's
+    input and output and the inputs of its Linears (q/k/v share one, o, gate/up share one, down): hidden x 5 +
+    MLP intermediate. A lower bound of the peak (the searches add their own), so a refusal is never a false alarm."""
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    inter = getattr(text, "intermediate_size", 4 * text.hidden_size)
+    return n_samples * seqlen * (5 * text.hidden_size + inter) * act_bytes
+
+
+def check_calibration_fits(config, calib, device: str = "cpu", act_bytes: int = 2) -> None:
+    """ConfigError naming quant.calib.n_samples when the calibration activations clearly do not fit in free memory
+    (checked before the model loads; `calib` is a CalibConfig)."""
+    from harness.config import user_error
+
+    need = calibration_bytes(config, calib.n_samples, calib.seqlen, act_bytes)
+    free = available_bytes(device)
+    if need > 0.9 * free:
+        fit = int(0.9 * free / calibration_bytes(config, 1, calib.seqlen, act_bytes))
+        raise user_error("quant.calib.n_samples", calib.n_samples,
+                         f"{calib.n_samples} x {calib.seqlen} calibration tokens need about {need / 2**30:.1f} GiB of "
+                         f"activations but {free / 2**30:.1f} GiB is free on {device}",
+                         f"use at most quant.calib.n_samples={fit}" if fit >= 1 else "use a shorter quant.calib.seqlen")
+
+
 def available_bytes(device: str = "cpu") -> int:
     if str(device).startswith("cuda") and torch.cuda.is_available():
         return torch.cuda.mem_get_info()[0]

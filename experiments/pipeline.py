@@ -17,13 +17,16 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig
 
-from harness.config import ConfigError, RunConfig
-from harness.data import (TEXT_SOURCES, bos_token_id, calibration_identity, calibration_provider, eval_windows, load_text, text_sha256,
-                          tokenize_cached)
-from harness.models import load_model, load_tokenizer, model_summary, resolve_model
-from harness.log import logger
+from harness.assets import AssetError
+from harness.config import ConfigError, RunConfig, user_error
+from harness.data import (TEXT_SOURCES, DataUnavailableError, bos_token_id, calibration_identity, calibration_ids,
+                          calibration_provider, eval_windows, load_text, text_sha256, tokenize_cached)
 from harness.environment import changed_parts, code_version, machine_name
-from harness.records import load_record, make_record, provenance, record_path, run_id, write_json_atomic
+from harness.log import logger
+from harness.models import ModelUnavailableError, check_device, load_model, load_tokenizer, model_summary, resolve_model
+from harness.records import (CorruptRecordError, check_results_dir, load_record, make_record, provenance, record_path,
+                             run_id, write_json_atomic)
+from harness.registry import UnknownNameError
 from harness.synthetic import refuse_quality_metrics, without_quality_metrics
 from backends import BACKENDS
 from eval import EvalContext, ordered_names, preflight
@@ -31,9 +34,12 @@ from eval.registry import evaluator_sources
 from quant import METHODS, QuantContext, QuantOutcome, quantized_cache
 from quant.onload import Placement, peak_memory
 from quant.registry import method_sources
+from quant.surgery import check_group_sizes
 
 
 log = logger("run")
+# what a user can fix (config, paths, inputs): the command line prints these as one line, without a traceback
+USER_ERRORS = (ConfigError, UnknownNameError, ModelUnavailableError, DataUnavailableError, AssetError)
 
 
 @dataclass
@@ -49,6 +55,8 @@ class Prepared:
 
 
 def prepare(cfg: RunConfig) -> Prepared:
+    check_results_dir(cfg.results_dir)  # a record that cannot be written must fail now, not after the evaluation
+    check_device(cfg.model)
     refuse_quality_metrics(cfg)  # synthetic (random) weights: throughput and memory only
     BACKENDS.get(cfg.backend.name).preflight(cfg)  # e.g. backend=lmdeploy on a machine without a GPU
     method = METHODS.get(cfg.quant.method)
@@ -61,12 +69,16 @@ def prepare(cfg: RunConfig) -> Prepared:
 
         check_kv_supported(cfg.kv.bits)
     resolved = resolve_model(cfg.model)
-    preflight(cfg, AutoConfig.from_pretrained(resolved.directory, trust_remote_code=cfg.model.trust_remote_code))
+    model_config = AutoConfig.from_pretrained(resolved.directory, trust_remote_code=cfg.model.trust_remote_code)
+    check_group_sizes(cfg.quant, model_config.to_dict())
     tok = load_tokenizer(resolved, cfg.model)
     try:
         bos = bos_token_id(tok, cfg.data.add_bos)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if method.needs_calibration:
+        calibration_ids(cfg.quant.calib, tok)  # quant.calib.seqlen against the calibration text, before loading
+    preflight(cfg, model_config)  # the evaluators' and the calibration's memory
     windows, shas, texts = {}, {}, {}
     for split in cfg.data.splits:
         text = texts[split] = load_text(split)
@@ -139,8 +151,8 @@ def run(cfg: RunConfig) -> dict:
             f"{', '.join(off)} (quantization, timings and memory only)")
     path = record_path(cfg)
     if path.exists() and not cfg.force:
-        rec = load_record(path)
-        if rec.get("status") == "complete":
+        rec = existing_record(path)
+        if rec is not None and rec.get("status") == "complete":
             why = stale_reason(rec, cfg)
             if why is None:
                 log(f"record {path} exists (run_id {rec['run_id']}); reusing it (force=true recomputes)")
@@ -193,14 +205,31 @@ def run(cfg: RunConfig) -> dict:
         "seed": cfg.seed,
     })
     record = make_record(cfg, metrics, prov, timings, code_version=code_version_of(cfg))
-    write_json_atomic(path, record)
+    write_record(path, record, cfg)
     log(f"wrote {path} (run_id {run_id(cfg)}, {timings['total']:.1f} s)")
     return record
 
 
+def write_record(path: Path, record: dict, cfg: RunConfig) -> None:
+    """The record, atomically; a disk that filled up during the run is a one-line error naming the path."""
+    try:
+        write_json_atomic(path, record)
+    except OSError as e:
+        raise user_error("results_dir", cfg.results_dir, f"writing {path} failed ({type(e).__name__}: "
+                         f"{e.strerror or e})", "free space or fix permissions, then run the same command again "
+                         "(quantized weights are cached)") from None
+
+
+def existing_record(path: Path) -> dict | None:
+    """The record at `path`, or None when it is corrupt (then it counts as missing: the run is recomputed)."""
+    try:
+        return load_record(path)
+    except CorruptRecordError as e:
+        log(f"{e}; treating it as missing and recomputing the run")
+        return None
+
+
 def record_exists(cfg: RunConfig) -> bool:
     p = Path(record_path(cfg))
-    if not p.exists():
-        return False
-    rec = load_record(p)
-    return rec.get("status") == "complete" and stale_reason(rec, cfg) is None
+    rec = existing_record(p) if p.exists() else None
+    return rec is not None and rec.get("status") == "complete" and stale_reason(rec, cfg) is None

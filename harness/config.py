@@ -2,6 +2,9 @@
 or a wrong type fails when the config is composed, and `validate()` checks values before any long work."""
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -10,6 +13,11 @@ from omegaconf import MISSING
 
 class ConfigError(ValueError):
     """A config value is invalid; the message names the field and what is allowed."""
+
+
+def user_error(field_name: str, value, allowed: str, fix: str) -> ConfigError:
+    """The one shape of a user error: `<field>: <value> — <allowed> — <fix>` (printed as `error: ...`)."""
+    return ConfigError(f"{field_name}: {value} — {allowed} — {fix}")
 
 
 def _require(cond: bool, field_name: str, msg: str) -> None:
@@ -246,10 +254,49 @@ def register_schemas() -> None:
     cs.store(name="run_schema", node=RunConfig)
 
 
+def _schema_fields(schema: type) -> dict[str, Any]:
+    """Field name -> its type (resolved: this module uses `from __future__ import annotations`)."""
+    hints = typing.get_type_hints(schema)
+    return {f.name: hints[f.name] for f in dataclasses.fields(schema)}
+
+
+def unknown_keys(node: Any, schema: type, prefix: str = "") -> list[tuple[str, Any, list[str]]]:
+    """(dotted key, value, the group's known fields) for every key of a composed config that `schema` has no field
+    for. Hydra's `+group.key=value` adds keys even to a structured config, and OmegaConf.to_object drops them
+    silently: without this check `+quant.wbit=3` would run w4 under the same run_id."""
+    from omegaconf import DictConfig
+
+    if not isinstance(node, DictConfig):
+        return []
+    fields = _schema_fields(schema)
+    found = []
+    for key in node.keys():
+        path = f"{prefix}{key}"
+        if key not in fields:
+            found.append((path, node[key], list(fields)))
+        elif dataclasses.is_dataclass(fields[key]):
+            found += unknown_keys(node[key], fields[key], f"{path}.")
+    return found
+
+
+def check_known_keys(node: Any, schema: type) -> None:
+    """Raise a one-line ConfigError naming the first unknown key, its group's known fields and the fix."""
+    bad = unknown_keys(node, schema)
+    if not bad:
+        return
+    path, value, known = bad[0]
+    group, _, name = path.rpartition(".")
+    close = difflib.get_close_matches(name, known, n=1)
+    fix = f"use {group + '.' if group else ''}{close[0]}={value} (no +)" if close else "remove it"
+    raise user_error(path, value, f"not a field of {group or 'the root config'}; known: {', '.join(known)}", fix)
+
+
 def to_run_config(cfg: Any) -> RunConfig:
     """OmegaConf node -> validated RunConfig dataclass."""
     from omegaconf import OmegaConf
 
+    if not isinstance(cfg, RunConfig):
+        check_known_keys(cfg, RunConfig)
     obj = OmegaConf.to_object(cfg) if not isinstance(cfg, RunConfig) else cfg
     if not isinstance(obj, RunConfig):  # plain dict config: go through the schema
         obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), cfg))

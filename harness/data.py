@@ -9,7 +9,8 @@ from typing import Callable
 
 import torch
 
-from harness.assets import atomic_file, cache_dir, corpus_root
+from harness.assets import cache_dir, corpus_root, load_cached_tensors, save_cached_tensors
+from harness.config import ConfigError
 from harness.corpus import EMBEDDED_SPLITS
 from harness.registry import Registry
 
@@ -115,11 +116,10 @@ def tokenize_cached(tokenizer, text: str) -> torch.Tensor:
     """1-D int64 token ids of `text` (no special tokens), cached under a key of (tokenizer, text) content."""
     key = f"{tokenizer_id(tokenizer)}-{text_sha256(text)[:16]}"
     path = cache_dir() / "tokens" / f"{key}.pt"
-    if path.exists():
-        return torch.load(path)
-    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-    with atomic_file(path) as tmp:
-        torch.save(ids, tmp)
+    ids = load_cached_tensors(path)
+    if ids is None:
+        ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+        save_cached_tensors(ids, path)
     return ids
 
 
@@ -156,19 +156,32 @@ def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None, split:
     body = seqlen - (bos_id is not None)
     n = ids.numel() // body
     if n == 0:
-        raise ValueError(f"split {split!r} has {ids.numel()} tokens, fewer than eval.perplexity.seqlen={seqlen}; lower seqlen")
+        raise ConfigError(f"split {split!r} has {ids.numel()} tokens, fewer than eval.perplexity.seqlen={seqlen}; lower seqlen")
     if max_windows is not None:
         n = min(n, max_windows)
     return _with_bos(ids[: n * body].view(n, body), bos_id)
+
+
+def check_calibration_text(ids: torch.Tensor, seqlen: int) -> None:
+    if ids.numel() <= seqlen:
+        raise ConfigError(f"quant.calib.seqlen: {seqlen} — the calibration text has {ids.numel()} tokens, a window "
+                          f"must be shorter — use quant.calib.seqlen={min(512, ids.numel() - 1)} or a longer "
+                          "quant.calib.dataset")
+
+
+def calibration_ids(calib, tokenizer) -> torch.Tensor:
+    """The calibration text's token ids, checked against quant.calib.seqlen (cheap: the tokens are cached)."""
+    ids = tokenize_cached(tokenizer, load_text(calib.dataset))
+    check_calibration_text(ids, calib.seqlen)
+    return ids
 
 
 def calibration_samples(ids: torch.Tensor, n_samples: int, seqlen: int, seed: int,
                         bos_id: int | None = None) -> torch.Tensor:
     """`n_samples` windows of `seqlen` tokens at seeded random offsets (the GPTQ/llm-awq sampling of a long text);
     with a BOS, the BOS plus seqlen-1 text tokens (as the evaluation windows)."""
+    check_calibration_text(ids, seqlen)
     body = seqlen - (bos_id is not None)
-    if ids.numel() <= body:
-        raise ValueError(f"calibration text has {ids.numel()} tokens, needs more than quant.calib.seqlen={seqlen}")
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - body, (n_samples,), generator=g)
     return _with_bos(torch.stack([ids[s : s + body] for s in starts.tolist()]), bos_id)
@@ -188,8 +201,8 @@ def calibration_provider(calib, tokenizer, bos_id: int | None = None):
 
     def get():
         if "samples" not in state:
-            ids = tokenize_cached(tokenizer, load_text(calib.dataset))
-            state["samples"] = calibration_samples(ids, calib.n_samples, calib.seqlen, calib.seed, bos_id)
+            state["samples"] = calibration_samples(calibration_ids(calib, tokenizer), calib.n_samples, calib.seqlen,
+                                                   calib.seed, bos_id)
         return state["samples"]
 
     return get, state

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from harness.assets import PACKAGES, embedded_model_dir, file_sha256
-from harness.config import ModelConfig
+from harness.config import ModelConfig, user_error
 from harness.registry import Registry
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -109,7 +109,47 @@ def load_model(resolved: ResolvedModel, cfg: ModelConfig, device: str | None = N
         resolved.directory, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code, **kw
     )
     model.to(device or cfg.device).eval()
+    check_finite(model, cfg)  # before anything quantizes or scores it: a NaN must never reach a record
     return model
+
+
+def check_device(cfg: ModelConfig) -> None:
+    """model.device names a device torch has on this machine (before any model loads)."""
+    try:
+        dev = torch.device(cfg.device)
+    except (RuntimeError, TypeError):
+        raise user_error("model.device", cfg.device, "not a torch device name; allowed: cpu, cuda, cuda:<index>, mps",
+                         "use model.device=cpu") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0 or (dev.index or 0) >= n:
+            build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            raise user_error("model.device", cfg.device, f"this machine has {n} CUDA device(s) (torch {torch.__version__}, "
+                             f"{build})", "use model.device=cpu, or run on a GPU machine")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise user_error("model.device", cfg.device, "MPS is not available on this machine", "use model.device=cpu")
+
+
+def first_nonfinite(model) -> tuple[str, int, int] | None:
+    """(name, count, numel) of the first parameter holding a NaN or an Inf, in the model's own order; else None.
+    A float32 sum screens each tensor (a NaN or Inf anywhere makes it non-finite; one read, several times faster than
+    an elementwise isfinite); only a tensor that fails it is counted."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not bool(torch.isfinite(p.sum(dtype=torch.float32))):
+                bad = int((~torch.isfinite(p)).sum())
+                if bad:  # else a finite tensor whose sum overflowed float32 (not seen in weights)
+                    return name, bad, p.numel()
+    return None
+
+
+def check_finite(model, cfg: ModelConfig) -> None:
+    bad = first_nonfinite(model)
+    if bad is not None:
+        name, count, numel = bad
+        raise user_error("model.path", cfg.path, f"tensor {name} has {count} NaN/Inf values of {numel}; weights must "
+                         "be finite", "repair or re-export the checkpoint (quantizing or evaluating it would only "
+                         "spread the NaN)")
 
 
 def model_summary(model) -> dict:

@@ -5,16 +5,26 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import platform
+import shutil
 import time
+import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from harness.assets import atomic_file
-from harness.config import LATE_FIELDS, NON_IDENTITY_FIELDS, RunConfig
+from harness.config import LATE_FIELDS, NON_IDENTITY_FIELDS, RunConfig, user_error
 from harness.environment import git_sha, hardware, machine_name, package_versions
+from harness.log import logger
 
 RECORD_VERSION = 1
+MIN_FREE_BYTES = 1 << 20  # room for a record (tens of kB) with a wide margin
+warn = logger("records")
+
+
+class CorruptRecordError(ValueError):
+    """A file under runs/ that is not a whole JSON record (e.g. truncated by a full disk); the message names it."""
 
 
 def identity(cfg: RunConfig) -> dict:
@@ -44,12 +54,53 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 
 def load_record(path: Path) -> dict:
-    return json.loads(Path(path).read_text())
+    """The record at `path`; CorruptRecordError (naming the path) if it is not a whole JSON object."""
+    try:
+        rec = json.loads(Path(path).read_text())
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise CorruptRecordError(f"{path}: not a readable record ({type(e).__name__}: {e})") from None
+    if not isinstance(rec, dict):
+        raise CorruptRecordError(f"{path}: not a readable record (a JSON {type(rec).__name__}, not an object)")
+    return rec
 
 
-def load_records(results_dir: str | Path) -> list[dict]:
+def load_records(results_dir: str | Path, on_corrupt: Callable[[str], None] = warn) -> list[dict]:
+    """Every record under <results_dir>/runs/; a corrupt one is skipped, with `on_corrupt` told why."""
     runs = Path(results_dir) / "runs"
-    return [load_record(p) for p in sorted(runs.glob("*.json"))] if runs.exists() else []
+    records = []
+    for p in sorted(runs.glob("*.json")) if runs.exists() else []:
+        try:
+            records.append(load_record(p))
+        except CorruptRecordError as e:
+            on_corrupt(f"warning: skipping {e}")
+    return records
+
+
+def _probe_write(runs: Path) -> int:
+    """Create `runs`, write and remove a small file there (the name every reader ignores); its free bytes."""
+    runs.mkdir(parents=True, exist_ok=True)
+    probe = runs / f".write-check-{uuid.uuid4().hex[:12]}.tmp"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"\0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())  # a full disk may only say so here
+    finally:
+        probe.unlink(missing_ok=True)
+    return shutil.disk_usage(runs).free
+
+
+def check_results_dir(results_dir: str | Path) -> None:
+    """Fail before any work if <results_dir>/runs/ cannot take a record: not creatable, not writable, or full."""
+    runs = Path(results_dir) / "runs"
+    fix = "a folder this user can write with >= 1 MiB free — choose another, e.g. results_dir=/tmp/results"
+    try:
+        free = _probe_write(runs)
+    except OSError as e:
+        raise user_error("results_dir", results_dir, f"cannot write {runs} ({type(e).__name__}: {e.strerror or e})",
+                         fix) from None
+    if free < MIN_FREE_BYTES:
+        raise user_error("results_dir", results_dir, f"{runs} has {free} bytes free, too few for a record", fix)
 
 
 def provenance(extra: dict | None = None) -> dict:

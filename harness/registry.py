@@ -6,6 +6,13 @@ from typing import Callable, Generic, Iterator, TypeVar
 T = TypeVar("T")
 
 
+class UnknownNameError(KeyError):
+    """A name no registry entry has; the message lists those that exist (str() without KeyError's quotes)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 class Registry(Generic[T]):
     """Maps a name to an object; unknown names raise an error that lists what exists."""
 
@@ -29,7 +36,7 @@ class Registry(Generic[T]):
         try:
             return self._items[name]
         except KeyError:
-            raise KeyError(
+            raise UnknownNameError(
                 f"unknown {self.kind} {name!r}; registered: {', '.join(sorted(self._items)) or '(none)'}"
             ) from None
 

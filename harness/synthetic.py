@@ -9,7 +9,7 @@ whatever device it is given (on the GPU machine a 7B checkpoint takes seconds to
 Every such checkpoint carries `synthetic.json`; every result made from one says `synthetic`, and quality metrics
 (perplexity, fidelity, tasks) are refused for it: random weights have no quality to measure.
 
-    python -m harness.synthetic model=llama2_7b_synthetic quant.method=awq quant.group_size=128 --root /tmp/synth
+    python -m harness.synthetic model=llama2_7b_synthetic quant.method=awq quant.group_size=128 --root /data/synth
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ import torch
 
 from harness import architectures, storage_bytes
 from harness.architectures import FAMILIES, TensorSpec
-from harness.config import RunConfig
+from harness.config import ConfigError, RunConfig
 
 ARCH_DIR = Path(__file__).resolve().parent / "arch"
 PREFIX = "synthetic:"
@@ -38,7 +38,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 NOTE = "synthetic: random weights at a real architecture's shape; throughput and memory only, never quality"
 
 
-class SyntheticWeightsError(ValueError):
+class SyntheticWeightsError(ConfigError):
     """A quality metric was asked of random weights."""
 
 
@@ -263,6 +263,14 @@ def copy_tokenizer(src: Path, dst: Path) -> int:
 # ----------------------------------------------------------------------------------------------- from a RunConfig
 
 
+def default_root() -> Path:
+    """Where synthetic checkpoints go unless --synthetic-root says otherwise: inside the project's own cache, not a
+    shared folder such as /tmp, where another user could plant a checkpoint (and code) that a run would load."""
+    from harness.assets import cache_dir
+
+    return cache_dir() / "synthetic"
+
+
 def default_tokenizer_dir() -> Optional[Path]:
     """The embedded SmolLM2 tokenizer when its converted checkpoint is in the cache (never downloads)."""
     from harness.assets import cache_dir
@@ -285,7 +293,10 @@ def materialize(cfg: RunConfig, root: Path, tokenizer_dir: Optional[Path] = None
     arch, fmt = load_arch(name), weight_format(cfg)
     out = Path(root) / checkpoint_dirname(arch, fmt, cfg.seed)
     if (out / COMPLETE).exists():
-        return out
+        if code_is_ours(arch, out):
+            return out
+        print(f"[synthetic] warning: {out} holds Python files other than the repository's own "
+              f"({', '.join(arch.remote_code) or 'none'}); writing it again", file=sys.stderr, flush=True)
     tokenizer_dir = tokenizer_dir or default_tokenizer_dir()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     print(f"[synthetic] writing {out.name} on {device} ...", file=sys.stderr, flush=True)
@@ -293,6 +304,12 @@ def materialize(cfg: RunConfig, root: Path, tokenizer_dir: Optional[Path] = None
     if device == "cuda":
         torch.cuda.empty_cache()
     return out
+
+
+def code_is_ours(arch: Arch, model_dir: Path) -> bool:
+    """The checkpoint's Python files (what trust_remote_code would run) are exactly the repository's copies."""
+    found = {p.name: p.read_bytes() for p in Path(model_dir).glob("*.py")}
+    return found == {f: (ARCH_DIR / f).read_bytes() for f in arch.remote_code}
 
 
 def read_marker(model_dir) -> Optional[dict]:
@@ -354,13 +371,13 @@ def main(argv: list[str]) -> None:
     from harness.compose import compose
 
     ap = argparse.ArgumentParser(description="write the synthetic checkpoint a config names; prints its directory")
-    ap.add_argument("--root", default="/tmp/synthetic")
+    ap.add_argument("--root", default=None, help="default: <cache>/synthetic (harness.synthetic.default_root)")
     ap.add_argument("--tokenizer", default=None)
     ap.add_argument("--device", default=None)
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args(argv)
     cfg = compose(a.overrides)
-    print(materialize(cfg, Path(a.root), Path(a.tokenizer) if a.tokenizer else None, a.device))
+    print(materialize(cfg, Path(a.root) if a.root else default_root(), Path(a.tokenizer) if a.tokenizer else None, a.device))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ from typing import Optional
 
 import torch
 
+from harness.config import ConfigError
+
 SCALE_EPS = 1e-5  # llm-awq clamps (max - min) and max|w| to this, so constant groups do not divide by zero
 
 
@@ -43,7 +45,7 @@ def effective_group_size(in_features: int, group_size: int) -> int:
 def check_group_size(in_features: int, group_size: int, where: str = "") -> None:
     g = effective_group_size(in_features, group_size)
     if in_features % g:
-        raise ValueError(
+        raise ConfigError(
             f"quant.group_size={group_size} does not divide in_features={in_features}{' of ' + where if where else ''}; "
             f"choose a divisor of {in_features} (e.g. 32 or 64), or set quant.group_fallback=per_channel"
         )

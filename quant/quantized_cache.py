@@ -10,14 +10,21 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from harness.assets import atomic_file, cache_dir
-from harness.config import QuantConfig
+from harness.log import logger
+from harness.config import QuantConfig, user_error
+from harness.models import first_nonfinite
 from quant.primitives import QTensor
 from harness.environment import sources_sha
 from quant.registry import METHODS, QuantContext, QuantOutcome, method_sources
 
-CACHE_VERSION = 3  # bump when a method changes what it computes (2: clipping on a random token subset; 3: Gram clip)
+CACHE_VERSION = 4  # bump when a method changes what it computes or how it is stored (2: clipping on a random
+# token subset; 3: Gram clip; 4: safetensors + JSON sidecar instead of a torch pickle)
+
+warn = logger("cache")  # cache problems are warnings: the cache is optional
 
 
 def quant_key(model_sha: str, cfg: QuantConfig, dtype: str, calib_id: dict | None = None) -> str:
@@ -31,41 +38,102 @@ def quant_key(model_sha: str, cfg: QuantConfig, dtype: str, calib_id: dict | Non
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def _path(key: str) -> Path:
-    return cache_dir() / "quantized" / f"{key}.pt"
+def _paths(key: str) -> tuple[Path, Path]:
+    """The tensors (safetensors: no code runs when they are read) and the JSON sidecar, written last."""
+    d = cache_dir() / "quantized"
+    return d / f"{key}.safetensors", d / f"{key}.json"
+
+
+def _tensors(model, outcome: QuantOutcome) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """codes.<linear>, scales.<linear>, zeros.<linear> of every quantized Linear and params.<name> of every other
+    parameter or buffer; a tensor tied to one already stored (lm_head to the embedding) is stored once and named in
+    the second dict (tied name -> stored name)."""
+    out = {}
+    for n, q in outcome.qtensors.items():
+        out[f"codes.{n}"], out[f"scales.{n}"] = q.q, q.scales
+        if q.zeros is not None:
+            out[f"zeros.{n}"] = q.zeros
+    quantized = {f"{n}.weight" for n in outcome.qtensors}
+    stored, tied = {}, {}
+    for k, v in model.state_dict().items():
+        if k in quantized:
+            continue
+        storage = (v.device, v.data_ptr(), v.shape, v.dtype) if v.numel() else k
+        if storage in stored:
+            tied[k] = stored[storage]
+            continue
+        stored[storage] = k
+        out[f"params.{k}"] = v
+    return {k: v.detach().cpu().contiguous() for k, v in out.items()}, tied
 
 
 def save(key: str, model, outcome: QuantOutcome) -> Path:
-    quantized = {f"{n}.weight" for n in outcome.qtensors}
-    params = {k: v.detach().cpu() for k, v in model.state_dict().items() if k not in quantized}
-    blob = {
+    tensors_path, sidecar = _paths(key)
+    tensors, tied = _tensors(model, outcome)
+    meta = {
         "version": CACHE_VERSION,
-        "qtensors": {n: dataclasses.asdict(q) for n, q in outcome.qtensors.items()},
-        "params": params,
+        "key": key,
+        "qtensors": {n: {"w_bit": q.w_bit, "group_size": q.group_size} for n, q in outcome.qtensors.items()},
+        "tied": tied,
         "summary": outcome.summary,
         "timings_s": outcome.timings_s,
     }
-    path = _path(key)
-    with atomic_file(path) as tmp:  # a run killed while saving leaves no half file for the next run to load
-        torch.save(blob, tmp)
-    return path
+    # each file atomically (a run killed while saving leaves no half file); the sidecar last, so a reader that
+    # finds it finds the tensors it describes
+    with atomic_file(tensors_path) as tmp:
+        save_file(tensors, str(tmp), metadata={"key": key})
+    with atomic_file(sidecar) as tmp:
+        tmp.write_text(json.dumps(meta, indent=1, default=str))
+    return tensors_path
+
+
+def _read(key: str) -> tuple[dict, dict]:
+    tensors_path, sidecar = _paths(key)
+    meta = json.loads(sidecar.read_text())
+    if meta.get("version") != CACHE_VERSION or meta.get("key") != key:
+        raise ValueError(f"version {meta.get('version')} / key {meta.get('key')} is not {CACHE_VERSION} / {key}")
+    return meta, load_file(str(tensors_path))
+
+
+def _qtensors(meta: dict, tensors: dict) -> dict[str, QTensor]:
+    return {n: QTensor(q=tensors[f"codes.{n}"], scales=tensors[f"scales.{n}"], zeros=tensors.get(f"zeros.{n}"),
+                       w_bit=d["w_bit"], group_size=d["group_size"]) for n, d in meta["qtensors"].items()}
+
+
+def _check_fits(model, state: dict) -> None:
+    """ValueError unless `state` has exactly the model's tensors, each of the model's shape (checked before loading,
+    so a cache that does not fit leaves the model as it was)."""
+    own = model.state_dict()
+    if own.keys() != state.keys():
+        raise ValueError(f"tensors differ from the model's (missing {sorted(own.keys() - state.keys())[:3]}, "
+                         f"unexpected {sorted(state.keys() - own.keys())[:3]})")
+    wrong = [k for k, v in own.items() if state[k].shape != v.shape]
+    if wrong:
+        raise ValueError(f"{wrong[0]} has shape {tuple(state[wrong[0]].shape)}, the model {tuple(own[wrong[0]].shape)}")
 
 
 def load_into(key: str, model) -> QuantOutcome | None:
-    """Restore a cached quantization into `model` (same architecture); None on a miss."""
-    path = _path(key)
-    if not path.exists():
+    """Restore a cached quantization into `model` (same architecture); None on a miss. A file that does not parse
+    (truncated, foreign, an old pickle) or does not fit the model is named in a warning and counts as a miss, the
+    model untouched: the cache is optional."""
+    tensors_path, sidecar = _paths(key)
+    if not (tensors_path.exists() and sidecar.exists()):
         return None
-    blob = torch.load(path, weights_only=False)
-    qtensors = {n: QTensor(**d) for n, d in blob["qtensors"].items()}
-    state = dict(blob["params"])
-    for n, q in qtensors.items():
-        state[f"{n}.weight"] = q.dequantize(model.get_submodule(n).weight.dtype)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or [m for m in missing if not m.endswith("lm_head.weight")]:
-        raise RuntimeError(f"cached quantization {path} does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    summary = dict(blob["summary"], from_cache=True)
-    return QuantOutcome(summary=summary, timings_s=blob["timings_s"], qtensors=qtensors)
+    try:
+        meta, tensors = _read(key)
+        qtensors = _qtensors(meta, tensors)
+        state = {k[len("params."):]: v for k, v in tensors.items() if k.startswith("params.")}
+        state.update({k: state[stored] for k, stored in meta["tied"].items()})
+        for n, q in qtensors.items():
+            state[f"{n}.weight"] = q.dequantize(model.get_submodule(n).weight.dtype)
+        _check_fits(model, state)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError, SafetensorError) as e:
+        warn(f"warning: {tensors_path} (or its .json) is not a usable quantized-weight cache "
+             f"({type(e).__name__}: {str(e)[:160]}); treating it as a miss and quantizing again")
+        return None
+    model.load_state_dict(state, strict=True)
+    summary = dict(meta["summary"], from_cache=True)
+    return QuantOutcome(summary=summary, timings_s=meta["timings_s"], qtensors=qtensors)
 
 
 def quantize_cached(model, cfg: QuantConfig, model_sha: str, dtype: str, ctx: QuantContext, calib_state: dict,
@@ -82,12 +150,24 @@ def quantize_cached(model, cfg: QuantConfig, model_sha: str, dtype: str, ctx: Qu
         log(f"quantized weights from cache ({key}); original quantize time {sum(cached.timings_s.values()):.1f} s")
         return cached
     outcome = method(model, cfg, ctx)
+    check_quantized_finite(model, cfg)  # before the cache or any evaluation sees the weights
     if "samples" in calib_state:
         outcome.summary["calibration_sha256"] = hashlib.sha256(calib_state["samples"].numpy().tobytes()).hexdigest()[:16]
     outcome.summary["cache_key"] = key
-    save(key, model, outcome)
+    try:
+        save(key, model, outcome)
+    except OSError as e:  # e.g. a full disk: the cache is optional, the run goes on
+        warn(f"warning: could not write the quantized-weight cache under {_paths(key)[0].parent} ({e}); continuing")
     return outcome
 
 
+def check_quantized_finite(model, cfg: QuantConfig) -> None:
+    bad = first_nonfinite(model)
+    if bad is not None:
+        name, count, numel = bad
+        raise user_error("quant.method", cfg.method, f"quantizing left {count} NaN/Inf values of {numel} in {name} "
+                         "(the loaded weights were finite)", "nothing was cached or recorded; try model.dtype=float32")
+
+
 def is_cached(key: str) -> bool:
-    return _path(key).exists()
+    return all(p.exists() for p in _paths(key))

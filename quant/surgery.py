@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from harness.architectures import Architecture, architecture_for, get_blocks
+from harness.architectures import ARCHITECTURES, Architecture, architecture_for, get_blocks
 from harness.config import QuantConfig
 from quant.primitives import QTensor, check_group_size, quantize_tensor
 
@@ -40,6 +40,20 @@ def plan_group_sizes(model, cfg: QuantConfig) -> tuple[dict[str, int], list[str]
         if g != cfg.group_size:
             fallbacks.append(name)
     return sizes, fallbacks
+
+
+def check_group_sizes(cfg: QuantConfig, hf_config: dict) -> None:
+    """plan_group_sizes from the model's config.json alone, so a group size that does not divide a layer fails before
+    the model loads (the layer map gives each Linear's in_features; an unknown architecture is left to the method)."""
+    if cfg.method == "fp16" or hf_config.get("model_type") not in ARCHITECTURES:
+        return
+    try:
+        tensors = ARCHITECTURES.get(hf_config["model_type"]).tensors(hf_config)
+    except KeyError:  # a config.json without the usual dimension names: the method checks the loaded model
+        return
+    for t in tensors:
+        if t.kind == "linear":
+            group_size_for(t.shape[1], cfg, t.name)
 
 
 @torch.no_grad()

@@ -1,0 +1,50 @@
+"""Every job of a `-m` sweep is checked before the first one runs (a Hydra callback, conf/config.yaml): a bad value
+in the third job (`quant.w_bit=4,9,3`) fails at once, naming the job, instead of after the first jobs' work.
+
+Only the basic sweeper's grids are expanded here (the sweeper every launcher preset uses); another sweeper's jobs are
+checked one by one as they start, as before."""
+from __future__ import annotations
+
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, open_dict
+
+from harness.config import ConfigError, to_run_config
+from harness.log import one_line_errors
+
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+
+
+def sweep_jobs(config: DictConfig, loader) -> list[list[str]]:
+    """The overrides of each job, as the basic sweeper expands them (sweeper params first, then the command line)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    params = [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
+    parsed = OverridesParser.create(config_loader=loader).parse_overrides(params + list(config.hydra.overrides.task))
+    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+
+
+def check_sweep(config: DictConfig, loader) -> int:
+    """Compose and validate every job; raise ConfigError naming the first bad one. Returns the number of jobs."""
+    jobs = sweep_jobs(config, loader)
+    for job in jobs:
+        cfg = loader.load_sweep_config(config, job)
+        with open_dict(cfg):
+            del cfg["hydra"]
+        try:
+            to_run_config(cfg)
+        except ConfigError as e:
+            raise ConfigError(f"{e} (sweep job `{' '.join(job)}`; none of the {len(jobs)} jobs ran)") from None
+    return len(jobs)
+
+
+class CheckSweep(Callback):
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from hydra.core.global_hydra import GlobalHydra
+
+        if config.hydra.sweeper.get("_target_") != BASIC_SWEEPER:
+            return
+        with one_line_errors(ConfigError):
+            check_sweep(config, GlobalHydra.instance().config_loader())
