@@ -14,7 +14,7 @@ from harness.config import QuantConfig
 from quant import quantized_cache
 from quant.registry import METHODS, QuantContext
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class _Plant:

@@ -18,7 +18,7 @@ from harness.compose import compose
 from harness.config import ConfigError
 from tests.conftest import http_server
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 KEY = "sk-test-7f3a9c"
 NO_KEYS = {k: v for k, v in os.environ.items() if k not in (exposure.API_KEYS_ENV, exposure.WEB_USER_ENV, exposure.WEB_PASSWORD_ENV)}
 

@@ -18,9 +18,9 @@ from harness import records
 from harness.config import ConfigError, ModelConfig
 from harness.log import one_line_errors
 from harness.models import check_device, first_nonfinite, load_model, resolve_model
-from tests.test_pipeline import SMALL, cfg_of
+from tests.experiments.test_pipeline import SMALL, cfg_of
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # ----------------------------------------------------------------------------------------------- results_dir

@@ -9,7 +9,7 @@ import pytest
 
 from harness.config import ConfigError, register_schemas
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _check(overrides: list[str]) -> int:

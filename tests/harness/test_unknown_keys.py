@@ -12,7 +12,7 @@ import pytest
 from harness.compose import compose
 from harness.config import ConfigError
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_cli_rejects_a_plus_key_inside_a_group_in_seconds(tmp_path):
