@@ -46,7 +46,7 @@ def test_cli_backend_lmdeploy_fails_in_preflight_with_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "experiments.run", "backend=lmdeploy", "eval=ppl", f"results_dir={tmp_path}"],
                        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines()[-1].startswith("config error: backend.name: 'lmdeploy'")
+    assert r.stderr.strip().splitlines()[-1].startswith("error: backend.name: 'lmdeploy'")
     assert "Traceback" not in r.stderr and "loading" not in r.stderr
     assert not (Path(tmp_path) / "runs").exists() or not list((Path(tmp_path) / "runs").glob("*.json"))
 

@@ -100,12 +100,17 @@ def test_truncated_cache_is_a_named_miss(cache, capsys):
     assert str(path) in capsys.readouterr().err
 
 
+def _project_sources():
+    """The project's own Python files: every layer's package (not virtualenvs, caches, or what travels in .device/)."""
+    from tests.test_layers import LAYERS
+
+    return [p for layer in LAYERS for p in sorted((ROOT / layer).rglob("*.py"))]
+
+
 def test_no_pickle_loads_of_files_on_disk():
     """Every torch.load in the project's code passes weights_only=True; nothing calls pickle.load(s)."""
     offenders = []
-    for p in ROOT.glob("*/**/*.py"):
-        if any(part in (".venv", ".cache", "tests") for part in p.relative_to(ROOT).parts):
-            continue
+    for p in _project_sources():
         for i, line in enumerate(p.read_text().splitlines(), 1):
             if ("torch.load(" in line and "weights_only=True" not in line) or "pickle.load" in line:
                 offenders.append(f"{p.relative_to(ROOT)}:{i}: {line.strip()}")
@@ -129,9 +134,7 @@ def test_trust_remote_code_only_where_the_config_sets_it():
     assert compose([]).model.trust_remote_code is False
     sets_it = sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml") if "trust_remote_code: true" in p.read_text())
     assert sets_it == ["internlm2_1_8b_synthetic", "internlm2_chat_1_8b"]
-    for p in ROOT.glob("*/**/*.py"):
-        if any(part in (".venv", ".cache", "tests") for part in p.relative_to(ROOT).parts):
-            continue
+    for p in _project_sources():
         text = p.read_text()
         assert "trust_remote_code=True" not in text and "trust_remote_code = True" not in text, p
 
