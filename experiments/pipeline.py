@@ -15,12 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig
-
 from harness.config import ConfigError, RunConfig
 from harness.data import (TEXT_SOURCES, bos_token_id, calibration_identity, calibration_provider, eval_windows, load_text, text_sha256,
                           tokenize_cached)
-from harness.models import load_model, load_tokenizer, model_summary, resolve_model
+from harness.models import load_config, load_model, load_tokenizer, model_summary, resolve_model
 from harness.log import logger
 from harness.environment import changed_parts, code_version, machine_name
 from harness.records import load_record, make_record, provenance, record_path, run_id, write_json_atomic
@@ -60,7 +58,7 @@ def prepare(cfg: RunConfig) -> Prepared:
 
         check_kv_supported(cfg.kv.bits)
     resolved = resolve_model(cfg.model)
-    preflight(cfg, AutoConfig.from_pretrained(resolved.directory, trust_remote_code=cfg.model.trust_remote_code))
+    preflight(cfg, load_config(resolved, cfg.model))  # a .gguf file: its metadata (harness.models)
     tok = load_tokenizer(resolved, cfg.model)
     try:
         bos = bos_token_id(tok, cfg.data.add_bos)

@@ -93,20 +93,32 @@ def resolve_model(cfg: ModelConfig) -> ResolvedModel:
     return ResolvedModel(d, cfg.gguf_file, _dir_sha(Path(d)), f"hub {path}")
 
 
+def _pretrained_kwargs(resolved: ResolvedModel, cfg: ModelConfig) -> dict:
+    """What every from_pretrained of this model gets: remote code, and the GGUF file inside the directory if any."""
+    kw = {"trust_remote_code": cfg.trust_remote_code}
+    if resolved.gguf_file:
+        kw["gguf_file"] = resolved.gguf_file
+    return kw
+
+
+def load_config(resolved: ResolvedModel, cfg: ModelConfig):
+    """The transformers config (from config.json, or from a GGUF file's metadata), without loading weights."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(resolved.directory, **_pretrained_kwargs(resolved, cfg))
+
+
 def load_tokenizer(resolved: ResolvedModel, cfg: ModelConfig):
     from transformers import AutoTokenizer
 
-    kw = {"gguf_file": resolved.gguf_file} if resolved.gguf_file else {}
-    return AutoTokenizer.from_pretrained(resolved.directory, trust_remote_code=cfg.trust_remote_code, **kw)
+    return AutoTokenizer.from_pretrained(resolved.directory, **_pretrained_kwargs(resolved, cfg))
 
 
 def load_model(resolved: ResolvedModel, cfg: ModelConfig):
     from transformers import AutoModelForCausalLM
 
-    kw = {"gguf_file": resolved.gguf_file} if resolved.gguf_file else {}
-    model = AutoModelForCausalLM.from_pretrained(
-        resolved.directory, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code, **kw
-    )
+    model = AutoModelForCausalLM.from_pretrained(resolved.directory, dtype=DTYPES[cfg.dtype],
+                                                 **_pretrained_kwargs(resolved, cfg))
     model.to(cfg.device).eval()
     return model
 
