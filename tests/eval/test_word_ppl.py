@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 
+import pytest
 import torch
 
 from eval.lm_eval_adapter import HarnessLM
@@ -50,3 +51,37 @@ def test_rolling_loglikelihood_matches_hand_protocol(smollm2_fp32_shared, tokeni
     assert math.isclose(res["rolling_token_ppl"], math.exp(-res["loglikelihood"] / len(toks)), rel_tol=1e-12)
     # the disagreement users ask about: the same loglikelihood per word is per token ** (tokens / words)
     assert math.isclose(res["word_perplexity"], res["rolling_token_ppl"] ** (len(toks) / words), rel_tol=1e-9)
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_bf16_model_log_likelihoods_are_summed_in_fp32(smollm2_bf16_shared, tokenizer):
+    """Word PPL and task log-likelihoods of the bf16 model (the lm-eval LM every run builds, eval.lm_eval_adapter.
+    from_context) equal an fp32 log-softmax + float64 sum over the same bf16 logits to 1e-4; bf16 log-softmax and
+    sums miss by ~1e-3 and land on a coarse grid (the -42048.0 of issue 14)."""
+    from types import SimpleNamespace
+
+    from lm_eval.api.instance import Instance
+
+    from eval.lm_eval_adapter import from_context
+    from harness.data import load_text
+
+    m = smollm2_bf16_shared
+    ctx = SimpleNamespace(model=m, tokenizer=tokenizer, kv_cache_factory=None,
+                          cfg=SimpleNamespace(data=SimpleNamespace(add_bos="auto")))
+    lm = from_context(ctx, batch_size=1, max_length=256)
+    doc = truncate_words(load_text("milton"), 600)
+    toks = lm.tok_encode(doc)
+    assert 60 < len(toks) < 256  # one window: the same forward as the recomputation below
+    ll = rolling_word_perplexity(lm, doc)["loglikelihood"]
+    ref = _rolling_ll_by_hand(m, toks, lm.prefix_token_id, 256)
+    assert abs(ll - ref) < 1e-4 * abs(ref), (ll, ref)
+
+    context, cont = doc[:300], doc[300:600]
+    (task_ll, _), = lm.loglikelihood([Instance("loglikelihood", doc={}, arguments=(context, cont), idx=0)],
+                                     disable_tqdm=True)
+    c_toks, k_toks = lm._encode_pair(context, cont)
+    inp = torch.tensor([(c_toks + k_toks)[:-1]])
+    logp = torch.log_softmax(m(inp).logits.double(), -1)[0, -len(k_toks):]
+    ref_task = logp.gather(-1, torch.tensor(k_toks)[:, None]).sum().item()
+    assert abs(task_ll - ref_task) < 1e-4 * abs(ref_task), (task_ll, ref_task)

@@ -73,6 +73,7 @@ def test_run_reuses_only_a_record_of_the_same_code(tmp_path, capsys):
     cfg = cfg_of(SMALL + ["eval.perplexity.max_windows=1", f"results_dir={tmp_path}"])
     rec = pipeline.run(cfg)
     assert rec["code_version"]["hash"] and rec["provenance"]["machine"]
+    assert "bos_token_id" in rec["provenance"] and rec["provenance"]["bos_token_id"] is None  # SmolLM2: no BOS
     path = next((tmp_path / "runs").glob("*.json"))
     assert path.stem == rec["run_id"]
     capsys.readouterr()

@@ -114,3 +114,32 @@ def test_prepare_puts_the_bos_at_the_head_of_every_window():
     for split, w in forced.windows.items():
         assert w.shape == auto.windows[split].shape and (w[:, 0] == 1).all()
         assert torch.equal(w[0, 1:], auto.windows[split].flatten()[: w.shape[1] - 1])
+
+
+def _gguf_overrides():
+    from harness.assets import embedded_gguf
+
+    return [f"model.path={embedded_gguf()}", "model.name=smollm2-gguf", "model.reference_note="]
+
+
+@pytest.mark.slow
+def test_a_gguf_file_in_model_path_prepares():
+    """The config comes from the GGUF's metadata (harness.models.load_config), the tokenizer from the same file."""
+    from experiments.pipeline import prepare
+
+    prep = prepare(cfg_of(SMALL + _gguf_overrides()))
+    assert prep.resolved.gguf_file.endswith(".gguf") and prep.resolved.model_sha.startswith("gguf-sha256:")
+    embedded = prepare(cfg_of(SMALL))
+    for split, w in prep.windows.items():
+        assert torch.equal(w, embedded.windows[split])  # one tokenizer, two packagings
+
+
+@pytest.mark.slow
+def test_a_gguf_file_runs_end_to_end(tmp_path):
+    from experiments import pipeline
+
+    rec = pipeline.run(cfg_of(SMALL + _gguf_overrides() + [f"results_dir={tmp_path}"]))
+    ref = pipeline.run(cfg_of(SMALL + [f"results_dir={tmp_path}"]))
+    assert rec["status"] == "complete" and rec["provenance"]["model_sha"] != ref["provenance"]["model_sha"]
+    for split, m in rec["metrics"]["perplexity"].items():  # the same Q4_1 weights, dequantized either way
+        assert m["token_ppl"] == pytest.approx(ref["metrics"]["perplexity"][split]["token_ppl"], rel=0.03)

@@ -78,3 +78,25 @@ def test_calibration_text_enters_the_quantized_cache_key():
     assert k[0] != k[1]
     rtn = QuantConfig(method="rtn")  # calibration-free methods ignore it
     assert quant_key("m", rtn, "bfloat16", {"text_sha256": "aaaa"}) == quant_key("m", rtn, "bfloat16", None)
+
+
+@pytest.mark.slow
+def test_gemma3_270m_is_embedded_and_needs_its_bos():
+    """The second embedded model: pinned, converted once, its tokenizer adds a BOS, and without it the model is lost
+    (issue 14: Milton 20x512 token PPL ~98 with the BOS, 258.7 without)."""
+    from eval.perplexity import ppl_metrics, window_nll
+    from harness.data import bos_token_id, eval_windows, load_text, tokenize_cached
+    from harness.models import load_model, load_tokenizer, resolve_model
+
+    mc = ModelConfig(name="gemma-3-270m", path="embedded:gemma-3-270m")
+    r = resolve_model(mc)
+    assert r.model_sha == "gguf-sha256:a5fd3b62230aa5ec" and "Q4_K_M" in r.origin
+    tok = load_tokenizer(r, mc)
+    assert bos_token_id(tok, "auto") == tok.bos_token_id == 2
+    model = load_model(r, mc)
+    ids = tokenize_cached(tok, load_text("milton"))
+    ppl = {}
+    for bos in (2, None):
+        nll, s = window_nll(model, eval_windows(ids, 512, 2, bos_id=bos), 2, progress=False)
+        ppl[bos] = ppl_metrics(nll, s, 512)["token_ppl"]
+    assert ppl[2] < 0.6 * ppl[None], ppl

@@ -21,8 +21,13 @@ def _block_out(block, x, kwargs):
 
 
 def _rotary_kwargs(model, x):
+    import inspect
+
     pos = torch.arange(x.shape[1])[None]
-    return {"position_embeddings": model.model.rotary_emb(x, pos), "attention_mask": None}
+    rot = model.model.rotary_emb
+    if "layer_type" in inspect.signature(rot.forward).parameters:  # Gemma-3: one table per layer type
+        return {"position_embeddings": rot(x, pos, model.config.layer_types[0]), "attention_mask": None}
+    return {"position_embeddings": rot(x, pos), "attention_mask": None}
 
 
 @torch.no_grad()
@@ -49,7 +54,7 @@ def test_scale_fold_leaves_llama_block_unchanged(smollm2_fp32):
     assert before.abs().max() > 0.1  # the block does something
 
 
-@pytest.mark.parametrize("model_type", ["gemma", "gemma2"])
+@pytest.mark.parametrize("model_type", ["gemma", "gemma2", "gemma3_text"])
 def test_scale_fold_leaves_gemma_block_unchanged(model_type):
     """Gemma's RMSNorm scales by (1 + w): folding s there is (1 + w) / s - 1, not w / s."""
     from transformers import AutoConfig, AutoModelForCausalLM
