@@ -111,7 +111,8 @@ def _source(task: str) -> dict:
     if task in build.LOCAL_SOURCES:
         m = build.manifest(task)
         m.pop("jsonl")  # a cache path, not part of what the data is
-        return {"source": f"local: eval/tasks/{task}.yaml (LAMBADA-style, built from the embedded {m['source_split']} split)",
+        return {"source": f"local: eval/tasks/{task}.yaml ({build.DESCRIPTIONS[task]}, built from the embedded "
+                          f"{m['source_split']} split)",
                 **m}
     return {"source": "lm-eval"}
 
