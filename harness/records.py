@@ -13,6 +13,7 @@ from typing import Any
 from harness.assets import atomic_file
 from harness.config import NON_IDENTITY_FIELDS, RunConfig
 from harness.environment import git_sha, hardware, package_versions
+from harness.text_files import is_file_source
 
 RECORD_VERSION = 1
 
@@ -21,7 +22,21 @@ def identity(cfg: RunConfig) -> dict:
     d = dataclasses.asdict(cfg)
     for k in NON_IDENTITY_FIELDS:
         d.pop(k, None)
+    _file_sources_by_content(d)
     return d
+
+
+def _file_sources_by_content(d: dict) -> None:
+    """Local text files (`file:<path>`) enter the identity by their content's hash, not their path; every other
+    source name is kept as it is (so configs without files keep their run_ids)."""
+    calib = d.get("quant", {}).get("calib", {})
+    names = list(d.get("data", {}).get("splits", [])) + [calib.get("dataset")]
+    if not any(is_file_source(n) for n in names):
+        return
+    from harness.data import source_identity  # torch and the tokenizer cache: only when a file is named
+
+    d["data"]["splits"] = [source_identity(n) for n in d["data"]["splits"]]
+    calib["dataset"] = source_identity(calib["dataset"])
 
 
 def run_id(cfg: RunConfig) -> str:
