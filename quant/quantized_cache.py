@@ -13,6 +13,8 @@ import torch
 
 from harness.assets import atomic_file, cache_dir
 from harness.config import QuantConfig
+from harness.data import source_identity
+from harness.text_files import is_file_source
 from quant.primitives import QTensor
 from quant.registry import METHODS, QuantContext, QuantOutcome
 
@@ -20,7 +22,10 @@ CACHE_VERSION = 3  # bump when a method changes what it computes (2: clipping on
 
 
 def quant_key(model_sha: str, cfg: QuantConfig, dtype: str) -> str:
-    blob = json.dumps({"v": CACHE_VERSION, "model": model_sha, "dtype": dtype, "quant": dataclasses.asdict(cfg)}, sort_keys=True)
+    quant = dataclasses.asdict(cfg)
+    if is_file_source(cfg.calib.dataset):  # a local calibration file counts by its content, not its path
+        quant["calib"]["dataset"] = source_identity(cfg.calib.dataset)
+    blob = json.dumps({"v": CACHE_VERSION, "model": model_sha, "dtype": dtype, "quant": quant}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 

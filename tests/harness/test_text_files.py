@@ -81,3 +81,19 @@ def test_bad_files_fail_in_one_line_before_the_model_loads(tmp_path, monkeypatch
         with pytest.raises(ConfigError, match=message) as e:
             P.run(cfg)
         assert "\n" not in str(e.value) and str(f) in str(e.value)
+
+
+def test_quantized_weight_cache_keys_a_calibration_file_by_content(tmp_path):
+    from quant.quantized_cache import quant_key
+
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text(TEXT)
+    b.write_text(TEXT)
+    q = lambda f: _cfg("milton", "quant=rtn_w4", f"quant.calib.dataset=file:{f}").quant  # noqa: E731
+    key = quant_key("m", q(a), "bfloat16")
+    assert quant_key("m", q(b), "bfloat16") == key
+    a.write_text(TEXT + " edited")
+    assert quant_key("m", q(a), "bfloat16") != key
+    # embedded sources keep their keys (no file: nothing is read)
+    plain = _cfg("milton", "quant=rtn_w4").quant
+    assert quant_key("m", plain, "bfloat16") == quant_key("m", plain, "bfloat16")
