@@ -96,7 +96,7 @@ def run_tasks(lm, names: list[str], task_manager, limit: Optional[int] = None, n
         row = {k.split(",")[0]: v for k, v in metrics.items()
                if "," in k and "_stderr" not in k and isinstance(v, (int, float))}
         samples = res.get("samples", {}).get(task, [])
-        for metric in ("acc", "acc_norm"):  # standard error of each accuracy (shown as ± in the report)
+        for metric in ("acc", "acc_norm", "acc_mutual_info"):  # standard error of each accuracy (± in the report)
             if samples and metric in samples[0]:
                 row[f"{metric}_stderr"] = _mean_stderr([float(s[metric]) for s in samples])
         row["n"] = res.get("n-samples", {}).get(task, {}).get("effective", len(samples))

@@ -154,9 +154,13 @@ def _per_split(section: str, leaf: str) -> Callable[[dict], dict]:
     return f
 
 
+# the accuracy a task row shows, first found: a task that scores by mutual information (lm-eval acc_mutual_info:
+# log P(choice | context) - log P(choice), which removes each choice's own prior) is shown by it
+TASK_ACC_KEYS = ("acc_mutual_info", "acc", "acc_norm")
+
+
 def _task_acc_key(v: dict) -> Optional[str]:
-    """The accuracy a task row reports: acc, else acc_norm."""
-    return next((k for k in ("acc", "acc_norm") if finite(v.get(k)) is not None), None)
+    return next((k for k in TASK_ACC_KEYS if finite(v.get(k)) is not None), None)
 
 
 def _tasks(rec):

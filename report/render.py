@@ -48,6 +48,12 @@ def notes(t: Table) -> list[str]:
         limit = s.get("eval.tasks.limit")
         out.append(f"Accuracy: lm-eval, {s.get('eval.tasks.num_fewshot')}-shot, "
                    f"{'all examples' if limit is None else f'first {limit} examples'} of each task, in %.")
+        mi = sorted({task for r in t.rows for rec in r.records.values()
+                     for task, v in (dig(rec, "metrics", "tasks", default={}) or {}).items()
+                     if isinstance(v, dict) and v.get("acc_mutual_info") is not None})
+        if mi:
+            out.append(f"{', '.join(mi)}: accuracy by mutual information (lm-eval acc_mutual_info: the choice with the "
+                       f"highest log P(choice | context) − log P(choice)).")
     if "weight_bytes" in present:
         out.append(f"Weights: stored bytes of all weights incl. group scales/zeros, in {t.weight_unit[0]} "
                    f"(10{'⁹' if t.weight_unit[1] == 1e9 else '⁶'} bytes).")

@@ -12,8 +12,8 @@ the task names say `_local` so no result reads as LAMBADA.
 Four-way multiple choice (lm-eval `output_type: multiple_choice`, scored like piqa/hellaswag: the choice with the
 highest log-likelihood after the context, `acc`, and per byte, `acc_norm`), built with a seeded generator so the
 same text always gives the same items, the answer's position drawn uniformly (chance = 25%):
-- `next_line_milton_mc4`: context = three consecutive verse lines of Paradise Lost; choices = the true next line and
-  three other lines of the same poem within 15% of its length (line length is no clue).
+- `next_line_milton_mc4`: context = four consecutive verse lines of Paradise Lost that stop mid-sentence; choices =
+  the true next line and three other lines of the same poem within 15% of its length (line length is no clue).
 - `word_choice_shakespeare_mc4`: context = the previous lines of the held-out tragedies and the current line up to a
   lowercase word of 4+ letters; choices = that word and three words of the nearest corpus frequencies (word
   frequency is no clue), each followed by the rest of the line, so the right context counts too.
@@ -87,15 +87,18 @@ def _verse_line(line: str) -> bool:
     return _VERSE_WORDS[0] <= len(words) <= _VERSE_WORDS[1] and not line.isupper() and not line.startswith("[")
 
 
-def next_line_items(text: str, n_items: int = MC_ITEMS, seed: int = MC_SEED, context_lines: int = 3,
+def next_line_items(text: str, n_items: int = MC_ITEMS, seed: int = MC_SEED, context_lines: int = 4,
                     length_tol: float = 0.15) -> list[dict]:
     """The true next line among four lines of the same text; see the module docstring."""
     lines = [ln.strip() for ln in text.split("\n")]
     pool = sorted({ln for ln in lines if _verse_line(ln)})
     by_len = sorted(pool, key=lambda ln: (len(ln), ln))
     lens = [len(ln) for ln in by_len]
+    # items where the context stops mid-sentence (no . ; : ! ? at the end of its last line): the next line must
+    # continue that sentence, which a language model can check; after a full stop any line could follow
     eligible = [i for i in range(context_lines, len(lines))
-                if all(_verse_line(ln) for ln in lines[i - context_lines : i + 1])]
+                if all(_verse_line(ln) for ln in lines[i - context_lines : i + 1])
+                and lines[i - 1].rstrip()[-1:] not in ".;:!?"]
     rng = random.Random(seed)
     items = []
     for i in sorted(rng.sample(eligible, min(n_items, len(eligible)))):
@@ -159,7 +162,7 @@ BUILDERS = {
     "lambada_milton_local": (BUILDER_VERSION, lambda t: [{"id": i, "text": p} for i, p in enumerate(last_word_passages(t))]),
     "lambada_shakespeare_heldout_local": (BUILDER_VERSION,
                                           lambda t: [{"id": i, "text": p} for i, p in enumerate(last_word_passages(t))]),
-    "next_line_milton_mc4": (1, next_line_items),
+    "next_line_milton_mc4": (2, next_line_items),
     "word_choice_shakespeare_mc4": (1, word_choice_items),
 }
 DESCRIPTIONS = {

@@ -410,3 +410,11 @@ def test_records_without_intervals_render_as_before():
 
     fig = ppl_vs_bits(t, t.models[0])
     assert not any(c.__class__.__name__ == "LineCollection" for ax in fig.axes for c in ax.collections)
+
+
+def test_a_task_scored_by_mutual_information_is_shown_by_it():
+    recs = demo_records()
+    for r in recs:
+        r["metrics"]["tasks"]["local_cloze"].update(acc_mutual_info=0.51, acc_mutual_info_stderr=0.05)
+    md = M.to_markdown(T.build_tables(recs)[0])
+    assert "51.0 ± 5.0" in md and "local_cloze: accuracy by mutual information" in md
