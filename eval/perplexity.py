@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from harness.confidence import N_RESAMPLES, SEED, ppl_ci95
 from eval.forward import forward
 from eval.registry import EvalContext, evaluator
 
@@ -68,7 +69,11 @@ def window_nll(
 
 
 def ppl_metrics(nll: torch.Tensor, seconds: float, seqlen: int) -> dict:
+    """Token PPL of per-token NLL [n_windows, seqlen-1], with its 95% bootstrap interval over windows and the
+    per-window mean NLLs (what a paired comparison of two runs on the same windows needs: harness/confidence.py)."""
     mean = nll.double().mean().item()
+    window_mean = nll.double().mean(dim=1).tolist()
+    ci = ppl_ci95(window_mean)
     return {
         "token_ppl": math.exp(mean),
         "nll_mean": mean,
@@ -77,6 +82,9 @@ def ppl_metrics(nll: torch.Tensor, seconds: float, seqlen: int) -> dict:
         "tokens_scored": int(nll.numel()),
         "tokens_per_s": nll.shape[0] * seqlen / seconds if seconds > 0 else None,
         "seconds": seconds,
+        "token_ppl_ci95": list(ci) if ci else None,
+        "ci95_method": f"percentile bootstrap over windows, {N_RESAMPLES} resamples, seed {SEED}",
+        "window_nll_mean": window_mean,
     }
 
 

@@ -96,8 +96,9 @@ def run_tasks(lm, names: list[str], task_manager, limit: Optional[int] = None, n
         row = {k.split(",")[0]: v for k, v in metrics.items()
                if "," in k and "_stderr" not in k and isinstance(v, (int, float))}
         samples = res.get("samples", {}).get(task, [])
-        if samples and "acc" in samples[0]:
-            row["acc_stderr"] = _mean_stderr([float(s["acc"]) for s in samples])
+        for metric in ("acc", "acc_norm", "acc_mutual_info"):  # standard error of each accuracy (± in the report)
+            if samples and metric in samples[0]:
+                row[f"{metric}_stderr"] = _mean_stderr([float(s[metric]) for s in samples])
         row["n"] = res.get("n-samples", {}).get(task, {}).get("effective", len(samples))
         row["num_fewshot"] = num_fewshot
         out[task] = row
@@ -110,7 +111,8 @@ def _source(task: str) -> dict:
     if task in build.LOCAL_SOURCES:
         m = build.manifest(task)
         m.pop("jsonl")  # a cache path, not part of what the data is
-        return {"source": f"local: eval/tasks/{task}.yaml (LAMBADA-style, built from the embedded {m['source_split']} split)",
+        return {"source": f"local: eval/tasks/{task}.yaml ({build.DESCRIPTIONS[task]}, built from the embedded "
+                          f"{m['source_split']} split)",
                 **m}
     return {"source": "lm-eval"}
 

@@ -47,7 +47,8 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     name: str = MISSING
-    # text sources scored for perplexity (names registered in harness.data.TEXT_SOURCES)
+    # text sources scored for perplexity (names registered in harness.data.TEXT_SOURCES, or file:<path> of a local
+    # .txt / .jsonl file: harness/text_files.py)
     splits: list[str] = field(default_factory=list)
     # a BOS token at the head of every evaluation window and calibration sample: auto (lm-eval's convention: when the
     # tokenizer defines one and adds it itself) | true | false (harness.data.bos_token_id)
@@ -138,7 +139,7 @@ class EvalConfig:
 
 @dataclass
 class CalibConfig:
-    dataset: str = "shakespeare_calib"
+    dataset: str = "shakespeare_calib"  # a text source name, or file:<path> (harness/text_files.py)
     n_samples: int = 128
     seqlen: int = 512
     seed: int = 0

@@ -13,6 +13,7 @@ from harness.assets import cache_dir, corpus_root, load_cached_tensors, save_cac
 from harness.config import ConfigError
 from harness.corpus import EMBEDDED_SPLITS
 from harness.registry import Registry
+from harness.text_files import FILE_PREFIX, is_file_source, read_text_file
 
 
 class DataUnavailableError(RuntimeError):
@@ -97,8 +98,24 @@ TEXT_SOURCES.add("c4", TextSource(_hub(_c4, "c4"), "allenai/c4 validation shard 
 TEXT_SOURCES.add("pileval", TextSource(_hub(_pileval, "pileval"), "mit-han-lab/pile-val-backup validation (hub)", False))
 
 
+def _file_source(path: str) -> TextSource:
+    read_text_file(path)  # a missing, empty or malformed file fails here, when the run is prepared
+    return TextSource(lambda: read_text_file(path), f"local file {path}", True)
+
+
+TEXT_SOURCES.add_prefix(FILE_PREFIX, _file_source)
+
+
 def load_text(name: str) -> str:
     return TEXT_SOURCES.get(name).load()
+
+
+def source_identity(name: str) -> str:
+    """What names a text source in a run's identity: its name, except for a local file, whose text's sha256 stands
+    in for its path (the same text under another path is the same run; an edited file is a new one)."""
+    if not is_file_source(name):
+        return name
+    return f"{FILE_PREFIX}sha256:{text_sha256(load_text(name))}"
 
 
 def text_sha256(text: str) -> str:

@@ -17,6 +17,7 @@ from harness.assets import atomic_file
 from harness.config import LATE_FIELDS, NON_IDENTITY_FIELDS, RunConfig, user_error
 from harness.environment import git_sha, hardware, machine_name, package_versions
 from harness.log import logger
+from harness.text_files import is_file_source
 
 RECORD_VERSION = 1
 MIN_FREE_BYTES = 1 << 20  # room for a record (tens of kB) with a wide margin
@@ -34,7 +35,21 @@ def identity(cfg: RunConfig) -> dict:
     for (section, k), default in LATE_FIELDS.items():
         if d.get(section, {}).get(k, default) == default:
             d[section].pop(k, None)
+    _file_sources_by_content(d)
     return d
+
+
+def _file_sources_by_content(d: dict) -> None:
+    """Local text files (`file:<path>`) enter the identity by their content's hash, not their path; every other
+    source name is kept as it is (so configs without files keep their run_ids)."""
+    calib = d.get("quant", {}).get("calib", {})
+    names = list(d.get("data", {}).get("splits", [])) + [calib.get("dataset")]
+    if not any(is_file_source(n) for n in names):
+        return
+    from harness.data import source_identity  # torch and the tokenizer cache: only when a file is named
+
+    d["data"]["splits"] = [source_identity(n) for n in d["data"]["splits"]]
+    calib["dataset"] = source_identity(calib["dataset"])
 
 
 def run_id(cfg: RunConfig) -> str:

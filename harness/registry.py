@@ -19,6 +19,7 @@ class Registry(Generic[T]):
     def __init__(self, kind: str):
         self.kind = kind
         self._items: dict[str, T] = {}
+        self._prefixes: dict[str, Callable[[str], T]] = {}  # "file:" -> factory of the object for "file:<rest>"
 
     def register(self, name: str) -> Callable[[T], T]:
         def deco(obj: T) -> T:
@@ -32,16 +33,21 @@ class Registry(Generic[T]):
     def add(self, name: str, obj: T) -> T:
         return self.register(name)(obj)
 
+    def add_prefix(self, prefix: str, factory: Callable[[str], T]) -> None:
+        """Names `<prefix><rest>` resolve to `factory(rest)` (e.g. `file:<path>`), made on each `get`."""
+        self._prefixes[prefix] = factory
+
     def get(self, name: str) -> T:
-        try:
+        if name in self._items:
             return self._items[name]
-        except KeyError:
-            raise UnknownNameError(
-                f"unknown {self.kind} {name!r}; registered: {', '.join(sorted(self._items)) or '(none)'}"
-            ) from None
+        for prefix, factory in self._prefixes.items():
+            if isinstance(name, str) and name.startswith(prefix):
+                return factory(name[len(prefix):])
+        also = "".join(f", {p}..." for p in self._prefixes)
+        raise UnknownNameError(f"unknown {self.kind} {name!r}; registered: {', '.join(sorted(self._items)) or '(none)'}{also}")
 
     def __contains__(self, name: str) -> bool:
-        return name in self._items
+        return name in self._items or any(isinstance(name, str) and name.startswith(p) for p in self._prefixes)
 
     def __iter__(self) -> Iterator[str]:
         return iter(sorted(self._items))

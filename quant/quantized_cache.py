@@ -14,9 +14,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from harness.assets import atomic_file, cache_dir
-from harness.log import logger
 from harness.config import QuantConfig, user_error
+from harness.data import source_identity
+from harness.log import logger
 from harness.models import first_nonfinite
+from harness.text_files import is_file_source
 from quant.primitives import QTensor
 from harness.environment import sources_sha
 from quant.registry import METHODS, QuantContext, QuantOutcome, method_sources
@@ -30,7 +32,10 @@ warn = logger("cache")  # cache problems are warnings: the cache is optional
 def quant_key(model_sha: str, cfg: QuantConfig, dtype: str, calib_id: dict | None = None) -> str:
     """`calib_id`: what the calibration samples are made of (harness.data.calibration_identity: the text's sha256,
     tokenizer, BOS); left out for methods that do not calibrate."""
-    blob = {"v": CACHE_VERSION, "model": model_sha, "dtype": dtype, "quant": dataclasses.asdict(cfg),
+    quant = dataclasses.asdict(cfg)
+    if is_file_source(cfg.calib.dataset):  # a local calibration file counts by its content, not its path
+        quant["calib"]["dataset"] = source_identity(cfg.calib.dataset)
+    blob = {"v": CACHE_VERSION, "model": model_sha, "dtype": dtype, "quant": quant,
             "code": sources_sha(method_sources(cfg.method))}  # the method's sources: new code, new weights
     if calib_id is not None and METHODS.get(cfg.method).needs_calibration:
         blob["calibration"] = calib_id

@@ -1,6 +1,6 @@
 """Figures from the report's tables (report.tables.Table): each figure draws one model of one table, so every
 point in it shares the table's eval settings. Functions return matplotlib Figures (the notebook shows them);
-`save_figures` writes PNG + PDF.
+`save_figures` writes PNG + PDF. Token PPL points carry error bars (their 95% interval) where records have one.
 
 - ppl_vs_bits: token PPL against nominal weight bits, one line per method
 - quality_vs_memory: token PPL (and KL, when measured) against stored weight bytes, with the Pareto front
@@ -103,6 +103,14 @@ def _finish(fig, title: str, t: Table, mid, windows_field: str = "eval.perplexit
     return fig
 
 
+def _error_bar(ax, t: Table, row, mid, col: Column, x: float, y: float, color) -> None:
+    """The value's 95% interval as a vertical error bar, where the record has one (older records: none)."""
+    ci = t.interval(row, mid, col)
+    if ci is not None:
+        ax.errorbar([x], [y], yerr=[[max(y - ci[0], 0.0)], [max(ci[1] - y, 0.0)]], fmt="none", ecolor=color,
+                    elinewidth=1.2, capsize=3, zorder=4)
+
+
 def ppl_vs_bits(t: Table, mid) -> Optional[object]:
     splits = _splits(t, mid, "token_ppl")
     if not splits or not any(not r.reference and mid in r.records for r in t.rows):
@@ -120,6 +128,7 @@ def ppl_vs_bits(t: Table, mid) -> Optional[object]:
                 ax.axhline(v, color="0.4", lw=1, ls=":", zorder=0)
                 ax.plot([16], [v], label="FP16 (reference; dotted line = its PPL)", color=REFERENCE_COLOR, marker="s",
                         ls="none", ms=7)
+                _error_bar(ax, t, r, mid, col, 16, v, REFERENCE_COLOR)
                 bits_seen.add(16)
                 continue
             series.setdefault(r.label.series, []).append((weight_bits(r.records[mid]), v, r))
@@ -132,6 +141,7 @@ def ppl_vs_bits(t: Table, mid) -> Optional[object]:
             ax.plot([], [], label=name, ms=7, **{**st, "marker": "o"})  # legend entry: line + fill style
             for b, v, r in pts:
                 ax.plot([b * _kv_dodge(r)], [v], ls="none", ms=8, **{k: x for k, x in _style(t, r).items() if k != "linestyle"})
+                _error_bar(ax, t, r, mid, col, b * _kv_dodge(r), v, _style(t, r)["color"])
         ax.set_xscale("log", base=2)
         ax.set_xticks(sorted(bits_seen))
         ax.set_xticklabels([str(b) for b in sorted(bits_seen)])
@@ -176,6 +186,7 @@ def quality_vs_memory(t: Table, mid, metric: str = "token_ppl") -> Optional[obje
             # hollow (KV-quantized) markers are larger and drawn first, so a filled twin at the same spot shows inside
             ax.plot([x], [v], ls="none", ms=12 if r.label.kv else 8, zorder=2 if r.label.kv else 3, label=r.text,
                     **{k: s for k, s in _style(t, r).items() if k != "linestyle"})
+            _error_bar(ax, t, r, mid, col, x, v, _style(t, r)["color"])
         front = _pareto(pts)
         if len(front) > 1:
             ax.plot([x for x, _ in front], [y for _, y in front], color="0.5", lw=1, ls="--",

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from harness import storage_bytes
+from harness.confidence import paired_ppl_diff_ci95
 from harness.labels import METHOD_ORDER, backend_text, kv_text, method_detail, method_name
 from harness.registry import Registry
 
@@ -136,6 +137,10 @@ class Metric:
     digits: int  # decimals shown (of the value and of its difference to FP16)
     quality: bool = True  # meaningless on synthetic (random) weights
     scale: float = 1.0  # shown value = raw * scale (e.g. accuracy as %)
+    # uncertainty, where the record has it (older records do not: they show no interval)
+    ci95: Optional[Callable[[dict], dict]] = None  # record -> {key: (lo, hi)} of the value
+    stderr: Optional[Callable[[dict], dict]] = None  # record -> {key: standard error of the value}
+    paired: Optional[Callable[[dict, dict], dict]] = None  # (record, FP16 record) -> {key: (lo, hi)} of the difference
 
 
 METRICS: Registry[Metric] = Registry("report metric")
@@ -149,13 +154,54 @@ def _per_split(section: str, leaf: str) -> Callable[[dict], dict]:
     return f
 
 
+# the accuracy a task row shows, first found: a task that scores by mutual information (lm-eval acc_mutual_info:
+# log P(choice | context) - log P(choice), which removes each choice's own prior) is shown by it
+TASK_ACC_KEYS = ("acc_mutual_info", "acc", "acc_norm")
+
+
+def _task_acc_key(v: dict) -> Optional[str]:
+    return next((k for k in TASK_ACC_KEYS if finite(v.get(k)) is not None), None)
+
+
 def _tasks(rec):
     out = {}
     for task, v in (dig(rec, "metrics", "tasks", default={}) or {}).items():
-        if isinstance(v, dict):
-            acc = finite(v.get("acc")) if finite(v.get("acc")) is not None else finite(v.get("acc_norm"))
-            if acc is not None:
-                out[task] = acc
+        if isinstance(v, dict) and _task_acc_key(v):
+            out[task] = finite(v[_task_acc_key(v)])
+    return out
+
+
+def _tasks_stderr(rec):
+    out = {}
+    for task, v in (dig(rec, "metrics", "tasks", default={}) or {}).items():
+        if isinstance(v, dict) and _task_acc_key(v) and finite(v.get(f"{_task_acc_key(v)}_stderr")) is not None:
+            out[task] = finite(v[f"{_task_acc_key(v)}_stderr"])
+    return out
+
+
+def _ppl_ci95(rec):
+    out = {}
+    for split, v in (dig(rec, "metrics", "perplexity", default={}) or {}).items():
+        ci = v.get("token_ppl_ci95") if isinstance(v, dict) else None
+        if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(finite(x) is not None for x in ci):
+            out[split] = (float(ci[0]), float(ci[1]))
+    return out
+
+
+def window_nlls(rec: dict, split: str) -> Optional[list]:
+    """The per-window mean NLLs a record kept for a split (eval/perplexity.py), or None."""
+    w = dig(rec, "metrics", "perplexity", split, "window_nll_mean")
+    return w if isinstance(w, list) and len(w) >= 2 else None
+
+
+def _ppl_paired(rec, ref):
+    """Paired bootstrap interval of PPL(rec) - PPL(ref) per split, over the windows both scored."""
+    out = {}
+    for split in (dig(rec, "metrics", "perplexity", default={}) or {}):
+        a, b = window_nlls(rec, split), window_nlls(ref, split)
+        ci = paired_ppl_diff_ci95(a, b) if a and b else None
+        if ci is not None:
+            out[split] = ci
     return out
 
 
@@ -187,10 +233,11 @@ def _decode(rec):
 
 
 for _m in [
-    Metric("token_ppl", "PPL {key}", _per_split("perplexity", "token_ppl"), "lower", "diff", 2),
+    Metric("token_ppl", "PPL {key}", _per_split("perplexity", "token_ppl"), "lower", "diff", 2, ci95=_ppl_ci95,
+           paired=_ppl_paired),
     Metric("word_ppl", "word PPL {key}", _per_split("word_perplexity", "word_perplexity"), "lower", "diff", 2),
     Metric("bits_per_byte", "bits/byte {key}", _per_split("word_perplexity", "bits_per_byte"), "lower", "diff", 3),
-    Metric("acc", "acc {key} (%)", _tasks, "higher", "diff", 1, scale=100.0),
+    Metric("acc", "acc {key} (%)", _tasks, "higher", "diff", 1, scale=100.0, stderr=_tasks_stderr),
     Metric("kl_mean", "KL {key}", _per_split("fidelity", "kl_mean"), "lower", None, 4),
     Metric("kl_p99", "KL p99 {key}", _per_split("fidelity", "kl_p99"), "lower", None, 4),
     Metric("top1_agreement", "top-1 agree {key}", _per_split("fidelity", "top1_agreement"), "higher", None, 4),

@@ -52,6 +52,12 @@ def notes(t: Table) -> list[str]:
         limit = s.get("eval.tasks.limit")
         out.append(f"Accuracy: lm-eval, {s.get('eval.tasks.num_fewshot')}-shot, "
                    f"{'all examples' if limit is None else f'first {limit} examples'} of each task, in %.")
+        mi = sorted({task for r in t.rows for rec in r.records.values()
+                     for task, v in (dig(rec, "metrics", "tasks", default={}) or {}).items()
+                     if isinstance(v, dict) and v.get("acc_mutual_info") is not None})
+        if mi:
+            out.append(f"{', '.join(mi)}: accuracy by mutual information (lm-eval acc_mutual_info: the choice with the "
+                       f"highest log P(choice | context) − log P(choice)).")
     if "weight_bytes" in present:
         out.append(f"Weights: stored bytes of all weights incl. group scales/zeros, in {t.weight_unit[0]} "
                    f"(10{'⁹' if t.weight_unit[1] == 1e9 else '⁶'} bytes).")
@@ -66,8 +72,23 @@ def notes(t: Table) -> list[str]:
                    + (f"; quantized weights ran as: {'; '.join(paths)}." if paths else "."))
     out.append("↓ lower is better, ↑ higher is better; bold = best among the quantized configs; (+x) = difference to "
                "FP16 of the same model, (0.42×) = ratio to FP16; – = not measured.")
+    cells = [(r, mid, c) for r in t.rows for mid, c in t.columns]
+    if any(t.interval(*k) for k in cells):
+        out.append(f"[lo, hi] = 95% interval of token PPL: {_ci_method(t)}.")
+    if any(t.stderr(*k) is not None for k in cells):
+        out.append("± = standard error of the accuracy (over the task's examples).")
+    if any(t.not_significant(*k) for k in cells):
+        out.append("† = difference to FP16 not significant at 95% (its interval contains 0: token PPL paired over the "
+                   "same windows, bootstrap; accuracy from both standard errors, normal approximation).")
     out.extend(t.dropped)
     return out
+
+
+def _ci_method(t: Table) -> str:
+    methods = sorted({str(v.get("ci95_method")) for r in t.rows for rec in r.records.values()
+                      for v in (dig(rec, "metrics", "perplexity", default={}) or {}).values()
+                      if isinstance(v, dict) and v.get("ci95_method")})
+    return "; ".join(methods) or "bootstrap over windows"
 
 
 def _arrow(m: Metric) -> str:
@@ -92,11 +113,16 @@ def cell(t: Table, row: Row, mid, col: Column, bold: Callable[[str], str]) -> st
     s = f"{t.display(col, v):,.{m.digits}f}"
     if row.key in t.best(mid, col):
         s = bold(s)
+    ci, se = t.interval(row, mid, col), t.stderr(row, mid, col)
+    if ci is not None:  # one decimal fewer than the value: the interval's own precision is coarser
+        s += f" [{ci[0]:,.{max(m.digits - 1, 0)}f}, {ci[1]:,.{max(m.digits - 1, 0)}f}]"
+    elif se is not None:
+        s += f" ± {se:,.{m.digits}f}"
     d = t.delta(row, mid, col)
     if d is not None and m.delta == "ratio" and abs(d - 1) >= 0.005:  # an unchanged quantity needs no "1.00×"
         s += f" ({d:.2f}×)"
     elif d is not None and m.delta == "diff":
-        s += f" ({d:+.{m.digits}f})"
+        s += f" ({d:+.{m.digits}f}{'†' if t.not_significant(row, mid, col) else ''})"
     return s
 
 
@@ -127,8 +153,17 @@ def to_csv_frame(t: Table):
             if len(t.models) == 1:
                 h = f"{t.model_name(mid)}: {h}"
             d[h] = t.display(c, t.value(r, mid, c))
+            # uncertainty columns only where some row of the table has them (older records: none, as before)
+            if any(t.interval(x, mid, c) for x in t.rows):
+                ci = t.interval(r, mid, c)
+                d[f"{h} ci95 lo"], d[f"{h} ci95 hi"] = ci if ci else (None, None)
+            if any(t.stderr(x, mid, c) is not None for x in t.rows):
+                d[f"{h} stderr"] = t.stderr(r, mid, c)
             if METRICS.get(c.metric).delta:
                 d[f"{h} vs FP16 ({METRICS.get(c.metric).delta})"] = t.delta(r, mid, c)
+                if any(t.delta_interval(x, mid, c) for x in t.rows):
+                    ci = t.delta_interval(r, mid, c)
+                    d[f"{h} vs FP16 ci95 lo"], d[f"{h} vs FP16 ci95 hi"] = ci if ci else (None, None)
         d["run_ids"] = " ".join(rec.get("run_id", "") for rec in r.records.values())
         data.append(d)
     return pd.DataFrame(data)
@@ -136,7 +171,8 @@ def to_csv_frame(t: Table):
 
 _TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
         "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "↓": r"$\downarrow$", "↑": r"$\uparrow$",
-        "×": r"$\times$", "⁶": r"$^{6}$", "⁹": r"$^{9}$", "‖": r"$\|$", "α": r"$\alpha$", "–": "--"}
+        "×": r"$\times$", "⁶": r"$^{6}$", "⁹": r"$^{9}$", "‖": r"$\|$", "α": r"$\alpha$", "–": "--",
+        "±": r"$\pm$", "†": r"$^\dagger$"}
 
 
 def tex_escape(s: str) -> str:

@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from harness.confidence import diff_ci95_from_stderr, excludes_zero
 from report.record_view import (METRICS, TABLE_ORDER, RowLabel, dig, is_reference, is_synthetic, kv_bits,
                                      hardware_name, model_id, relevant_quant, row_label, weight_bits)
 
@@ -107,6 +108,8 @@ class Table:
     values: dict  # (row text, model id, Column) -> raw value
     dropped: list = field(default_factory=list)  # messages about records left out
     weight_unit: tuple = ("MB", 1e6)
+    intervals: dict = field(default_factory=dict)  # (row key, model id, Column) -> raw (lo, hi) 95% interval
+    stderrs: dict = field(default_factory=dict)  # (row key, model id, Column) -> raw standard error
 
     # ---- lookups ----
     def value(self, row: Row, mid, col: Column) -> Optional[float]:
@@ -134,6 +137,36 @@ class Table:
         if m.delta == "ratio":
             return v / r if r else None
         return self.display(col, v) - self.display(col, r)
+
+    def interval(self, row: Row, mid, col: Column) -> Optional[tuple[float, float]]:
+        """The value's 95% interval in display units, where the record has one."""
+        ci = self.intervals.get((row.key, mid, col))
+        return (self.display(col, ci[0]), self.display(col, ci[1])) if ci else None
+
+    def stderr(self, row: Row, mid, col: Column) -> Optional[float]:
+        se = self.stderrs.get((row.key, mid, col))
+        return None if se is None else se * METRICS.get(col.metric).scale
+
+    def delta_interval(self, row: Row, mid, col: Column) -> Optional[tuple[float, float]]:
+        """95% interval of the difference to FP16 in display units: paired over the same units where the metric
+        pairs (token PPL: the same windows), else from both standard errors; None when the records cannot say."""
+        m = METRICS.get(col.metric)
+        ref = self.reference_row(mid)
+        d = self.delta(row, mid, col)
+        if m.delta != "diff" or d is None or ref is None:
+            return None
+        if m.paired is not None:
+            ci = m.paired(row.records[mid], ref.records[mid]).get(col.key)
+            if ci is not None:
+                return ci[0] * m.scale, ci[1] * m.scale
+        se, se_ref = self.stderr(row, mid, col), self.stderr(ref, mid, col)
+        if se is not None and se_ref is not None:
+            return diff_ci95_from_stderr(d, se, se_ref)
+        return None
+
+    def not_significant(self, row: Row, mid, col: Column) -> bool:
+        """The difference to FP16 has a 95% interval and the interval contains 0."""
+        return excludes_zero(self.delta_interval(row, mid, col)) is False
 
     def best(self, mid, col: Column) -> set:
         """Row keys holding the best value of a column among the non-reference rows (ties all marked); empty when
@@ -229,7 +262,7 @@ def build_table(records: list[dict], index: int = 1) -> Table:
     _disambiguate(rows)
 
     cols: dict = {}  # (mid, Column) -> None, an ordered set
-    values = {}
+    values, intervals, stderrs = {}, {}, {}
     for name in TABLE_ORDER:
         m = METRICS.get(name)
         for mid in models:
@@ -237,18 +270,24 @@ def build_table(records: list[dict], index: int = 1) -> Table:
                 rec = row.records.get(mid)
                 if rec is None or (m.quality and is_synthetic(rec)):
                     continue
+                cis = m.ci95(rec) if m.ci95 else {}
+                ses = m.stderr(rec) if m.stderr else {}
                 for key, v in m.extract(rec).items():
                     if v is None:
                         continue
                     col = Column(name, key)
                     cols[(mid, col)] = None
                     values[(row.key, mid, col)] = v
+                    if key in cis:
+                        intervals[(row.key, mid, col)] = cis[key]
+                    if ses.get(key) is not None:
+                        stderrs[(row.key, mid, col)] = ses[key]
     # models are column groups: order columns model-major, keeping metric order inside a model
     columns = sorted(cols, key=lambda mc: (models.index(mc[0]), TABLE_ORDER.index(mc[1].metric), _key_sort(mc[1].key)))
     wmax = max((v for (t, mid, c), v in values.items() if c.metric == "weight_bytes"), default=0)
     unit = ("GB", 1e9) if wmax >= 1e9 else ("MB", 1e6)
     return Table(index=index, settings=merged_settings(records), models=models, rows=rows, columns=columns,
-                 values=values, dropped=dropped, weight_unit=unit)
+                 values=values, dropped=dropped, weight_unit=unit, intervals=intervals, stderrs=stderrs)
 
 
 def _key_sort(key):

@@ -65,13 +65,46 @@ def _unpack_cols(words: torch.Tensor) -> torch.Tensor:
     return slots[..., list(AWQ_REVERSE_ORDER)].reshape(r, -1)
 
 
-def check_awq_gemm(qt: QTensor, where: str = "") -> None:
-    at = f" ({where})" if where else ""
-    if qt.w_bit != AWQ_BITS:
-        raise AWQExportError(f"quant.w_bit={qt.w_bit}{at}: the AWQ GEMM format is 4-bit only; export with quant.w_bit=4")
-    if qt.zeros is None:
+def _check_bits_and_zero_point(w_bit: int, zero_point: bool, at: str) -> None:
+    if w_bit != AWQ_BITS:
+        raise AWQExportError(f"quant.w_bit={w_bit}{at}: the AWQ GEMM format is 4-bit only; export with quant.w_bit=4")
+    if not zero_point:
         raise AWQExportError(f"quant.zero_point=False{at}: the AWQ GEMM format stores unsigned codes with a zero point; "
                              f"export needs quant.zero_point=True")
+
+
+def check_awq_config(cfg, model=None) -> None:
+    """Whether a run's quant config (harness.config.QuantConfig) can be written as an AWQ GEMM checkpoint, before any
+    quantization: 4 bits with a zero point, and one group size dividing every quantized Linear's in_features of
+    `model` (any module tree with the real shapes, e.g. built on the meta device)."""
+    if cfg.method == "fp16":
+        raise AWQExportError("quant.method=fp16: nothing is quantized, so there is no AWQ checkpoint to write; "
+                             "choose a 4-bit method, e.g. quant=awq_w4 or quant=rtn_w4")
+    _check_bits_and_zero_point(cfg.w_bit, cfg.zero_point, "")
+    if cfg.group_size == -1:
+        raise AWQExportError("quant.group_size=-1 (per channel): AWQ's quantization_config holds one group size; "
+                             "export with a group size that divides every in_features, e.g. 64")
+    if model is None:
+        return
+    from quant.surgery import plan_group_sizes, quantizable_linears
+
+    try:
+        _, fallbacks = plan_group_sizes(model, cfg)
+    except ValueError as e:
+        raise AWQExportError(str(e).splitlines()[0]) from None
+    if fallbacks:
+        raise AWQExportError(f"quant.group_size={cfg.group_size} does not divide in_features of {len(fallbacks)} layers "
+                             f"(first: {fallbacks[0]}), which group_fallback=per_channel would quantize per channel; "
+                             f"AWQ's quantization_config holds one group size")
+    for name, lin in quantizable_linears(model).items():
+        if lin.out_features % AWQ_PACK:
+            raise AWQExportError(f"out_features={lin.out_features} ({name}) is not a multiple of {AWQ_PACK}, which AWQ "
+                                 f"GEMM packing needs")
+
+
+def check_awq_gemm(qt: QTensor, where: str = "") -> None:
+    at = f" ({where})" if where else ""
+    _check_bits_and_zero_point(qt.w_bit, qt.zeros is not None, at)
     out, inn = qt.q.shape
     if inn % qt.group_size:
         raise AWQExportError(f"quant.group_size={qt.group_size}{at} does not divide in_features={inn}")

@@ -1,6 +1,7 @@
 """Paper-protocol perplexity against an independent float64 computation from the full logits."""
 import math
 
+import pytest
 import torch
 
 from eval.perplexity import ppl_metrics, window_nll
@@ -32,3 +33,19 @@ def test_batching_does_not_change_the_score(smollm2_fp32_shared, milton_ids):
     a, _ = window_nll(smollm2_fp32_shared, windows, batch_size=1, progress=False)
     b, _ = window_nll(smollm2_fp32_shared, windows, batch_size=4, progress=False)
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_ppl_metrics_keep_window_means_and_a_bootstrap_interval():
+    """The record keeps the per-window mean NLLs (float64 means of each row) and the interval computed from them."""
+    from harness.confidence import ppl_ci95
+
+    g = torch.Generator().manual_seed(0)
+    nll = (torch.rand(12, 63, generator=g) * 6).float()
+    m = ppl_metrics(nll, 1.0, 64)
+    ref = nll.double().mean(dim=1)
+    assert m["window_nll_mean"] == pytest.approx(ref.tolist(), rel=1e-12)
+    assert m["token_ppl"] == pytest.approx(math.exp(ref.mean().item()), rel=1e-12)
+    assert m["token_ppl_ci95"] == pytest.approx(list(ppl_ci95(ref.tolist())), rel=1e-12)
+    lo, hi = m["token_ppl_ci95"]
+    assert lo < m["token_ppl"] < hi
+    assert "bootstrap" in m["ci95_method"]

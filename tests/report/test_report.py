@@ -9,6 +9,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from report import record_view as V
@@ -148,8 +149,8 @@ def test_deltas_best_and_missing_values():
     # AWQ beats RTN on PPL: bold, with the difference to FP16
     assert "**109.29** (+14.59)" in rows["AWQ w4 g64 (search+clip)"]
     assert "119.72 (+25.02)" in rows["RTN w4 g64"]
-    # accuracy in %, higher is better, delta in points
-    assert "**43.0** (-2.0)" in rows["AWQ w4 g64 (search+clip)"]
+    # accuracy in %, higher is better, ± its standard error, delta in points (within noise: †)
+    assert "**43.0** ± 2.0 (-2.0†)" in rows["AWQ w4 g64 (search+clip)"]
     # ratios for memory and speed; KV int8 halves-ish the KV bytes
     kv16, kv8 = V.kv_bytes_per_token(SHAPE, 16), V.kv_bytes_per_token(SHAPE, 8)
     assert kv16 == 2 * 30 * 3 * 64 * 2 and kv8 == 2 * 30 * 3 * (64 + 4)
@@ -378,3 +379,74 @@ def test_a_row_held_by_two_records_shows_the_newest_and_says_what_was_dropped(tm
         (runs / f"{i}.json").write_text(json.dumps(r))
     R.main(["--results-dir", str(tmp_path), "--no-figures", "--no-notebook"])
     assert f"Dropped record {old['run_id']}" in capsys.readouterr().err
+
+
+def _with_windows(rec: dict, shift: dict, n: int = 40, seed: int = 3) -> dict:
+    """Give a record per-window NLLs around its PPL (the same window difficulties for every record of a split, as
+    for the same windows scored by two configs), shifted per split by `shift` nats, and their bootstrap interval."""
+    import numpy as np
+
+    from harness.confidence import ppl_ci95
+
+    for i, (split, m) in enumerate(rec["metrics"]["perplexity"].items()):
+        base = np.random.default_rng(seed + i).normal(0.0, 0.3, n)
+        base -= base.mean()
+        w = (base + math.log(m["token_ppl"]) + shift.get(split, 0.0)).tolist()
+        m.update(token_ppl=math.exp(sum(w) / n), window_nll_mean=w, token_ppl_ci95=list(ppl_ci95(w)),
+                 ci95_method="percentile bootstrap over windows, 1000 resamples, seed 0")
+    return rec
+
+
+def test_intervals_and_non_significant_deltas_are_marked():
+    fp = _with_windows(make_record(method="fp16", ppl=(94.70, 41.49)), {})
+    # RTN: +0.1 nats on every Milton window (significant); on held-out Shakespeare the same PPL up to noise per window
+    rtn = _with_windows(make_record(method="rtn", ppl=(94.70, 41.49)), {"milton": 0.1})
+    noise = np.random.default_rng(11).normal(0.0, 0.01, 40)
+    w = rtn["metrics"]["perplexity"]["shakespeare_heldout"]["window_nll_mean"]
+    rtn["metrics"]["perplexity"]["shakespeare_heldout"]["window_nll_mean"] = (np.array(w) + noise - noise.mean()).tolist()
+    t = T.build_tables([fp, rtn])[0]
+    row = next(r for r in t.rows if not r.reference)
+    mid = t.models[0]
+    mil, sh = T.Column("token_ppl", "milton"), T.Column("token_ppl", "shakespeare_heldout")
+    assert not t.not_significant(row, mid, mil) and t.delta_interval(row, mid, mil)[0] > 0
+    assert t.not_significant(row, mid, sh)
+    md = M.to_markdown(t)
+    rows = {line.split(" | ")[0].strip("| "): line for line in md.splitlines() if line.startswith("| ")}
+    lo, hi = fp["metrics"]["perplexity"]["milton"]["token_ppl_ci95"]
+    assert f"94.70 [{lo:.1f}, {hi:.1f}]" in rows["FP16"]
+    d = rtn["metrics"]["perplexity"]["milton"]["token_ppl"] - 94.70
+    assert f"({d:+.2f})" in rows["RTN w4 g64"]  # significant: no dagger
+    assert rows["RTN w4 g64"].count("†") == 1 and "(+0.00†)" in rows["RTN w4 g64"]
+    assert "† = difference to FP16 not significant at 95%" in md and "[lo, hi] = 95% interval" in md
+    tex = M.to_latex(t)
+    assert r"$^\dagger$" in tex
+    df = M.to_csv_frame(t)
+    assert df["smollm2-135m-instruct: PPL milton ci95 lo"].tolist()[0] == pytest.approx(lo)
+    assert df["smollm2-135m-instruct: PPL milton vs FP16 ci95 lo"].tolist()[1] > 0
+    # error bars where intervals exist
+    from report.plots import ppl_vs_bits
+
+    fig = ppl_vs_bits(t, mid)
+    assert any(c.__class__.__name__ == "LineCollection" for ax in fig.axes for c in ax.collections)
+
+
+def test_records_without_intervals_render_as_before():
+    """Older records (no window NLLs, no interval, no stderr): no interval, no dagger, no new CSV column."""
+    recs = [make_record(method="fp16"), make_record(method="rtn", ppl=(120.0, 50.0))]
+    t = T.build_tables(recs)[0]
+    md = M.to_markdown(t)
+    assert "[" not in md.split("\n- ")[0].split("|", 1)[1] and "†" not in md and "±" not in md
+    assert "120.00 (+25.30)" in md
+    assert not [c for c in M.to_csv_frame(t).columns if "ci95" in c or "stderr" in c]
+    from report.plots import ppl_vs_bits
+
+    fig = ppl_vs_bits(t, t.models[0])
+    assert not any(c.__class__.__name__ == "LineCollection" for ax in fig.axes for c in ax.collections)
+
+
+def test_a_task_scored_by_mutual_information_is_shown_by_it():
+    recs = demo_records()
+    for r in recs:
+        r["metrics"]["tasks"]["local_cloze"].update(acc_mutual_info=0.51, acc_mutual_info_stderr=0.05)
+    md = M.to_markdown(T.build_tables(recs)[0])
+    assert "51.0 ± 5.0" in md and "local_cloze: accuracy by mutual information" in md
