@@ -3,7 +3,6 @@ reused only while both match, else recomputed with the reason printed; the quant
 method's code."""
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 
