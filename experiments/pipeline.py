@@ -92,12 +92,27 @@ def any_evaluator_enabled(cfg: RunConfig) -> bool:
     return any(getattr(getattr(cfg.eval, name, None), "enabled", False) for name in ordered_names())
 
 
-def kv_cache_factory(cfg: RunConfig, model):
-    if cfg.kv.bits == 16:
-        return None
-    from quant.kv_cache import QuantizedKVCache
+class KVCaches:
+    """Makes the run's quantized KV caches (one per forward or generation) and counts what they saw: rows (token, KV
+    head) written with a constant value, which LMDeploy's kernels store with scale 0 and dequantize to NaN. The record
+    says how many (metrics.kv_cache), so a NaN-poisoned head is never a silent difference."""
 
-    return lambda: QuantizedKVCache(model.config, bits=cfg.kv.bits)
+    def __init__(self, config, bits: int):
+        self.config, self.bits = config, bits
+        self.made, self.tally = 0, [0]
+
+    def __call__(self):
+        from quant.kv_cache import QuantizedKVCache
+
+        self.made += 1
+        return QuantizedKVCache(self.config, bits=self.bits, tally=self.tally)
+
+    def summary(self) -> dict:
+        return {"bits": self.bits, "caches": self.made, "constant_heads": int(self.tally[0])}
+
+
+def kv_cache_factory(cfg: RunConfig, model) -> KVCaches | None:
+    return None if cfg.kv.bits == 16 else KVCaches(model.config, cfg.kv.bits)
 
 
 def quantize(cfg: RunConfig, model, prep: Prepared, calib, calib_state: dict,
@@ -159,6 +174,7 @@ def run(cfg: RunConfig) -> dict:
                 return rec
             log(f"record {path} {why}; recomputing")
     t_start = time.perf_counter()
+    version = code_version_of(cfg)  # the sources as they are when the work starts, not when the record is written
     timings = {}
     torch.manual_seed(cfg.seed)
 
@@ -193,6 +209,11 @@ def run(cfg: RunConfig) -> dict:
                       load_reference_model=lambda: load_model(prep.resolved, cfg.model), progress=cfg.progress,
                       results=metrics)
     timings.update(BACKENDS.get(cfg.backend.name).evaluate(ctx, log))
+    if ctx.kv_cache_factory is not None:
+        metrics["kv_cache"] = ctx.kv_cache_factory.summary()
+        if metrics["kv_cache"]["constant_heads"]:
+            log(f"KV cache: {metrics['kv_cache']['constant_heads']} constant (token, head) rows dequantized to NaN, "
+                f"as LMDeploy's kernels do")
 
     timings["total"] = time.perf_counter() - t_start
     prov = provenance({
@@ -204,7 +225,7 @@ def run(cfg: RunConfig) -> dict:
         "bos_token_id": prep.bos_token_id,  # at the head of every window and calibration sample (None: no BOS)
         "seed": cfg.seed,
     })
-    record = make_record(cfg, metrics, prov, timings, code_version=code_version_of(cfg))
+    record = make_record(cfg, metrics, prov, timings, code_version=version)
     write_record(path, record, cfg)
     log(f"wrote {path} (run_id {run_id(cfg)}, {timings['total']:.1f} s)")
     return record

@@ -219,9 +219,10 @@ class QuantizedKVLayer(CacheLayerMixin):
     is_sliding = False
     is_croppable = True  # per-token scales: dropping the last tokens leaves the rest as it was
 
-    def __init__(self, bits: int, dequant: str = "auto"):
+    def __init__(self, bits: int, dequant: str = "auto", tally: list | None = None):
         super().__init__()
         _check_quant_bits(bits)
+        self.tally = tally  # a one-element list shared by every layer of every cache of a run: its constant rows
         if dequant not in DEQUANT_PATHS:
             raise ValueError(f"dequant={dequant!r}: one of {DEQUANT_PATHS}")
         self.bits, self.dequant = bits, dequant
@@ -240,7 +241,10 @@ class QuantizedKVLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         k_new, v_new = kv_quantize(key_states, self.bits), kv_quantize(value_states, self.bits)
-        self.constant_heads += degenerate_rows(k_new) + degenerate_rows(v_new)
+        n = degenerate_rows(k_new) + degenerate_rows(v_new)
+        self.constant_heads += n
+        if self.tally is not None:
+            self.tally[0] += n
         self.k, self.v = _cat(self.k, k_new), _cat(self.v, v_new)
         path = _path(self.dequant, key_states.shape[2])
         return (kv_dequantize(self.k, key_states.dtype, path), kv_dequantize(self.v, value_states.dtype, path))
@@ -294,13 +298,14 @@ class QuantizedKVCache(Cache):
 
     `dequant`: "auto" (the engine: prefill kernel for a multi-token forward, paged-attention decode kernel for a
     one-token step), or "prefill" / "decode" for one kernel's rounding throughout.
-    `constant_heads`: (token, KV head) rows written so far, K and V, with scale 0 (dequantized to NaN, as the engine).
+    `constant_heads`: (token, KV head) rows written so far, K and V, with scale 0 (dequantized to NaN, as the engine);
+    `tally`: a one-element list to which every layer adds its constant rows (a run's count over all its caches).
 
     Hand it to a model through eval.forward (`forward(model, ids, QuantizedKVCache(model.config, bits=8))`), which
     uses the cache argument's name of the installed transformers, or to `model.generate` the same way.
     Full-attention decoders only (a sliding-window layer would need its own eviction)."""
 
-    def __init__(self, config, bits: int, dequant: str = "auto"):
+    def __init__(self, config, bits: int, dequant: str = "auto", tally: list | None = None):
         _check_quant_bits(bits)
         text = config.get_text_config(decoder=True)
         layer_types, _ = get_layer_types_and_kwargs(text)
@@ -308,7 +313,7 @@ class QuantizedKVCache(Cache):
         if other:
             raise ValueError(f"QuantizedKVCache supports full-attention layers only; the model has {sorted(other)}")
         self.bits, self.dequant = bits, dequant
-        super().__init__(layers=[QuantizedKVLayer(bits, dequant) for _ in range(text.num_hidden_layers)])
+        super().__init__(layers=[QuantizedKVLayer(bits, dequant, tally) for _ in range(text.num_hidden_layers)])
 
     @property
     def constant_heads(self) -> int:

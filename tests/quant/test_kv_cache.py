@@ -434,3 +434,21 @@ def test_greedy_generate(model, milton_ids):
         assert cache.get_seq_length() == 24 + 8 - 1  # the last token is sampled, never written
         if bits == 8:
             assert torch.equal(out[:4], ref[:4]), (out.tolist(), ref.tolist())
+
+
+def test_a_runs_caches_count_constant_rows_into_the_record():
+    """experiments.pipeline.KVCaches: every cache it makes adds its constant (token, head) rows to one tally, which
+    the record carries (metrics.kv_cache), also after the caches themselves are gone."""
+    from experiments.pipeline import KVCaches
+
+    cfg = LlamaConfig(vocab_size=32, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16)
+    caches = KVCaches(cfg, 8)
+    k = torch.randn(1, 2, 5, 16)
+    k[0, 1, 3] = 0.25  # one constant row in K of layer 0
+    for _ in range(2):  # two caches, as two forwards would make
+        c = caches()
+        c.update(k, torch.randn(1, 2, 5, 16), 0)
+        c.update(torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16), 1)
+        del c
+    assert caches.summary() == {"bits": 8, "caches": 2, "constant_heads": 2}
