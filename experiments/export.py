@@ -60,8 +60,8 @@ def _skeleton(resolved, cfg: RunConfig):
 
 def export(cfg: RunConfig, out: Path) -> Path:
     """Quantize cfg's model as configured (through the cache) and write its AWQ GEMM checkpoint to `out`."""
-    from experiments.pipeline import quantize
-    from harness.data import TEXT_SOURCES, calibration_provider
+    from experiments.pipeline import Prepared, quantize
+    from harness.data import TEXT_SOURCES, bos_token_id, calibration_provider
     from harness.models import load_model, load_tokenizer, resolve_model
     from harness.records import run_id
     from quant import METHODS
@@ -75,8 +75,9 @@ def export(cfg: RunConfig, out: Path) -> Path:
     tokenizer = load_tokenizer(resolved, cfg.model)
     log(f"loading {cfg.model.name} ({resolved.origin})")
     model = load_model(resolved, cfg.model)
-    calib, calib_state = calibration_provider(cfg.quant.calib, tokenizer)
-    outcome = quantize(cfg, model, resolved.model_sha, calib, calib_state)
+    bos = bos_token_id(tokenizer, cfg.data.add_bos)  # calibration samples exactly as the run makes them
+    calib, calib_state = calibration_provider(cfg.quant.calib, tokenizer, bos)
+    outcome = quantize(cfg, model, Prepared(resolved, tokenizer, {}, {}, {}, bos), calib, calib_state)
     path = export_awq(model, outcome.qtensors, out, tokenizer=tokenizer, quant_meta={
         "run_id": run_id(cfg), "model": cfg.model.name, "model_sha": resolved.model_sha,
         "model_origin": resolved.origin, "reference_note": cfg.model.reference_note,
