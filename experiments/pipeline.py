@@ -174,13 +174,13 @@ def run(cfg: RunConfig) -> dict:
                 return rec
             log(f"record {path} {why}; recomputing")
     t_start = time.perf_counter()
-    version = code_version_of(cfg)  # the sources as they are when the work starts, not when the record is written
     timings = {}
     torch.manual_seed(cfg.seed)
 
     t = time.perf_counter()
     prep = prepare(cfg)
     timings["prepare"] = time.perf_counter() - t
+    version = code_version_of(cfg)  # the sources as the work starts (after prepare named any unknown method)
 
     place = Placement.of(cfg.model.device, cfg.offload)
     t = time.perf_counter()
