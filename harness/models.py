@@ -162,13 +162,19 @@ def first_nonfinite(model) -> tuple[str, int, int] | None:
     return None
 
 
-def check_finite(model, cfg: ModelConfig) -> None:
+def require_finite(model, field: str, value, problem: str, fix: str) -> None:
+    """A one-line user error naming `field` when any parameter holds a NaN or an Inf; `problem` is formatted with the
+    first such tensor's {name}, {count} and {numel}."""
     bad = first_nonfinite(model)
     if bad is not None:
         name, count, numel = bad
-        raise user_error("model.path", cfg.path, f"tensor {name} has {count} NaN/Inf values of {numel}; weights must "
-                         "be finite", "repair or re-export the checkpoint (quantizing or evaluating it would only "
-                         "spread the NaN)")
+        raise user_error(field, value, problem.format(name=name, count=count, numel=numel), fix)
+
+
+def check_finite(model, cfg: ModelConfig) -> None:
+    require_finite(model, "model.path", cfg.path, "tensor {name} has {count} NaN/Inf values of {numel}; weights must "
+                   "be finite", "repair or re-export the checkpoint (quantizing or evaluating it would only spread the "
+                   "NaN)")
 
 
 def model_summary(model) -> dict:

@@ -14,10 +14,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from harness.assets import atomic_file, cache_dir
-from harness.config import QuantConfig, user_error
+from harness.config import QuantConfig
 from harness.data import source_identity
 from harness.log import logger
-from harness.models import first_nonfinite
+from harness.models import require_finite
 from harness.text_files import is_file_source
 from quant.primitives import QTensor
 from harness.environment import sources_sha
@@ -167,11 +167,8 @@ def quantize_cached(model, cfg: QuantConfig, model_sha: str, dtype: str, ctx: Qu
 
 
 def check_quantized_finite(model, cfg: QuantConfig) -> None:
-    bad = first_nonfinite(model)
-    if bad is not None:
-        name, count, numel = bad
-        raise user_error("quant.method", cfg.method, f"quantizing left {count} NaN/Inf values of {numel} in {name} "
-                         "(the loaded weights were finite)", "nothing was cached or recorded; try model.dtype=float32")
+    require_finite(model, "quant.method", cfg.method, "quantizing left {count} NaN/Inf values of {numel} in {name} "
+                   "(the loaded weights were finite)", "nothing was cached or recorded; try model.dtype=float32")
 
 
 def is_cached(key: str) -> bool:
