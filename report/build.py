@@ -112,6 +112,13 @@ def report(results_dir: Path, strict: bool = False, figures: bool = True, notebo
         from report.plots import save_figures
 
         fig_paths = save_figures(tables, results_dir / "figures")
+    from report import serving  # GPU serving benchmarks under <results>/gpu/, when there are any
+
+    serving_tables, serving_figs, serving_md = serving.write(results_dir, figures=figures)
+    table_paths += serving_tables
+    if serving_md:
+        print(serving_md, file=out or sys.stdout)
+    fig_paths += serving_figs
     nb_path = None
     if notebook:
         nb_path = execute_notebook(results_dir, results_dir / "notebooks" / "results.executed.ipynb")
