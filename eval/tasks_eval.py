@@ -96,9 +96,16 @@ def run_tasks(lm, names: list[str], task_manager, limit: Optional[int] = None, n
         row = {k.split(",")[0]: v for k, v in metrics.items()
                if "," in k and "_stderr" not in k and isinstance(v, (int, float))}
         samples = res.get("samples", {}).get(task, [])
+        ordered = sorted(samples, key=lambda s: s.get("doc_id", 0))
         for metric in ("acc", "acc_norm", "acc_mutual_info"):  # standard error of each accuracy (± in the report)
             if samples and metric in samples[0]:
                 row[f"{metric}_stderr"] = _mean_stderr([float(s[metric]) for s in samples])
+                # each item's score, in doc_id order: two runs on the same items are compared item by item (a paired
+                # difference: harness.confidence.paired_mean_diff_ci95), far tighter than two independent intervals
+                if all(float(s[metric]) in (0.0, 1.0) for s in ordered):
+                    row[f"{metric}_items"] = "".join(str(int(float(s[metric]))) for s in ordered)
+        if ordered and [s.get("doc_id") for s in ordered] != list(range(len(ordered))):
+            row["doc_ids"] = [s.get("doc_id") for s in ordered]
         row["n"] = res.get("n-samples", {}).get(task, {}).get("effective", len(samples))
         row["num_fewshot"] = num_fewshot
         out[task] = row

@@ -1,5 +1,6 @@
 """95% intervals over evaluation units: token PPL by a percentile bootstrap over windows, the paired difference of
-two runs' PPL on the same windows, and the normal interval of a mean from its standard error (task accuracy).
+two runs' PPL on the same windows, the normal interval of a mean from its standard error (task accuracy), and the
+paired difference of two runs' accuracy on the same items.
 
 Windows are the resampling unit (not tokens): tokens inside a window are correlated, windows of the paper protocol
 are disjoint stretches of text. Every window scores the same number of tokens, so the mean of the per-window mean
@@ -54,6 +55,18 @@ def diff_ci95_from_stderr(diff: float, se_a: float, se_b: float) -> tuple[float,
     conservative when the two share their items)."""
     half = Z95 * math.sqrt(se_a ** 2 + se_b ** 2)
     return diff - half, diff + half
+
+
+def paired_mean_diff_ci95(a: Sequence[float], b: Sequence[float]) -> Optional[tuple[float, float]]:
+    """Normal 95% interval of mean(a) - mean(b) over the same items (per-item scores, e.g. 0/1 correctness): the
+    standard error is that of the per-item differences, so items both runs get right or both get wrong cancel (for
+    0/1 scores this is the interval behind McNemar's test). None unless both have the same number (>= 2) of items."""
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if x.shape != y.shape or x.ndim != 1 or x.size < 2:
+        return None
+    d = x - y
+    half = Z95 * float(d.std(ddof=1)) / math.sqrt(d.size)
+    return float(d.mean()) - half, float(d.mean()) + half
 
 
 def excludes_zero(ci: Optional[tuple[float, float]]) -> Optional[bool]:

@@ -179,6 +179,25 @@ def _tasks_stderr(rec):
     return out
 
 
+def _tasks_paired(rec, ref):
+    """Paired 95% interval of acc(rec) - acc(ref) per task, over the items both scored (per-item scores kept by
+    eval/tasks_eval.py); tasks without them in both records fall back to the two standard errors."""
+    from harness.confidence import paired_mean_diff_ci95
+
+    out = {}
+    for task, v in (dig(rec, "metrics", "tasks", default={}) or {}).items():
+        w = dig(ref, "metrics", "tasks", task)
+        key = _task_acc_key(v) if isinstance(v, dict) else None
+        if not key or not isinstance(w, dict) or _task_acc_key(w) != key:
+            continue
+        a, b = v.get(f"{key}_items"), w.get(f"{key}_items")
+        if isinstance(a, str) and isinstance(b, str) and len(a) == len(b) and v.get("doc_ids") == w.get("doc_ids"):
+            ci = paired_mean_diff_ci95([int(c) for c in a], [int(c) for c in b])
+            if ci is not None:
+                out[task] = ci
+    return out
+
+
 def _ppl_ci95(rec):
     out = {}
     for split, v in (dig(rec, "metrics", "perplexity", default={}) or {}).items():
@@ -237,7 +256,8 @@ for _m in [
            paired=_ppl_paired),
     Metric("word_ppl", "word PPL {key}", _per_split("word_perplexity", "word_perplexity"), "lower", "diff", 2),
     Metric("bits_per_byte", "bits/byte {key}", _per_split("word_perplexity", "bits_per_byte"), "lower", "diff", 3),
-    Metric("acc", "acc {key} (%)", _tasks, "higher", "diff", 1, scale=100.0, stderr=_tasks_stderr),
+    Metric("acc", "acc {key} (%)", _tasks, "higher", "diff", 1, scale=100.0, stderr=_tasks_stderr,
+           paired=_tasks_paired),
     Metric("kl_mean", "KL {key}", _per_split("fidelity", "kl_mean"), "lower", None, 4),
     Metric("kl_p99", "KL p99 {key}", _per_split("fidelity", "kl_p99"), "lower", None, 4),
     Metric("top1_agreement", "top-1 agree {key}", _per_split("fidelity", "top1_agreement"), "higher", None, 4),

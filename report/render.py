@@ -79,7 +79,8 @@ def notes(t: Table) -> list[str]:
         out.append("± = standard error of the accuracy (over the task's examples).")
     if any(t.not_significant(*k) for k in cells):
         out.append("† = difference to FP16 not significant at 95% (its interval contains 0: token PPL paired over the "
-                   "same windows, bootstrap; accuracy from both standard errors, normal approximation).")
+                   "same windows, bootstrap; accuracy paired over the same items where both records kept per-item scores, else "
+                   "from both standard errors; normal approximation).")
     out.extend(t.dropped)
     return out
 

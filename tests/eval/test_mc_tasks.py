@@ -79,4 +79,6 @@ def test_lm_eval_loads_and_scores_the_tasks(smollm2_bf16_shared, tokenizer):
         assert row["n"] == 2
         for k in ("acc", "acc_norm") + (("acc_mutual_info",) if task.startswith("next_line") else ()):
             assert row[k] in (0.0, 0.5, 1.0) and row[f"{k}_stderr"] is not None
+            items = row[f"{k}_items"]  # each item's 0/1 score, in doc order: what a paired comparison needs
+            assert len(items) == 2 and set(items) <= {"0", "1"} and items.count("1") / 2 == row[k]
         assert "multiple choice" in _source(task)["source"] and _source(task)["n_docs"] >= 500

@@ -4,7 +4,8 @@ import math
 import numpy as np
 import pytest
 
-from harness.confidence import (N_RESAMPLES, SEED, diff_ci95_from_stderr, excludes_zero, paired_ppl_diff_ci95,
+from harness.confidence import (N_RESAMPLES, SEED, diff_ci95_from_stderr, excludes_zero, paired_mean_diff_ci95,
+                                paired_ppl_diff_ci95,
                                 ppl_ci95)
 
 
@@ -77,3 +78,21 @@ def test_difference_from_standard_errors():
     lo, hi = diff_ci95_from_stderr(2.0, 3.0, 4.0)
     assert (lo, hi) == pytest.approx((2.0 - 1.959964 * 5.0, 2.0 + 1.959964 * 5.0), rel=1e-6)
     assert excludes_zero((lo, hi)) is False and excludes_zero(None) is None
+
+
+def test_paired_accuracy_difference_matches_a_float64_reference_and_beats_the_unpaired_interval():
+    rng = np.random.default_rng(3)
+    a = (rng.random(500) < 0.7).astype(int)
+    b = a.copy()
+    flip = rng.choice(500, size=30, replace=False)  # b loses 30 items a gets right, or gains where a missed
+    b[flip] = 1 - b[flip]
+    lo, hi = paired_mean_diff_ci95(a, b)
+    d = [float(x) - float(y) for x, y in zip(a, b)]
+    m = sum(d) / len(d)
+    se = math.sqrt(sum((x - m) ** 2 for x in d) / (len(d) - 1) / len(d))
+    assert lo == pytest.approx(m - 1.959963984540054 * se, abs=1e-12) and hi == pytest.approx(m + 1.959963984540054 * se, abs=1e-12)
+    se_a, se_b = (float(np.std(x, ddof=1) / math.sqrt(len(x))) for x in (a, b))
+    ulo, uhi = diff_ci95_from_stderr(a.mean() - b.mean(), se_a, se_b)
+    assert hi - lo < (uhi - ulo) / 2  # the items both get right or wrong cancel
+    assert paired_mean_diff_ci95(a, a) == (0.0, 0.0)
+    assert paired_mean_diff_ci95(a, a[:-1]) is None and paired_mean_diff_ci95([1], [0]) is None

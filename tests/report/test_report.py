@@ -450,3 +450,26 @@ def test_a_task_scored_by_mutual_information_is_shown_by_it():
         r["metrics"]["tasks"]["local_cloze"].update(acc_mutual_info=0.51, acc_mutual_info_stderr=0.05)
     md = M.to_markdown(T.build_tables(recs)[0])
     assert "51.0 ± 5.0" in md and "local_cloze: accuracy by mutual information" in md
+
+
+def test_accuracy_differences_are_paired_over_the_items_when_both_records_kept_them():
+    """Two runs 2 points apart on 500 items: independent standard errors (±2 each) cannot separate them, the paired
+    difference over the same items (they disagree on 10 items) can; without per-item scores the dagger stays."""
+    rng = np.random.default_rng(0)
+    ref_items = (rng.random(500) < 0.6).astype(int)
+    q_items = ref_items.copy()
+    q_items[np.flatnonzero(ref_items)[:10]] = 0  # 10 items FP16 gets right, the quantized run misses
+    recs = demo_records()[:2]
+    for r, items in zip(recs, (ref_items, q_items)):
+        r["metrics"]["tasks"]["local_cloze"].update(acc=items.mean(), acc_stderr=items.std(ddof=1) / math.sqrt(500),
+                                                    acc_items="".join(map(str, items)), n=500)
+    t = T.build_tables(recs)[0]
+    col = next(c for mid, c in t.columns if c.metric == "acc")
+    mid, rtn = t.models[0], next(r for r in t.rows if not r.reference)
+    lo, hi = t.delta_interval(rtn, mid, col)
+    assert hi < 0 and not t.not_significant(rtn, mid, col)
+    assert lo < -2.0 < hi or math.isclose((lo + hi) / 2, -2.0, abs_tol=1e-9)
+    for r in recs:  # the same numbers without the per-item scores: only the two standard errors, not significant
+        del r["metrics"]["tasks"]["local_cloze"]["acc_items"]
+    t = T.build_tables(recs)[0]
+    assert t.not_significant(rtn, mid, col)
