@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import statistics
+import os
 import time
 
 import torch
@@ -138,9 +139,20 @@ def evaluate_throughput(ctx: EvalContext) -> dict | None:
            "weight_bytes": weight_bytes(model), "device": ctx.cfg.model.device, "threads": torch.get_num_threads(),
            "prompt_len": tc.prompt_len, "gen_len": tc.gen_len, "warmup": tc.warmup, "repeats": tc.repeats,
            "batch": {}}
+    # what else ran: a CPU figure measured while other work held the cores is not this machine's speed (the report
+    # leaves such cells out and says why)
+    out["cpu_count"], load_before = os.cpu_count(), _load_1m()
     bar = tqdm(total=len(tc.batch_sizes) * tc.repeats, desc="throughput", disable=not ctx.progress, leave=False)
     for b in tc.batch_sizes:
         prompt = prompt_batch(ids, b, tc.prompt_len)
         out["batch"][str(b)] = measure(model, prompt, tc.gen_len, tc.warmup, tc.repeats, ctx.kv_cache_factory, bar)
     bar.close()
+    out["load_average_1m"] = [load_before, _load_1m()]
     return out
+
+
+def _load_1m() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):  # not on every platform
+        return None

@@ -246,7 +246,26 @@ def _kv_bpt(rec):
     return {"": v} if v is not None else {}
 
 
+LOADED_FACTOR = 1.5  # a CPU throughput run whose 1-min load average passed this many times the cores shared them
+
+
+def throughput_loaded(rec: dict) -> Optional[str]:
+    """Why a record's CPU decode figures are not this machine's speed (other work held the cores while they were
+    measured, by the load average the throughput evaluator kept), or None. GPU runs and records that kept no load
+    average are taken as they are."""
+    tp = dig(rec, "metrics", "throughput", default={}) or {}
+    loads, cpus = tp.get("load_average_1m"), tp.get("cpu_count")
+    if str(tp.get("device", "cpu")).startswith("cuda") or not isinstance(loads, list) or not cpus:
+        return None
+    peak = max((x for x in loads if finite(x) is not None), default=None)
+    if peak is None or peak <= LOADED_FACTOR * cpus:
+        return None
+    return f"1-min load average {peak:.1f} on {cpus} cores while it was measured"
+
+
 def _decode(rec):
+    if throughput_loaded(rec):
+        return {}
     dev = throughput_device(rec)
     return {(b, dev): v for b, v in sorted(decode_by_batch(dig(rec, "metrics", "throughput", default={})).items())}
 

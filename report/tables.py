@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from harness.confidence import diff_ci95_from_stderr, excludes_zero
-from report.record_view import (METRICS, TABLE_ORDER, RowLabel, dig, is_reference, is_synthetic, kv_bits,
+from report.record_view import (METRICS, TABLE_ORDER, RowLabel, dig, is_reference, is_synthetic, kv_bits, throughput_loaded,
                                      hardware_name, model_id, relevant_quant, row_label, weight_bits)
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -260,6 +260,11 @@ def build_table(records: list[dict], index: int = 1) -> Table:
         row.records[mid] = rec
     rows = sorted(rows_by_id.values(), key=lambda r: r.label.rank)
     _disambiguate(rows)
+    for row in rows:
+        for mid, rec in row.records.items():
+            why = throughput_loaded(rec)
+            if why:
+                dropped.append(f"Decode tok/s of {row.text} ({mid[0]}) left out: {why}.")
 
     cols: dict = {}  # (mid, Column) -> None, an ordered set
     values, intervals, stderrs = {}, {}, {}

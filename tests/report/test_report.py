@@ -473,3 +473,18 @@ def test_accuracy_differences_are_paired_over_the_items_when_both_records_kept_t
         del r["metrics"]["tasks"]["local_cloze"]["acc_items"]
     t = T.build_tables(recs)[0]
     assert t.not_significant(rtn, mid, col)
+
+
+def test_cpu_decode_measured_while_other_work_held_the_cores_is_left_out_with_a_note():
+    recs = demo_records()
+    for r, load in zip(recs, ([0.9, 1.2], [5.5, 6.1])):  # FP16 alone on the machine; RTN while 6 jobs ran
+        r["metrics"]["throughput"].update(load_average_1m=load, cpu_count=2)
+    t = T.build_tables(recs)[0]
+    decode = [c for mid, c in t.columns if c.metric == "decode_tok_s"]
+    assert decode
+    fp16, rtn = t.rows[0], next(r for r in t.rows if r.text.startswith("RTN"))
+    mid = t.models[0]
+    assert all(t.value(fp16, mid, c) is not None for c in decode)
+    assert all(t.value(rtn, mid, c) is None for c in decode)
+    assert any("left out: 1-min load average 6.1 on 2 cores" in d for d in t.dropped)
+    assert not any(fp16.text in d and "Decode" in d for d in t.dropped)
