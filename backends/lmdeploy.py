@@ -246,12 +246,35 @@ def ppl_from_window_means(ce: list[float]) -> float:
     return math.exp(sum(ce) / len(ce))
 
 
-class LMDeployBackend:
-    """Perplexity through LMDeploy's real kernels: the run's weights exported (FP16 as loaded; quantized weights as
-    an AWQ GEMM checkpoint, quant/export/awq.py), loaded by the engine from the run's config, scored with
-    `Pipeline.get_ppl` on the same windows the hf backend scores."""
+def engine_logits(pipe, input_ids: list[list[int]]) -> list:
+    """Every position's logits [len, vocab] of each sequence, from the engine (`Pipeline.get_logits` where the
+    installed LMDeploy has it; 0.18 has only the async engine's `async_get_logits`, which its own get_ppl used)."""
+    get = getattr(pipe, "get_logits", None)
+    if get is not None:
+        return list(get(input_ids))
+    return list(pipe._run(coro=pipe.async_engine.async_get_logits(input_ids=input_ids)).result())
 
-    SUPPORTED_EVALUATORS = ("perplexity",)
+
+def engine_q_chunks(pipe):
+    """eval.fidelity.compare_logits's source of the compared model's logits: one engine call per batch of windows,
+    positions 0..T-2 of each (the last position predicts past the window)."""
+    import torch
+
+    def q_chunks(ids):
+        logits = engine_logits(pipe, ids.tolist())
+        T = ids.shape[1]
+        yield slice(0, T - 1), torch.stack([torch.as_tensor(x)[: T - 1] for x in logits])
+
+    return q_chunks
+
+
+class LMDeployBackend:
+    """Perplexity and fidelity through LMDeploy's real kernels: the run's weights exported (FP16 as loaded;
+    quantized weights as an AWQ GEMM checkpoint, quant/export/awq.py), loaded by the engine from the run's config,
+    scored with `Pipeline.get_ppl` on the same windows the hf backend scores; fidelity compares the engine's logits
+    (`get_logits`) with the FP16 reference the hf backend uses (eval/fidelity.py, computed before the engine starts)."""
+
+    SUPPORTED_EVALUATORS = ("perplexity", "fidelity")
 
     def preflight(self, cfg: RunConfig, cuda_available: Optional[bool] = None, find_spec=None) -> None:
         import importlib.util
@@ -265,7 +288,7 @@ class LMDeployBackend:
                               "machine has none; use backend=hf here (transformers on the CPU), or run on a GPU machine")
         if (find_spec or importlib.util.find_spec)("lmdeploy") is None:
             raise ConfigError("backend.name: 'lmdeploy' needs the lmdeploy package: pip install -e .[lmdeploy]")
-        extra = [n for n in ("word_perplexity", "fidelity", "tasks", "throughput")
+        extra = [n for n in ("word_perplexity", "tasks", "throughput")
                  if getattr(getattr(cfg.eval, n, None), "enabled", False)]
         if extra:
             raise ConfigError(f"eval: backend=lmdeploy evaluates {', '.join(self.SUPPORTED_EVALUATORS)} only; "
@@ -279,6 +302,13 @@ class LMDeployBackend:
 
         cfg = ctx.cfg
         timings = {}
+        refs = None
+        if cfg.eval.fidelity.enabled:  # the FP16 reference (cached, or computed now by transformers on this GPU)
+            from eval.fidelity import references
+
+            t = time.perf_counter()
+            refs = references(ctx)
+            timings["eval.fidelity_reference"] = time.perf_counter() - t
         with tempfile.TemporaryDirectory(prefix="lmdeploy-run-") as tmp:
             t = time.perf_counter()
             if ctx.qtensors:
@@ -304,6 +334,20 @@ class LMDeployBackend:
                         log(f"perplexity ({engine} engine): {split} {result[split]['token_ppl']:.4g}")
                     timings["eval.perplexity"] = time.perf_counter() - t
                     ctx.results["perplexity"] = result
+                if refs is not None:
+                    from eval.fidelity import compare_logits
+
+                    t = time.perf_counter()
+                    fid = {}
+                    for split, (w, hidden, key, hit) in refs["splits"].items():
+                        res = compare_logits(engine_q_chunks(pipe), w, hidden, refs["head"],
+                                             cfg.eval.perplexity.batch_size, "cuda", ctx.progress, f"fidelity {split}")
+                        fid[split] = {**res, "reference": {"key": key, "cached": hit,
+                                                           "split_sha": ctx.split_sha.get(split)}}
+                        log(f"fidelity ({engine} engine): {split} KL {res['kl_mean']:.4g}, "
+                            f"top-1 {res['top1_agreement']:.4f}")
+                    timings["eval.fidelity"] = time.perf_counter() - t
+                    ctx.results["fidelity"] = fid
                 ctx.results["backend"] = {"engine": engine, "engine_fallback_reason": reason,
                                           "engine_kwargs": {k: str(v) for k, v in engine_kwargs(cfg, model_dir, engine).items()}}
             finally:

@@ -129,36 +129,50 @@ class ReferenceStore:
 @torch.no_grad()
 def compare(model, windows: torch.Tensor, ref_hidden: torch.Tensor, ref_head: dict, batch_size: int,
             cache_factory=None, progress: bool = False, desc: str = "fidelity") -> dict:
-    """KL(P_ref || Q_model), top-1 agreement and NLLs at every scored position of `windows`."""
+    """KL(P_ref || Q_model), top-1 agreement and NLLs at every scored position of `windows`, Q from a transformers
+    model (its decoder once per batch, its head chunk by chunk)."""
     device = next(model.parameters()).device
     decoder = model.get_decoder()
     head = model.get_output_embeddings()
     cap = _softcap(model)
+
+    def q_chunks(ids):
+        hq = forward(decoder, ids.to(device), cache_factory() if cache_factory else None).last_hidden_state[:, :-1]
+        for s in range(0, ids.shape[1] - 1, CE_CHUNK):
+            lq = head(hq[:, s : s + CE_CHUNK]).float()
+            yield slice(s, s + CE_CHUNK), (torch.tanh(lq / cap) * cap if cap else lq)
+
+    return compare_logits(q_chunks, windows, ref_hidden, ref_head, batch_size, device, progress, desc)
+
+
+@torch.no_grad()
+def compare_logits(q_chunks, windows: torch.Tensor, ref_hidden: torch.Tensor, ref_head: dict, batch_size: int,
+                   device, progress: bool = False, desc: str = "fidelity") -> dict:
+    """The comparison itself, for any source of the compared model's logits: `q_chunks(ids [b, T])` yields
+    (position slice, logits [b, len, vocab]) covering positions 0..T-2 (transformers chunk by chunk, or an engine's
+    whole-sequence logits: backends/lmdeploy.py). Log-softmax, KL and NLLs in fp32."""
     w_ref = ref_head["weight"].to(device)
     b_ref = None if ref_head["bias"] is None else ref_head["bias"].to(device)
     n, T = windows.shape
-    kl = torch.empty(n, T - 1)
-    agree = torch.empty(n, T - 1, dtype=torch.bool)
-    nll_q = torch.empty(n, T - 1)
-    nll_p = torch.empty(n, T - 1)
+    kl = torch.full((n, T - 1), float("nan"))
+    agree = torch.zeros(n, T - 1, dtype=torch.bool)
+    nll_q = torch.full((n, T - 1), float("nan"))
+    nll_p = torch.full((n, T - 1), float("nan"))
     for b in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False):
         ids = windows[b : b + batch_size].to(device)
-        hq = forward(decoder, ids, cache_factory() if cache_factory else None).last_hidden_state[:, :-1]
         hp = ref_hidden[b : b + batch_size].to(device)
         tgt = ids[:, 1:]
-        for s in range(0, T - 1, CE_CHUNK):
-            sl = slice(s, s + CE_CHUNK)
-            lq = head(hq[:, sl]).float()
-            if cap:
-                lq = torch.tanh(lq / cap) * cap
-            logq = F.log_softmax(lq, dim=-1)
+        rows = slice(b, b + ids.shape[0])
+        for sl, lq in q_chunks(ids):
+            logq = F.log_softmax(lq.to(device).float(), dim=-1)
             logp = F.log_softmax(_head_logits(hp[:, sl], w_ref, b_ref, ref_head["softcap"]), dim=-1)
-            rows = slice(b, b + ids.shape[0])
             kl[rows, sl] = F.kl_div(logq, logp, reduction="none", log_target=True).sum(-1).cpu()
             agree[rows, sl] = (logq.argmax(-1) == logp.argmax(-1)).cpu()
             t = tgt[:, sl, None]
             nll_q[rows, sl] = -logq.gather(-1, t)[..., 0].cpu()
             nll_p[rows, sl] = -logp.gather(-1, t)[..., 0].cpu()
+    if torch.isnan(kl).any():  # a source that skipped positions would silently score fewer tokens
+        raise RuntimeError(f"fidelity: {int(torch.isnan(kl).sum())} of {kl.numel()} positions got no logits")
     kl = kl.clamp_min(0)  # fp32 rounding can leave -1e-9 where P == Q
     dq, dp = nll_q.double().mean().item(), nll_p.double().mean().item()
     return {
@@ -175,23 +189,32 @@ def compare(model, windows: torch.Tensor, ref_hidden: torch.Tensor, ref_head: di
     }
 
 
+def references(ctx: EvalContext) -> dict:
+    """split -> (windows, reference hidden, key, cached?) and the reference head, for the run's fidelity windows; the
+    reference model (loaded only on a miss) is released before this returns."""
+    fc = ctx.cfg.eval.fidelity
+    dtype = next(ctx.model.parameters()).dtype
+    store = ReferenceStore(ctx.model_sha, dtype, ctx.cfg.model.device, ctx.load_reference_model,
+                           ctx.cfg.eval.perplexity.batch_size, ctx.progress)
+    refs = {}
+    for split, windows in ctx.windows.items():
+        w = windows if fc.max_windows is None else windows[: fc.max_windows]
+        refs[split] = (w, *store.hidden(w, split))
+    head = store.head()
+    store.release()
+    return {"splits": refs, "head": head}
+
+
 @evaluator("fidelity")
 def evaluate_fidelity(ctx: EvalContext) -> dict | None:
     fc = ctx.cfg.eval.fidelity
     if not fc.enabled:
         return None
     batch_size = ctx.cfg.eval.perplexity.batch_size
-    dtype = next(ctx.model.parameters()).dtype
-    store = ReferenceStore(ctx.model_sha, dtype, ctx.cfg.model.device, ctx.load_reference_model, batch_size,
-                           ctx.progress)
-    refs = {}
-    for split, windows in ctx.windows.items():
-        w = windows if fc.max_windows is None else windows[: fc.max_windows]
-        refs[split] = (w, *store.hidden(w, split))
-    head = store.head()
-    store.release()  # the reference model (if a miss loaded it) is not needed past this point
+    ref = references(ctx)
     out = {}
-    for split, (w, hidden, key, hit) in refs.items():
-        res = compare(ctx.model, w, hidden, head, batch_size, ctx.kv_cache_factory, ctx.progress, f"fidelity {split}")
+    for split, (w, hidden, key, hit) in ref["splits"].items():
+        res = compare(ctx.model, w, hidden, ref["head"], batch_size, ctx.kv_cache_factory, ctx.progress,
+                      f"fidelity {split}")
         out[split] = {**res, "reference": {"key": key, "cached": hit, "split_sha": ctx.split_sha.get(split)}}
     return out

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
-from eval.fidelity import ReferenceStore, compare
+from eval.fidelity import ReferenceStore, compare, compare_logits
 from quant.primitives import fake_quantize
 
 
@@ -63,3 +64,51 @@ def test_metrics_match_float64_recomputation(smollm2_bf16_shared, milton_ids, tm
     agree = (logp.argmax(-1) == logq.argmax(-1)).double().mean().item()
     assert abs(res["top1_agreement"] - agree) <= 2 / kl.numel()  # a near-tie may flip in bf16 vs float64
     assert abs(res["ppl_ratio"] - torch.exp(nll_q - nll_p).item()) < 1e-3
+
+
+@torch.no_grad()
+def test_engine_logits_path_scores_like_the_transformers_path(smollm2_bf16_shared, milton_ids, tmp_path):
+    """backend=lmdeploy compares the engine's whole-sequence logits (`get_logits`, one call per batch of windows) with
+    the same FP16 reference. A stand-in engine returning a perturbed model's own logits, one [len, vocab] tensor per
+    sequence as LMDeploy does, gives the numbers the transformers path gives for that model; a source that leaves
+    positions out is an error, not a smaller average."""
+    from backends.lmdeploy import engine_q_chunks
+
+    ref, windows = smollm2_bf16_shared, _windows(milton_ids[9000:], n=3)
+    quant = copy.deepcopy(ref)
+    for layer in quant.model.layers:
+        lin = layer.mlp.down_proj
+        lin.weight.data = fake_quantize(lin.weight.data.float(), 3, 64).to(lin.weight.dtype)
+    store = ReferenceStore("test-model", torch.bfloat16, "cpu", lambda: ref, batch_size=2, root=tmp_path)
+    hidden, head = store.hidden(windows)[0], store.head()
+
+    class Engine:  # LMDeploy 0.18's shape: no Pipeline.get_logits, the async engine's coroutine run by _run
+        calls = 0
+
+        class async_engine:
+            @staticmethod
+            async def async_get_logits(input_ids):
+                Engine.calls += 1
+                return [quant(torch.tensor([ids])).logits[0] for ids in input_ids]
+
+        @staticmethod
+        def _run(coro):
+            import asyncio
+            import concurrent.futures
+
+            fut = concurrent.futures.Future()
+            fut.set_result(asyncio.run(coro))
+            return fut
+
+    want = compare(quant, windows, hidden, head, batch_size=2)
+    got = compare_logits(engine_q_chunks(Engine), windows, hidden, head, 2, "cpu")
+    assert Engine.calls == 2  # 3 windows in batches of 2
+    assert want["kl_mean"] > 1e-3
+    for k in ("kl_mean", "kl_p99", "top1_agreement", "ppl_ratio", "token_ppl", "positions"):
+        assert got[k] == pytest.approx(want[k], rel=1e-4, abs=1e-7), k
+
+    def short(ids):  # positions 0..T-3 only
+        yield slice(0, ids.shape[1] - 2), quant(ids).logits[:, :-2]
+
+    with pytest.raises(RuntimeError, match="positions got no logits"):
+        compare_logits(short, windows, hidden, head, 2, "cpu")
