@@ -1,5 +1,5 @@
 """A quantization config in the field's words: "FP16", "RTN w4 g64", "AWQ w4 g64 (search+clip) + KV int8". One
-label function per method, in one registry; the report's rows, the web page's variants and the benchmarks' rows
+label function per method: its config class's `label_detail` (harness.config), or AWQ's entry in LABELS; the report's rows, the web page's variants and the benchmarks' rows
 all name a config through `config_label`. Works on plain dicts (a record's config), so readers of old records and
 live configs share it."""
 from __future__ import annotations
