@@ -118,6 +118,7 @@ def repl(respond: Callable[[Messages], Iterator[str]], conv: Conversation, read=
 def main(argv: list[str]) -> None:
     from harness import synthetic
     from harness.compose import compose
+    import quant  # noqa: F401  (registers every method's config, which conf/quant/ selects)
 
     ap = argparse.ArgumentParser(description="terminal chat from the harness config")
     ap.add_argument("--prompt", help="answer this one message and exit (no interactive loop)")

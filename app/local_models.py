@@ -115,11 +115,12 @@ class LocalModels:
                        f"{label}: quantizing now (not in the quantized cache yet)"
                        + ("; calibrating first" if self.needs_calibration(cfg) else ""))
                 bos = bos_token_id(self.tokenizer, cfg.data.add_bos)
-                calib, calib_state = calibration_provider(cfg.quant.calib, self.tokenizer, bos)
+                calib, calib_state = calibration_provider(getattr(cfg.quant, "calib", None), self.tokenizer, bos)
                 t = time.perf_counter()
                 quantized_cache.quantize_cached(model, cfg.quant, self.resolved.model_sha, cfg.model.dtype,
                                                 QuantContext(calibration=calib, progress=cfg.progress), calib_state,
-                                                calib_id=calibration_identity(cfg.quant.calib, self.tokenizer, bos))
+                                                calib_id=calibration_identity(cfg.quant.calib, self.tokenizer, bos)
+                                                if self.needs_calibration(cfg) else None)
                 status(f"{label}: ready in {time.perf_counter() - t:.1f} s")
             model.eval()
             self._warm_up(model)

@@ -92,6 +92,7 @@ def stop_server(proc: subprocess.Popen, grace_s: float = 20) -> None:
 
 def main(argv: list[str]) -> None:
     from harness.compose import compose
+    import quant  # noqa: F401  (registers every method's config, which conf/quant/ selects)
     from harness.config import ConfigError
 
     ap = argparse.ArgumentParser(description="lmdeploy serve api_server from the harness config")

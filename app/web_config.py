@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from harness.config import ConfigError, RunConfig, _require, check_known_keys, register_schemas
+from harness.config import ConfigError, FP16Config, RunConfig, _require, check_known_keys, register_schemas
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 ENDPOINT = "endpoint"  # the name that puts the OpenAI-compatible endpoint among the compare columns / chat choices
@@ -102,6 +102,8 @@ def compose_web(overrides: list[str] | tuple[str, ...] = ()) -> WebSetup:
 
     from app.local_models import variant_label
 
+    import quant  # noqa: F401  (registers every method's config: harness.config.QUANT_CONFIGS)
+
     register_schemas()
     from hydra.core.config_store import ConfigStore
 
@@ -132,7 +134,7 @@ def compose_web(overrides: list[str] | tuple[str, ...] = ()) -> WebSetup:
     is_fp16 = [v.run is not None and v.run.quant.method == "fp16" and v.run.kv.bits == 16 for v in compare]
     if any(v.run is not None for v in compare) and not is_fp16[0]:
         # with local variants the reference column is FP16: divergence is measured from it
-        fp16 = dataclasses.replace(base, quant=type(base.quant)(method="fp16"), kv=type(base.kv)())
+        fp16 = dataclasses.replace(base, quant=FP16Config(), kv=type(base.kv)())
         compare = [Variant("fp16", "FP16", fp16)] + [v for v, f in zip(compare, is_fp16) if not f]
     own = Variant("config", variant_label(base), base)
     local = [own] + [v for v in compare if v.run is not None and _same_weights_and_kv(v.run, base) is False]

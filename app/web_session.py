@@ -325,6 +325,7 @@ def make_plan(a: argparse.Namespace, server_log: Path) -> Plan:
         from backends import lmdeploy as lb
         from harness import synthetic
         from harness.compose import compose
+        import quant  # noqa: F401  (registers every method's config, which conf/quant/ selects)
 
         cfg = compose(["backend=lmdeploy", *a.overrides])
         model_dir = lb.resolve_model_dir(cfg, a.synthetic_root, a.tokenizer)

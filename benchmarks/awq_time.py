@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 
 from benchmarks.common import load_embedded
 from eval.perplexity import ppl_metrics, window_nll
-from harness.config import CalibConfig, QuantConfig
+from harness.config import QUANT_CONFIGS, CalibConfig
 from harness.data import calibration_samples, eval_windows, load_text, tokenize_cached
 from harness.records import provenance, write_json_atomic
 from quant import METHODS, QuantContext
@@ -28,7 +28,7 @@ from quant import METHODS, QuantContext
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 
-# the quantizations compared, as QuantConfig fields (w4 g64 and the calibration set are common to all)
+# the quantizations compared, as fields of each method's config (w4 g64 and the calibration set are common to all)
 VARIANTS = {
     "rtn": {"method": "rtn"},
     # LMDeploy `lite auto_awq` default: fixed smoothing ratio, no search, no clip
@@ -39,8 +39,15 @@ VARIANTS = {
     "awq_full_grid": {"method": "awq", "scale_grid": "full", "search_samples": 16, "search_tokens": 0, "clip_tokens": 0},
     # the harness default: conf/quant/awq_w4.yaml as it is
     "awq_default": {k: v for k, v in OmegaConf.to_container(OmegaConf.load(CONF / "quant" / "awq_w4.yaml")).items()
-                    if k not in ("calib", "w_bit", "group_size")},
+                    if k not in ("defaults", "calib", "w_bit", "group_size")},
 }
+
+
+def _config(fields: dict, calib: CalibConfig):
+    """The method's config with these fields at w4 g64 (and `calib` where the method calibrates)."""
+    cls = QUANT_CONFIGS.get(fields["method"])
+    extra = {"calib": calib} if "calib" in {f.name for f in dataclasses.fields(cls)} else {}
+    return cls(**{"w_bit": 4, "group_size": 64, **fields, **extra})
 
 
 def main() -> None:
@@ -66,7 +73,7 @@ def main() -> None:
         return ppl_metrics(nll, secs, 512)["token_ppl"]
 
     calib = CalibConfig(n_samples=args.n_samples, seqlen=args.seqlen)
-    configs = {n: QuantConfig(**{"w_bit": 4, "group_size": 64, "calib": calib, **VARIANTS[n]}) for n in names}
+    configs = {n: _config(VARIANTS[n], calib) for n in names}
     rows = {"fp16": {"token_ppl": ppl(base)}}
     for name, q in configs.items():
         model = copy.deepcopy(base)

@@ -63,13 +63,13 @@ def variant_bytes(model) -> dict:
 
 
 def build_variants(base, w_bit: int = 4, group_size: int = 64) -> dict:
-    from harness.config import QuantConfig
+    from quant.rtn import RTNConfig
     from quant import METHODS, QuantContext
     from quant.kernels.int4_linear import Int4WeightOnlyLinear, swap_int4_linears
     from quant.primitives import quantize_tensor
 
     fq = copy.deepcopy(base)
-    qtensors = METHODS.get("rtn")(fq, QuantConfig(method="rtn", w_bit=w_bit, group_size=group_size),
+    qtensors = METHODS.get("rtn")(fq, RTNConfig(w_bit=w_bit, group_size=group_size),
                                   QuantContext(None, False)).qtensors
     int4 = swap_int4_linears(fq, qtensors)  # in place: the fake-quantized copy becomes the kernel model
     int4_lm = copy.deepcopy(int4)

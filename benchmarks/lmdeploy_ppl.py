@@ -63,6 +63,7 @@ def export(d: Path, overrides: list[str]) -> None:
     from quant import METHODS, QuantContext
     from quant.export.awq import export_awq, load_awq_dequantized
     from harness.compose import compose
+    import quant  # noqa: F401  (registers every method's config, which conf/quant/ selects)
 
     cfg = compose(overrides)
     prep = prepare(cfg)
@@ -97,6 +98,7 @@ def gpu(d: Path, out: Path, parts_dir: Path | None) -> None:
     from backends import lmdeploy as lb
     from backends.lmdeploy import ppl_from_window_means
     from harness.compose import compose
+    import quant  # noqa: F401  (registers every method's config, which conf/quant/ selects)
 
     sim = json.loads((d / "simulated.json").read_text())
     ckpt = d / "ckpt"

@@ -63,8 +63,8 @@ BASE_OVERRIDES = [
 ]
 VARIANTS: Registry[list[str]] = Registry("benchmark variant")
 VARIANTS.add("fp16", ["quant=fp16", "kv=fp16"])
-VARIANTS.add("awq_w4a16", ["quant.method=awq", "quant.w_bit=4", "quant.group_size=128", "kv=fp16"])
-VARIANTS.add("awq_w4a16_kv8", ["quant.method=awq", "quant.w_bit=4", "quant.group_size=128", "kv=int8"])
+VARIANTS.add("awq_w4a16", ["quant=awq", "quant.w_bit=4", "quant.group_size=128", "kv=fp16"])
+VARIANTS.add("awq_w4a16_kv8", ["quant=awq", "quant.w_bit=4", "quant.group_size=128", "kv=int8"])
 DEFAULT_VARIANTS = ["fp16", "awq_w4a16", "awq_w4a16_kv8"]
 
 
@@ -543,6 +543,7 @@ def run_variant(variant: str, model: str, extra: list[str], out_dir: Path, synth
     from backends import lmdeploy as lb
     from harness import synthetic
     from harness.compose import compose
+    import quant  # noqa: F401  (registers every method's config, which conf/quant/ selects)
 
     overrides = [f"model={model}", *BASE_OVERRIDES, *VARIANTS.get(variant), *extra]
     cfg = compose(overrides)
@@ -626,6 +627,7 @@ def run_variant(variant: str, model: str, extra: list[str], out_dir: Path, synth
 
 def _tp_of(overrides: list[str]) -> int:
     from harness.compose import compose
+    import quant  # noqa: F401  (registers every method's config, which conf/quant/ selects)
 
     return compose(["backend=lmdeploy", *overrides]).backend.tp
 

@@ -61,6 +61,7 @@ def run_harness(variant: str, model_dir: Path, work: Path, model: list[str], dev
     import torch
 
     from harness.compose import compose
+    import quant  # noqa: F401  (registers every method's config, which conf/quant/ selects)
     from harness.models import ResolvedModel, load_model
     from quant import METHODS, QuantContext
     from quant.export.awq import export_awq
@@ -182,6 +183,7 @@ def main(argv=None) -> int:
         return 0
     from harness import synthetic
     from harness.compose import compose
+    import quant  # noqa: F401  (registers every method's config, which conf/quant/ selects)
 
     t = time.perf_counter()
     model_dir = synthetic.materialize(compose(model + ["quant=fp16"]), a.synthetic_root, a.tokenizer)

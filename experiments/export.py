@@ -76,7 +76,7 @@ def export(cfg: RunConfig, out: Path) -> Path:
     log(f"loading {cfg.model.name} ({resolved.origin})")
     model = load_model(resolved, cfg.model)
     bos = bos_token_id(tokenizer, cfg.data.add_bos)  # calibration samples exactly as the run makes them
-    calib, calib_state = calibration_provider(cfg.quant.calib, tokenizer, bos)
+    calib, calib_state = calibration_provider(getattr(cfg.quant, "calib", None), tokenizer, bos)
     outcome = quantize(cfg, model, Prepared(resolved, tokenizer, {}, {}, {}, bos), calib, calib_state)
     path = export_awq(model, outcome.qtensors, out, tokenizer=tokenizer, quant_meta={
         "run_id": run_id(cfg), "model": cfg.model.name, "model_sha": resolved.model_sha,

@@ -189,7 +189,7 @@ def run(cfg: RunConfig) -> dict:
     model = load_model(prep.resolved, cfg.model, device="cpu" if place.offload else None)
     timings["load_model"] = time.perf_counter() - t
 
-    calib, calib_state = calibration_provider(cfg.quant.calib, prep.tokenizer, prep.bos_token_id)
+    calib, calib_state = calibration_provider(getattr(cfg.quant, "calib", None), prep.tokenizer, prep.bos_token_id)
     if place.compute.type == "cuda":
         torch.cuda.reset_peak_memory_stats(place.compute)
     t = time.perf_counter()

@@ -10,6 +10,7 @@ import hydra
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig
 
+import quant  # noqa: F401  (registers every method's config dataclass, which conf/quant/*.yaml select)
 from harness.config import ConfigError, register_schemas, to_run_config
 from harness.log import one_line_errors
 

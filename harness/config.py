@@ -2,13 +2,18 @@
 or a wrong type fails when the config is composed, and `validate()` checks values before any long work."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import fnmatch
+import re
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 from omegaconf import MISSING
+
+from harness.registry import Registry
 
 
 class ConfigError(ValueError):
@@ -151,44 +156,109 @@ class CalibConfig:
 
 @dataclass
 class QuantConfig:
-    method: str = "fp16"  # a name in quant.METHODS
+    """The base of every method's config (torchao style: a typed config per method is the method's whole API). A
+    method's dataclass subclasses this (or WeightQuantConfig), lives with its method and registers with
+    `@quant_config(name)`; conf/quant/<option>.yaml selects it (Hydra ConfigStore `quant_schema/<name>`), so only
+    the method's own fields exist, are validated, and enter the run's identity (harness.records.quant_identity)."""
+
+    method: str = "fp16"  # a name in QUANT_CONFIGS (and quant.METHODS)
+    # fields added after records of the method existed: left out of its identity while they hold their default (the
+    # dataclass's), so those records keep their run_id (LATE_FIELDS, per method)
+    late_fields: ClassVar[tuple[str, ...]] = ()
+
+    def validate(self) -> None:
+        pass
+
+    @classmethod
+    def label_detail(cls, q: dict) -> tuple[str, tuple]:
+        """The row label's detail after "<METHOD> w<bits>" and a sort key within the method (harness.labels), from the
+        config as a dict (a record's): a method with variants overrides it."""
+        return "", ()
+
+
+@dataclass
+class LayerOverride:
+    """Per-layer choice for the Linears whose qualified name (e.g. model.layers.0.mlp.down_proj) matches `pattern`:
+    a glob (fnmatch), or a regular expression after `re:` (llm-compressor's targets/ignore convention), matched
+    against the whole name. The first matching entry decides; fields left null keep the method's value."""
+
+    pattern: str = MISSING
+    w_bit: Optional[int] = None
+    group_size: Optional[int] = None
+    skip: bool = False  # keep the layer unquantized (its FP16 weight, outside export packing and the bytes)
+
+    def matches(self, name: str) -> bool:
+        if self.pattern.startswith("re:"):
+            return re.fullmatch(self.pattern[3:], name) is not None
+        return fnmatch.fnmatchcase(name, self.pattern)
+
+    def validate(self, where: str) -> None:
+        _require(bool(self.pattern), f"{where}.pattern", "must be a glob or re:<regex> over qualified Linear names")
+        if self.pattern.startswith("re:"):
+            try:
+                re.compile(self.pattern[3:])
+            except re.error as e:
+                raise ConfigError(f"{where}.pattern: {self.pattern!r} is not a regular expression ({e})") from None
+        _require(self.skip or self.w_bit is not None or self.group_size is not None, where,
+                 "sets none of w_bit, group_size, skip: it would change nothing")
+        _require(self.w_bit is None or 2 <= self.w_bit <= 8, f"{where}.w_bit", f"must be in 2..8, got {self.w_bit}")
+        _require(self.group_size is None or self.group_size == -1 or self.group_size >= 8, f"{where}.group_size",
+                 f"must be -1 (per channel) or >= 8, got {self.group_size}")
+
+
+def group_text(q: dict) -> str:
+    """"g64", "per-channel", "g64 sym": a weight config's grouping in the report's words."""
+    g = q.get("group_size", -1)
+    s = "per-channel" if g in (-1, None) else f"g{g}"
+    return s if q.get("zero_point", True) else f"{s} sym"
+
+
+@dataclass
+class WeightQuantConfig(QuantConfig):
+    """What every weight-only integer method shares: bits, grouping, zero point, and per-layer overrides (quant.surgery
+    turns them into one spec per Linear: quant.surgery.plan_layers)."""
+
     w_bit: int = 4
     group_size: int = 64  # -1 = one group per output channel
     zero_point: bool = True  # asymmetric with an integer zero point (AWQ/LMDeploy default)
     # what to do when group_size does not divide a layer's in_features: error | per_channel
     group_fallback: str = "error"
-    # AWQ (Lin et al. 2023): scale search over alpha in [0, 1) on n_grid points, else a fixed smoothing ratio
-    search_scale: bool = True
-    smooth_ratio: float = 0.5
-    n_grid: int = 20
-    duo_scaling: bool = False  # s = mean|x|^a / mean|w|^(1-a) (AutoAWQ) instead of mean|x|^a (paper, llm-awq)
-    # which alphas are scored: full (every grid point, llm-awq) | coarse_fine (9 of 20, exact when the loss is unimodal)
-    scale_grid: str = "full"
-    # calibration sequences whose attention output scores each grid point (all are used for the statistics)
-    search_samples: int = 16
-    # tokens, drawn at random over all calibration sequences, that score groups inspected token by token (MLP,
-    # single Linears); 0 = the first search_samples sequences, as for the attention
-    search_tokens: int = 0
-    clip: bool = True
-    clip_n_grid: int = 20
-    clip_max_shrink: float = 0.5
-    clip_tokens: int = 512  # calibration tokens (seeded random) that score the clipping; 0 = every one
-    calib: CalibConfig = field(default_factory=CalibConfig)
+    layer_overrides: list[LayerOverride] = field(default_factory=list)
+    late_fields: ClassVar[tuple[str, ...]] = ("layer_overrides",)
 
     def validate(self) -> None:
-        if self.method == "fp16":
-            return
         _require(2 <= self.w_bit <= 8, "quant.w_bit", f"must be in 2..8, got {self.w_bit}")
         _require(self.group_size == -1 or self.group_size >= 8, "quant.group_size", f"must be -1 (per channel) or >= 8, got {self.group_size}")
         _require(self.group_fallback in ("error", "per_channel"), "quant.group_fallback", f"{self.group_fallback!r} is not one of error, per_channel")
-        _require(0.0 <= self.smooth_ratio <= 1.0, "quant.smooth_ratio", "must be in [0, 1]")
-        _require(self.n_grid >= 1, "quant.n_grid", "must be >= 1")
-        _require(self.scale_grid in ("full", "coarse_fine"), "quant.scale_grid", f"{self.scale_grid!r} is not one of full, coarse_fine")
-        _require(self.search_samples >= 1, "quant.search_samples", "must be >= 1")
-        _require(self.clip_tokens >= 0, "quant.clip_tokens", "must be >= 0 (0 = every calibration token)")
-        _require(self.search_tokens >= 0, "quant.search_tokens", "must be >= 0 (0 = whole sequences)")
-        _require(0.0 < self.clip_max_shrink < 1.0, "quant.clip_max_shrink", "must be in (0, 1)")
-        self.calib.validate()
+        for i, o in enumerate(self.layer_overrides):
+            o.validate(f"quant.layer_overrides[{i}]")
+
+    @classmethod
+    def label_detail(cls, q: dict) -> tuple[str, tuple]:
+        return group_text(q) + (" +overrides" if q.get("layer_overrides") else ""), ()
+
+
+# method name -> its config dataclass; filled by @quant_config next to each method (quant/ registers rtn, awq, ...)
+QUANT_CONFIGS: Registry[type] = Registry("quantization method config (quant.method)")
+
+
+def quant_config(name: str):
+    """Register a method's config dataclass under `name` (its `method` default becomes `name`): one decorator."""
+    def deco(cls: type) -> type:
+        if not (dataclasses.is_dataclass(cls) and issubclass(cls, QuantConfig)):
+            raise TypeError(f"@quant_config({name!r}): {cls.__name__} must be a dataclass subclassing QuantConfig")
+        method = next(f for f in dataclasses.fields(cls) if f.name == "method")
+        if method.default != name:
+            raise TypeError(f"@quant_config({name!r}): {cls.__name__}.method must default to {name!r}")
+        return QUANT_CONFIGS.register(name)(cls)
+
+    return deco
+
+
+# No quantization, the FP16 reference (run in model.dtype; the method is quant.registry.fp16): its config is the base
+# itself, with no field beyond the method's name. It lives here because RunConfig's default is the unquantized model,
+# and every method's config, a subclass, must be able to take the `quant` field's place in Hydra's merge.
+FP16Config = quant_config("fp16")(QuantConfig)
 
 
 @dataclass
@@ -223,7 +293,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    quant: QuantConfig = field(default_factory=QuantConfig)
+    quant: QuantConfig = field(default_factory=FP16Config)  # a method's config (QUANT_CONFIGS)
     kv: KVConfig = field(default_factory=KVConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
     seed: int = 0
@@ -236,6 +306,11 @@ class RunConfig:
     offload: bool = True
 
     def validate(self) -> None:
+        schema = quant_schema_for(self.quant.method)
+        if type(self.quant) is not schema:  # e.g. quant=rtn_w4 quant.method=awq: rtn's fields, awq's name
+            raise user_error("quant.method", self.quant.method, f"the quant option chose {type(self.quant).__name__}, "
+                             f"not {schema.__name__}", f"choose a quant option of {self.quant.method} instead of "
+                             f"overriding quant.method")
         for part in (self.model, self.data, self.eval, self.quant, self.kv, self.backend):
             part.validate()
 
@@ -243,22 +318,96 @@ class RunConfig:
 # fields that do not change a run's result, so they are left out of its identity hash
 NON_IDENTITY_FIELDS = ("results_dir", "force", "progress", "offload")
 # fields added after records existed, left out of a run's identity while they hold their default, so those records
-# keep their run_id (data.add_bos=auto gives the embedded SmolLM2 no BOS, exactly as before the field existed)
+# keep their run_id (data.add_bos=auto gives the embedded SmolLM2 no BOS, exactly as before the field existed); a
+# method's own late fields are its config's `late_fields`
 LATE_FIELDS = {("data", "add_bos"): "auto"}
+
+# The compatibility view of the methods that had records before per-method configs (issue 16): then one flat
+# QuantConfig carried every AWQ field for every method, and its whole dict entered the run_id. fp16, rtn and awq
+# therefore hash their own fields laid over these old defaults (harness.records.quant_identity), so every earlier
+# record keeps its run_id; any other method hashes its own fields only. Never edit this dict; a new field of these
+# methods goes into its config's `late_fields` instead.
+LEGACY_QUANT_METHODS = ("fp16", "rtn", "awq")
+LEGACY_QUANT_VIEW = {
+    "method": "fp16", "w_bit": 4, "group_size": 64, "zero_point": True, "group_fallback": "error",
+    "search_scale": True, "smooth_ratio": 0.5, "n_grid": 20, "duo_scaling": False, "scale_grid": "full",
+    "search_samples": 16, "search_tokens": 0, "clip": True, "clip_n_grid": 20, "clip_max_shrink": 0.5,
+    "clip_tokens": 512, "calib": {"dataset": "shakespeare_calib", "n_samples": 128, "seqlen": 512, "seed": 0},
+}
+
+
+def field_default(schema: type, name: str) -> Any:
+    f = next(f for f in dataclasses.fields(schema) if f.name == name)
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def quant_identity_dict(q: dict, schema: type | None = None) -> dict:
+    """What of a quant config (as a dict) determines the result: the method's fields, less its late fields at their
+    default; for fp16/rtn/awq laid over LEGACY_QUANT_VIEW. `schema` (the method's config class) defaults to the
+    registered one; for a record whose method is not registered here, only WeightQuantConfig's late fields are
+    known (enough for the report's row identity)."""
+    q = copy.deepcopy(dict(q))
+    m = q.get("method", "fp16")
+    if schema is None:
+        schema = QUANT_CONFIGS.get(m) if m in QUANT_CONFIGS else WeightQuantConfig
+    names = {f.name for f in dataclasses.fields(schema)}
+    for k in schema.late_fields:
+        if k in q and q[k] == field_default(schema, k):
+            del q[k]
+    if m in LEGACY_QUANT_METHODS:
+        # a record written before the split also carries the other methods' fields; they never changed its result
+        return {**copy.deepcopy(LEGACY_QUANT_VIEW), **{k: v for k, v in q.items() if k in names or schema is WeightQuantConfig}}
+    return q
+
+
+def legacy_quant_fields(q: dict) -> dict:
+    """A record's quant dict with only its method's fields: records written before the split carry every AWQ field
+    under every method (LEGACY_QUANT_VIEW); those fields never changed an fp16/rtn run, so they are dropped."""
+    m = q.get("method", "fp16")
+    if m not in LEGACY_QUANT_METHODS or m not in QUANT_CONFIGS:
+        return q
+    names = {f.name for f in dataclasses.fields(QUANT_CONFIGS.get(m))}
+    return {k: v for k, v in q.items() if k in names or k not in LEGACY_QUANT_VIEW}
 
 
 def register_schemas() -> None:
-    """Register the typed schema that conf/config.yaml extends (Hydra's ConfigStore)."""
+    """Register the typed schemas that conf/ extends (Hydra's ConfigStore): RunConfig as `run_schema`, and each
+    registered method's config as `quant_schema/<method>`, which its conf/quant/*.yaml options select
+    (`defaults: [/quant_schema@_here_: <method>]`). Methods outside harness register when `quant` is imported."""
     from hydra.core.config_store import ConfigStore
 
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
+    for name in QUANT_CONFIGS:
+        cs.store(group="quant_schema", name=name, node=QUANT_CONFIGS.get(name))
 
 
 def _schema_fields(schema: type) -> dict[str, Any]:
     """Field name -> its type (resolved: this module uses `from __future__ import annotations`)."""
     hints = typing.get_type_hints(schema)
     return {f.name: hints[f.name] for f in dataclasses.fields(schema)}
+
+
+def _node_schema(node: Any, declared: type) -> type:
+    """The dataclass a config node follows: its own structured type (Hydra merged a method's config into the
+    `quant` field), else, for a plain dict under a QuantConfig field, the config registered for its `method`."""
+    from omegaconf import OmegaConf
+
+    own = OmegaConf.get_type(node)
+    if dataclasses.is_dataclass(own) and issubclass(own, declared):
+        return own
+    if isinstance(declared, type) and issubclass(declared, QuantConfig):
+        return quant_schema_for(node.get("method", "fp16"))
+    return declared
+
+
+def quant_schema_for(method: Any) -> type:
+    """The config class registered for `method`; a one-line ConfigError naming the registered ones otherwise."""
+    if method not in QUANT_CONFIGS:
+        raise user_error("quant.method", method, f"no config is registered for it (registered: "
+                         f"{', '.join(QUANT_CONFIGS.names())})", "choose one of those with quant=<option>, or "
+                         "import the package that registers it before composing (quant registers its methods)")
+    return QUANT_CONFIGS.get(method)
 
 
 def unknown_keys(node: Any, schema: type, prefix: str = "") -> list[tuple[str, Any, list[str]]]:
@@ -276,8 +425,12 @@ def unknown_keys(node: Any, schema: type, prefix: str = "") -> list[tuple[str, A
         if key not in fields:
             found.append((path, node[key], list(fields)))
         elif dataclasses.is_dataclass(fields[key]):
-            found += unknown_keys(node[key], fields[key], f"{path}.")
+            found += unknown_keys(node[key], _node_schema(node[key], fields[key]), f"{path}.")
     return found
+
+
+def _other_methods_with(name: str) -> list[str]:
+    return [m for m in QUANT_CONFIGS if name in {f.name for f in dataclasses.fields(QUANT_CONFIGS.get(m))}]
 
 
 def check_known_keys(node: Any, schema: type) -> None:
@@ -288,18 +441,44 @@ def check_known_keys(node: Any, schema: type) -> None:
     path, value, known = bad[0]
     group, _, name = path.rpartition(".")
     close = difflib.get_close_matches(name, known, n=1)
+    where = group or "the root config"
+    if group == "quant":  # the method's own fields: name the method
+        where = f"quant (method {node.quant.get('method', 'fp16')})"
     fix = f"use {group + '.' if group else ''}{close[0]}={value} (no +)" if close else "remove it"
-    raise user_error(path, value, f"not a field of {group or 'the root config'}; known: {', '.join(known)}", fix)
+    if group == "quant" and not close:  # a field of another method (w_bit under fp16, n_grid under rtn)?
+        other = {m: difflib.get_close_matches(name, [f.name for f in dataclasses.fields(QUANT_CONFIGS.get(m))], n=1)
+                 for m in QUANT_CONFIGS}
+        other = {m: c[0] for m, c in other.items() if c}
+        if other:
+            field_name = next(iter(other.values()))
+            fix = (f"{field_name} is a field of {', '.join(m for m, c in other.items() if c == field_name)}: choose "
+                   f"one of their quant options first (quant=<option> quant.{field_name}={value})")
+    raise user_error(path, value, f"not a field of {where}; known: {', '.join(known)}", fix)
+
+
+def _structured_run_config(cfg: Any):
+    """RunConfig's structured node with `quant` typed by the method `cfg` names (a plain dict config, e.g. a record's:
+    its quant keys are merged into that method's config, not the base's)."""
+    from omegaconf import OmegaConf
+
+    method = OmegaConf.select(cfg, "quant.method", default="fp16")
+    return OmegaConf.structured(RunConfig(quant=quant_schema_for(method)()))
 
 
 def to_run_config(cfg: Any) -> RunConfig:
-    """OmegaConf node -> validated RunConfig dataclass."""
-    from omegaconf import OmegaConf
+    """OmegaConf node (Hydra's, or a plain dict such as a record's config) -> validated RunConfig dataclass."""
+    from omegaconf import DictConfig, OmegaConf
 
-    if not isinstance(cfg, RunConfig):
+    if isinstance(cfg, RunConfig):
+        obj = cfg
+    else:
+        if not (isinstance(cfg, DictConfig) and OmegaConf.get_type(cfg) is RunConfig):  # plain dict: a record's
+            cfg = OmegaConf.create(OmegaConf.to_container(cfg) if isinstance(cfg, DictConfig) else cfg)
+            if "quant" in cfg:
+                cfg.quant = legacy_quant_fields(OmegaConf.to_container(cfg.quant))
         check_known_keys(cfg, RunConfig)
-    obj = OmegaConf.to_object(cfg) if not isinstance(cfg, RunConfig) else cfg
-    if not isinstance(obj, RunConfig):  # plain dict config: go through the schema
-        obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), cfg))
+        if OmegaConf.get_type(cfg) is not RunConfig:
+            cfg = OmegaConf.merge(_structured_run_config(cfg), cfg)
+        obj = OmegaConf.to_object(cfg)
     obj.validate()
     return obj

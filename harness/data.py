@@ -212,11 +212,14 @@ def calibration_identity(calib, tokenizer, bos_id: int | None) -> dict:
 
 
 def calibration_provider(calib, tokenizer, bos_id: int | None = None):
-    """Lazy calibration samples (`calib`: a CalibConfig), so methods that need none never pay for them. Returns
-    (get, state): `get()` tokenizes and samples once; `state["samples"]` holds them after the first call."""
+    """Lazy calibration samples (`calib`: a CalibConfig; None for a method whose config has none), so methods that
+    need none never pay for them. Returns (get, state): `get()` tokenizes and samples once; `state["samples"]` holds
+    them after the first call."""
     state = {}
 
     def get():
+        if calib is None:
+            raise ValueError("this quantization method's config has no calib section, yet it asked for calibration")
         if "samples" not in state:
             state["samples"] = calibration_samples(calibration_ids(calib, tokenizer), calib.n_samples, calib.seqlen,
                                                    calib.seed, bos_id)

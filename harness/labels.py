@@ -1,5 +1,5 @@
 """A quantization config in the field's words: "FP16", "RTN w4 g64", "AWQ w4 g64 (search+clip) + KV int8". One
-label function per method, in one registry; the report's rows, the web page's variants and the benchmarks' rows
+label function per method: its config class's `label_detail` (harness.config), or AWQ's entry in LABELS; the report's rows, the web page's variants and the benchmarks' rows
 all name a config through `config_label`. Works on plain dicts (a record's config), so readers of old records and
 live configs share it."""
 from __future__ import annotations
@@ -7,27 +7,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
+from harness.config import QUANT_CONFIGS, WeightQuantConfig, group_text
 from harness.registry import Registry
 
-# detail (group size and variant) and a sort key within the method, from the quant config as a dict
+# detail (group size and variant) and a sort key within the method, from the quant config as a dict: AWQ's here, since
+# its records (and the report) are read without importing quant; every other method's label is its config class's
+# `label_detail` (harness.config.QuantConfig; WeightQuantConfig's "g64" serves RTN and any weight-only method)
 LABELS: Registry[Callable[[dict], tuple[str, tuple]]] = Registry("row label (by quant.method)")
 METHOD_ORDER = ["fp16", "rtn", "awq"]  # rows: FP16 first, then baselines, then methods; others alphabetically after
-
-
-def group_text(q: dict) -> str:
-    g = q.get("group_size", -1)
-    s = "per-channel" if g in (-1, None) else f"g{g}"
-    return s if q.get("zero_point", True) else f"{s} sym"
-
-
-@LABELS.register("fp16")
-def _label_fp16(q):
-    return "", ()
-
-
-@LABELS.register("rtn")
-def _label_rtn(q):
-    return group_text(q), ()
 
 
 @LABELS.register("awq")
@@ -43,6 +30,8 @@ def _label_awq(q):
         variant, rank = f"smoothing α={ratio:g}" + ("+clip" if clip else ""), 3
     if q.get("duo_scaling"):
         variant += ", duo"
+    if q.get("layer_overrides"):
+        variant += ", overrides"
     return f"{group_text(q)} ({variant})", (rank,)
 
 
@@ -53,7 +42,9 @@ def method_name(q: dict) -> str:
 
 def method_detail(q: dict) -> tuple[str, tuple]:
     m = q.get("method", "fp16")
-    return LABELS.get(m)(q) if m in LABELS else (group_text(q), ())
+    if m in LABELS:
+        return LABELS.get(m)(q)
+    return (QUANT_CONFIGS.get(m) if m in QUANT_CONFIGS else WeightQuantConfig).label_detail(q)
 
 
 def kv_text(kv_bits: int) -> str:

@@ -71,10 +71,10 @@ def resolve_model(cfg: ModelConfig) -> ResolvedModel:
         return EMBEDDED_MODELS.get(path.split(":", 1)[1])()
     if path.startswith("synthetic:"):  # random weights at a real shape: throughput and memory only
         from harness.assets import cache_dir
-        from harness.config import QuantConfig, RunConfig
+        from harness.config import FP16Config, RunConfig
         from harness.synthetic import materialize
 
-        d = materialize(RunConfig(model=cfg, quant=QuantConfig(method="fp16")), cache_dir() / "synthetic")
+        d = materialize(RunConfig(model=cfg, quant=FP16Config()), cache_dir() / "synthetic")
         return ResolvedModel(str(d), None, f"synthetic:{Path(d).name}", f"SYNTHETIC random weights at the shape of {path[10:]}")
     p = Path(path).expanduser()
     if path.endswith(".gguf"):

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from harness.assets import atomic_file
-from harness.config import LATE_FIELDS, NON_IDENTITY_FIELDS, RunConfig, user_error
+from harness.config import LATE_FIELDS, NON_IDENTITY_FIELDS, QuantConfig, RunConfig, quant_identity_dict, user_error
 from harness.environment import git_sha, hardware, machine_name, package_versions
 from harness.log import logger
 from harness.text_files import is_file_source
@@ -28,13 +28,24 @@ class CorruptRecordError(ValueError):
     """A file under runs/ that is not a whole JSON record (e.g. truncated by a full disk); the message names it."""
 
 
+def quant_identity(q: QuantConfig) -> dict:
+    """The part of a run's identity (and of the quantized-weight cache key) that the quant config gives: the chosen
+    method's fields only, its late fields left out at their default, fp16/rtn/awq in their compatibility view
+    (harness.config.quant_identity_dict, LEGACY_QUANT_VIEW). Adding a method or a field renames no record."""
+    return quant_identity_dict(dataclasses.asdict(q), type(q))
+
+
 def identity(cfg: RunConfig) -> dict:
+    """What determines a run's result, hashed into its run_id: the whole config less NON_IDENTITY_FIELDS, the late
+    fields at their default (LATE_FIELDS; a method's own `late_fields`), the quant section as quant_identity gives
+    it, and local text files by their content."""
     d = dataclasses.asdict(cfg)
     for k in NON_IDENTITY_FIELDS:
         d.pop(k, None)
     for (section, k), default in LATE_FIELDS.items():
         if d.get(section, {}).get(k, default) == default:
             d[section].pop(k, None)
+    d["quant"] = quant_identity(cfg.quant)
     _file_sources_by_content(d)
     return d
 
@@ -42,14 +53,15 @@ def identity(cfg: RunConfig) -> dict:
 def _file_sources_by_content(d: dict) -> None:
     """Local text files (`file:<path>`) enter the identity by their content's hash, not their path; every other
     source name is kept as it is (so configs without files keep their run_ids)."""
-    calib = d.get("quant", {}).get("calib", {})
+    calib = d.get("quant", {}).get("calib") or {}  # only calibrated methods have one
     names = list(d.get("data", {}).get("splits", [])) + [calib.get("dataset")]
-    if not any(is_file_source(n) for n in names):
+    if not any(is_file_source(n) for n in names if n is not None):
         return
     from harness.data import source_identity  # torch and the tokenizer cache: only when a file is named
 
     d["data"]["splits"] = [source_identity(n) for n in d["data"]["splits"]]
-    calib["dataset"] = source_identity(calib["dataset"])
+    if calib:
+        calib["dataset"] = source_identity(calib["dataset"])
 
 
 def run_id(cfg: RunConfig) -> str:

@@ -9,7 +9,7 @@ whatever device it is given (on the GPU machine a 7B checkpoint takes seconds to
 Every such checkpoint carries `synthetic.json`; every result made from one says `synthetic`, and quality metrics
 (perplexity, fidelity, tasks) are refused for it: random weights have no quality to measure.
 
-    python -m harness.synthetic model=llama2_7b_synthetic quant.method=awq quant.group_size=128 --root /data/synth
+    python -m experiments.synthetic model=llama2_7b_synthetic quant=awq quant.group_size=128 --root /data/synth
 """
 from __future__ import annotations
 
@@ -363,22 +363,3 @@ def refuse_quality_metrics(cfg: RunConfig) -> None:
         raise SyntheticWeightsError(
             f"model.weights: random ({cfg.model.path}) is synthetic and measures throughput and memory only; "
             f"disable {', '.join(n + '.enabled' for n in on)}")
-
-
-def main(argv: list[str]) -> None:
-    import argparse
-
-    from harness.compose import compose
-
-    ap = argparse.ArgumentParser(description="write the synthetic checkpoint a config names; prints its directory")
-    ap.add_argument("--root", default=None, help="default: <cache>/synthetic (harness.synthetic.default_root)")
-    ap.add_argument("--tokenizer", default=None)
-    ap.add_argument("--device", default=None)
-    ap.add_argument("overrides", nargs="*")
-    a = ap.parse_args(argv)
-    cfg = compose(a.overrides)
-    print(materialize(cfg, Path(a.root) if a.root else default_root(), Path(a.tokenizer) if a.tokenizer else None, a.device))
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

@@ -1,10 +1,10 @@
 """Content-addressed cache of quantized models: the integer codes of every quantized Linear plus every other
-parameter (norms that absorbed AWQ scales, embeddings), keyed by the model's identity and the whole quant config.
+parameter (norms that absorbed AWQ scales, embeddings), keyed by the model's identity and the method's config as the
+run_id sees it (harness.records.quant_identity: the chosen method's fields only).
 A sweep that evaluates the same quantized weights twice (e.g. with and without a quantized KV cache) quantizes once,
 and a run that died after quantizing resumes from here."""
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -17,6 +17,7 @@ from harness.assets import atomic_file, cache_dir
 from harness.config import QuantConfig
 from harness.data import source_identity
 from harness.log import logger
+from harness.records import quant_identity
 from harness.models import require_finite
 from harness.text_files import is_file_source
 from quant.primitives import QTensor
@@ -32,9 +33,10 @@ warn = logger("cache")  # cache problems are warnings: the cache is optional
 def quant_key(model_sha: str, cfg: QuantConfig, dtype: str, calib_id: dict | None = None) -> str:
     """`calib_id`: what the calibration samples are made of (harness.data.calibration_identity: the text's sha256,
     tokenizer, BOS); left out for methods that do not calibrate."""
-    quant = dataclasses.asdict(cfg)
-    if is_file_source(cfg.calib.dataset):  # a local calibration file counts by its content, not its path
-        quant["calib"]["dataset"] = source_identity(cfg.calib.dataset)
+    quant = quant_identity(cfg)  # fp16/rtn/awq in their compatibility view: their earlier cache entries still hit
+    calib = quant.get("calib") or {}
+    if is_file_source(calib.get("dataset")):  # a local calibration file counts by its content, not its path
+        calib["dataset"] = source_identity(calib["dataset"])
     blob = {"v": CACHE_VERSION, "model": model_sha, "dtype": dtype, "quant": quant,
             "code": sources_sha(method_sources(cfg.method))}  # the method's sources: new code, new weights
     if calib_id is not None and METHODS.get(cfg.method).needs_calibration:

@@ -1,5 +1,7 @@
-"""The quantization-method registry. A method is a function `(model, QuantConfig, QuantContext) -> QuantOutcome`
-that changes the model in place; adding one is a new file with `@METHODS.register(name)` and a conf/quant/*.yaml."""
+"""The quantization-method registry. A method is a function `(model, <its config>, QuantContext) -> QuantOutcome`
+that changes the model in place; adding one is a new file with its config dataclass (`@quant_config(name)`,
+harness.config) and the function (`@method(name, needs_calibration=...)`), a conf/quant/*.yaml, and an import in
+quant/__init__.py (README "Adding a method")."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -7,7 +9,7 @@ from typing import Callable, Protocol
 
 import torch
 
-from harness.config import QuantConfig
+from harness.config import FP16Config, QuantConfig
 from harness.registry import Registry
 from quant.onload import Placement
 
@@ -52,6 +54,7 @@ def method_sources(name: str) -> list[str]:
 
 
 def method(name: str, needs_calibration: bool):
+    """Register a method function under `name`; its config class registers under the same name (@quant_config)."""
     def deco(fn):
         fn.needs_calibration = needs_calibration
         return METHODS.register(name)(fn)
@@ -60,6 +63,6 @@ def method(name: str, needs_calibration: bool):
 
 
 @method("fp16", needs_calibration=False)
-def fp16(model, cfg: QuantConfig, ctx: QuantContext) -> QuantOutcome:
+def fp16(model, cfg: FP16Config, ctx: QuantContext) -> QuantOutcome:
     """The unquantized reference: nothing to do."""
     return QuantOutcome(summary={"method": "fp16"})

@@ -1,12 +1,15 @@
-"""Model surgery shared by the methods: find the Linears to quantize, settle each one's group size (before any long
-work), and replace a Linear's weight by its quantize-dequantize image while keeping the integer codes."""
+"""Model surgery shared by the methods: find the Linears to quantize, settle each one's spec (bits, group size, or
+skipped, with the config's per-layer overrides: `plan_layers`, before any long work), and replace a Linear's weight
+by its quantize-dequantize image while keeping the integer codes."""
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
 from harness.architectures import ARCHITECTURES, Architecture, architecture_for, get_blocks
-from harness.config import QuantConfig
+from harness.config import ConfigError, WeightQuantConfig
 from quant.primitives import QTensor, check_group_size, quantize_tensor
 
 
@@ -20,40 +23,103 @@ def quantizable_linears(model, arch: Architecture | None = None) -> dict[str, nn
     return out
 
 
-def group_size_for(in_features: int, cfg: QuantConfig, name: str) -> int:
-    """The group size used for a layer; with group_fallback=per_channel a non-dividing size becomes -1 (recorded)."""
+@dataclass(frozen=True)
+class LayerSpec:
+    """How one Linear is quantized: the method's w_bit / group size / zero point, or a layer override's; `skip`
+    keeps it unquantized (no codes, no export packing, FP16 in the bytes)."""
+
+    w_bit: int
+    group_size: int
+    zero_point: bool
+    skip: bool = False
+    override: int | None = None  # index into quant.layer_overrides of the entry that decided, if any
+    fell_back: bool = False  # the group size asked for did not divide in_features: per channel (group_fallback)
+
+
+@dataclass
+class LayerPlan:
+    """One LayerSpec per quantizable Linear (qualified name), settled before any long work."""
+
+    specs: dict[str, LayerSpec]
+    fallbacks: list[str] = field(default_factory=list)  # group size did not divide: per channel (group_fallback)
+
+    def quantized(self) -> dict[str, LayerSpec]:
+        return {n: s for n, s in self.specs.items() if not s.skip}
+
+    def summary(self) -> dict:
+        """For the record's quant summary: which layers the overrides changed, and to what (empty without any)."""
+        changed = {n: ({"skip": True} if s.skip else {"w_bit": s.w_bit, "group_size": s.group_size})
+                   for n, s in self.specs.items() if s.override is not None}
+        if not changed:
+            return {}
+        return {"layer_overrides": changed, "layers_skipped": sorted(n for n, s in self.specs.items() if s.skip)}
+
+
+def group_size_for(in_features: int, cfg: WeightQuantConfig, name: str, group_size: int | None = None) -> int:
+    """The group size used for a layer (`group_size`, default cfg.group_size); with group_fallback=per_channel a
+    non-dividing size becomes -1 (recorded)."""
+    g = cfg.group_size if group_size is None else group_size
     try:
-        check_group_size(in_features, cfg.group_size, name)
-        return cfg.group_size
+        check_group_size(in_features, g, name)
+        return g
     except ValueError:
         if cfg.group_fallback == "per_channel":
             return -1
         raise
 
 
-def plan_group_sizes(model, cfg: QuantConfig) -> tuple[dict[str, int], list[str]]:
-    """Group size per quantized Linear, and the layers that fell back; raises before any long work on bad input."""
-    sizes, fallbacks = {}, []
-    for name, lin in quantizable_linears(model).items():
-        g = group_size_for(lin.in_features, cfg, name)
-        sizes[name] = g
-        if g != cfg.group_size:
-            fallbacks.append(name)
-    return sizes, fallbacks
+def layer_spec(name: str, in_features: int, cfg: WeightQuantConfig) -> LayerSpec:
+    """The spec of one Linear: the first quant.layer_overrides entry matching its name decides (fields left null keep
+    the method's), then the group-size fallback."""
+    i, o = next(((i, o) for i, o in enumerate(cfg.layer_overrides) if o.matches(name)), (None, None))
+    w_bit = cfg.w_bit if o is None or o.w_bit is None else o.w_bit
+    g = cfg.group_size if o is None or o.group_size is None else o.group_size
+    if o is not None and o.skip:  # never quantized; a group size that fits still serves AWQ's per-group statistics
+        return LayerSpec(w_bit, g if g == -1 or in_features % g == 0 else -1, cfg.zero_point, skip=True, override=i)
+    used = group_size_for(in_features, cfg, name, g)
+    return LayerSpec(w_bit, used, cfg.zero_point, override=i, fell_back=used != g)
 
 
-def check_group_sizes(cfg: QuantConfig, hf_config: dict) -> None:
-    """plan_group_sizes from the model's config.json alone, so a group size that does not divide a layer fails before
+def _check_overrides_match(cfg: WeightQuantConfig, names: list[str]) -> None:
+    """An override whose pattern names no quantized Linear is a typo that would silently change nothing."""
+    for i, o in enumerate(cfg.layer_overrides):
+        if not any(o.matches(n) for n in names):
+            raise ConfigError(f"quant.layer_overrides[{i}].pattern: {o.pattern!r} matches no quantized Linear — "
+                              f"names look like {names[0] if names else '(none)'} — use a glob (model.layers.*.mlp.*) "
+                              f"or re:<regex> over such names")
+
+
+def plan_layers(model, cfg: WeightQuantConfig) -> LayerPlan:
+    """A LayerSpec per quantized Linear; raises before any long work on a bad group size or an unmatched override."""
+    linears = quantizable_linears(model)
+    _check_overrides_match(cfg, list(linears))
+    plan = LayerPlan({})
+    for name, lin in linears.items():
+        spec = plan.specs[name] = layer_spec(name, lin.in_features, cfg)
+        if spec.fell_back:
+            plan.fallbacks.append(name)
+    return plan
+
+
+def plan_group_sizes(model, cfg: WeightQuantConfig) -> tuple[dict[str, int], list[str]]:
+    """Group size per quantized Linear (skipped ones left out), and the layers that fell back (plan_layers)."""
+    plan = plan_layers(model, cfg)
+    return {n: s.group_size for n, s in plan.quantized().items()}, plan.fallbacks
+
+
+def check_group_sizes(cfg: WeightQuantConfig, hf_config: dict) -> None:
+    """plan_layers from the model's config.json alone, so a group size that does not divide a layer fails before
     the model loads (the layer map gives each Linear's in_features; an unknown architecture is left to the method)."""
-    if cfg.method == "fp16" or hf_config.get("model_type") not in ARCHITECTURES:
+    if not isinstance(cfg, WeightQuantConfig) or hf_config.get("model_type") not in ARCHITECTURES:
         return
     try:
         tensors = ARCHITECTURES.get(hf_config["model_type"]).tensors(hf_config)
     except KeyError:  # a config.json without the usual dimension names: the method checks the loaded model
         return
-    for t in tensors:
-        if t.kind == "linear":
-            group_size_for(t.shape[1], cfg, t.name)
+    linears = [t for t in tensors if t.kind == "linear"]
+    _check_overrides_match(cfg, [t.name for t in linears])
+    for t in linears:
+        layer_spec(t.name, t.shape[1], cfg)
 
 
 @torch.no_grad()

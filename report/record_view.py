@@ -11,6 +11,7 @@ from typing import Any, Callable, Optional
 
 from harness import storage_bytes
 from harness.confidence import paired_ppl_diff_ci95
+from harness.config import quant_identity_dict
 from harness.labels import METHOD_ORDER, backend_text, kv_text, method_detail, method_name
 from harness.registry import Registry
 
@@ -343,4 +344,6 @@ def relevant_quant(rec: dict) -> dict:
     only in an unused quant.w_bit are the same run; for a quantizing method every field counts (a sweep over, say,
     quant.n_grid must give separate rows, never one row that hides the other run)."""
     q = dict(dig(rec, "config", "quant", default={}) or {})
-    return {"method": "fp16"} if q.get("method", "fp16") == "fp16" else q
+    # as the run_id sees it (harness.config.quant_identity_dict): a record written before per-method configs and one
+    # written after, of the same config, are one run
+    return {"method": "fp16"} if q.get("method", "fp16") == "fp16" else quant_identity_dict(q)

@@ -9,6 +9,8 @@ from typing import Iterator
 import pytest
 import torch
 
+import quant  # noqa: F401  (registers every method's config, which harness.compose and conf/quant/ need)
+
 torch.set_num_threads(max(1, torch.get_num_threads()))
 
 

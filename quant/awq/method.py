@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from harness.config import QuantConfig
+from quant.awq.config import AWQConfig
 from quant.awq.fold import apply_scale_
 from quant.awq.search import (act_absmax, act_absmean, apply_clip_, group_gram, search_clip, search_scale, smoothing_scale,
                               weight_absmean)
@@ -27,7 +27,7 @@ from harness.architectures import Architecture, get_blocks, architecture_for
 from quant.primitives import fake_quantize
 from quant.registry import QuantContext, QuantOutcome, method
 from harness.storage_bytes import packed_weight_bytes
-from quant.surgery import plan_group_sizes, quantize_linear_
+from quant.surgery import plan_layers, quantize_linear_
 
 MINIBATCH = 16  # sequences per block forward
 
@@ -138,10 +138,11 @@ def _inspect_fn(block, group, kwargs):
 
 
 @method("awq", needs_calibration=True)
-def awq(model, cfg: QuantConfig, ctx: QuantContext) -> QuantOutcome:
+def awq(model, cfg: AWQConfig, ctx: QuantContext) -> QuantOutcome:
     timings = {}
     arch = architecture_for(model)  # unsupported architecture: fails here, naming the registry
-    sizes, fallbacks = plan_group_sizes(model, cfg)  # bad group size: fails here, naming the layer
+    plan = plan_layers(model, cfg)  # bad group size or override: fails here, naming the layer
+    specs = plan.specs
 
     t = time.perf_counter()
     samples = ctx.calibration()
@@ -175,7 +176,7 @@ def awq(model, cfg: QuantConfig, ctx: QuantContext) -> QuantOutcome:
         t_block = time.perf_counter()
         t_acc: dict[str, float] = {}
         with place.block(block):  # what the real forward passes to this block: block_kwargs[i]
-            x = _awq_block(block, i, x, block_kwargs[i], arch, cfg, sizes, keys, capture, search_idx, clip_idx,
+            x = _awq_block(block, i, x, block_kwargs[i], arch, cfg, specs, keys, capture, search_idx, clip_idx,
                            qtensors, chosen_alpha, t_acc)
         t_fwd += t_acc["fwd"]
         t_search += t_acc["search"]
@@ -192,7 +193,7 @@ def awq(model, cfg: QuantConfig, ctx: QuantContext) -> QuantOutcome:
                         "seed": cfg.calib.seed, "search_samples": min(cfg.search_samples, cfg.calib.n_samples),
                         "search_tokens": min(cfg.search_tokens, cfg.calib.n_samples * cfg.calib.seqlen)},
         "scale_grid": cfg.scale_grid,
-        "layers_quantized": len(qtensors), "group_fallback_layers": fallbacks,
+        "layers_quantized": len(qtensors), "group_fallback_layers": plan.fallbacks, **plan.summary(),
         "alpha_mean": sum(chosen_alpha.values()) / len(chosen_alpha) if chosen_alpha else None,
         "block_seconds": block_s, "placement": {"compute": str(place.compute), "offload": place.offload},
         **packed_weight_bytes(model, qtensors),
@@ -200,7 +201,7 @@ def awq(model, cfg: QuantConfig, ctx: QuantContext) -> QuantOutcome:
     return QuantOutcome(summary=summary, timings_s=timings, qtensors=qtensors)
 
 
-def _awq_block(block, i, x, kwargs, arch, cfg, sizes, keys, capture, search_idx, clip_idx, qtensors, chosen_alpha,
+def _awq_block(block, i, x, kwargs, arch, cfg, specs, keys, capture, search_idx, clip_idx, qtensors, chosen_alpha,
                t_acc) -> torch.Tensor:
     """One decoder block, on whatever device it and `x` are on: forward (capture), scale search and fold, clip search,
     quantize. Fills qtensors / chosen_alpha, adds stage seconds to t_acc, returns the block's outputs (the next
@@ -224,11 +225,12 @@ def _awq_block(block, i, x, kwargs, arch, cfg, sizes, keys, capture, search_idx,
         if grp.when is not None and not grp.when(block):
             continue
         lins = [block.get_submodule(n) for n in grp.linears]
-        gsz = [sizes[f"{prefix}.{n}"] for n in grp.linears]
+        spec = [specs[f"{prefix}.{n}"] for n in grp.linears]  # per layer (quant.surgery.plan_layers)
+        gsz = [sp.group_size for sp in spec]
         feat = feats[keys[grp.linears[0]]]
         if cfg.search_scale:
-            def qw(w, j, gsz=gsz):
-                return fake_quantize(w, cfg.w_bit, gsz[j], cfg.zero_point)
+            def qw(w, j, spec=spec):  # a skipped Linear stays FP16: no quantization error to weigh
+                return w if spec[j].skip else fake_quantize(w, spec[j].w_bit, spec[j].group_size, spec[j].zero_point)
             w_mean = weight_absmean([lin.weight for lin in lins], gsz[0]) if cfg.duo_scaling else None
             if search_idx is not None and not grp.inspect_takes_block_kwargs:
                 xs = feat.reshape(-1, feat.shape[-1])[search_idx].unsqueeze(0)  # one pseudo-sequence of tokens
@@ -253,13 +255,15 @@ def _awq_block(block, i, x, kwargs, arch, cfg, sizes, keys, capture, search_idx,
         for rel in arch.linears:
             if rel in arch.no_clip:
                 continue
-            lin = block.get_submodule(rel)
-            gsz = sizes[f"{prefix}.{rel}"]
+            lin, sp = block.get_submodule(rel), specs[f"{prefix}.{rel}"]
+            if sp.skip:
+                continue
+            gsz = sp.group_size
             key = (keys[rel], gsz)
             if key not in grams:
                 feat = feats[keys[rel]].reshape(-1, lin.in_features)
                 grams[key] = group_gram(feat if clip_idx is None else feat[clip_idx], gsz)
-            max_val = search_clip(lin.weight.data, None, cfg.w_bit, gsz, cfg.zero_point, cfg.clip_n_grid,
+            max_val = search_clip(lin.weight.data, None, sp.w_bit, gsz, sp.zero_point, cfg.clip_n_grid,
                                   cfg.clip_max_shrink, gram=grams[key])
             apply_clip_(lin, max_val)
         del grams
@@ -268,8 +272,9 @@ def _awq_block(block, i, x, kwargs, arch, cfg, sizes, keys, capture, search_idx,
     # 5. quantize
     t = time.perf_counter()
     for rel in arch.linears:
-        name = f"{prefix}.{rel}"
-        qtensors[name] = quantize_linear_(block.get_submodule(rel), cfg.w_bit, sizes[name], cfg.zero_point)
+        name, sp = f"{prefix}.{rel}", specs[f"{prefix}.{rel}"]
+        if not sp.skip:
+            qtensors[name] = quantize_linear_(block.get_submodule(rel), sp.w_bit, sp.group_size, sp.zero_point)
     t_quant += time.perf_counter() - t
     del feats
     t_acc.update(fwd=t_fwd, search=t_search, clip=t_clip, quant=t_quant)

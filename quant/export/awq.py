@@ -86,12 +86,18 @@ def check_awq_config(cfg, model=None) -> None:
                              "export with a group size that divides every in_features, e.g. 64")
     if model is None:
         return
-    from quant.surgery import plan_group_sizes, quantizable_linears
+    from quant.surgery import plan_layers, quantizable_linears
 
     try:
-        _, fallbacks = plan_group_sizes(model, cfg)
+        plan = plan_layers(model, cfg)
     except ValueError as e:
         raise AWQExportError(str(e).splitlines()[0]) from None
+    fallbacks = plan.fallbacks
+    for name, spec in plan.quantized().items():  # layer overrides: skipped layers stay FP16 (modules_to_not_convert)
+        _check_bits_and_zero_point(spec.w_bit, spec.zero_point, f" ({name}, quant.layer_overrides)")
+        if spec.group_size != cfg.group_size and not spec.fell_back:
+            raise AWQExportError(f"quant.layer_overrides: {name} has group size {spec.group_size}, the others "
+                                 f"{cfg.group_size}; AWQ's quantization_config holds one group size")
     if fallbacks:
         raise AWQExportError(f"quant.group_size={cfg.group_size} does not divide in_features of {len(fallbacks)} layers "
                              f"(first: {fallbacks[0]}), which group_fallback=per_channel would quantize per channel; "

@@ -44,7 +44,7 @@ if [ "$stage" = tp1 ]; then
   # serve with tp=2: the AWQ W4A16 + KV int8 checkpoint written above, both GPUs
   python3 -m app.serve --ask "Write one sentence about rivers." --out /tmp/r/serve_chat_13b_tp2.json \
       --server-log "$OUT/serve_13b_tp2_server.log" --tokenizer $TOK --synthetic-root $SYN --timeout 160 \
-      -- model=llama2_13b_synthetic quant.method=awq quant.group_size=128 kv=int8 backend.tp=2 backend.max_batch_size=8 \
+      -- model=llama2_13b_synthetic quant=awq quant.group_size=128 kv=int8 backend.tp=2 backend.max_batch_size=8 \
       > "$OUT/serve_13b_tp2.log" 2>&1 &
   S=$!
   # the environment of the server and every process under it (the engine's workers), every 10 s while it runs

@@ -274,10 +274,10 @@ def test_quality_metrics_are_refused_on_random_weights():
 
 def test_weight_format_from_quant_config():
     assert synthetic.weight_format(compose([])).label == "fp16"
-    f = synthetic.weight_format(compose(["quant.method=awq", "quant.group_size=128"]))
+    f = synthetic.weight_format(compose(["quant=awq", "quant.group_size=128"]))
     assert f.label == "awq-w4g128"
     with pytest.raises(ValueError, match="w_bit"):
-        synthetic.weight_format(compose(["quant.method=awq", "quant.w_bit=3"]))
+        synthetic.weight_format(compose(["quant=awq", "quant.w_bit=3"]))
 
 
 TINY = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness.config import ConfigError, QuantConfig, RunConfig
+from harness.config import ConfigError, RunConfig
 from eval.memory import check_fits, kv_memory, weight_memory
 from eval.registry import EvalContext
 from eval.throughput import greedy_run, measure, model_under_test, prompt_batch
@@ -37,7 +37,9 @@ def rtn_bf16(smollm2_resolved):
     from quant import METHODS, QuantContext
 
     model = load_model(smollm2_resolved, ModelConfig(name="x", path="embedded:smollm2-135m-instruct", dtype="bfloat16"))
-    out = METHODS.get("rtn")(model, QuantConfig(method="rtn", w_bit=4, group_size=64), QuantContext(None, False))
+    from quant.rtn import RTNConfig
+
+    out = METHODS.get("rtn")(model, RTNConfig(w_bit=4, group_size=64), QuantContext(None, False))
     return model, out.qtensors
 
 

@@ -34,20 +34,21 @@ def repo_copy(tmp_path, monkeypatch):
 
 def test_editing_a_method_changes_its_part_and_the_quantized_cache_key(repo_copy):
     from experiments.pipeline import code_version_of
-    from harness.config import QuantConfig
+    from quant.awq.config import AWQConfig
+    from quant.rtn import RTNConfig
     from quant.quantized_cache import quant_key
 
     awq, rtn = cfg_of(SMALL + ["quant=awq_w4"]), cfg_of(SMALL + ["quant=rtn_w4"])
     before = {c.quant.method: code_version_of(c) for c in (awq, rtn)}
-    keys = {m: quant_key("m", QuantConfig(method=m), "bfloat16") for m in ("awq", "rtn")}
+    keys = {m: quant_key("m", {"awq": AWQConfig, "rtn": RTNConfig}[m](), "bfloat16") for m in ("awq", "rtn")}
     with open(repo_copy / "quant" / "awq" / "search.py", "a") as f:
         f.write("\n# a change\n")
     after = {c.quant.method: code_version_of(c) for c in (awq, rtn)}
     assert after["awq"]["hash"] != before["awq"]["hash"]
     assert env.changed_parts(before["awq"], after["awq"]) == ["quant.awq"]
     assert after["rtn"] == before["rtn"]  # RTN's numbers do not depend on AWQ's search
-    assert quant_key("m", QuantConfig(method="awq"), "bfloat16") != keys["awq"]
-    assert quant_key("m", QuantConfig(method="rtn"), "bfloat16") == keys["rtn"]
+    assert quant_key("m", AWQConfig(), "bfloat16") != keys["awq"]
+    assert quant_key("m", RTNConfig(), "bfloat16") == keys["rtn"]
 
 
 def test_stale_reasons():

@@ -209,14 +209,14 @@ def test_group_size_that_does_not_divide_a_layer_fails_before_the_model_loads(tm
     from transformers import AutoConfig
 
     from experiments import pipeline
-    from harness.config import QuantConfig
+    from quant.rtn import RTNConfig
     from quant.surgery import check_group_sizes
 
     hf = AutoConfig.from_pretrained(smollm2_resolved.directory).to_dict()
     with pytest.raises(ConfigError, match=r"quant.group_size=128 does not divide in_features=576 of model\.layers\.0\."):
-        check_group_sizes(QuantConfig(method="rtn", group_size=128), hf)
-    check_group_sizes(QuantConfig(method="rtn", group_size=128, group_fallback="per_channel"), hf)
-    check_group_sizes(QuantConfig(method="rtn", group_size=64), hf)
+        check_group_sizes(RTNConfig(group_size=128), hf)
+    check_group_sizes(RTNConfig(group_size=128, group_fallback="per_channel"), hf)
+    check_group_sizes(RTNConfig(group_size=64), hf)
     monkeypatch.setattr(pipeline, "load_model", _boom)
     with pytest.raises(ConfigError, match="quant.group_size=128"):
         pipeline.run(cfg_of(SMALL + ["quant=rtn_w4", "quant.group_size=128", f"results_dir={tmp_path}"]))
@@ -256,7 +256,7 @@ def test_calibration_checks_run_before_the_model_loads(tmp_path, monkeypatch, ca
 def test_weights_that_quantization_makes_nonfinite_are_named_and_never_cached(tmp_path, monkeypatch):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from harness.config import QuantConfig
+    from quant.rtn import RTNConfig
     from harness.registry import Registry
     from quant import quantized_cache
     from quant.registry import QuantContext, QuantOutcome
@@ -272,7 +272,7 @@ def test_weights_that_quantization_makes_nonfinite_are_named_and_never_cached(tm
     hf = AutoConfig.for_model("llama", vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                               num_attention_heads=4, num_key_value_heads=2)
     model = AutoModelForCausalLM.from_config(hf)
-    cfg = QuantConfig(method="rtn")
+    cfg = RTNConfig()
     with pytest.raises(ConfigError, match=r"^quant.method: rtn — quantizing left 2 NaN/Inf values of 8192 in "
                                           r"model\.layers\.1\.mlp\.up_proj\.weight"):
         quantized_cache.quantize_cached(model, cfg, "sha", "float32", QuantContext(calibration=lambda: None), {})

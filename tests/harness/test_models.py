@@ -6,7 +6,9 @@ import shutil
 import pytest
 import torch
 
-from harness.config import ModelConfig, QuantConfig
+from harness.config import ModelConfig
+from quant.awq.config import AWQConfig
+from quant.rtn import RTNConfig
 
 
 @pytest.fixture
@@ -44,7 +46,7 @@ def test_same_size_copies_with_other_weights_differ_everywhere(two_copies):
 
     a, b = (_resolve(p) for p in two_copies)
     assert a.model_sha != b.model_sha and a.model_sha.startswith("weights-sha256:")
-    q = QuantConfig(method="rtn")
+    q = RTNConfig()
     assert quant_key(a.model_sha, q, "bfloat16") != quant_key(b.model_sha, q, "bfloat16")
     w = torch.zeros(1, 8, dtype=torch.long)
     assert reference_key(a.model_sha, torch.bfloat16, "cpu", w) != reference_key(b.model_sha, torch.bfloat16, "cpu", w)
@@ -73,10 +75,10 @@ def test_weight_files_are_hashed_once_and_again_when_touched(two_copies, monkeyp
 def test_calibration_text_enters_the_quantized_cache_key():
     from quant.quantized_cache import quant_key
 
-    awq = QuantConfig(method="awq")
+    awq = AWQConfig()
     k = [quant_key("m", awq, "bfloat16", {"text_sha256": t, "bos_token_id": None}) for t in ("aaaa", "bbbb")]
     assert k[0] != k[1]
-    rtn = QuantConfig(method="rtn")  # calibration-free methods ignore it
+    rtn = RTNConfig()  # calibration-free methods ignore it
     assert quant_key("m", rtn, "bfloat16", {"text_sha256": "aaaa"}) == quant_key("m", rtn, "bfloat16", None)
 
 

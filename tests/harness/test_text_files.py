@@ -38,7 +38,7 @@ def test_jsonl_text_field_and_calibration(tmp_path, tokenizer):
     f.write_text("\n".join(json.dumps({"id": i, "text": f"Document {i}. " + "words " * 300}) for i in range(3)) + "\n")
     text = load_text(f"file:{f}")
     assert text == "\n\n".join(f"Document {i}. " + "words " * 300 for i in range(3))
-    cfg = _cfg("milton", "quant=rtn_w4", f"quant.calib.dataset=file:{f}", "quant.calib.n_samples=2",
+    cfg = _cfg("milton", "quant=awq_w4", f"quant.calib.dataset=file:{f}", "quant.calib.n_samples=2",
                "quant.calib.seqlen=32")
     get, _ = calibration_provider(cfg.quant.calib, tokenizer)
     samples = get()
@@ -58,9 +58,9 @@ def test_content_not_path_identifies_a_file(tmp_path):
     a.write_text(TEXT + "\nOne more line.")
     assert run_id(_cfg(f"file:{a}")) != rid  # an edited file is a new run ...
     assert text_sha256(load_text(f"file:{a}")) != text_sha256(TEXT)  # ... and a new data hash in the record
-    calib = run_id(_cfg("milton", "quant=rtn_w4", f"quant.calib.dataset=file:{a}"))
+    calib = run_id(_cfg("milton", "quant=awq_w4", f"quant.calib.dataset=file:{a}"))
     b.write_text("something else entirely " * 50)
-    assert run_id(_cfg("milton", "quant=rtn_w4", f"quant.calib.dataset=file:{b}")) != calib
+    assert run_id(_cfg("milton", "quant=awq_w4", f"quant.calib.dataset=file:{b}")) != calib
 
 
 @pytest.mark.parametrize("name, content, message", [
@@ -77,7 +77,7 @@ def test_bad_files_fail_in_one_line_before_the_model_loads(tmp_path, monkeypatch
         f.write_text(content)
     monkeypatch.setattr(P, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     for cfg in (_cfg(f"file:{f}", f"results_dir={tmp_path}"),
-                _cfg("milton", "quant=rtn_w4", f"quant.calib.dataset=file:{f}", f"results_dir={tmp_path}")):
+                _cfg("milton", "quant=awq_w4", f"quant.calib.dataset=file:{f}", f"results_dir={tmp_path}")):
         with pytest.raises(ConfigError, match=message) as e:
             P.run(cfg)
         assert "\n" not in str(e.value) and str(f) in str(e.value)
@@ -89,7 +89,7 @@ def test_quantized_weight_cache_keys_a_calibration_file_by_content(tmp_path):
     a, b = tmp_path / "a.txt", tmp_path / "b.txt"
     a.write_text(TEXT)
     b.write_text(TEXT)
-    q = lambda f: _cfg("milton", "quant=rtn_w4", f"quant.calib.dataset=file:{f}").quant  # noqa: E731
+    q = lambda f: _cfg("milton", "quant=awq_w4", f"quant.calib.dataset=file:{f}").quant  # noqa: E731
     key = quant_key("m", q(a), "bfloat16")
     assert quant_key("m", q(b), "bfloat16") == key
     a.write_text(TEXT + " edited")

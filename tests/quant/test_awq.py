@@ -6,7 +6,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from harness.config import CalibConfig, QuantConfig
+from harness.config import CalibConfig
+from quant.awq.config import AWQConfig
+from quant.rtn import RTNConfig
 from quant import METHODS, QuantContext
 from quant.awq.fold import apply_scale_
 from quant.awq.search import act_absmean, awq_scale, grid_points, group_gram, search_clip, search_scale
@@ -229,8 +231,8 @@ def test_awq_beats_rtn_on_held_out_text_and_keeps_tied_embeddings(smollm2_fp32, 
     held = milton_ids[: 4 * 128].view(4, 128)
     ref = base.model(held).last_hidden_state.double()
     errs = {}
-    for name, q in {"rtn": QuantConfig(method="rtn", w_bit=3, group_size=64),
-                    "awq": QuantConfig(method="awq", w_bit=3, group_size=64, search_samples=8, n_grid=10,
+    for name, q in {"rtn": RTNConfig(w_bit=3, group_size=64),
+                    "awq": AWQConfig(w_bit=3, group_size=64, search_samples=8, n_grid=10,
                                        calib=CalibConfig(n_samples=16, seqlen=128), **search)}.items():
         m = copy.deepcopy(base)
         out = METHODS.get(q.method)(m, q, QuantContext(calibration=lambda: _calib(calib_ids, 16, 128), progress=False))
@@ -249,14 +251,14 @@ def test_awq_beats_rtn_on_held_out_text_and_keeps_tied_embeddings(smollm2_fp32, 
 def test_awq_rejects_nan_calibration_activations(smollm2_fp32, calib_ids):
     m = _truncated(smollm2_fp32, 1)
     m.model.embed_tokens.weight.data[:] = float("nan")
-    q = QuantConfig(method="awq", w_bit=4, group_size=64, calib=CalibConfig(n_samples=2, seqlen=32))
+    q = AWQConfig(w_bit=4, group_size=64, calib=CalibConfig(n_samples=2, seqlen=32))
     with pytest.raises(FloatingPointError, match="NaN"):
         METHODS.get("awq")(m, q, QuantContext(calibration=lambda: _calib(calib_ids, 2, 32), progress=False))
 
 
 def test_group_size_128_fails_fast_or_falls_back_per_channel(smollm2_fp32):
     m = _truncated(smollm2_fp32, 1)
-    q = QuantConfig(method="rtn", w_bit=4, group_size=128)
+    q = RTNConfig(w_bit=4, group_size=128)
     with pytest.raises(ValueError, match=r"group_size=128 does not divide in_features=576 of model\.layers\.0\.self_attn\.q_proj"):
         METHODS.get("rtn")(m, q, QuantContext(calibration=lambda: None, progress=False))
     q.group_fallback = "per_channel"
@@ -318,7 +320,7 @@ def test_calibration_gives_every_block_the_inputs_the_real_forward_gives_it():
 def test_awq_runs_on_a_model_with_sliding_and_global_layers():
     model = _tiny_gemma3().float()
     samples = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
-    cfg = QuantConfig(method="awq", w_bit=4, group_size=16, search_samples=2, n_grid=4, clip_n_grid=4, clip_tokens=0,
+    cfg = AWQConfig(w_bit=4, group_size=16, search_samples=2, n_grid=4, clip_n_grid=4, clip_tokens=0,
                       calib=CalibConfig(n_samples=4, seqlen=16))
     out = METHODS.get("awq")(model, cfg, QuantContext(calibration=lambda: samples, progress=False))
     assert out.summary["layers_quantized"] == 7 * len(model.model.layers)

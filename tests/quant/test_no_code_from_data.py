@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.config import QuantConfig
+from quant.rtn import RTNConfig
 from quant import quantized_cache
 from quant.registry import METHODS, QuantContext
 
@@ -36,7 +36,7 @@ def _tiny_llama(seed: int = 0):
     return AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).eval()
 
 
-RTN = QuantConfig(method="rtn", w_bit=4, group_size=32)
+RTN = RTNConfig(w_bit=4, group_size=32)
 
 
 @pytest.fixture

@@ -10,7 +10,8 @@ import copy
 import pytest
 import torch
 
-from harness.config import QuantConfig
+from quant.awq.config import AWQConfig
+from quant.rtn import RTNConfig
 from quant import METHODS, QuantContext
 from quant.onload import HOST, Placement
 from tests.quant.test_awq import _calib, _truncated
@@ -35,9 +36,9 @@ def _spy_moves(model, monkeypatch) -> list[tuple[str, str]]:
 @pytest.mark.parametrize("method", ["rtn", "awq"])
 def test_blocks_take_turns_and_results_do_not_change(method, smollm2_fp32, calib_ids, monkeypatch):
     base = _truncated(smollm2_fp32, 3)
-    cfg = QuantConfig(method=method, w_bit=4, group_size=64)
+    cfg = RTNConfig(w_bit=4, group_size=64)
     if method == "awq":
-        cfg = QuantConfig(method="awq", w_bit=4, group_size=64, search_samples=2, n_grid=4, clip_n_grid=4,
+        cfg = AWQConfig(w_bit=4, group_size=64, search_samples=2, n_grid=4, clip_n_grid=4,
                           clip_tokens=256)
     samples = _calib(calib_ids, 4, 64)
     in_place = copy.deepcopy(base)

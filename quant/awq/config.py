@@ -1,0 +1,42 @@
+"""AWQ's config (Lin et al. 2023): the scale search, the clipping search and the calibration set. Selected by
+conf/quant/awq*.yaml; its fields are the method's whole interface (quant.awq.method reads them). Its report label
+is harness.labels' "awq" entry (records of it are read without importing quant)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from harness.config import CalibConfig, WeightQuantConfig, _require, quant_config
+
+
+@quant_config("awq")
+@dataclass
+class AWQConfig(WeightQuantConfig):
+    method: str = "awq"
+    # scale search over alpha in [0, 1) on n_grid points, else a fixed smoothing ratio (LMDeploy `lite auto_awq`)
+    search_scale: bool = True
+    smooth_ratio: float = 0.5
+    n_grid: int = 20
+    duo_scaling: bool = False  # s = mean|x|^a / mean|w|^(1-a) (AutoAWQ) instead of mean|x|^a (paper, llm-awq)
+    # which alphas are scored: full (every grid point, llm-awq) | coarse_fine (9 of 20, exact when the loss is unimodal)
+    scale_grid: str = "full"
+    # calibration sequences whose attention output scores each grid point (all are used for the statistics)
+    search_samples: int = 16
+    # tokens, drawn at random over all calibration sequences, that score groups inspected token by token (MLP,
+    # single Linears); 0 = the first search_samples sequences, as for the attention
+    search_tokens: int = 0
+    clip: bool = True
+    clip_n_grid: int = 20
+    clip_max_shrink: float = 0.5
+    clip_tokens: int = 512  # calibration tokens (seeded random) that score the clipping; 0 = every one
+    calib: CalibConfig = field(default_factory=CalibConfig)
+
+    def validate(self) -> None:
+        super().validate()
+        _require(0.0 <= self.smooth_ratio <= 1.0, "quant.smooth_ratio", "must be in [0, 1]")
+        _require(self.n_grid >= 1, "quant.n_grid", "must be >= 1")
+        _require(self.scale_grid in ("full", "coarse_fine"), "quant.scale_grid", f"{self.scale_grid!r} is not one of full, coarse_fine")
+        _require(self.search_samples >= 1, "quant.search_samples", "must be >= 1")
+        _require(self.clip_tokens >= 0, "quant.clip_tokens", "must be >= 0 (0 = every calibration token)")
+        _require(self.search_tokens >= 0, "quant.search_tokens", "must be >= 0 (0 = whole sequences)")
+        _require(0.0 < self.clip_max_shrink < 1.0, "quant.clip_max_shrink", "must be in (0, 1)")
+        self.calib.validate()
