@@ -33,4 +33,12 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    import sys
+
+    from experiments.sweep_check import default_method_field_error
+
+    with one_line_errors(ConfigError):
+        err = default_method_field_error(sys.argv[1:])
+        if err:
+            raise err
     main()

@@ -5,6 +5,7 @@ Only the basic sweeper's grids are expanded here (the sweeper every launcher pre
 checked one by one as they start, as before."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from hydra.experimental.callback import Callback
@@ -48,3 +49,27 @@ class CheckSweep(Callback):
             return
         with one_line_errors(ConfigError):
             check_sweep(config, GlobalHydra.instance().config_loader())
+
+
+def default_method_field_error(overrides: list[str]) -> ConfigError | None:
+    """`quant.w_bit=3,4` with no method chosen: the default quant (fp16) has no such field, and Hydra's own message
+    ("Key 'w_bit' not in 'QuantConfig' ... use +quant.w_bit=3") points the wrong way. Checked on the command line
+    before Hydra composes anything; only when nothing else (quant=, an experiment or sweep preset) picks the method."""
+    from harness.config import QUANT_CONFIGS, user_error
+
+    plain = [o for o in overrides if not o.startswith("-")]
+    if any(o.split("=", 1)[0].lstrip("+~") in ("quant", "experiment", "sweep") for o in plain):
+        return None
+    fields = {f.name for f in dataclasses.fields(QUANT_CONFIGS.get("fp16"))}
+    for o in plain:
+        key, eq, value = o.partition("=")
+        if eq and key.startswith("quant.") and not key.startswith("quant.method"):
+            name = key.split(".")[1]
+            if name in fields:
+                continue
+            owners = [m for m in QUANT_CONFIGS.names() if name in {f.name for f in dataclasses.fields(QUANT_CONFIGS.get(m))}]
+            example = "quant=rtn_w4,awq_w4" if "w_bit" in name or "group" in name else f"quant={owners[0] if owners else 'awq'}"
+            return user_error(key, value, "the default quant=fp16 has no such field" +
+                              (f" (a field of {', '.join(owners)})" if owners else ""),
+                              f"choose the method first, e.g. `-m {example} {key}={value}`")
+    return None

@@ -51,3 +51,22 @@ def test_cli_sweep_fails_before_the_first_job(tmp_path):
         f"error: quant.w_bit: must be in 2..8, got 9 (sweep job `quant=rtn_w4 quant.w_bit=9 "
         f"results_dir={tmp_path / 'results'}`; none of the 3 jobs ran)"]
     assert not (tmp_path / "results").exists()
+
+
+def test_a_weight_field_without_a_method_names_the_fix(tmp_path):
+    """`-m quant.w_bit=3,4 quant.group_size=64,128` on the default quant=fp16: one line saying FP16 has no w_bit and
+    how to choose a method, before Hydra composes (whose own message suggests `+quant.w_bit`)."""
+    from experiments.sweep_check import default_method_field_error
+
+    import quant  # noqa: F401  (registers the method configs)
+
+    err = default_method_field_error(["-m", "quant.w_bit=3,4", "quant.group_size=64,128"])
+    assert str(err).startswith("quant.w_bit: 3,4 — the default quant=fp16 has no such field (a field of ")
+    assert "choose the method first, e.g. `-m quant=rtn_w4,awq_w4 quant.w_bit=3,4`" in str(err)
+    assert default_method_field_error(["-m", "quant=rtn_w4", "quant.w_bit=3,4"]) is None
+    assert default_method_field_error(["+experiment=awq_w4", "quant.w_bit=3"]) is None
+    assert default_method_field_error(["quant.method=fp16", "eval=smoke"]) is None
+    p = subprocess.run([sys.executable, "-m", "experiments.run", "-m", "quant.w_bit=3,4", f"results_dir={tmp_path}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr[-2000:]
+    assert p.stderr.startswith("error: quant.w_bit: 3,4 — the default quant=fp16 has no such field")
