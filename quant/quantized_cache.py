@@ -30,9 +30,12 @@ CACHE_VERSION = 4  # bump when a method changes what it computes or how it is st
 warn = logger("cache")  # cache problems are warnings: the cache is optional
 
 
-def quant_key(model_sha: str, cfg: QuantConfig, dtype: str, calib_id: dict | None = None) -> str:
+def quant_key(model_sha: str, cfg: QuantConfig, dtype: str, calib_id: dict | None = None, device: str = "cpu") -> str:
     """`calib_id`: what the calibration samples are made of (harness.data.calibration_identity: the text's sha256,
-    tokenizer, BOS); left out for methods that do not calibrate."""
+    tokenizer, BOS); left out for methods that do not calibrate. `device`: the kind of device that computed the
+    weights (a search on CUDA picks other scales and clips than on the CPU: bf16 kernels differ), so a cache shared
+    between a GPU and a CPU machine never hands one's weights to the other; left out for the CPU, whose earlier
+    entries keep their keys."""
     quant = quant_identity(cfg)  # fp16/rtn/awq in their compatibility view: their earlier cache entries still hit
     calib = quant.get("calib") or {}
     if is_file_source(calib.get("dataset")):  # a local calibration file counts by its content, not its path
@@ -41,6 +44,8 @@ def quant_key(model_sha: str, cfg: QuantConfig, dtype: str, calib_id: dict | Non
             "code": sources_sha(method_sources(cfg.method))}  # the method's sources: new code, new weights
     if calib_id is not None and METHODS.get(cfg.method).needs_calibration:
         blob["calibration"] = calib_id
+    if device != "cpu":
+        blob["device"] = device
     blob = json.dumps(blob, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
@@ -151,7 +156,7 @@ def quantize_cached(model, cfg: QuantConfig, model_sha: str, dtype: str, ctx: Qu
     method = METHODS.get(cfg.method)
     if cfg.method == "fp16":
         return method(model, cfg, ctx)
-    key = quant_key(model_sha, cfg, dtype, calib_id)
+    key = quant_key(model_sha, cfg, dtype, calib_id, device=ctx.placement.compute.type)
     cached = None if force else load_into(key, model)
     if cached is not None:
         log(f"quantized weights from cache ({key}); original quantize time {sum(cached.timings_s.values()):.1f} s")

@@ -86,3 +86,14 @@ def test_run_reuses_only_a_record_of_the_same_code(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"record {path} made by other code (quant.fp16 changed); recomputing" in err
     assert again["code_version"] == pipeline.code_version_of(cfg) and again["run_id"] == rec["run_id"]
+
+
+def test_weights_computed_on_a_gpu_have_their_own_cache_key():
+    """A cache shared between a GPU and a CPU machine never hands one's quantized weights to the other (a search on
+    CUDA picks other scales); CPU keys are those of entries made before the device entered the key."""
+    from quant.awq.config import AWQConfig
+    from quant.quantized_cache import quant_key
+
+    cpu = quant_key("m", AWQConfig(), "bfloat16", {"text": "x"})
+    assert quant_key("m", AWQConfig(), "bfloat16", {"text": "x"}, device="cpu") == cpu
+    assert quant_key("m", AWQConfig(), "bfloat16", {"text": "x"}, device="cuda") not in (cpu, None)
