@@ -173,6 +173,9 @@ class QuantConfig:
     clip_n_grid: int = 20
     clip_max_shrink: float = 0.5
     clip_tokens: int = 512  # calibration tokens (seeded random) that score the clipping; 0 = every one
+    # what the next decoder block calibrates on (quant.calibration.runner): the outputs of the fp16 block (llm-awq,
+    # AutoAWQ) or of the quantized one (llm-compressor); auto = the method's own convention (AWQ: fp16)
+    propagate: str = "auto"
     calib: CalibConfig = field(default_factory=CalibConfig)
 
     def validate(self) -> None:
@@ -188,6 +191,7 @@ class QuantConfig:
         _require(self.clip_tokens >= 0, "quant.clip_tokens", "must be >= 0 (0 = every calibration token)")
         _require(self.search_tokens >= 0, "quant.search_tokens", "must be >= 0 (0 = whole sequences)")
         _require(0.0 < self.clip_max_shrink < 1.0, "quant.clip_max_shrink", "must be in (0, 1)")
+        _require(self.propagate in ("auto", "fp16", "quantized"), "quant.propagate", f"{self.propagate!r} is not one of auto, fp16, quantized")
         self.calib.validate()
 
 
@@ -244,7 +248,7 @@ class RunConfig:
 NON_IDENTITY_FIELDS = ("results_dir", "force", "progress", "offload")
 # fields added after records existed, left out of a run's identity while they hold their default, so those records
 # keep their run_id (data.add_bos=auto gives the embedded SmolLM2 no BOS, exactly as before the field existed)
-LATE_FIELDS = {("data", "add_bos"): "auto"}
+LATE_FIELDS = {("data", "add_bos"): "auto", ("quant", "propagate"): "auto"}
 
 
 def register_schemas() -> None:
