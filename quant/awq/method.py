@@ -1,14 +1,18 @@
-"""AWQ W4A16 (Lin et al. 2023) block by block, as llm-awq's run_awq does it:
+"""AWQ W4A16 (Lin et al. 2023) block by block, as llm-awq's run_awq does it, on the sequential calibration runner
+(quant.calibration.runner: capture, onloading, propagation, checkpoints, data-parallel reductions):
 
-for each decoder block, with the block's input from the unquantized model:
-  1. run the block once on all calibration sequences, capturing the input of every Linear;
+for each decoder block, with the block's input from the unquantized model (quant.propagate=auto|fp16; `quantized`
+feeds it the quantized blocks' outputs instead, llm-compressor's way):
+  1. run the block once on all calibration sequences, capturing the input of every Linear (the runner);
   2. for each scaling group (layer map), search s = mean|x|^alpha on a grid (or LMDeploy's fixed smoothing ratio);
   3. fold every s into its previous op and the group's Linears (FP output unchanged), divide the captured inputs by s;
   4. search each Linear's clipping threshold per group (q/k excepted, as in llm-awq), clip;
   5. quantize the block's Linears (RTN on the scaled, clipped weights).
 Memory stays at one block's activations. The activation statistics use every calibration sequence; the grid losses
 use the first `search_samples` sequences, or, for groups scored token by token (MLP, single Linears) when
-`search_tokens` > 0, that many tokens drawn at random over all sequences.
+`search_tokens` > 0, that many tokens drawn at random over all sequences. Data-parallel (a torch.distributed process
+group), each rank holds a contiguous shard of the sequences and these subsets keep their global meaning: every sum
+over the data (mean |x|, grid losses, clip Gram matrices) and max |x| goes through the runner's Reducer.
 """
 from __future__ import annotations
 
@@ -18,8 +22,8 @@ import torch
 
 from harness.config import QuantConfig
 from quant.awq.fold import apply_scale_
-from quant.awq.search import (act_absmax, act_absmean, apply_clip_, group_gram, search_clip, search_scale, smoothing_scale,
-                              weight_absmean)
+from quant.awq.search import (act_absmax, act_abssum, apply_clip_, group_gram_sum, search_clip, search_scale,
+                              smoothing_scale, weight_absmean)
 from harness.architectures import Architecture, get_blocks, architecture_for
 from quant.calibration.capture import MINIBATCH, block_out as _block_out, slice_batch as _slice_batch
 from quant.calibration.reduce import Reducer
@@ -59,8 +63,16 @@ class AWQ:
     """AWQ's per-block step for the sequential runner (quant.calibration.runner.BlockMethod): it keeps the input of
     the first Linear of every scaling group and of every single Linear, whole, for the searches."""
 
-    def __init__(self, cfg: QuantConfig, arch: Architecture, sizes: dict[str, int], search_idx, clip_idx):
-        self.cfg, self.arch, self.sizes, self.search_idx, self.clip_idx = cfg, arch, sizes, search_idx, clip_idx
+    def __init__(self, cfg: QuantConfig, arch: Architecture, sizes: dict[str, int], search_idx, clip_idx,
+                 samples_shape: tuple[int, int], reduce: Reducer):
+        self.cfg, self.arch, self.sizes = cfg, arch, sizes
+        # global subsets of the calibration data, as this rank's rows and tokens (reduce.shard): the first
+        # `search_samples` sequences of all, the random tokens of all (one process: all of them, unchanged)
+        n, seqlen = samples_shape
+        shard = reduce.shard(n)
+        self.search_rows = max(0, min(cfg.search_samples, shard.stop) - shard.start)
+        self.search_idx, self.clip_idx = (_local(idx, shard.start * seqlen, shard.stop * seqlen)
+                                          for idx in (search_idx, clip_idx))
         self.keys = _input_keys(arch)
         self.capture = sorted(set(self.keys.values()))
 
@@ -70,7 +82,7 @@ class AWQ:
     def quantize_block(self, block, index: int, feats: dict, kwargs: dict, reduce: Reducer) -> BlockResult:
         qtensors, chosen_alpha, t_acc = {}, {}, {}
         _awq_block(block, index, feats, kwargs, self.arch, self.cfg, self.sizes, self.keys, self.search_idx,
-                   self.clip_idx, qtensors, chosen_alpha, t_acc)
+                   self.clip_idx, qtensors, chosen_alpha, t_acc, self.search_rows, reduce)
         return BlockResult(qtensors, {"alpha": chosen_alpha, "seconds": t_acc})
 
 
@@ -84,7 +96,7 @@ def awq(model, cfg: QuantConfig, ctx: QuantContext) -> QuantOutcome:
     vocab = model.get_input_embeddings().weight.shape[0]
     if int(samples.max()) >= vocab:
         raise ValueError(f"calibration token id {int(samples.max())} is outside the model's vocabulary ({vocab})")
-    place = ctx.placement
+    place, reduce = ctx.placement, Reducer.current()  # data-parallel when a process group is initialized (#18)
 
     # clipping scores a seeded random subset of calibration tokens. (llm-awq takes every k-th token; with k a
     # divisor of seqlen that oversamples the first position of every sequence, whose activations are outliers.)
@@ -99,8 +111,9 @@ def awq(model, cfg: QuantConfig, ctx: QuantContext) -> QuantOutcome:
         search_idx = search_idx.sort().values
     # llm-awq / AutoAWQ feed each block the unquantized model's hidden states (fp16 propagation)
     propagate = "fp16" if cfg.propagate == "auto" else cfg.propagate
-    run = run_sequential(model, arch, AWQ(cfg, arch, sizes, search_idx, clip_idx), samples, place,
-                         propagate=propagate, checkpoint_dir=ctx.checkpoint_dir,
+    method_ = AWQ(cfg, arch, sizes, search_idx, clip_idx, tuple(samples.shape), reduce)
+    run = run_sequential(model, arch, method_, samples, place, propagate=propagate, checkpoint_dir=ctx.checkpoint_dir,
+                         reduce=reduce,
                          desc=f"awq w{cfg.w_bit} g{cfg.group_size}", progress=ctx.progress)
     qtensors = run.qtensors
     chosen_alpha = {f"{arch.blocks}.{i}.{rel}": a for i, info in enumerate(run.infos) for rel, a in info["alpha"].items()}
@@ -126,15 +139,26 @@ def awq(model, cfg: QuantConfig, ctx: QuantContext) -> QuantOutcome:
     return QuantOutcome(summary=summary, timings_s=timings, qtensors=qtensors)
 
 
+def _local(idx: torch.Tensor | None, lo: int, hi: int) -> torch.Tensor | None:
+    """The global token indices in [lo, hi), in their order, as indices into this rank's tokens."""
+    return None if idx is None else idx[(idx >= lo) & (idx < hi)] - lo
+
+
+def _absmean(x: torch.Tensor, reduce: Reducer) -> torch.Tensor:
+    total, n = act_abssum(x)
+    (n,) = reduce.sum_float(n)
+    return (reduce.sum(total) / n).float()
+
+
 def _awq_block(block, i, feats, kwargs, arch, cfg, sizes, keys, search_idx, clip_idx, qtensors, chosen_alpha,
-               t_acc) -> None:
+               t_acc, search_rows, reduce) -> None:
     """One decoder block, on whatever device it and its captured inputs `feats` are on: scale search and fold, clip
     search, quantize. Fills qtensors (by name relative to the block) / chosen_alpha, sets stage seconds in t_acc."""
     t_search = t_clip = t_quant = 0.0
     prefix = f"{arch.blocks}.{i}"
     t = time.perf_counter()
     # mean |x| per input channel of every captured input: AWQ's statistic, and a NaN/Inf anywhere makes it non-finite
-    x_means = {name: act_absmean(f) for name, f in feats.items()}
+    x_means = {name: _absmean(f, reduce) for name, f in feats.items()}
     t_search += time.perf_counter() - t
     for name, m in x_means.items():
         if not torch.isfinite(m).all():
@@ -157,12 +181,13 @@ def _awq_block(block, i, feats, kwargs, arch, cfg, sizes, keys, search_idx, clip
             if search_idx is not None and not grp.inspect_takes_block_kwargs:
                 xs = feat.reshape(-1, feat.shape[-1])[search_idx].unsqueeze(0)  # one pseudo-sequence of tokens
             else:
-                xs = feat[: cfg.search_samples]
+                xs = feat[:search_rows]  # this rank's part of the first search_samples sequences
             s, alpha, _ = search_scale(_inspect_fn(block, grp, kwargs), xs, lins, x_means[keys[grp.linears[0]]], qw,
-                                       cfg.n_grid, w_mean, cfg.scale_grid)
+                                       cfg.n_grid, w_mean, cfg.scale_grid, reduce)
             chosen_alpha[grp.linears[0]] = alpha
         else:
-            s = smoothing_scale(act_absmax(feat), weight_absmean([lin.weight for lin in lins], gsz[0]), cfg.smooth_ratio)
+            s = smoothing_scale(reduce.max(act_absmax(feat)), weight_absmean([lin.weight for lin in lins], gsz[0]),
+                                cfg.smooth_ratio)
         plans.append((grp, s))
     for grp, s in plans:
         apply_scale_(block, grp.prev_op, grp.prev_kind, grp.linears, s)
@@ -182,7 +207,9 @@ def _awq_block(block, i, feats, kwargs, arch, cfg, sizes, keys, search_idx, clip
             key = (keys[rel], gsz)
             if key not in grams:
                 feat = feats[keys[rel]].reshape(-1, lin.in_features)
-                grams[key] = group_gram(feat if clip_idx is None else feat[clip_idx], gsz)
+                h, n = group_gram_sum(feat if clip_idx is None else feat[clip_idx], gsz)
+                (n,) = reduce.sum_float(n)
+                grams[key] = reduce.sum(h) / n
             max_val = search_clip(lin.weight.data, None, cfg.w_bit, gsz, cfg.zero_point, cfg.clip_n_grid,
                                   cfg.clip_max_shrink, gram=grams[key])
             apply_clip_(lin, max_val)
