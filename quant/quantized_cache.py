@@ -5,8 +5,10 @@ A sweep that evaluates the same quantized weights twice (e.g. with and without a
 and a run that died after quantizing resumes from here."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -161,7 +163,9 @@ def quantize_cached(model, cfg: QuantConfig, model_sha: str, dtype: str, ctx: Qu
     if cached is not None:
         log(f"quantized weights from cache ({key}); original quantize time {sum(cached.timings_s.values()):.1f} s")
         return cached
-    outcome = method(model, cfg, ctx)
+    # a block-by-block method keeps each finished block under the same key, so a killed run resumes inside itself
+    ckpt_dir = checkpoint_dir(key)
+    outcome = method(model, cfg, dataclasses.replace(ctx, checkpoint_dir=ckpt_dir))
     check_quantized_finite(model, cfg)  # before the cache or any evaluation sees the weights
     if "samples" in calib_state:
         outcome.summary["calibration_sha256"] = hashlib.sha256(calib_state["samples"].numpy().tobytes()).hexdigest()[:16]
@@ -170,7 +174,14 @@ def quantize_cached(model, cfg: QuantConfig, model_sha: str, dtype: str, ctx: Qu
         save(key, model, outcome)
     except OSError as e:  # e.g. a full disk: the cache is optional, the run goes on
         warn(f"warning: could not write the quantized-weight cache under {_paths(key)[0].parent} ({e}); continuing")
+    else:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)  # the whole result is in the cache: its blocks are not needed
     return outcome
+
+
+def checkpoint_dir(key: str) -> Path:
+    """Where a quantization under `key` keeps its finished blocks (quant.calibration.checkpoint)."""
+    return cache_dir() / "quant_checkpoints" / key
 
 
 def check_quantized_finite(model, cfg: QuantConfig) -> None:

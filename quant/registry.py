@@ -5,7 +5,8 @@ quant/__init__.py (README "Adding a method")."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from pathlib import Path
+from typing import Callable, Optional, Protocol
 
 import torch
 
@@ -19,6 +20,9 @@ class QuantContext:
     calibration: Callable[[], torch.Tensor]  # lazily gives [n_samples, seqlen] token ids
     progress: bool = True
     placement: Placement = field(default_factory=Placement)  # where blocks compute, where weights rest (quant.onload)
+    # where a block-by-block method keeps each finished block, to resume a killed run (quant.calibration.checkpoint);
+    # quantized_cache.quantize_cached names it by the cache key; None: no checkpoints
+    checkpoint_dir: Optional[Path] = None
 
 
 @dataclass
@@ -40,10 +44,14 @@ METHODS: Registry[QuantMethod] = Registry("quantization method (quant.method)")
 # the sources that determine what each method computes (its code version: harness.environment.code_version), beside
 # what every method shares; a method registered without an entry fails tests/quant/test_code_version.py
 COMMON_SOURCES = ["quant/primitives.py", "quant/surgery.py", "quant/registry.py"]
+# the sequential calibration runner (block loop, capture, propagation, checkpoints, reductions): every method on it
+RUNNER_SOURCES = ["quant/calibration/runner.py", "quant/calibration/capture.py", "quant/calibration/checkpoint.py",
+                  "quant/calibration/reduce.py"]
 METHOD_SOURCES = {
     "fp16": [],
-    "rtn": ["quant/rtn.py"],
-    "awq": ["quant/awq/method.py", "quant/awq/search.py", "quant/awq/fold.py", "harness/architectures.py"],
+    "rtn": ["quant/rtn.py", *RUNNER_SOURCES],
+    "awq": ["quant/awq/method.py", "quant/awq/search.py", "quant/awq/fold.py", "harness/architectures.py",
+            *RUNNER_SOURCES],
 }
 
 

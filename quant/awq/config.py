@@ -28,7 +28,11 @@ class AWQConfig(WeightQuantConfig):
     clip_n_grid: int = 20
     clip_max_shrink: float = 0.5
     clip_tokens: int = 512  # calibration tokens (seeded random) that score the clipping; 0 = every one
+    # what the next decoder block calibrates on (quant.calibration.runner): the outputs of the fp16 block (llm-awq,
+    # AutoAWQ) or of the quantized one (llm-compressor); auto = AWQ's own convention, fp16
+    propagate: str = "auto"
     calib: CalibConfig = field(default_factory=CalibConfig)
+    late_fields = WeightQuantConfig.late_fields + ("propagate",)
 
     def validate(self) -> None:
         super().validate()
@@ -39,4 +43,6 @@ class AWQConfig(WeightQuantConfig):
         _require(self.clip_tokens >= 0, "quant.clip_tokens", "must be >= 0 (0 = every calibration token)")
         _require(self.search_tokens >= 0, "quant.search_tokens", "must be >= 0 (0 = whole sequences)")
         _require(0.0 < self.clip_max_shrink < 1.0, "quant.clip_max_shrink", "must be in (0, 1)")
+        _require(self.propagate in ("auto", "fp16", "quantized"), "quant.propagate",
+                 f"{self.propagate!r} is not one of auto, fp16, quantized")
         self.calib.validate()

@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
+from quant.calibration.reduce import Reducer
 from quant.primitives import fake_quantize
 
 SCALE_MIN = 1e-4  # llm-awq / LMDeploy clamp
@@ -21,13 +22,20 @@ SCALE_MIN = 1e-4  # llm-awq / LMDeploy clamp
 CHUNK = 8192  # tokens per chunk for statistics over large activation tensors
 
 
-def act_absmean(x: torch.Tensor) -> torch.Tensor:
-    """Per-channel mean |x| over every token, accumulated in float32 (in chunks: no full-size float32 copy)."""
+def act_abssum(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Per-channel sum of |x| over every token (float64 over float32 chunk sums: no full-size float32 copy) and the
+    number of tokens: the parts of `act_absmean` that add up over data-parallel ranks."""
     x = x.reshape(-1, x.shape[-1])
     total = torch.zeros(x.shape[-1], dtype=torch.float64, device=x.device)
     for i in range(0, x.shape[0], CHUNK):
         total += x[i : i + CHUNK].abs().sum(0, dtype=torch.float32).double()
-    return (total / x.shape[0]).float()
+    return total, x.shape[0]
+
+
+def act_absmean(x: torch.Tensor) -> torch.Tensor:
+    """Per-channel mean |x| over every token, accumulated in float32 (in chunks: no full-size float32 copy)."""
+    total, n = act_abssum(x)
+    return (total / n).float()
 
 
 def act_absmax(x: torch.Tensor) -> torch.Tensor:
@@ -97,23 +105,35 @@ def search_scale(
     n_grid: int,
     w_mean: torch.Tensor | None = None,
     strategy: str = "full",
+    reduce: Reducer = Reducer(),
 ) -> tuple[torch.Tensor, float, dict[float, float]]:
     """Grid search of alpha in {0, 1/n, ..., (n-1)/n}: fake-quantize each linear's W * s, run `forward(x)` with
     W_q / s in place, and keep the s whose output is closest (MSE) to the unquantized output.
 
     `quantize_w(w, i)` fake-quantizes the weight of linears[i]. Weights are restored before returning. Returns the
     best s, its alpha and the loss of every alpha scored (`strategy`: see `grid_points`).
+
+    Data-parallel (`reduce` over several ranks, each holding its part of x, maybe none): the loss is the float64 sum of
+    squared errors over all ranks over their number, so every rank scores and picks the same alpha.
     """
     originals = [lin.weight.data.clone() for lin in linears]
-    ref = forward(x).float()
+    empty = x.numel() == 0
+    ref = None if empty else forward(x).float()
     losses: dict[int, float] = {}
+
+    def mse() -> float:
+        if not reduce.parallel:
+            return (forward(x).float() - ref).pow(2).mean().item()
+        sq, n = (0.0, 0) if empty else ((forward(x).float() - ref).pow(2).sum(dtype=torch.float64).item(), ref.numel())
+        sq, n = reduce.sum_float(sq, n)
+        return sq / n
 
     def loss(i: int) -> float:
         if i not in losses:
             s = awq_scale(x_mean, i / n_grid, w_mean)
             for j, (lin, w0) in enumerate(zip(linears, originals)):
                 lin.weight.data = (quantize_w(w0.float() * s, j) / s).to(w0.dtype)
-            value = (forward(x).float() - ref).pow(2).mean().item()
+            value = mse()
             losses[i] = value if value == value else float("inf")  # NaN never wins
         return losses[i]
 
@@ -132,6 +152,14 @@ def search_scale(
 def group_gram(x: torch.Tensor, group_size: int, chunk: int = CHUNK) -> torch.Tensor:
     """Per input group, the mean outer product of the sample tokens' inputs: H_j = X_j^T X_j / n, [G, g, g] in float32,
     accumulated over chunks of tokens (no full-size float32 copy of x)."""
+    h, n = group_gram_sum(x, group_size, chunk)
+    return h / n
+
+
+@torch.no_grad()
+def group_gram_sum(x: torch.Tensor, group_size: int, chunk: int = CHUNK) -> tuple[torch.Tensor, int]:
+    """`group_gram` before the division: the sum of X_j^T X_j over the tokens and their number (they add up over
+    data-parallel ranks)."""
     x = x.reshape(-1, x.shape[-1])
     n, in_f = x.shape
     g = in_f if group_size == -1 else group_size
@@ -140,7 +168,7 @@ def group_gram(x: torch.Tensor, group_size: int, chunk: int = CHUNK) -> torch.Te
     for i in range(0, n, chunk):
         xg = x[i : i + chunk].float().reshape(-1, n_groups, g).transpose(0, 1)  # [G, c, g]
         h.baddbmm_(xg.transpose(1, 2), xg)
-    return h / n
+    return h, n
 
 
 @torch.no_grad()

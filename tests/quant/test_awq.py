@@ -290,7 +290,7 @@ def _tiny_gemma3(n_layers=4):
 
 @torch.no_grad()
 def test_calibration_gives_every_block_the_inputs_the_real_forward_gives_it():
-    from quant.awq.method import capture_block_inputs, run_block
+    from quant.calibration.capture import capture_block_inputs, run_block
 
     model = _tiny_gemma3()
     arch = architecture_for(model)
