@@ -65,7 +65,8 @@ def _record_block_0(stats: dict):
 def main(out: Path) -> None:
     import torch.distributed as dist
 
-    from harness.config import CalibConfig, ModelConfig, QuantConfig
+    from harness.config import CalibConfig, ModelConfig
+    from quant.awq.config import AWQConfig
     from harness.data import calibration_samples, load_text, tokenize_cached
     from harness.models import load_model, load_tokenizer, resolve_model
     from quant import METHODS, QuantContext
@@ -83,7 +84,7 @@ def main(out: Path) -> None:
         model = load_model(resolved, mc)
         model.model.layers = model.model.layers[:N_BLOCKS]
         model.config.num_hidden_layers = N_BLOCKS
-        cfg = QuantConfig(method="awq", w_bit=4, group_size=64, calib=CalibConfig(n_samples=4, seqlen=32), **kw)
+        cfg = AWQConfig(w_bit=4, group_size=64, calib=CalibConfig(n_samples=4, seqlen=32), **kw)
         outcome = METHODS.get("awq")(model, cfg, QuantContext(calibration=lambda: samples, progress=False))
         if rank == 0:
             tensors = {f"params.{k}": v.clone() for k, v in model.state_dict().items() if k != "lm_head.weight"}

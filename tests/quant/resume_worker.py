@@ -19,7 +19,8 @@ N_BLOCKS = 4
 
 
 def main(out: Path, propagate: str, hang_at: int | None) -> None:
-    from harness.config import CalibConfig, ModelConfig, QuantConfig
+    from harness.config import CalibConfig, ModelConfig
+    from quant.awq.config import AWQConfig
     from harness.data import calibration_samples, load_text, tokenize_cached
     from harness.models import load_model, load_tokenizer, resolve_model
     from quant import QuantContext, quantized_cache
@@ -31,7 +32,7 @@ def main(out: Path, propagate: str, hang_at: int | None) -> None:
     model = load_model(resolved, mc)
     model.model.layers = model.model.layers[:N_BLOCKS]
     model.config.num_hidden_layers = N_BLOCKS
-    cfg = QuantConfig(method="awq", w_bit=4, group_size=64, search_samples=2, n_grid=2, clip_n_grid=2, clip_tokens=0,
+    cfg = AWQConfig(w_bit=4, group_size=64, search_samples=2, n_grid=2, clip_n_grid=2, clip_tokens=0,
                       propagate=propagate, calib=CalibConfig(n_samples=4, seqlen=32))
     samples = calibration_samples(ids, 4, 32, seed=0)
     os.environ["QH_CACHE"] = str(out / "cache")  # the model and text are loaded: from here on, this run's own cache

@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 from harness.architectures import architecture_for
 from harness.assets import REPO_ROOT
-from harness.config import CalibConfig, QuantConfig
+from harness.config import CalibConfig
+from quant.awq.config import AWQConfig
 from quant import METHODS, QuantContext, quantized_cache
 from quant.awq.method import AWQ
 from quant.calibration.checkpoint import BlockCheckpoints
@@ -44,7 +45,7 @@ class _Crash(Exception):
 def test_a_run_that_died_resumes_from_its_checkpoints_bit_for_bit(propagate, smollm2_fp32, calib_ids, tmp_path,
                                                                  monkeypatch):
     base = _truncated(smollm2_fp32, 3)
-    cfg = QuantConfig(method="awq", w_bit=4, group_size=64, search_samples=2, n_grid=3, clip_n_grid=3, clip_tokens=0,
+    cfg = AWQConfig(w_bit=4, group_size=64, search_samples=2, n_grid=3, clip_n_grid=3, clip_tokens=0,
                       propagate=propagate, calib=CalibConfig(n_samples=4, seqlen=32))
     samples = _calib(calib_ids, 4, 32)
     ref_model = copy.deepcopy(base)
@@ -78,7 +79,7 @@ def test_a_run_that_died_resumes_from_its_checkpoints_bit_for_bit(propagate, smo
 
 def test_checkpoints_of_other_calibration_samples_are_not_used(smollm2_fp32, calib_ids, tmp_path):
     base = _truncated(smollm2_fp32, 2)
-    cfg = QuantConfig(method="awq", w_bit=4, group_size=64, search_samples=2, n_grid=2, clip_n_grid=2,
+    cfg = AWQConfig(w_bit=4, group_size=64, search_samples=2, n_grid=2, clip_n_grid=2,
                       calib=CalibConfig(n_samples=2, seqlen=32))
     a, b = _calib(calib_ids, 2, 32), _calib(calib_ids[1000:], 2, 32)
     METHODS.get("awq")(copy.deepcopy(base), cfg, QuantContext(lambda: a, progress=False, checkpoint_dir=tmp_path))
@@ -137,7 +138,7 @@ def test_propagate_is_validated():
     from harness.config import ConfigError
 
     with pytest.raises((ConfigError, ValueError), match="quant.propagate"):
-        QuantConfig(method="awq", propagate="int4").validate()
+        AWQConfig(propagate="int4").validate()
 
 
 @pytest.mark.slow  # two processes that load torch and the model: ~1-2.5 min here; the in-process crash test is fast
