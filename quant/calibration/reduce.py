@@ -38,6 +38,11 @@ class Reducer:
             return t
         import torch.distributed as dist
 
+        if dist.get_backend() == "nccl" and t.device.type != "cuda":  # NCCL reduces GPU tensors only (counts, sums
+            tmp = t.to(torch.device("cuda", torch.cuda.current_device()))  # made on the host by sum_float)
+            dist.all_reduce(tmp, op=getattr(dist.ReduceOp, op))
+            t.copy_(tmp)
+            return t
         dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
         return t
 
