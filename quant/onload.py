@@ -41,27 +41,17 @@ class Placement:
 
     @contextmanager
     def capture(self, model: nn.Module, blocks: nn.ModuleList):
-        """While calibration inputs are captured: everything outside the blocks on the compute device, and each block
-        there only while it runs (capture stops early, so every block is returned to the host at the end)."""
+        """While calibration inputs are captured: everything outside the blocks on the compute device; the blocks stay
+        where they rest (the capture records what each block is given and never runs a block's weights:
+        quant.calibration.capture)."""
         if not self.offload:
             yield
             return
         inside = {id(m) for m in blocks.modules()}
         _move_outside(model, inside, self.compute)
-        def onload(mod, args, kwargs):
-            mod.to(self.compute)
-
-        def offload(mod, args, out):
-            mod.to(HOST)
-
-        hooks = [b.register_forward_pre_hook(onload, with_kwargs=True) for b in blocks]
-        hooks += [b.register_forward_hook(offload) for b in blocks]
         try:
             yield
         finally:
-            for h in hooks:
-                h.remove()
-            blocks.to(HOST)
             _move_outside(model, inside, HOST)
 
     def to_host(self, qtensors: dict) -> None:
