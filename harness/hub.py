@@ -3,8 +3,9 @@ a hub dataset fails at once offline instead of after `datasets`' half a minute o
 from __future__ import annotations
 
 import os
-import socket
 import threading
+import urllib.error
+import urllib.request
 from functools import lru_cache
 from urllib.parse import urlparse
 
@@ -31,25 +32,28 @@ def offline_mode() -> str | None:
 
 @lru_cache(maxsize=None)
 def unreachable(endpoint: str, timeout_s: float = PROBE_TIMEOUT_S) -> str | None:
-    """None when a TCP connection to `endpoint`'s host opens within `timeout_s`; otherwise why not. Name resolution
-    has no timeout of its own, so the whole attempt runs in a daemon thread that is waited on for `timeout_s`."""
-    url = urlparse(endpoint)
-    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
-    if not host:
+    """None when `endpoint` answers an HTTP HEAD (any status) within `timeout_s`; otherwise why not. An HTTP request
+    rather than a bare TCP connect, so proxies from the environment are honoured and an intercepting proxy that
+    accepts every connection is not taken for the hub. Name resolution has no timeout of its own, so the request runs
+    in a daemon thread that is waited on for `timeout_s`."""
+    if not urlparse(endpoint).hostname:
         return f"endpoint {endpoint!r} names no host"
     outcome: list[str | None] = []
 
     def attempt() -> None:
         try:
-            with socket.create_connection((host, port), timeout=timeout_s):
-                outcome.append(None)
-        except OSError as e:
-            outcome.append(f"{type(e).__name__}: {e.strerror or e}")
+            urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout_s).close()
+            outcome.append(None)
+        except urllib.error.HTTPError:  # the server answered: reachable
+            outcome.append(None)
+        except (OSError, ValueError) as e:  # URLError, timeouts, refused connections are OSErrors
+            reason = getattr(e, "reason", e)
+            outcome.append(f"{type(reason).__name__}: {getattr(reason, 'strerror', None) or reason}")
 
     t = threading.Thread(target=attempt, daemon=True)
     t.start()
     t.join(timeout_s)
-    return outcome[0] if outcome else f"no connection within {timeout_s:g} s"
+    return outcome[0] if outcome else f"no answer within {timeout_s:g} s"
 
 
 def require_hub(field: str, name: str, embedded_hint: str) -> None:
