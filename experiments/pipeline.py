@@ -16,11 +16,12 @@ from pathlib import Path
 
 import torch
 
-from harness.assets import AssetError
+from harness.assets import AssetError, check_cache_dir
 from harness.config import ConfigError, RunConfig, user_error
 from harness.data import (TEXT_SOURCES, DataUnavailableError, bos_token_id, calibration_identity, calibration_ids,
                           calibration_provider, eval_windows, load_text, text_sha256, tokenize_cached)
 from harness.environment import changed_parts, code_version, machine_name
+from harness.hub import require_hub
 from harness.log import logger
 from harness.models import (ModelUnavailableError, check_device, load_config, load_model, load_tokenizer, model_summary,
                             resolve_model)
@@ -52,6 +53,7 @@ class Prepared:
     texts: dict
     split_sha: dict
     bos_token_id: int | None  # at the head of every window and calibration sample (data.add_bos)
+    cache_writable: bool = True  # False: the preflight found the cache full or read-only; nothing large is cached
 
 
 def prepare(cfg: RunConfig) -> Prepared:
@@ -60,15 +62,15 @@ def prepare(cfg: RunConfig) -> Prepared:
     refuse_quality_metrics(cfg)  # synthetic (random) weights: throughput and memory only
     BACKENDS.get(cfg.backend.name).preflight(cfg)  # e.g. backend=lmdeploy on a machine without a GPU
     method = METHODS.get(cfg.quant.method)
-    for split in cfg.data.splits:
-        TEXT_SOURCES.get(split)
-    if method.needs_calibration:
-        TEXT_SOURCES.get(cfg.quant.calib.dataset)
+    for field, name in text_sources(cfg, method.needs_calibration):
+        if not TEXT_SOURCES.get(name).embedded:  # offline: fail now (about 2 s), not after datasets' retries
+            require_hub(field, name, EMBEDDED_HINT[field])
     if cfg.kv.bits != 16:
         from quant.kv_cache import check_kv_supported
 
         check_kv_supported(cfg.kv.bits)
     resolved = resolve_model(cfg.model)
+    cache_writable = check_cache_dir(cache_need_bytes(cfg, resolved), log)  # a warning at most: the cache is optional
     model_config = load_config(resolved, cfg.model)  # a .gguf file: its metadata (harness.models)
     check_group_sizes(cfg.quant, model_config.to_dict())
     tok = load_tokenizer(resolved, cfg.model)
@@ -85,7 +87,28 @@ def prepare(cfg: RunConfig) -> Prepared:
         shas[split] = text_sha256(text)[:16]
         ids = tokenize_cached(tok, text)
         windows[split] = eval_windows(ids, cfg.eval.perplexity.seqlen, cfg.eval.perplexity.max_windows, split, bos)
-    return Prepared(resolved, tok, windows, texts, shas, bos)
+    return Prepared(resolved, tok, windows, texts, shas, bos, cache_writable)
+
+
+EMBEDDED_HINT = {"data.splits": "an embedded split (data=embedded)",
+                 "quant.calib.dataset": "the embedded calibration text (quant.calib.dataset=shakespeare_calib)"}
+CACHE_MIN_BYTES = 64 << 20  # tokenized text and reference outputs: tens of MB
+
+
+def text_sources(cfg: RunConfig, needs_calibration: bool) -> list[tuple[str, str]]:
+    """(field, source name) of every text the run reads."""
+    return [("data.splits", s) for s in cfg.data.splits] + (
+        [("quant.calib.dataset", cfg.quant.calib.dataset)] if needs_calibration else [])
+
+
+def cache_need_bytes(cfg: RunConfig, resolved) -> int:
+    """What a run may write into the cache: a quantized-weight entry (codes, scales and the unquantized tensors:
+    at most the checkpoint's own bytes) for a quantized run, plus tokenized text and reference outputs."""
+    if cfg.quant.method == "fp16":
+        return CACHE_MIN_BYTES
+    d = Path(resolved.directory)
+    files = [d / resolved.gguf_file] if resolved.gguf_file else [*d.glob("*.safetensors"), *d.glob("*.bin")]
+    return CACHE_MIN_BYTES + sum(f.stat().st_size for f in files if f.is_file())
 
 
 def any_evaluator_enabled(cfg: RunConfig) -> bool:
@@ -120,9 +143,12 @@ def quantize(cfg: RunConfig, model, prep: Prepared, calib, calib_state: dict,
     """Quantize in place, through the content-addressed cache (methods other than fp16)."""
     calib_id = (calibration_identity(cfg.quant.calib, prep.tokenizer, prep.bos_token_id)
                 if METHODS.get(cfg.quant.method).needs_calibration else None)  # loads the text only when needed
+    if cfg.quant.method != "fp16":
+        log(f"quantizing: {cfg.quant.method} w{cfg.quant.w_bit} g{cfg.quant.group_size}")
     return quantized_cache.quantize_cached(model, cfg.quant, prep.resolved.model_sha, cfg.model.dtype,
                                            QuantContext(calibration=calib, progress=cfg.progress, placement=placement), calib_state,
-                                           force=cfg.force, log=log, calib_id=calib_id)
+                                           force=cfg.force, log=log, calib_id=calib_id,
+                                           write_cache=prep.cache_writable)
 
 
 # sources behind every run's numbers, beside the method's (quant.registry.METHOD_SOURCES) and each enabled
@@ -208,6 +234,7 @@ def run(cfg: RunConfig) -> dict:
                       kv_cache_factory=kv_cache_factory(cfg, model),
                       load_reference_model=lambda: load_model(prep.resolved, cfg.model), progress=cfg.progress,
                       results=metrics)
+    log(f"evaluating ({cfg.backend.name})")
     timings.update(BACKENDS.get(cfg.backend.name).evaluate(ctx, log))
     if ctx.kv_cache_factory is not None:
         metrics["kv_cache"] = ctx.kv_cache_factory.summary()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tarfile
@@ -24,9 +25,14 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 def cache_dir() -> Path:
     """Root of every cache (downloads, converted models, tokenized data, reference outputs). $QH_CACHE overrides."""
-    d = Path(os.environ.get("QH_CACHE", REPO_ROOT / ".cache"))
+    d = cache_root()
     d.mkdir(parents=True, exist_ok=True)
     return d
+
+
+def cache_root() -> Path:
+    """cache_dir() without creating it."""
+    return Path(os.environ.get("QH_CACHE", REPO_ROOT / ".cache"))
 
 
 @dataclass(frozen=True)
@@ -98,8 +104,11 @@ def file_sha256(path: Path) -> str:
     except (OSError, ValueError):
         known = {}
     known[str(path)] = stamp + [sha]
-    with atomic_file(memo) as tmp:
-        tmp.write_text(json.dumps(known, indent=0, sort_keys=True))
+    try:
+        with atomic_file(memo) as tmp:
+            tmp.write_text(json.dumps(known, indent=0, sort_keys=True))
+    except OSError as e:  # a read-only or full cache: the memo is optional (the file is hashed again next time)
+        _warn(f"warning: could not remember the sha256 of {path} in {memo} ({e.strerror or e}); continuing")
     return sha
 
 
@@ -124,16 +133,26 @@ def building_dir(out: Path, marker: str):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+TMP_SUFFIX = ".tmp"
+STALE_TMP_AGE_S = 24 * 3600  # a temp file from another host is stale only when this old (a cache write takes minutes)
+
+
+def _writer_tag() -> str:
+    """host-pid of this process, in every temp name, so a later run can tell a dead writer's leftover from a live
+    writer's file (hosts that share a cache or results folder have their own pids)."""
+    return f"{socket.gethostname().replace('.', '_').replace('-', '_')}-{os.getpid()}"
+
+
 @contextmanager
 def atomic_file(path: Path):
     """Yield a temp path next to `path` to write; on success flush it to disk and rename it over `path` (a reader
-    sees the old file or the new one, never half of one); on failure remove it. The temp name is unique to the writer
-    (uuid, not pid: pids repeat across hosts that share a cache or results folder) and ends in `.tmp`, so a process
-    killed mid-write leaves only a `.<name>.<uuid>.tmp` that no reader opens. Permissions follow the umask, as for any
-    other file the process creates (mkstemp would make it 0600)."""
+    sees the old file or the new one, never half of one); on failure remove it. The temp name
+    `.<name>.<host>-<pid>-<uuid>.tmp` ends in `.tmp`, so a process killed mid-write leaves only a file that no reader
+    opens, and `remove_stale_tmp` (run by the preflight) removes it once its writer is gone. Permissions follow the
+    umask, as for any other file the process creates (mkstemp would make it 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    tmp = path.with_name(f".{path.name}.{_writer_tag()}-{uuid.uuid4().hex[:12]}{TMP_SUFFIX}")
     try:
         yield tmp
         with open(tmp, "rb") as f:
@@ -142,6 +161,90 @@ def atomic_file(path: Path):
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _writer_gone(name: str, now: float, mtime: float) -> bool:
+    """Whether the temp file `name` (atomic_file's naming) belongs to no live writer: written on this host by a pid
+    that no longer runs, or older than STALE_TMP_AGE_S (any host, also names from before the host-pid tag)."""
+    if now - mtime > STALE_TMP_AGE_S:
+        return True
+    parts = name[: -len(TMP_SUFFIX)].rsplit(".", 1)[-1].split("-")
+    if len(parts) != 3 or not parts[1].isdigit():
+        return False
+    host, pid = parts[0], int(parts[1])
+    if host != _writer_tag().rsplit("-", 1)[0] or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+def remove_stale_tmp(folder: Path) -> list[Path]:
+    """Remove the temp files of killed writers (atomic_file's `.*.tmp`) directly in `folder`; the paths removed.
+    A live writer's temp file (another job of a sweep writing now) is left alone."""
+    import time
+
+    removed, now = [], time.time()
+    try:
+        entries = list(Path(folder).glob(f".*{TMP_SUFFIX}"))
+    except OSError:
+        return removed
+    for p in entries:
+        try:
+            if p.is_file() and _writer_gone(p.name, now, p.stat().st_mtime):
+                p.unlink()
+                removed.append(p)
+        except OSError:  # gone meanwhile, or a read-only folder: nothing to do
+            pass
+    return removed
+
+
+def probe_write(folder: Path, nbytes: int = 4096) -> int:
+    """Create `folder`, write, fsync and remove a small temp file there (a name every reader ignores); its free
+    bytes. OSError when the folder cannot be created or written (read-only, full, a file in the way)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / f".write-check.{_writer_tag()}-{uuid.uuid4().hex[:12]}{TMP_SUFFIX}"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"\0" * nbytes)
+            f.flush()
+            os.fsync(f.fileno())  # a full disk may only say so here
+    finally:
+        try:
+            probe.unlink()
+        except FileNotFoundError:
+            pass
+    return shutil.disk_usage(folder).free
+
+
+CACHE_WRITERS = ("quantized", "tokens", "reference", "tasks")  # the cache folders a run writes into (and the root)
+
+
+def check_cache_dir(need_bytes: int, warn=None) -> bool:
+    """Preflight of the optional cache (issue 15): remove killed writers' temp files, then check that cache_dir()
+    takes a write with `need_bytes` free (what this run may cache). False, after one warning line, when it does not:
+    the run then goes on without writing large cache entries (a cache never stops a run)."""
+    warn = warn or _warn
+    root = cache_root()
+    for sub in ("", *CACHE_WRITERS):
+        remove_stale_tmp(root / sub)
+    target = root / "quantized"
+    try:
+        free = probe_write(target)
+    except OSError as e:
+        warn(f"warning: the cache {target} cannot be written ({type(e).__name__}: {e.strerror or e}); running "
+             "without caching (set QH_CACHE to a writable folder to keep quantized weights)")
+        return False
+    if free < need_bytes:
+        warn(f"warning: the cache {target} has {free / 2**20:.0f} MiB free, this run may cache about "
+             f"{need_bytes / 2**20:.0f} MiB; running without caching quantized weights (free space or set QH_CACHE)")
+        return False
+    return True
 
 
 def load_cached_tensors(path: Path):

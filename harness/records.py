@@ -5,15 +5,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import platform
-import shutil
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Callable
 
-from harness.assets import atomic_file
+from harness.assets import atomic_file, probe_write, remove_stale_tmp
 from harness.config import LATE_FIELDS, NON_IDENTITY_FIELDS, QuantConfig, RunConfig, quant_identity_dict, user_error
 from harness.environment import git_sha, hardware, machine_name, package_versions
 from harness.log import logger
@@ -103,31 +100,19 @@ def load_records(results_dir: str | Path, on_corrupt: Callable[[str], None] = wa
     return records
 
 
-def _probe_write(runs: Path) -> int:
-    """Create `runs`, write and remove a small file there (the name every reader ignores); its free bytes."""
-    runs.mkdir(parents=True, exist_ok=True)
-    probe = runs / f".write-check-{uuid.uuid4().hex[:12]}.tmp"
-    try:
-        with open(probe, "wb") as f:
-            f.write(b"\0" * 4096)
-            f.flush()
-            os.fsync(f.fileno())  # a full disk may only say so here
-    finally:
-        probe.unlink(missing_ok=True)
-    return shutil.disk_usage(runs).free
-
-
 def check_results_dir(results_dir: str | Path) -> None:
-    """Fail before any work if <results_dir>/runs/ cannot take a record: not creatable, not writable, or full."""
+    """Fail before any work if <results_dir>/runs/ cannot take a record: not creatable, not writable, or full; then
+    remove the temp files that killed writers left there."""
     runs = Path(results_dir) / "runs"
     fix = "a folder this user can write with >= 1 MiB free — choose another, e.g. results_dir=/tmp/results"
     try:
-        free = _probe_write(runs)
+        free = probe_write(runs)
     except OSError as e:
         raise user_error("results_dir", results_dir, f"cannot write {runs} ({type(e).__name__}: {e.strerror or e})",
                          fix) from None
     if free < MIN_FREE_BYTES:
         raise user_error("results_dir", results_dir, f"{runs} has {free} bytes free, too few for a record", fix)
+    remove_stale_tmp(runs)  # temp files of writes that were killed (atomic_file): a rerun leaves none behind
 
 
 def provenance(extra: dict | None = None) -> dict:

@@ -151,8 +151,10 @@ def load_into(key: str, model) -> QuantOutcome | None:
 
 
 def quantize_cached(model, cfg: QuantConfig, model_sha: str, dtype: str, ctx: QuantContext, calib_state: dict,
-                    force: bool = False, log=lambda msg: None, calib_id: dict | None = None) -> QuantOutcome:
-    """Quantize `model` in place with `cfg.method`, through this cache (fp16 passes through untouched).
+                    force: bool = False, log=lambda msg: None, calib_id: dict | None = None,
+                    write_cache: bool = True) -> QuantOutcome:
+    """Quantize `model` in place with `cfg.method`, through this cache (fp16 passes through untouched); `write_cache=False`
+    (the preflight found the cache full or read-only) reads the cache but writes nothing.
     `calib_state` is the calibration provider's state (harness.data.calibration_provider): its samples' hash goes
     into the summary when the method drew them; `calib_id` (what they are made of) goes into the key."""
     method = METHODS.get(cfg.method)
@@ -170,6 +172,8 @@ def quantize_cached(model, cfg: QuantConfig, model_sha: str, dtype: str, ctx: Qu
     if "samples" in calib_state:
         outcome.summary["calibration_sha256"] = hashlib.sha256(calib_state["samples"].numpy().tobytes()).hexdigest()[:16]
     outcome.summary["cache_key"] = key
+    if not write_cache:
+        return outcome
     try:
         save(key, model, outcome)
     except OSError as e:  # e.g. a full disk: the cache is optional, the run goes on

@@ -36,7 +36,7 @@ def test_results_dir_that_cannot_be_created_is_named(tmp_path):
 
 
 def test_results_dir_without_room_is_named(tmp_path, monkeypatch):
-    monkeypatch.setattr(records.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 << 30, 10 << 30, 4096))
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 << 30, 10 << 30, 4096))
     with pytest.raises(ConfigError, match=r"results_dir: .* has 4096 bytes free, too few for a record"):
         records.check_results_dir(tmp_path / "results")
 
