@@ -76,14 +76,14 @@ def test_cache_that_cannot_be_written_is_a_warning(tmp_path, monkeypatch):
 def test_quantize_cached_writes_nothing_when_the_cache_is_off(tmp_path, monkeypatch):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from harness.config import QuantConfig
     from quant import quantized_cache
+    from quant.rtn import RTNConfig
     from quant.registry import QuantContext
 
     monkeypatch.setenv("QH_CACHE", str(tmp_path))
     hf = AutoConfig.for_model("llama", vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                               num_attention_heads=4, num_key_value_heads=2)
-    cfg = QuantConfig(method="rtn", group_size=32)
+    cfg = RTNConfig(group_size=32)
     for write, cached in ((False, False), (True, True)):
         model = AutoModelForCausalLM.from_config(hf)
         quantized_cache.quantize_cached(model, cfg, "sha", "float32", QuantContext(calibration=lambda: None), {},
