@@ -42,6 +42,9 @@ METHOD_SOURCES = {
     "fp16": [],
     "rtn": ["quant/rtn.py"],
     "awq": ["quant/awq/method.py", "quant/awq/search.py", "quant/awq/fold.py", "harness/architectures.py"],
+    "smoothquant": ["quant/smoothquant/method.py", "quant/smoothquant/numerics.py", "quant/smoothquant/linear.py",
+                    "quant/smoothquant/calibrate.py", "quant/smoothquant/smooth.py", "quant/smoothquant/config.py",
+                    "quant/awq/search.py", "quant/awq/fold.py", "harness/architectures.py"],
 }
 
 
