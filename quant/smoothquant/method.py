@@ -30,16 +30,25 @@ def weight_bytes(model, qtensors: dict) -> dict:
             "unquantized_bytes": rest, "weight_bytes_ratio": (q_bytes + rest) / total_fp16}
 
 
-def smoothquant_(model, cfg, samples) -> tuple[dict, dict, dict]:
-    """Calibrate, smooth and quantize `model` in place. Returns (qtensors, scales by Linear, timings)."""
+def calibration_stats(model, samples) -> dict:
+    """max|x| of every scaling group's input (qualified name of its first Linear), from one FP pass over samples."""
+    arch = architecture_for(model)
+    heads = sorted({g.linears[0] for g in arch.groups})
+    base = model.get_submodule(arch.blocks.rpartition(".")[0])
+    n = len(get_blocks(model, arch))
+    return input_absmax(model, base, [f"{arch.blocks}.{i}.{h}" for i in range(n) for h in heads], samples)
+
+
+def smoothquant_(model, cfg, samples, stats: dict | None = None) -> tuple[dict, dict, dict]:
+    """Calibrate (unless `stats` from calibration_stats of this FP model are given: they do not depend on alpha or
+    the dtype), smooth and quantize `model` in place. Returns (qtensors, scales by Linear, timings)."""
     sq = as_smoothquant_config(cfg)
     arch = architecture_for(model)  # unsupported architecture: fails here, naming the registry
     dtype = quant_dtype(sq.dtype)
     blocks = get_blocks(model, arch)
     heads = sorted({g.linears[0] for g in arch.groups})
     t = time.perf_counter()
-    base = model.get_submodule(arch.blocks.rpartition(".")[0])
-    stats = input_absmax(model, base, [f"{arch.blocks}.{i}.{h}" for i in range(len(blocks)) for h in heads], samples)
+    stats = calibration_stats(model, samples) if stats is None else stats
     timings = {"calibration": time.perf_counter() - t}
     t = time.perf_counter()
     scales = {}
