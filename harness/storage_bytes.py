@@ -9,7 +9,8 @@ Layouts:
 - "w8a8": LMDeploy's SmoothQuant checkpoint (`quant_method: smooth_quant`): 1-byte codes (int8 / fp8), an fp32 scale
   per output row (pytorch/nn/linear/w8a8.py `create_weights`).
 - KV cache (LMDeploy `quant_policy` 8 / 4): K and V codes at kv bits, plus a scale and a zero point per token, per
-  KV head, for K and for V, in a 16-bit dtype; unquantized K/V are 16-bit values.
+  KV head, for K and for V, in a 16-bit dtype; unquantized K/V are 16-bit values. FP8 K/V (`quant_policy` 16 / 17):
+  1 byte per value and no per-token metadata (meta_bytes=0; the scale is one scalar per layer).
 """
 from __future__ import annotations
 
