@@ -108,7 +108,8 @@ class KVCaches:
         return QuantizedKVCache(self.config, bits=self.bits, tally=self.tally, fmt=self.fmt)
 
     def summary(self) -> dict:
-        return {"bits": self.bits, "format": self.fmt, "caches": self.made, "constant_heads": int(self.tally[0])}
+        fmt = {} if self.fmt == "int" else {"format": self.fmt}  # as before kv.format existed, for int
+        return {"bits": self.bits, **fmt, "caches": self.made, "constant_heads": int(self.tally[0])}
 
 
 def kv_cache_factory(cfg: RunConfig, model) -> KVCaches | None:
