@@ -189,7 +189,7 @@ class LocalModels:
             from eval.forward import cache_kwargs
             from quant.kv_cache import QuantizedKVCache
 
-            kw.update(cache_kwargs(model, QuantizedKVCache(model.config, bits=cfg.kv.bits)))
+            kw.update(cache_kwargs(model, QuantizedKVCache(model.config, bits=cfg.kv.bits, fmt=cfg.kv.format)))
         failure: list[BaseException] = []
 
         def work():

@@ -6,6 +6,7 @@ where an engine is built. Field mapping (LMDeploy 0.18 names):
     backend.cache_max_entry_count -> cache_max_entry_count  (share of *free* GPU memory for the KV cache)
     backend.session_len / max_batch_size / tp -> session_len / max_batch_size / tp
     kv.bits 16 / 8 / 4            -> quant_policy 0 / 8 / 4  (per-token, per-head asymmetric int8 / int4 K and V)
+    kv.format fp8_e4m3 / fp8_e5m2 -> quant_policy 16 / 17    (K and V cast to fp8, scalar scale 1.0; PyTorch engine only)
     an AWQ checkpoint             -> model_format='awq', dtype float16 (LMDeploy's AWQ kernels compute in fp16)
     model.dtype                   -> dtype
 
@@ -25,10 +26,16 @@ from harness.config import ConfigError, RunConfig
 from harness.registry import Registry
 
 QUANT_POLICY = {16: 0, 8: 8, 4: 4}
+FP8_QUANT_POLICY = {"fp8_e4m3": 16, "fp8_e5m2": 17}  # lmdeploy/messages.py QuantPolicy.FP8 / FP8_E5M2
 ENGINE_DTYPE = {"bfloat16": "bfloat16", "float16": "float16", "float32": "auto"}  # fp32: LMDeploy runs fp16
 
 
-def quant_policy(kv_bits: int) -> int:
+def quant_policy(kv_bits: int, kv_format: str = "int") -> int:
+    if kv_format != "int":
+        if kv_format not in FP8_QUANT_POLICY or kv_bits != 8:
+            raise ConfigError(f"kv.format: {kv_format} at kv.bits={kv_bits} has no LMDeploy quant_policy; allowed: "
+                              f"{', '.join(FP8_QUANT_POLICY)} at kv.bits=8")
+        return FP8_QUANT_POLICY[kv_format]
     try:
         return QUANT_POLICY[kv_bits]
     except KeyError:
@@ -85,6 +92,8 @@ def engine_kwargs(cfg: RunConfig, model_dir, engine: str) -> dict:
     if engine == "pytorch" and not b.cache_max_entry_count < 1.0:
         # PytorchEngineConfig asserts 0 < cache_max_entry_count < 1
         raise ConfigError("backend.cache_max_entry_count: LMDeploy's PyTorch engine needs a share below 1.0")
+    if engine == "turbomind" and cfg.kv.format != "int":  # messages.py TurbomindEngineConfig asserts against FP8
+        raise ConfigError(f"kv.format: {cfg.kv.format} runs on LMDeploy's PyTorch engine only; set backend.engine=pytorch")
     fmt = checkpoint_format(model_dir)
     kw = {
         "dtype": "float16" if fmt == "awq" else ENGINE_DTYPE[cfg.model.dtype],
@@ -92,7 +101,7 @@ def engine_kwargs(cfg: RunConfig, model_dir, engine: str) -> dict:
         "session_len": b.session_len,
         "max_batch_size": b.max_batch_size,
         "cache_max_entry_count": b.cache_max_entry_count,
-        "quant_policy": quant_policy(cfg.kv.bits),
+        "quant_policy": quant_policy(cfg.kv.bits, cfg.kv.format),
     }
     if fmt is not None:
         kw["model_format"] = fmt

@@ -42,17 +42,18 @@ def weight_memory(model: torch.nn.Module, qtensors: dict) -> dict:
     return out
 
 
-def kv_memory(config, bits: int, context_len: int, batch_size: int) -> dict:
+def kv_memory(config, bits: int, context_len: int, batch_size: int, fmt: str = "int") -> dict:
     from quant.kv_cache import kv_bytes_per_token
 
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     layers = text.num_hidden_layers
     kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    per_tok = kv_bytes_per_token(layers, kv_heads, head_dim, bits)
+    per_tok = kv_bytes_per_token(layers, kv_heads, head_dim, bits, fmt=fmt)
     per_tok_fp16 = kv_bytes_per_token(layers, kv_heads, head_dim, 16)
     return {
         "bits": bits,
+        "format": fmt,
         "bytes_per_token": per_tok,
         "fp16_bytes_per_token": per_tok_fp16,
         "ratio_to_fp16": per_tok / per_tok_fp16,
@@ -84,7 +85,7 @@ def evaluate_memory(ctx: EvalContext) -> dict | None:
         return None
     return {
         "weights": weight_memory(ctx.model, ctx.qtensors),
-        "kv_cache": kv_memory(ctx.model.config, ctx.cfg.kv.bits, mc.context_len, mc.batch_size),
+        "kv_cache": kv_memory(ctx.model.config, ctx.cfg.kv.bits, mc.context_len, mc.batch_size, ctx.cfg.kv.format),
         # the peak so far: loading, quantization and the evaluators that ran before this one (throughput runs after)
         "measured": peak_memory(ctx.cfg.model.device),
     }

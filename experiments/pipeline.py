@@ -68,7 +68,7 @@ def prepare(cfg: RunConfig) -> Prepared:
     if cfg.kv.bits != 16:
         from quant.kv_cache import check_kv_supported
 
-        check_kv_supported(cfg.kv.bits)
+        check_kv_supported(cfg.kv.bits, cfg.kv.format)
     resolved = resolve_model(cfg.model)
     cache_writable = check_cache_dir(cache_need_bytes(cfg, resolved), log)  # a warning at most: the cache is optional
     model_config = load_config(resolved, cfg.model)  # a .gguf file: its metadata (harness.models)
@@ -120,22 +120,23 @@ class KVCaches:
     head) written with a constant value, which LMDeploy's kernels store with scale 0 and dequantize to NaN. The record
     says how many (metrics.kv_cache), so a NaN-poisoned head is never a silent difference."""
 
-    def __init__(self, config, bits: int):
-        self.config, self.bits = config, bits
+    def __init__(self, config, bits: int, fmt: str = "int"):
+        self.config, self.bits, self.fmt = config, bits, fmt
         self.made, self.tally = 0, [0]
 
     def __call__(self):
         from quant.kv_cache import QuantizedKVCache
 
         self.made += 1
-        return QuantizedKVCache(self.config, bits=self.bits, tally=self.tally)
+        return QuantizedKVCache(self.config, bits=self.bits, tally=self.tally, fmt=self.fmt)
 
     def summary(self) -> dict:
-        return {"bits": self.bits, "caches": self.made, "constant_heads": int(self.tally[0])}
+        fmt = {} if self.fmt == "int" else {"format": self.fmt}  # as before kv.format existed, for int
+        return {"bits": self.bits, **fmt, "caches": self.made, "constant_heads": int(self.tally[0])}
 
 
 def kv_cache_factory(cfg: RunConfig, model) -> KVCaches | None:
-    return None if cfg.kv.bits == 16 else KVCaches(model.config, cfg.kv.bits)
+    return None if cfg.kv.bits == 16 else KVCaches(model.config, cfg.kv.bits, cfg.kv.format)
 
 
 def quantize(cfg: RunConfig, model, prep: Prepared, calib, calib_state: dict,

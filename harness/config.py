@@ -265,9 +265,14 @@ FP16Config = quant_config("fp16")(QuantConfig)
 class KVConfig:
     name: str = "fp16"
     bits: int = 16  # 16 = unquantized; 8 / 4 = LMDeploy quant_policy 8 / 4
+    # int (the integer policies, by bits) | fp8_e4m3 | fp8_e5m2 (bits 8: LMDeploy quant_policy 16 / 17)
+    format: str = "int"
 
     def validate(self) -> None:
         _require(self.bits in (16, 8, 4), "kv.bits", f"must be one of 16, 8, 4, got {self.bits}")
+        _require(self.format in ("int", "fp8_e4m3", "fp8_e5m2"), "kv.format",
+                 f"{self.format!r} is not one of int, fp8_e4m3, fp8_e5m2")
+        _require(self.format == "int" or self.bits == 8, "kv.format", f"{self.format} needs kv.bits=8, got {self.bits}")
 
 
 @dataclass
@@ -318,9 +323,10 @@ class RunConfig:
 # fields that do not change a run's result, so they are left out of its identity hash
 NON_IDENTITY_FIELDS = ("results_dir", "force", "progress", "offload")
 # fields added after records existed, left out of a run's identity while they hold their default, so those records
-# keep their run_id (data.add_bos=auto gives the embedded SmolLM2 no BOS, exactly as before the field existed); a
-# method's own late fields are its config's `late_fields`
-LATE_FIELDS = {("data", "add_bos"): "auto"}
+# keep their run_id (data.add_bos=auto gives the embedded SmolLM2 no BOS, exactly as before the field existed;
+# kv.format=int is the integer KV quantization every earlier record used); a method's own late fields are its
+# config's `late_fields`
+LATE_FIELDS = {("data", "add_bos"): "auto", ("kv", "format"): "int"}
 
 # The compatibility view of the methods that had records before per-method configs (issue 16): then one flat
 # QuantConfig carried every AWQ field for every method, and its whole dict entered the run_id. fp16, rtn and awq

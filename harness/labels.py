@@ -47,8 +47,10 @@ def method_detail(q: dict) -> tuple[str, tuple]:
     return (QUANT_CONFIGS.get(m) if m in QUANT_CONFIGS else WeightQuantConfig).label_detail(q)
 
 
-def kv_text(kv_bits: int) -> str:
-    return "" if kv_bits == 16 else f" + KV int{kv_bits}"
+def kv_text(kv_bits: int, kv_format: str = "int") -> str:
+    if kv_bits == 16:
+        return ""
+    return f" + KV int{kv_bits}" if kv_format == "int" else f" + KV {kv_format.replace('_', ' ')}"
 
 
 def backend_text(backend: str) -> str:

@@ -6,12 +6,16 @@ Layouts:
   a zero point, the zero packed at w_bit bits too;
 - "int4_kernel": torch's CPU/CUDA int4 weight-only kernel: codes at 4 bits, a 16-bit scale and a 16-bit float zero
   per group (quant/kernels/int4_linear.py).
+- "w8a8": LMDeploy's SmoothQuant checkpoint (`quant_method: smooth_quant`): 1-byte codes (int8 / fp8), an fp32 scale
+  per output row (pytorch/nn/linear/w8a8.py `create_weights`).
 - KV cache (LMDeploy `quant_policy` 8 / 4): K and V codes at kv bits, plus a scale and a zero point per token, per
-  KV head, for K and for V, in a 16-bit dtype; unquantized K/V are 16-bit values.
+  KV head, for K and for V, in a 16-bit dtype; unquantized K/V are 16-bit values. FP8 K/V (`quant_policy` 16 / 17):
+  1 byte per value and no per-token metadata (meta_bytes=0; the scale is one scalar per layer).
 """
 from __future__ import annotations
 
 FP16_BYTES = 2
+FP32_BYTES = 4
 KV_META_BYTES = 2 * FP16_BYTES  # scale + zero point, per token, per KV head, for K and for V each
 
 
@@ -23,7 +27,9 @@ def quantized_weight_bytes(n_weights: int, n_groups: int, w_bit: int, zero_point
         return codes + n_groups * FP16_BYTES + (n_groups * w_bit // 8 if zero_point else 0)
     if layout == "int4_kernel":
         return codes + n_groups * 2 * FP16_BYTES
-    raise ValueError(f"unknown weight layout {layout!r} (awq, int4_kernel)")
+    if layout == "w8a8":
+        return codes + n_groups * FP32_BYTES
+    raise ValueError(f"unknown weight layout {layout!r} (awq, int4_kernel, w8a8)")
 
 
 def awq_linear_bytes(out_features: int, in_features: int, w_bit: int, group_size: int) -> int:

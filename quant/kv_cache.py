@@ -40,6 +40,15 @@ Effect on the embedded SmolLM2 (bf16, Milton, 20 x 512 tokens, token PPL; fp16 K
 the former fp16 scale/zero and fp32 dequant +0.106), int4 103.031 (+9.02; formerly +9.39). Storing scale/zero in bf16
 makes the int8 K/V error 1.46x (prefill) / 1.29x (decode) the former one, but int8's error is so far below what moves
 PPL that the change is noise; int4's error barely changes (+0.2%), its PPL moves by the luck of the roundings.
+
+FP8 (`quant_policy` 16 = float8_e4m3fn, 17 = float8_e5m2; messages.py `QuantPolicy.FP8` / `FP8_E5M2`): no per-token
+scale or zero. cache_engine.py allocates the K/V caches in the fp8 dtype with no scale/zero cache tensors
+(`get_quant_cache_descs` returns [] for fp8); nn/attention.py `Attention` holds one scalar `k_scale` / `v_scale`
+buffer per layer, fixed at 1.0 ("Regular PyTorch FP8 KV cache intentionally uses fixed scalar scales of 1.0");
+fill_kv_cache.py `_fill_kv_cache_fp8_scalar_kernel` stores  clamp(fp32(x) / scale, fp8 min, fp8 max)  converted to
+fp8 (round to nearest even), and flatten_kv_cache.py / pagedattention.py read fp32(code) * scale back into the model
+dtype. With scale 1.0 this is a saturating cast of K/V to fp8 and back; every fp8 value is exact in fp16 and bf16, so
+prefill and decode read the same numbers (`kv_fp8_quantize`, `kv_fp8_dequantize`).
 """
 from __future__ import annotations
 
@@ -54,11 +63,31 @@ from harness import storage_bytes
 
 KV_BITS = (16, 8, 4)  # 16 = unquantized; 8 / 4 = LMDeploy quant_policy 8 / 4
 DEQUANT_PATHS = ("auto", "prefill", "decode")
+# kv.format: "int" = the integer policies above (by kv.bits); fp8 = LMDeploy quant_policy 16 / 17 at kv.bits 8
+KV_FP8 = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+KV_FORMATS = ("int", *KV_FP8)
+FP8_KV_SCALE = 1.0  # nn/attention.py: the scalar k_scale / v_scale of every layer
 
 
-def check_kv_supported(bits: int) -> None:
+def check_kv_supported(bits: int, fmt: str = "int") -> None:
+    if fmt not in KV_FORMATS:
+        raise ValueError(f"kv.format={fmt!r} is not supported; allowed values: {', '.join(KV_FORMATS)}")
+    if fmt != "int" and bits != 8:
+        raise ValueError(f"kv.format={fmt} stores 8-bit values; set kv.bits=8 (got {bits})")
     if bits not in KV_BITS:
         raise ValueError(f"kv.bits={bits} is not supported; allowed values: {{16, 8, 4}} (8 / 4 = LMDeploy quant_policy)")
+
+
+def kv_fp8_quantize(x: torch.Tensor, fmt: str) -> torch.Tensor:
+    """`_fill_kv_cache_fp8_scalar_kernel` at scale 1.0: clamp(fp32(x) / 1.0, fp8 range) cast to fp8 (nearest even)."""
+    dtype = KV_FP8[fmt]
+    info = torch.finfo(dtype)
+    return (x.float() / FP8_KV_SCALE).clamp(info.min, info.max).to(dtype)
+
+
+def kv_fp8_dequantize(codes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """flatten_kv_cache.py / pagedattention.py: fp32(code) * scale, in the model dtype (exact: fp8 fits fp16/bf16)."""
+    return (codes.float() * FP8_KV_SCALE).to(dtype)
 
 
 def _check_quant_bits(bits: int) -> None:
@@ -186,11 +215,14 @@ def degenerate_rows(kv: KVCodes) -> int:
     return int(((kv.scales == 0) | ~torch.isfinite(kv.zeros)).sum())
 
 
-def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, bits: int, dtype_bytes: int = 2) -> int:
+def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, bits: int, dtype_bytes: int = 2,
+                       fmt: str = "int") -> int:
     """Stored bytes per token for K and V over all layers (harness.storage_bytes): codes plus scale and zero in the
-    model dtype (`dtype_bytes`: 2 for fp16/bf16, LMDeploy's dtypes); bits=16: 2 per value."""
-    check_kv_supported(bits)
-    return storage_bytes.kv_bytes_per_token(num_layers, num_kv_heads, head_dim, bits, 2 * dtype_bytes)
+    model dtype (`dtype_bytes`: 2 for fp16/bf16, LMDeploy's dtypes); bits=16: 2 per value; fp8: 1 per value, no
+    per-token metadata (the per-layer scalar scales are not per token)."""
+    check_kv_supported(bits, fmt)
+    meta = 0 if fmt in KV_FP8 else 2 * dtype_bytes
+    return storage_bytes.kv_bytes_per_token(num_layers, num_kv_heads, head_dim, bits, meta)
 
 
 def _cat(a: KVCodes | None, b: KVCodes) -> KVCodes:
@@ -292,9 +324,45 @@ class QuantizedKVLayer(CacheLayerMixin):
         self._apply(lambda t: t[indices])
 
 
+class Fp8KVLayer(QuantizedKVLayer):
+    """One layer's K/V stored as fp8 (LMDeploy quant_policy 16 / 17): every update casts the new tokens, appends them
+    and returns the whole cache read back in the model dtype. No per-token metadata, nothing degenerate to count (a
+    value past the fp8 range saturates, as the kernel's clamp does)."""
+
+    def __init__(self, fmt: str, tally: list | None = None):
+        CacheLayerMixin.__init__(self)
+        if fmt not in KV_FP8:
+            raise ValueError(f"kv.format={fmt!r}: one of {', '.join(KV_FP8)}")
+        self.fmt, self.bits, self.dequant, self.tally = fmt, 8, "auto", tally
+        self.k = self.v = None
+        self.dtype = None
+        self.constant_heads = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device, self.dtype = key_states.device, key_states.dtype
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        k_new, v_new = kv_fp8_quantize(key_states, self.fmt), kv_fp8_quantize(value_states, self.fmt)
+        self.k = k_new if self.k is None else torch.cat([self.k, k_new], dim=2)
+        self.v = v_new if self.v is None else torch.cat([self.v, v_new], dim=2)
+        return kv_fp8_dequantize(self.k, key_states.dtype), kv_fp8_dequantize(self.v, value_states.dtype)
+
+    def get_seq_length(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v) if t is not None)
+
+    def _apply(self, fn) -> None:
+        self.k, self.v = (None if t is None else fn(t) for t in (self.k, self.v))
+
+
 class QuantizedKVCache(Cache):
     """A `transformers` cache holding every layer's K/V as LMDeploy int8 / int4 codes (`bits` = quant_policy), scale
-    and zero in the model dtype.
+    and zero in the model dtype; or, with `fmt` "fp8_e4m3" / "fp8_e5m2" (bits 8), as fp8 values (quant_policy 16 / 17).
 
     `dequant`: "auto" (the engine: prefill kernel for a multi-token forward, paged-attention decode kernel for a
     one-token step), or "prefill" / "decode" for one kernel's rounding throughout.
@@ -305,15 +373,20 @@ class QuantizedKVCache(Cache):
     uses the cache argument's name of the installed transformers, or to `model.generate` the same way.
     Full-attention decoders only (a sliding-window layer would need its own eviction)."""
 
-    def __init__(self, config, bits: int, dequant: str = "auto", tally: list | None = None):
+    def __init__(self, config, bits: int, dequant: str = "auto", tally: list | None = None, fmt: str = "int"):
         _check_quant_bits(bits)
+        check_kv_supported(bits, fmt)
         text = config.get_text_config(decoder=True)
         layer_types, _ = get_layer_types_and_kwargs(text)
         other = set(layer_types) - {"full_attention"}
         if other:
             raise ValueError(f"QuantizedKVCache supports full-attention layers only; the model has {sorted(other)}")
-        self.bits, self.dequant = bits, dequant
-        super().__init__(layers=[QuantizedKVLayer(bits, dequant, tally) for _ in range(text.num_hidden_layers)])
+        self.bits, self.dequant, self.fmt = bits, dequant, fmt
+
+        def layer():
+            return QuantizedKVLayer(bits, dequant, tally) if fmt == "int" else Fp8KVLayer(fmt, tally)
+
+        super().__init__(layers=[layer() for _ in range(text.num_hidden_layers)])
 
     @property
     def constant_heads(self) -> int:

@@ -52,6 +52,9 @@ METHOD_SOURCES = {
     "rtn": ["quant/rtn.py", *RUNNER_SOURCES],
     "awq": ["quant/awq/method.py", "quant/awq/search.py", "quant/awq/fold.py", "harness/architectures.py",
             *RUNNER_SOURCES],
+    "smoothquant": ["quant/smoothquant/method.py", "quant/smoothquant/numerics.py", "quant/smoothquant/linear.py",
+                    "quant/smoothquant/calibrate.py", "quant/smoothquant/smooth.py", "quant/smoothquant/config.py",
+                    "quant/awq/search.py", "quant/awq/fold.py", "harness/architectures.py"],
 }
 
 

@@ -326,7 +326,7 @@ def row_label(rec: dict) -> RowLabel:
         method=method_name(q),
         w_bit=weight_bits(rec),
         detail=detail,
-        kv=kv_text(kb),
+        kv=kv_text(kb, dig(rec, "config", "kv", "format", default="int")),
         backend=backend_text(backend),
         rank=(METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER), m, -weight_bits(rec),
               q.get("group_size", 0) if m != "fp16" else 0, rank, backend != "hf", -kb),
