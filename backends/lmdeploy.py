@@ -42,8 +42,12 @@ def quant_policy(kv_bits: int, kv_format: str = "int") -> int:
         raise ConfigError(f"kv.bits: {kv_bits} has no LMDeploy quant_policy; allowed: 16, 8, 4") from None
 
 
+CHECKPOINT_FORMATS = ("awq", "smooth_quant")  # what the harness writes (quant.export) and LMDeploy loads
+
+
 def checkpoint_format(model_dir) -> Optional[str]:
-    """'awq' for an AutoAWQ-format checkpoint (quantization_config.quant_method == 'awq'), else None (plain HF)."""
+    """'awq' for an AutoAWQ-format checkpoint, 'smooth_quant' for LMDeploy's W8A8 layout (quantization_config's
+    quant_method), else None (plain HF)."""
     p = Path(model_dir) / "config.json"
     if not p.exists():
         return None
@@ -51,9 +55,10 @@ def checkpoint_format(model_dir) -> Optional[str]:
     method = q.get("quant_method")
     if method is None:
         return None
-    if method != "awq":
-        raise ConfigError(f"model.path: {model_dir} is quantized with {method!r}; this harness serves awq or unquantized")
-    return "awq"
+    if method not in CHECKPOINT_FORMATS:
+        raise ConfigError(f"model.path: {model_dir} is quantized with {method!r}; this harness serves "
+                          f"{', '.join(CHECKPOINT_FORMATS)} or unquantized")
+    return method
 
 
 def turbomind_unavailable_reason(importer: Callable[[str], object] = None) -> Optional[str]:
@@ -96,14 +101,14 @@ def engine_kwargs(cfg: RunConfig, model_dir, engine: str) -> dict:
         raise ConfigError(f"kv.format: {cfg.kv.format} runs on LMDeploy's PyTorch engine only; set backend.engine=pytorch")
     fmt = checkpoint_format(model_dir)
     kw = {
-        "dtype": "float16" if fmt == "awq" else ENGINE_DTYPE[cfg.model.dtype],
+        "dtype": "float16" if fmt in CHECKPOINT_FORMATS else ENGINE_DTYPE[cfg.model.dtype],
         "tp": b.tp,
         "session_len": b.session_len,
         "max_batch_size": b.max_batch_size,
         "cache_max_entry_count": b.cache_max_entry_count,
         "quant_policy": quant_policy(cfg.kv.bits, cfg.kv.format),
     }
-    if fmt is not None:
+    if fmt == "awq":  # a smooth_quant checkpoint is recognised by its config.json alone (PyTorch engine)
         kw["model_format"] = fmt
     return kw
 
@@ -320,10 +325,11 @@ class LMDeployBackend:
             timings["eval.fidelity_reference"] = time.perf_counter() - t
         with tempfile.TemporaryDirectory(prefix="lmdeploy-run-") as tmp:
             t = time.perf_counter()
-            if ctx.qtensors:
-                from quant.export.awq import export_awq
+            if ctx.qtensors:  # the method's checkpoint format (quant.export.FORMATS)
+                from quant.export import FORMATS
 
-                model_dir = export_awq(ctx.model, ctx.qtensors, Path(tmp) / "awq", tokenizer=ctx.tokenizer)
+                fmt = FORMATS.get(cfg.quant.method)
+                model_dir = fmt.export(ctx.model, ctx.qtensors, Path(tmp) / fmt.name, tokenizer=ctx.tokenizer)
             else:
                 model_dir = resolve_model_dir(cfg)
             timings["export"] = time.perf_counter() - t

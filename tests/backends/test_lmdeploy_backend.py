@@ -588,3 +588,19 @@ def test_tokenizer_trim_keeps_the_first_ids_and_the_merges_they_need():
     assert trim_tokenizer_json({**tok, "model": {**tok["model"], "merges": ["a b", "ab c"]}}, 5)["model"]["merges"] == ["a b"]
     with pytest.raises(ValueError, match="special"):
         trim_tokenizer_json({**tok, "added_tokens": [{"id": 6, "content": "<x>"}]}, 5)
+
+
+def test_every_quantization_method_has_a_checkpoint_format_lmdeploy_loads(tmp_path):
+    """backend=lmdeploy writes each method's weights in the format quant.export.FORMATS names for it; a SmoothQuant
+    checkpoint is read back as 'smooth_quant', goes to the engine in fp16 and without an AWQ model_format."""
+    from quant import METHODS
+    from quant.export import FORMATS
+
+    assert {m for m in METHODS.names() if m != "fp16"} <= set(FORMATS.names())
+    assert {FORMATS.get(m).name for m in FORMATS.names()} <= set(lb.CHECKPOINT_FORMATS)
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "smooth_quant",
+                                                                              "quant_dtype": "int8"}}))
+    assert lb.checkpoint_format(tmp_path) == "smooth_quant"
+    cfg = compose(["quant=smoothquant_w8a8", "backend=lmdeploy", "backend.engine=pytorch"])
+    kw = lb.engine_kwargs(cfg, tmp_path, "pytorch")
+    assert kw["dtype"] == "float16" and "model_format" not in kw
