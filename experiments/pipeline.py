@@ -20,6 +20,7 @@ from harness.assets import AssetError, check_cache_dir
 from harness.config import ConfigError, RunConfig, user_error
 from harness.data import (TEXT_SOURCES, DataUnavailableError, bos_token_id, calibration_identity, calibration_ids,
                           calibration_provider, eval_windows, load_text, text_sha256, tokenize_cached)
+from harness.labels import config_label
 from harness.environment import changed_parts, code_version, machine_name
 from harness.hub import require_hub
 from harness.log import logger
@@ -145,7 +146,7 @@ def quantize(cfg: RunConfig, model, prep: Prepared, calib, calib_state: dict,
     calib_id = (calibration_identity(cfg.quant.calib, prep.tokenizer, prep.bos_token_id)
                 if METHODS.get(cfg.quant.method).needs_calibration else None)  # loads the text only when needed
     if cfg.quant.method != "fp16":
-        log(f"quantizing: {cfg.quant.method} w{cfg.quant.w_bit} g{cfg.quant.group_size}")
+        log(f"quantizing: {config_label(cfg.quant)}")
     return quantized_cache.quantize_cached(model, cfg.quant, prep.resolved.model_sha, cfg.model.dtype,
                                            QuantContext(calibration=calib, progress=cfg.progress, placement=placement), calib_state,
                                            force=cfg.force, log=log, calib_id=calib_id,

@@ -35,9 +35,18 @@ def _label_awq(q):
     return f"{group_text(q)} ({variant})", (rank,)
 
 
+@LABELS.register("smoothquant")
+def _label_smoothquant(q):
+    # Xiao et al. 2023: weights and activations both in 8 bits (LMDeploy's `lite smooth_quant`), migration strength α
+    return f"W8A8 {q.get('dtype', 'int8').replace('_', ' ')} (α={q.get('alpha', 0.5):g})", ()
+
+
+NAMES = {"fp16": "FP16", "smoothquant": "SmoothQuant", "awq_gptq": "AWQ+GPTQ"}  # else the method's name in capitals
+
+
 def method_name(q: dict) -> str:
     m = q.get("method", "fp16")
-    return "FP16" if m == "fp16" else m.upper()
+    return NAMES.get(m, m.upper())
 
 
 def method_detail(q: dict) -> tuple[str, tuple]:
@@ -60,6 +69,6 @@ def backend_text(backend: str) -> str:
 def config_label(quant, kv_bits: int = 16, backend: str = "hf") -> str:
     """`quant`: a QuantConfig or its dict. The text of a report row for that config."""
     q = dataclasses.asdict(quant) if dataclasses.is_dataclass(quant) else dict(quant)
-    bits = "" if q.get("method", "fp16") == "fp16" else f" w{q.get('w_bit')}"
+    bits = "" if q.get("method", "fp16") == "fp16" or q.get("w_bit") is None else f" w{q.get('w_bit')}"
     detail = method_detail(q)[0]
     return f"{method_name(q)}{bits}{(' ' + detail) if detail else ''}{kv_text(kv_bits)}{backend_text(backend)}"

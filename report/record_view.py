@@ -50,7 +50,10 @@ def kv_bits(rec: dict) -> int:
 def weight_bits(rec: dict) -> int:
     """Nominal bits per quantized weight; 16 for the unquantized reference."""
     q = dig(rec, "config", "quant", default={})
-    return 16 if q.get("method", "fp16") == "fp16" else int(q.get("w_bit", 16))
+    if q.get("method", "fp16") == "fp16":
+        return 16
+    # a method without w_bit stores 8-bit weights (SmoothQuant W8A8: int8 or fp8)
+    return int(q["w_bit"]) if q.get("w_bit") is not None else 8
 
 
 def hardware_name(rec: dict) -> str:
