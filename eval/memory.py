@@ -20,6 +20,9 @@ from eval.registry import EvalContext, evaluator
 from harness.storage_bytes import FP16_BYTES, fp16_param_bytes, quantized_weight_bytes
 
 def weight_memory(model: torch.nn.Module, qtensors: dict) -> dict:
+    w8a8 = [n for n in qtensors if not isinstance(getattr(model.get_submodule(n), "weight", None), torch.nn.Parameter)]
+    if w8a8:  # the method swapped its Linears for modules holding codes (SmoothQuant W8A8): count those bytes
+        return _w8a8_memory(model, qtensors)
     fp16_total = fp16_param_bytes(model)
     quantized_params = sum(model.get_submodule(name).weight.numel() for name in qtensors)
     # parameters left in fp16: everything else (a quantized Linear's bias stays fp16 too)
@@ -40,6 +43,19 @@ def weight_memory(model: torch.nn.Module, qtensors: dict) -> dict:
             out[layout] = {"total_bytes": total, "codes_bytes": codes, "scales_zeros_bytes": meta,
                            "ratio_to_fp16": total / fp16_total}
     return out
+
+
+def _w8a8_memory(model: torch.nn.Module, qtensors: dict) -> dict:
+    """Weights in LMDeploy's W8A8 layout (harness.storage_bytes "w8a8"): the swapped Linears' 1-byte codes and fp32
+    per-row scales, every remaining parameter at 2 bytes; the FP16 model's bytes for the ratio."""
+    rest = fp16_param_bytes(model)  # parameters only: the swapped modules keep codes and scales as buffers
+    quantized_params = sum(qt.q.numel() for qt in qtensors.values())
+    w8a8 = sum(quantized_weight_bytes(qt.q.numel(), qt.scales.numel(), 8, layout="w8a8") for qt in qtensors.values())
+    fp16_total = rest + quantized_params * FP16_BYTES
+    return {"fp16_bytes": fp16_total, "n_quantized_linears": len(qtensors), "quantized_params": quantized_params,
+            "unquantized_fp16_bytes": rest,
+            "w8a8": {"total_bytes": rest + w8a8, "codes_bytes": quantized_params,
+                     "scales_bytes": w8a8 - quantized_params, "ratio_to_fp16": (rest + w8a8) / fp16_total}}
 
 
 def kv_memory(config, bits: int, context_len: int, batch_size: int, fmt: str = "int") -> dict:

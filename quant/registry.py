@@ -64,10 +64,13 @@ def method_sources(name: str) -> list[str]:
     return COMMON_SOURCES + METHOD_SOURCES[name]
 
 
-def method(name: str, needs_calibration: bool):
-    """Register a method function under `name`; its config class registers under the same name (@quant_config)."""
+def method(name: str, needs_calibration: bool, cacheable: bool = True):
+    """Register a method function under `name`; its config class registers under the same name (@quant_config).
+    `cacheable`: its result is the model's own parameters plus codes (quant.quantized_cache stores and restores
+    those); a method that swaps modules for others (SmoothQuant's W8A8 Linears) is recomputed every run instead."""
     def deco(fn):
         fn.needs_calibration = needs_calibration
+        fn.cacheable = cacheable
         return METHODS.register(name)(fn)
 
     return deco

@@ -233,7 +233,7 @@ def weight_bytes(rec: dict) -> Optional[float]:
     the memory evaluator (eval/memory.py, AWQ packed layout) or else the quantizer's summary; for an unquantized
     16-bit model, 2 bytes per parameter."""
     m = dig(rec, "metrics", "memory", default={}) or {}
-    candidates = [m.get("weight_bytes"), dig(m, "weights", "awq_packed", "total_bytes"),
+    candidates = [m.get("weight_bytes"), dig(m, "weights", "awq_packed", "total_bytes"), dig(m, "weights", "w8a8", "total_bytes"),
                   dig(rec, "metrics", "quant", "weight_bytes")]
     if weight_bits(rec) == 16 and dig(rec, "config", "model", "dtype") in ("bfloat16", "float16"):
         n = finite(dig(rec, "provenance", "model", "n_params"))

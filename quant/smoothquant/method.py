@@ -66,7 +66,7 @@ def smoothquant_(model, cfg, samples, stats: dict | None = None) -> tuple[dict, 
     return qtensors, scales, timings
 
 
-@method("smoothquant", needs_calibration=True)
+@method("smoothquant", needs_calibration=True, cacheable=False)
 def smoothquant(model, cfg, ctx: QuantContext) -> QuantOutcome:
     sq = as_smoothquant_config(cfg)
     t = time.perf_counter()

@@ -188,6 +188,16 @@ def test_method_quantizes_every_decoder_linear_and_stays_close_to_fp(dtype):
     rel = float((a - b).norm() / b.norm())
     assert 0 < rel < {"int8": 0.05, "fp8_e4m3": 0.1, "fp8_e5m2": 0.2}[dtype]
     assert out.summary["weight_bytes_ratio"] < 1 and out.summary["dtype"] == dtype
+    # the memory evaluator counts the swapped modules' bytes by hand: 1-byte codes, an fp32 scale per row, the rest
+    # of the model (embeddings, norms) at 2 bytes per parameter
+    from eval.memory import weight_memory
+
+    mem = weight_memory(model, out.qtensors)
+    lin = [ref.get_submodule(n) for n in out.qtensors]
+    n_lin = sum(m.weight.numel() for m in lin)
+    rest = sum(p.numel() for p in ref.parameters()) - n_lin  # tied head counted once by .parameters()
+    assert mem["fp16_bytes"] == 2 * (rest + n_lin) and mem["unquantized_fp16_bytes"] == 2 * rest
+    assert mem["w8a8"]["total_bytes"] == 2 * rest + n_lin + 4 * sum(m.out_features for m in lin)
 
 
 def test_config_checks():
