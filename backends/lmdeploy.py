@@ -325,6 +325,14 @@ class LMDeployBackend:
             timings["eval.fidelity_reference"] = time.perf_counter() - t
         with tempfile.TemporaryDirectory(prefix="lmdeploy-run-") as tmp:
             t = time.perf_counter()
+            # the engine takes its share of *free* GPU memory; and the export reads the weights beside their codes,
+            # which rest in host memory after a block-by-block quantization (quant/onload.py)
+            ctx.model.to("cpu")
+            for qt in ctx.qtensors.values():  # codes on the GPU too (offload=false): beside the weights
+                for f in ("q", "scales", "zeros"):
+                    if getattr(qt, f) is not None:
+                        setattr(qt, f, getattr(qt, f).cpu())
+            torch.cuda.empty_cache()
             if ctx.qtensors:  # the method's checkpoint format (quant.export.FORMATS)
                 from quant.export import FORMATS
 
@@ -333,8 +341,6 @@ class LMDeployBackend:
             else:
                 model_dir = resolve_model_dir(cfg)
             timings["export"] = time.perf_counter() - t
-            ctx.model.to("cpu")  # the engine takes its share of *free* GPU memory
-            torch.cuda.empty_cache()
             t = time.perf_counter()
             pipe, engine, reason = make_pipeline(cfg, model_dir)
             timings["engine_start"] = time.perf_counter() - t
