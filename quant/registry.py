@@ -42,6 +42,8 @@ METHOD_SOURCES = {
     "fp16": [],
     "rtn": ["quant/rtn.py"],
     "awq": ["quant/awq/method.py", "quant/awq/search.py", "quant/awq/fold.py", "harness/architectures.py"],
+    "gptq": ["quant/gptq/method.py", "quant/gptq/algorithm.py", "quant/gptq/config.py", "quant/awq/method.py",
+             "harness/architectures.py"],
 }
 
 
