@@ -44,6 +44,8 @@ METHOD_SOURCES = {
     "awq": ["quant/awq/method.py", "quant/awq/search.py", "quant/awq/fold.py", "harness/architectures.py"],
     "gptq": ["quant/gptq/method.py", "quant/gptq/algorithm.py", "quant/gptq/config.py", "quant/awq/method.py",
              "harness/architectures.py"],
+    "awq_gptq": ["quant/gptq/awq_gptq.py", "quant/gptq/method.py", "quant/gptq/algorithm.py", "quant/gptq/config.py",
+                 "quant/awq/method.py", "quant/awq/search.py", "quant/awq/fold.py", "harness/architectures.py"],
 }
 
 

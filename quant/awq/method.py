@@ -265,9 +265,9 @@ def _awq_block(block, i, x, kwargs, arch, cfg, sizes, keys, capture, search_idx,
         del grams
     t_clip += time.perf_counter() - t
 
-    # 5. quantize
+    # 5. quantize (unless a recipe rounds the smoothed weights itself: awq_gptq, quant/gptq/awq_gptq.py)
     t = time.perf_counter()
-    for rel in arch.linears:
+    for rel in arch.linears if getattr(cfg, "round_weights", True) else ():
         name = f"{prefix}.{rel}"
         qtensors[name] = quantize_linear_(block.get_submodule(rel), cfg.w_bit, sizes[name], cfg.zero_point)
     t_quant += time.perf_counter() - t

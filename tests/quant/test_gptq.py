@@ -167,3 +167,43 @@ def test_gptq_config_rejects_bad_values_by_name():
         GPTQConfig(act_order=True, static_groups=False).validate()
     assert GPTQConfig(act_order=True, static_groups=False, group_size=-1).validate().group_size == -1
     assert GPTQConfig.from_any(QuantConfig(method="gptq", w_bit=3)).w_bit == 3
+
+
+@pytest.mark.parametrize("static_groups", [True, False])
+def test_gptq_math_stays_on_the_inputs_device(static_groups):
+    """On the meta device a tensor made without the inputs' device cannot mix in (tests/quant/test_device_hygiene.py):
+    what passes here runs on cuda too. (act_order reads the permutation on the host, once, by design.)"""
+    meta = torch.device("meta")
+    H, n = accumulate_hessian(None, 0, torch.empty(64, 128, device=meta, dtype=torch.bfloat16))
+    assert H.device == meta and H.dtype == torch.float32 and n == 64
+    res = gptq_quantize(torch.empty(32, 128, device=meta, dtype=torch.bfloat16), H, 4, 64, act_order=False,
+                        static_groups=static_groups)
+    assert res.q.device == res.scales.device == res.zeros.device == res.g_idx.device == res.loss.device == meta
+
+
+@torch.no_grad()
+def test_awq_without_rounding_keeps_the_output_and_awq_gptq_beats_rtn(smollm2_fp32, calib_ids, milton_ids):
+    """AWQ with its rounding left out only folds scales (and clips): the model is unquantized, its output nearly the
+    FP one; awq_gptq then rounds with GPTQ: held-out hidden-state error below RTN's (w3 g64, two real blocks)."""
+    base = _truncated(smollm2_fp32, 2)
+    held = milton_ids[: 4 * 128].view(4, 128)
+    ref = base.model(held).last_hidden_state.double()
+    fast = dict(search_samples=4, n_grid=6, clip=False, calib=CalibConfig(n_samples=16, seqlen=128))
+    ctx = QuantContext(calibration=lambda: _calib(calib_ids, 16, 128), progress=False)
+
+    m = copy.deepcopy(base)
+    cfg = QuantConfig(method="awq", w_bit=3, group_size=64, **fast)
+    cfg.round_weights = False
+    assert METHODS.get("awq")(m, cfg, ctx).qtensors == {}
+    assert not torch.equal(m.model.layers[0].self_attn.q_proj.weight, base.model.layers[0].self_attn.q_proj.weight)
+    torch.testing.assert_close(m.model(held).last_hidden_state.double(), ref, rtol=1e-4, atol=1e-3)
+
+    errs = {}
+    for name in ("rtn", "awq_gptq"):
+        m = copy.deepcopy(base)
+        out = METHODS.get(name)(m, QuantConfig(method=name, w_bit=3, group_size=64, **fast), ctx)
+        errs[name] = (m.model(held).last_hidden_state.double() - ref).pow(2).mean().item()
+        assert len(out.qtensors) == 14
+        for n, qt in out.qtensors.items():
+            torch.testing.assert_close(m.get_submodule(n).weight, qt.dequantize(), rtol=0, atol=0)
+    assert errs["awq_gptq"] < 0.8 * errs["rtn"], errs
