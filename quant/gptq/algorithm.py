@@ -84,7 +84,7 @@ class GPTQResult:
     w_bit: int
     group_size: int
     perm: Optional[torch.Tensor]
-    loss: torch.Tensor  # sum over rows of GPTQ's own error estimate, sum (w - q)^2 / Hinv_kk^2 / 2 (AutoGPTQ "avg loss")
+    loss: torch.Tensor  # GPTQ's own error estimate, sum of (w - q)^2 / Hinv_kk^2 / 2 (AutoGPTQ logs it as "avg loss")
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
         g = self.g_idx.long()
