@@ -31,8 +31,10 @@ class AWQConfig(WeightQuantConfig):
     # what the next decoder block calibrates on (quant.calibration.runner): the outputs of the fp16 block (llm-awq,
     # AutoAWQ) or of the quantized one (llm-compressor); auto = AWQ's own convention, fp16
     propagate: str = "auto"
+    # false: search and fold the scales (and clip) but leave the rounding to a later step (the awq_gptq recipe)
+    round_weights: bool = True
     calib: CalibConfig = field(default_factory=CalibConfig)
-    late_fields = WeightQuantConfig.late_fields + ("propagate",)
+    late_fields = WeightQuantConfig.late_fields + ("propagate", "round_weights")
 
     def validate(self) -> None:
         super().validate()

@@ -220,9 +220,9 @@ def _awq_block(block, i, feats, kwargs, arch, cfg, specs, keys, search_idx, clip
         del grams
     t_clip += time.perf_counter() - t
 
-    # 5. quantize
+    # 5. quantize (unless a recipe rounds the smoothed weights itself: awq_gptq, quant/gptq/awq_gptq.py)
     t = time.perf_counter()
-    for rel in arch.linears:
+    for rel in arch.linears if cfg.round_weights else ():
         name, sp = f"{prefix}.{rel}", specs[f"{prefix}.{rel}"]
         if not sp.skip:
             qtensors[rel] = quantize_linear_(block.get_submodule(rel), sp.w_bit, sp.group_size, sp.zero_point)

@@ -173,6 +173,32 @@ def _check_weights_match(model: nn.Module, qtensors: dict[str, QTensor]) -> None
                                  f"{bad:.2f} quantization steps; the QTensors do not describe this model's weights")
 
 
+def _check_model(model: nn.Module, qtensors: dict[str, QTensor], check_qt, check_weights: bool, error=None):
+    """The QTensors fit this model's Linears (and the format: `check_qt(qt, name)`); lm_head tied to the embedding is
+    not among them; with check_weights, the model holds their dequantization. Returns (modules, out_emb, tied).
+    (Shared with quant/export/gptq.py.)"""
+    error = error or AWQExportError
+    if not qtensors:
+        raise error("export: no quantized Linears given")
+    modules = dict(model.named_modules())
+    for name, qt in qtensors.items():
+        mod = modules.get(name)
+        if not isinstance(mod, nn.Linear):
+            raise error(f"{name}: not an nn.Linear of this model")
+        if tuple(qt.q.shape) != tuple(mod.weight.shape):
+            raise error(f"{name}: QTensor shape {tuple(qt.q.shape)} != weight shape {tuple(mod.weight.shape)}")
+        check_qt(qt, name)
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    in_emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    tied = out_emb is not None and in_emb is not None and out_emb.weight is in_emb.weight
+    if tied and any(modules[n] is out_emb for n in qtensors):
+        raise error("the output embedding (lm_head) is tied to the input embedding: quantizing it would "
+                    "quantize the embedding table too; leave lm_head unquantized")
+    if check_weights:
+        _check_weights_match(model, qtensors)
+    return modules, out_emb, tied
+
+
 def _quantization_config(qtensors: dict[str, QTensor], skipped: list[str]) -> dict:
     group_sizes = {qt.group_size for qt in qtensors.values()}
     if len(group_sizes) != 1:
@@ -189,41 +215,9 @@ def _quantization_config(qtensors: dict[str, QTensor], skipped: list[str]) -> di
 def export_awq(model: nn.Module, qtensors: dict[str, QTensor], out_dir, tokenizer=None,
                quant_meta: dict | None = None, check_weights: bool = True) -> Path:
     """Write an AWQ GEMM checkpoint to out_dir (replacing it if present), atomically. Returns out_dir."""
-    if not qtensors:
-        raise AWQExportError("export_awq: no quantized Linears given")
-    modules = dict(model.named_modules())
-    for name, qt in qtensors.items():
-        mod = modules.get(name)
-        if not isinstance(mod, nn.Linear):
-            raise AWQExportError(f"{name}: not an nn.Linear of this model")
-        if tuple(qt.q.shape) != tuple(mod.weight.shape):
-            raise AWQExportError(f"{name}: QTensor shape {tuple(qt.q.shape)} != weight shape {tuple(mod.weight.shape)}")
-        check_awq_gemm(qt, name)
-    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    in_emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    tied = out_emb is not None and in_emb is not None and out_emb.weight is in_emb.weight
-    if tied and any(modules[n] is out_emb for n in qtensors):
-        raise AWQExportError("the output embedding (lm_head) is tied to the input embedding: quantizing it would "
-                             "quantize the embedding table too; leave lm_head unquantized")
-    if check_weights:
-        _check_weights_match(model, qtensors)
+    modules, out_emb, tied = _check_model(model, qtensors, check_awq_gemm, check_weights, AWQExportError)
 
-    from safetensors.torch import save_file
-
-    # every tensor that is not a quantized weight, as fp16; tied tensors (lm_head = embed_tokens) are written once,
-    # under the first name, as save_pretrained does
-    quantized_weights = {f"{n}.weight" for n in qtensors}
-    tensors: dict[str, torch.Tensor] = {}
-    seen: dict[tuple, str] = {}
-    for key, t in model.state_dict(keep_vars=False).items():
-        if key in quantized_weights:
-            continue
-        ident = (t.data_ptr(), tuple(t.shape), t.dtype) if t.numel() else None
-        if ident is not None and ident in seen:
-            continue
-        if ident is not None:
-            seen[ident] = key
-        tensors[key] = (t.detach().to(torch.float16) if t.is_floating_point() else t.detach()).contiguous().clone()
+    tensors = _plain_tensors(model, qtensors)
     for name, qt in qtensors.items():
         for suffix, t in qtensor_to_awq(qt).items():
             tensors[f"{name}.{suffix}"] = t
@@ -252,12 +246,41 @@ def export_awq(model: nn.Module, qtensors: dict[str, QTensor], out_dir, tokenize
         **(quant_meta or {}),
     }
 
+    return _write_dir(out_dir, tensors, config, meta, model, tokenizer)
+
+
+def _plain_tensors(model: nn.Module, qtensors: dict) -> dict[str, torch.Tensor]:
+    """Every tensor that is not a quantized weight, as fp16; tied tensors (lm_head = embed_tokens) are written once,
+    under the first name, as save_pretrained does. (Shared with quant/export/gptq.py.)"""
+    quantized_weights = {f"{n}.weight" for n in qtensors}
+    tensors: dict[str, torch.Tensor] = {}
+    seen: dict[tuple, str] = {}
+    for key, t in model.state_dict(keep_vars=False).items():
+        if key in quantized_weights:
+            continue
+        ident = (t.data_ptr(), tuple(t.shape), t.dtype) if t.numel() else None
+        if ident is not None and ident in seen:
+            continue
+        if ident is not None:
+            seen[ident] = key
+        tensors[key] = (t.detach().to(torch.float16) if t.is_floating_point() else t.detach()).contiguous().clone()
+    return tensors
+
+
+def _write_dir(out_dir, tensors: dict, config: dict, meta: dict, model: nn.Module, tokenizer,
+               extra_json: dict | None = None) -> Path:
+    """Write a checkpoint directory atomically (weights, config.json, quant_meta.json with file_bytes, any extra
+    JSON files); an existing out_dir is replaced. (Shared with quant/export/gptq.py.)"""
+    from safetensors.torch import save_file
+
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        for fname, obj in (extra_json or {}).items():
+            (tmp / fname).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:

@@ -97,7 +97,7 @@ def test_registering_a_config_checks_its_method_name():
                                           r"w_bit, group_size, zero_point, group_fallback, layer_overrides — n_grid is "
                                           r"a field of awq"),
     (["+quant.wbit=3"], r"^quant\.wbit: 3 — not a field of quant \(method fp16\); known: method — w_bit is a field "
-                        r"of (awq, rtn|rtn, awq)"),
+                        r"of ([a-z_]+, )*rtn"),
     (["quant=rtn_w4", "quant.method=awq"], r"^quant\.method: awq — the quant option chose RTNConfig, not AWQConfig"),
 ])
 def test_keys_are_checked_against_the_methods_own_fields(overrides, message):

@@ -1,0 +1,109 @@
+"""GPTQ W4 g64 on the embedded model: quantization time and held-out token PPL beside FP16 and RTN, same run, same
+machine (the setting of shared/TARGETS.md's first row: 128x512 calibration tokens of shakespeare_calib, seed 0;
+Milton 40x512; bf16).
+
+    python -m benchmarks.quality_gptq [--variants rtn,gptq] [--n-samples 128] [--seqlen 512] [--eval-windows 40]
+
+Writes results/benchmarks/quality_gptq.json. Anchors (TARGETS.md): FP16 94.71, RTN 119.94, llm-compressor GPTQ with
+static activation ordering 106.75 (228 s), without activation ordering 118.66; AWQ->GPTQ 100.78.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import add_threads_arg, apply_threads, load_embedded, write_result
+from eval.perplexity import ppl_metrics, window_nll
+from omegaconf import OmegaConf
+
+from harness.config import CalibConfig
+from quant.gptq.awq_gptq import AWQGPTQConfig
+from quant.rtn import RTNConfig
+from harness.data import calibration_samples, eval_windows, load_text, tokenize_cached
+from harness.records import provenance
+from quant import METHODS, QuantContext
+from quant.gptq.config import GPTQConfig
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+# the harness's AWQ search settings (conf/quant/awq_w4.yaml), for the AWQ->GPTQ recipe
+AWQ_SEARCH = {k: v for k, v in OmegaConf.to_container(OmegaConf.load(CONF / "quant" / "awq_w4.yaml")).items()
+              if k not in ("method", "calib", "w_bit", "group_size")}
+
+# the quantizations compared (w4 g64 asymmetric and the calibration set are common to all)
+VARIANTS = {
+    "rtn": lambda calib: RTNConfig(w_bit=4, group_size=64),
+    # llm-compressor's default: static activation ordering
+    "gptq": lambda calib: GPTQConfig(w_bit=4, group_size=64, calib=calib),
+    # the paper's order, dynamic groups
+    "gptq_no_act_order": lambda calib: GPTQConfig(w_bit=4, group_size=64, act_order=False, static_groups=False,
+                                                  calib=calib),
+    # llm-compressor's AWQ->GPTQ recipe: AWQ's scales (and clipping) folded, GPTQ's rounding (anchor 100.78)
+    "awq_gptq": lambda calib: AWQGPTQConfig(w_bit=4, group_size=64, calib=calib, **AWQ_SEARCH),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n-samples", type=int, default=128)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--eval-split", default="milton")
+    ap.add_argument("--eval-windows", type=int, default=40)
+    ap.add_argument("--variants", default="rtn,gptq", help=f"comma-separated, of: {', '.join(VARIANTS)}")
+    ap.add_argument("--out", default="results/benchmarks/quality_gptq.json")
+    add_threads_arg(ap)
+    args = ap.parse_args()
+    apply_threads(args)
+    names = args.variants.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variants {unknown} (known: {', '.join(VARIANTS)})")
+
+    base, tok = load_embedded("bfloat16")
+    windows = eval_windows(tokenize_cached(tok, load_text(args.eval_split)), 512, args.eval_windows)
+    calib_ids = tokenize_cached(tok, load_text("shakespeare_calib"))
+
+    def ppl(model) -> float:
+        nll, secs = window_nll(model, windows, 8, progress=False)
+        return ppl_metrics(nll, secs, 512)["token_ppl"]
+
+    calib = CalibConfig(n_samples=args.n_samples, seqlen=args.seqlen)
+    rows = {"fp16": {"token_ppl": ppl(base)}}
+    print(f"fp16: PPL {rows['fp16']['token_ppl']:.2f}", flush=True)
+    for name in names:
+        q = VARIANTS[name](calib)
+        method = getattr(q, "method", "gptq")
+        model = copy.deepcopy(base)
+        t0 = time.perf_counter()  # end to end: sampling the calibration tokens is inside the timed region
+        sample = lambda: calibration_samples(calib_ids, calib.n_samples, calib.seqlen, calib.seed)  # noqa: E731
+        out = METHODS.get(method)(model, q, QuantContext(calibration=sample, progress=True))
+        secs = time.perf_counter() - t0
+        rows[name] = {"quantize_s": secs, "stages_s": out.timings_s, "token_ppl": ppl(model),
+                      "config": {"method": method, **dataclasses.asdict(q)}}
+        print(f"{name}: {secs:.1f} s {out.timings_s}, PPL {rows[name]['token_ppl']:.2f}", flush=True)
+        del model
+    fp = rows["fp16"]["token_ppl"]
+    result = {
+        "benchmark": "quality_gptq",
+        "setting": {"model": "embedded SmolLM2-135M-Instruct (Q4_1 GGUF dequantized)", "w_bit": 4, "group_size": 64,
+                    "calibration": f"{args.n_samples}x{args.seqlen} shakespeare_calib seed 0",
+                    "eval": f"{args.eval_split}, {windows.shape[0]}x512 tokens, bf16",
+                    "threads": torch.get_num_threads()},
+        "rows": rows,
+        "gap_over_rtn_gap": ({k: (rows[k]["token_ppl"] - fp) / (rows["rtn"]["token_ppl"] - fp)
+                              for k in names if k != "rtn"} if "rtn" in rows else None),
+        "anchors": {"fp16": 94.71, "rtn": 119.94, "llm_compressor_gptq_static_act_order": 106.75,
+                    "llm_compressor_gptq_no_act_order": 118.66, "llm_compressor_awq_gptq": 100.78},
+        "provenance": provenance(),
+    }
+    write_result(Path(args.out), result)
+    print(json.dumps({k: v for k, v in result.items() if k not in ("rows", "provenance")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""GPTQ (Frantar et al. 2022, arXiv:2210.17323) as pure functions over tensors.
+
+The steps follow AutoGPTQ's `GPTQ.fasterquant` (auto_gptq/quantization/gptq.py) and llm-compressor's
+`quantize_weight` (modifiers/gptq/gptq_quantize.py):
+  H = 2/n sum_x x x^T over the calibration tokens (a running average, as `add_batch`);
+  dead inputs (H_kk = 0) get H_kk = 1 and their weight column zeroed;
+  with act_order, columns are processed in order of decreasing H_kk;
+  H += damp_percent * mean(diag H) * I, and Hinv = the upper Cholesky factor of H^-1 (paper section 3.3);
+  columns are quantized one at a time, each one's error spread over the not yet quantized columns of its block
+  through Hinv's row, and the block's errors applied to the columns after it in one matrix product (the "lazy batch
+  updates" of section 3.3).
+The quantization grid is the repository's (quant/primitives.py: llm-awq's asymmetric min/max grid), so GPTQ, RTN and
+AWQ differ only in how codes are chosen. Group parameters are computed either when a group starts, on the weights as
+updated so far (dynamic groups: the paper's and AutoGPTQ's default; AutoGPTQ reads the group's columns before the
+in-block updates of the current block, here they are read after them, which is what the column-by-column algorithm
+computes), or all at once on the original weights before reordering (static groups: AutoGPTQ `static_groups`,
+llm-compressor's actorder="static"), which keeps the checkpoint's g_idx the trivial k // group_size.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from quant.primitives import QTensor, check_group_size, dequantize, effective_group_size, quant_params, quantize
+
+
+def accumulate_hessian(H: Optional[torch.Tensor], n_tokens: int, x: torch.Tensor,
+                       dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, int]:
+    """Add the inputs x [..., in] of one Linear to the running average H = 2/n sum x x^T; returns (H, n).
+
+    AutoGPTQ counts sequences in n, llm-compressor counts them and divides at the end; here n counts tokens. The
+    scale of H does not change GPTQ's result (the dampening is relative, and only ratios of Hinv enter the updates).
+    Accumulated in float32 (llm-compressor's GPTQ_PRECISION) on x's device."""
+    x = x.reshape(-1, x.shape[-1])
+    if H is None:
+        H = torch.zeros(x.shape[-1], x.shape[-1], dtype=dtype, device=x.device)
+    total = n_tokens + x.shape[0]
+    xf = x.to(H.dtype)
+    H.addmm_(xf.t(), xf, beta=n_tokens / total, alpha=2.0 / total)
+    return H, total
+
+
+def inverse_hessian_factor(H: torch.Tensor, damp_percent: float) -> torch.Tensor:
+    """Upper Cholesky factor U of (H + damp I)^-1, damp = damp_percent * mean(diag H): row k of U divided by U_kk is
+    the update that spreads column k's rounding error over the columns after it (paper section 3.3). H is changed."""
+    damp = damp_percent * torch.mean(torch.diag(H))
+    H.diagonal().add_(damp)
+    try:
+        L = torch.linalg.cholesky(H)
+        return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    except torch.linalg.LinAlgError as e:  # llm-compressor falls back to RTN here; a silent fallback hides it
+        raise FloatingPointError(f"the dampened Hessian is not positive definite ({str(e).splitlines()[0]}); "
+                                 f"raise damp_percent or use more calibration tokens") from None
+
+
+@contextmanager
+def _one_cpu_thread(device: torch.device):
+    """The column loop's ops touch a few thousand numbers each: on the CPU, splitting them across threads costs more
+    than it saves (measured on this 2-core machine under load: 230 vs 1,550 us per column of a [192, 576] weight with
+    1 vs 2 threads). The thread count is restored afterwards; the block-wide matrix products run outside."""
+    if device.type != "cpu":
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+@dataclass
+class GPTQResult:
+    """Codes [out, in] in the original column order; scales / zeros [out, n_groups]; g_idx [in]: the group of each
+    input column (k // group_size unless act_order runs with dynamic groups); perm: the processing order."""
+
+    q: torch.Tensor
+    scales: torch.Tensor
+    zeros: Optional[torch.Tensor]
+    g_idx: torch.Tensor
+    w_bit: int
+    group_size: int
+    perm: Optional[torch.Tensor]
+    loss: torch.Tensor  # GPTQ's own error estimate, sum of (w - q)^2 / Hinv_kk^2 / 2 (AutoGPTQ logs it as "avg loss")
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        g = self.g_idx.long()
+        qf = self.q.float()
+        if self.zeros is not None:
+            qf = qf - self.zeros[:, g]
+        return (qf * self.scales[:, g]).to(dtype)
+
+    def trivial_g_idx(self) -> bool:
+        cols = self.q.shape[1]
+        return torch.equal(self.g_idx.long(), torch.arange(cols, device=self.g_idx.device) // self.group_size)
+
+    def to_qtensor(self, rows: slice = slice(None)) -> QTensor:
+        """The rows' codes as the QTensor RTN and AWQ produce (needs the trivial g_idx: static groups)."""
+        if not self.trivial_g_idx():
+            raise ValueError("GPTQ result with a permuted g_idx (act_order with dynamic groups) has no QTensor form")
+        z = None if self.zeros is None else self.zeros[rows].clone()  # clones: a row slice owns its storage
+        return QTensor(self.q[rows].clone(), self.scales[rows].clone(), z, self.w_bit, self.group_size)
+
+
+def _group_columns(Wt, Wt1, Errt1, Hinv, i1, i2, i, g):
+    """Columns j..j+g (j = i1 + i) of the weights as updated by every column before j, as rows of the transposed
+    weights: inside the block they are in Wt1; past the block they still lack this block's updates so far (Errt1 is
+    zero from row i on)."""
+    j = i1 + i
+    inside = Wt1[i : i + g]
+    if j + g <= i2:
+        return inside
+    past = Wt[i2 : j + g] - Hinv[i1:i2, i2 : j + g].t() @ Errt1
+    return torch.cat([inside, past])
+
+
+@torch.no_grad()
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, w_bit: int, group_size: int, zero_point: bool = True,
+                  damp_percent: float = 0.01, block_size: int = 128, act_order: bool = True,
+                  static_groups: bool = True) -> GPTQResult:
+    """GPTQ codes for the weight W [out, in] of a Linear whose inputs have the Hessian H [in, in] (from
+    `accumulate_hessian`). Computes in H's dtype (float32 upstream) on W's device; W and H are left unchanged."""
+    rows, cols = W.shape
+    check_group_size(cols, group_size)
+    g = effective_group_size(cols, group_size)
+    dev, dt = W.device, H.dtype
+    W = W.to(dt).clone()
+    H = H.clone()
+    dead = torch.diag(H) == 0  # an input that is always zero: any weight works; AutoGPTQ zeroes it
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    n_groups = cols // g
+    if static_groups:  # every group's grid from the original weights, in the original column order
+        scales, zeros = quant_params(W, w_bit, g, zero_point)
+    else:
+        scales = torch.zeros(rows, n_groups, dtype=torch.float32, device=dev)
+        zeros = torch.zeros(rows, n_groups, dtype=torch.float32, device=dev) if zero_point else None
+
+    perm = None
+    if act_order:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+    order = perm.tolist() if perm is not None else list(range(cols))
+    # the group whose grid quantizes processing position j: the original column's group (static), else j's own
+    gid = [c // g for c in order] if static_groups else [j // g for j in range(cols)]
+
+    Hinv = inverse_hessian_factor(H, damp_percent)
+    # The loop works on transposed copies, so that a weight column, its grid and its codes are contiguous rows. Each
+    # column is quantized with quant/primitives.py's formulas written out (quantize: clamp(round(w / s) + z, lo, hi);
+    # dequantize: (q - z) * s; in float32; symmetric: z = 0), which saves the per-call reshapes of a column loop that
+    # runs once per input channel; tests/quant/test_gptq.py checks the codes against a reference that calls them.
+    Wt = W.t().contiguous()
+    st = scales.t().contiguous()
+    zt = zeros.t().contiguous() if zeros is not None else torch.zeros_like(st)
+    lo, hi = (0, 2**w_bit - 1) if zero_point else (-(2 ** (w_bit - 1)), 2 ** (w_bit - 1) - 1)
+    Qt = torch.zeros(cols, rows, dtype=torch.float32, device=dev)
+    loss = torch.zeros((), dtype=dt, device=dev)
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        Wt1 = Wt[i1:i2].clone()
+        Errt1 = torch.zeros_like(Wt1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        inv_d = 1.0 / torch.diagonal(Hinv1)
+        with _one_cpu_thread(dev):
+            for i in range(i2 - i1):
+                j = i1 + i
+                if not static_groups and j % g == 0:
+                    cur = _group_columns(Wt, Wt1, Errt1, Hinv, i1, i2, i, g).t()
+                    s, z = quant_params(cur, w_bit, -1, zero_point)
+                    st[j // g] = s[:, 0]
+                    if zeros is not None:
+                        zt[j // g] = z[:, 0]
+                s, z = st[gid[j]], zt[gid[j]]
+                w = Wt1[i]
+                q = torch.clamp(torch.round(w.float() / s) + z, lo, hi)
+                Qt[j] = q
+                err = (w - ((q - z) * s).to(dt)) * inv_d[i]
+                Wt1[i:].addr_(Hinv1[i, i:], err, alpha=-1)
+                Errt1[i] = err
+        loss += Errt1.pow(2).sum() / 2
+        Wt[i2:].sub_(Hinv[i1:i2, i2:].t() @ Errt1)
+
+    Q = Qt.t().to(torch.uint8 if zero_point else torch.int8).contiguous()
+    scales = st.t().contiguous()
+    zeros = zt.t().contiguous() if zeros is not None else None
+    g_idx = torch.arange(cols, device=dev, dtype=torch.int32) // g
+    if perm is not None:
+        invperm = torch.argsort(perm)
+        Q = Q[:, invperm]
+        if not static_groups:
+            g_idx = g_idx[invperm]  # original column perm[j] was quantized with position j's group
+    return GPTQResult(Q, scales, zeros, g_idx, w_bit, g, perm, loss)

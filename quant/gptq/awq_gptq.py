@@ -1,0 +1,52 @@
+"""AWQ then GPTQ, llm-compressor's AWQ->GPTQ recipe: AWQ's activation-aware scales (and, with quant.clip, its
+clipping) are searched and folded into the weights without AWQ's final rounding; GPTQ then collects its Hessians on
+the smoothed model and rounds the smoothed weights. The FP model's output is unchanged by the fold, so GPTQ starts
+from an equivalent model whose weights are easier to round."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from harness.config import quant_config
+from quant.awq.config import AWQConfig
+from quant.awq.method import awq
+from quant.gptq.config import GPTQKnobs
+from quant.gptq.method import run_gptq
+from quant.registry import QuantContext, QuantOutcome, method
+
+
+@quant_config("awq_gptq")
+@dataclass
+class AWQGPTQConfig(AWQConfig, GPTQKnobs):
+    """AWQ's search knobs (the AWQ stage) and GPTQ's (the rounding stage) over one calibration set."""
+
+    method: str = "awq_gptq"
+
+    def validate(self) -> None:
+        super().validate()
+        self.validate_gptq()
+
+
+@method("awq_gptq", needs_calibration=True)
+def awq_gptq(model, cfg: AWQGPTQConfig, ctx: QuantContext) -> QuantOutcome:
+    cfg.validate()
+    samples = ctx.calibration()  # one draw of the calibration tokens for both stages
+    awq_cfg = AWQConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(AWQConfig) if f.name != "method"})
+    awq_cfg.round_weights = False  # AWQ's step 5 is left to GPTQ
+    stage = lambda name: dataclasses.replace(  # noqa: E731  (each stage resumes from its own block checkpoints)
+        ctx, calibration=lambda: samples, checkpoint_dir=None if ctx.checkpoint_dir is None else ctx.checkpoint_dir / name)
+    smooth = awq(model, awq_cfg, stage("awq"))
+    qtensors, losses, timings, block_s, plan = run_gptq(model, cfg, stage("gptq"), samples)
+    summary = {
+        "method": "awq_gptq", "w_bit": cfg.w_bit, "group_size": cfg.group_size, "zero_point": cfg.zero_point,
+        "awq": {k: v for k, v in smooth.summary.items() if k not in ("layers_quantized", "block_seconds", "method")},
+        "damp_percent": cfg.damp_percent, "block_size": cfg.block_size, "act_order": cfg.act_order,
+        "static_groups": cfg.static_groups, "layers_quantized": len(qtensors), **plan.summary(),
+        "gptq_loss": losses, "block_seconds": block_s,
+    }
+    from harness.storage_bytes import packed_weight_bytes
+
+    summary.update(packed_weight_bytes(model, qtensors))
+    return QuantOutcome(summary=summary, qtensors=qtensors,
+                        timings_s={**{f"awq_{k}": v for k, v in smooth.timings_s.items()},
+                                   **{f"gptq_{k}": v for k, v in timings.items()}})

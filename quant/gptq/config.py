@@ -1,0 +1,39 @@
+"""GPTQ's config (Frantar et al. 2022), registered for quant.method=gptq and selected by conf/quant/gptq_*.yaml; the
+AWQ->GPTQ recipe's config adds these knobs to AWQ's (quant/gptq/awq_gptq.py). Its run_id hashes these fields only."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from harness.config import CalibConfig, WeightQuantConfig, _require, quant_config
+
+
+@dataclass
+class GPTQKnobs:
+    # dampening added to diag(H): damp_percent * mean(diag(H)) (AutoGPTQ damp_percent, llm-compressor dampening_frac)
+    damp_percent: float = 0.01
+    block_size: int = 128  # columns per lazy batch update (paper section 3.3, "lazy batch-updates")
+    act_order: bool = True  # quantize columns in order of decreasing diag(H) (AutoGPTQ desc_act)
+    # group parameters computed on the original weights before reordering, so the checkpoint keeps g_idx = k // g
+    # (AutoGPTQ static_groups; llm-compressor's default actorder="static")
+    static_groups: bool = True
+
+    def validate_gptq(self) -> None:
+        _require(0.0 < self.damp_percent < 1.0, "quant.damp_percent",
+                 f"{self.damp_percent!r} — must be in (0, 1) (AutoGPTQ's bound); 0.01 is the default")
+        _require(self.block_size >= 1, "quant.block_size", f"must be >= 1, got {self.block_size}")
+        _require(not (self.act_order and not self.static_groups and self.group_size != -1), "quant.static_groups",
+                 "False — act_order with dynamic groups gives a permuted g_idx, which the harness's QTensor and "
+                 "real-kernel paths do not take — set quant.static_groups=true")
+
+
+@quant_config("gptq")
+@dataclass
+class GPTQConfig(WeightQuantConfig, GPTQKnobs):
+    method: str = "gptq"
+    calib: CalibConfig = field(default_factory=CalibConfig)
+
+    def validate(self) -> "GPTQConfig":
+        super().validate()
+        self.validate_gptq()
+        self.calib.validate()
+        return self

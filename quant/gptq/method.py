@@ -1,0 +1,133 @@
+"""GPTQ W4A16 block by block on the shared sequential runner (quant/calibration/runner.py), as llm-compressor's
+sequential pipeline runs it:
+
+for each decoder block, with the block's inputs from the already quantized blocks before it (propagate=quantized):
+  1. run the block on this rank's calibration sequences, accumulating the Hessian H = 2/n sum x x^T of every distinct
+     Linear input (q/k/v share one, gate/up share one: the layer map's scaling groups), all-reduced over ranks;
+  2. quantize every Linear with GPTQ (quant/gptq/algorithm.py); Linears that share an input are quantized as one
+     matrix (their rows stacked: GPTQ treats rows independently given H, so the codes are the same);
+  3. the runner runs the quantized block to get the next block's inputs (llm-compressor propagates through the
+     quantized block; AutoGPTQ does too). Finished blocks are checkpointed, so a killed run resumes inside itself.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from harness.architectures import Architecture, architecture_for
+from harness.storage_bytes import packed_weight_bytes
+from quant.awq.method import _input_keys
+from quant.calibration.reduce import Reducer
+from quant.calibration.runner import BlockResult, run_sequential
+from quant.gptq.algorithm import accumulate_hessian, gptq_quantize
+from quant.gptq.config import GPTQConfig
+from quant.registry import QuantContext, QuantOutcome, method
+from quant.surgery import plan_layers
+
+
+class HessianObserver:
+    """The running average H = 2/n sum x x^T of one Linear input over this rank's tokens; `result` reduces it over
+    ranks as a sum of H * n and of n, so every rank gets the Hessian of all calibration tokens."""
+
+    def __init__(self):
+        self.H, self.n = None, 0
+
+    def add(self, x: torch.Tensor) -> None:
+        self.H, self.n = accumulate_hessian(self.H, self.n, x)
+
+    def result(self, reduce: Reducer) -> torch.Tensor:
+        if not reduce.parallel:
+            return self.H
+        (n,) = reduce.sum_float(self.n)
+        return reduce.sum(self.H * self.n) / n
+
+
+class GPTQ:
+    """GPTQ's per-block step for the sequential runner (quant.calibration.runner.BlockMethod)."""
+
+    def __init__(self, cfg, arch: Architecture, specs: dict):
+        self.cfg, self.arch, self.specs = cfg, arch, specs
+        keys = _input_keys(arch)  # Linear -> the Linear whose input it shares
+        self.shared: dict[str, list[str]] = {}
+        for rel in arch.linears:
+            self.shared.setdefault(keys[rel], []).append(rel)
+
+    def observers(self, block, index: int) -> dict:
+        return {key: HessianObserver() for key in self.shared}
+
+    @torch.no_grad()
+    def quantize_block(self, block, index: int, stats: dict, kwargs, reduce: Reducer) -> BlockResult:
+        g, prefix = self.cfg, f"{self.arch.blocks}.{index}"
+        done, losses = {}, {}
+        t = time.perf_counter()
+        for key, rels in self.shared.items():
+            H = stats[key]
+            if not torch.isfinite(H).all():
+                raise FloatingPointError(f"calibration activations at the input of {prefix}.{key} contain NaN/Inf "
+                                         f"(check model.dtype and the calibration data)")
+            rels = [r for r in rels if not self.specs[f"{prefix}.{r}"].skip]
+            if not rels:
+                continue
+            specs = {(self.specs[f"{prefix}.{r}"].w_bit, self.specs[f"{prefix}.{r}"].group_size,
+                      self.specs[f"{prefix}.{r}"].zero_point) for r in rels}
+            groups = [[r for r in rels if (self.specs[f"{prefix}.{r}"].w_bit, self.specs[f"{prefix}.{r}"].group_size,
+                                           self.specs[f"{prefix}.{r}"].zero_point) == s] for s in sorted(specs)]
+            for members in groups:  # Linears of one input with the same bits and group size: one stacked matrix
+                sp = self.specs[f"{prefix}.{members[0]}"]
+                lins = [block.get_submodule(r) for r in members]
+                W = torch.cat([lin.weight for lin in lins])
+                try:
+                    res = gptq_quantize(W, H.clone(), sp.w_bit, sp.group_size, sp.zero_point, g.damp_percent,
+                                        g.block_size, g.act_order, g.static_groups)
+                except FloatingPointError as e:
+                    raise FloatingPointError(f"{prefix}.{key}: {e}") from None
+                losses[f"{key}:{'+'.join(members)}"] = float(res.loss)
+                r0 = 0
+                for rel, lin in zip(members, lins):
+                    qt = res.to_qtensor(slice(r0, r0 + lin.out_features))
+                    r0 += lin.out_features
+                    lin.weight.data.copy_(qt.dequantize(lin.weight.dtype))
+                    done[rel] = qt
+        return BlockResult(done, {"loss": losses, "seconds": time.perf_counter() - t})
+
+
+def run_gptq(model, cfg, ctx: QuantContext, samples: torch.Tensor) -> tuple:
+    """GPTQ over every block of `model` on `samples` (the recipe calls it after AWQ's fold); returns (qtensors,
+    losses, timings, block seconds, the layer plan)."""
+    arch = architecture_for(model)
+    plan = plan_layers(model, cfg)
+    propagate = "quantized" if getattr(cfg, "propagate", "auto") == "auto" else cfg.propagate
+    run = run_sequential(model, arch, GPTQ(cfg, arch, plan.specs), samples, ctx.placement, propagate=propagate,
+                         checkpoint_dir=ctx.checkpoint_dir, reduce=Reducer.current(),
+                         desc=f"gptq w{cfg.w_bit} g{cfg.group_size}", progress=ctx.progress)
+    losses = {f"{arch.blocks}.{i}.{k}": v for i, info in enumerate(run.infos) for k, v in info["loss"].items()}
+    timings = {"calibration_capture": run.timings_s["calibration_capture"],
+               "block_forward": run.timings_s["block_forward"],
+               "gptq": sum(info["seconds"] for info in run.infos)}
+    return run.qtensors, losses, timings, run.block_seconds, plan
+
+
+@method("gptq", needs_calibration=True)
+def gptq(model, cfg: GPTQConfig, ctx: QuantContext) -> QuantOutcome:
+    cfg.validate()
+    architecture_for(model)  # unsupported architecture: fails here, naming the registry
+    plan_layers(model, cfg)  # bad group size or override: fails here, naming the layer
+    samples = ctx.calibration()
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if int(samples.max()) >= vocab:
+        raise ValueError(f"calibration token id {int(samples.max())} is outside the model's vocabulary ({vocab})")
+    qtensors, losses, timings, block_s, plan = run_gptq(model, cfg, ctx, samples)
+    place = ctx.placement
+    summary = {
+        "method": "gptq", "w_bit": cfg.w_bit, "group_size": cfg.group_size, "zero_point": cfg.zero_point,
+        "damp_percent": cfg.damp_percent, "block_size": cfg.block_size, "act_order": cfg.act_order,
+        "static_groups": cfg.static_groups, "propagate": "quantized",
+        "calibration": {"dataset": cfg.calib.dataset, "n_samples": cfg.calib.n_samples, "seqlen": cfg.calib.seqlen,
+                        "seed": cfg.calib.seed},
+        "layers_quantized": len(qtensors), "group_fallback_layers": plan.fallbacks, **plan.summary(),
+        "gptq_loss": losses,  # GPTQ's own error estimate per quantized input group (AutoGPTQ logs it as "avg loss")
+        "block_seconds": block_s, "placement": {"compute": str(place.compute), "offload": place.offload},
+        **packed_weight_bytes(model, qtensors),
+    }
+    return QuantOutcome(summary=summary, timings_s=timings, qtensors=qtensors)
