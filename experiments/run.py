@@ -37,8 +37,11 @@ if __name__ == "__main__":
 
     from experiments.sweep_check import default_method_field_error
 
+    from experiments.sweep_check import method_fields_per_job
+
     with one_line_errors(ConfigError):
         err = default_method_field_error(sys.argv[1:])
         if err:
             raise err
+    sys.argv[1:] = method_fields_per_job(sys.argv[1:])
     main()

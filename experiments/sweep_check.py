@@ -73,3 +73,22 @@ def default_method_field_error(overrides: list[str]) -> ConfigError | None:
                               (f" (a field of {', '.join(owners)})" if owners else ""),
                               f"choose the method first, e.g. `-m {example} {key}={value}`")
     return None
+
+
+def method_fields_per_job(argv: list[str]) -> list[str]:
+    """`-m quant=gptq_w4,awq_gptq_w4 quant.calib.n_samples=8`: Hydra composes a sweep's master config without its
+    sweep overrides, i.e. with the default quant=fp16, which has no `calib`, and stops ("Key 'calib' not in
+    'QuantConfig'") before any job. With a swept `quant=` group, every plain `quant.<field>=<value>` is therefore
+    passed as a one-value sweep (`choice(<value>)`), which Hydra applies in each job, where the method is chosen."""
+    if not any(a in ("-m", "--multirun") for a in argv):
+        return argv
+    swept = any(a.split("=", 1)[0].lstrip("+~") == "quant" and "," in a.split("=", 1)[1] for a in argv if "=" in a)
+    if not swept:
+        return argv
+    out = []
+    for a in argv:
+        key, eq, value = a.partition("=")
+        plain = (eq and key.startswith("quant.") and "," not in value and "(" not in value
+                 and not value.startswith(("[", "{", "'", '"')))
+        out.append(f"{key}=choice({value})" if plain else a)
+    return out

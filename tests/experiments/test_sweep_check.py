@@ -70,3 +70,20 @@ def test_a_weight_field_without_a_method_names_the_fix(tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr[-2000:]
     assert p.stderr.startswith("error: quant.w_bit: 3,4 — the default quant=fp16 has no such field")
+
+
+def test_a_method_field_set_once_under_a_swept_method_reaches_every_job(tmp_path):
+    """`-m quant=gptq_w4,awq_gptq_w4 quant.calib.n_samples=8`: the field is passed as a one-value sweep, so each job
+    (not the default fp16 master config) gets it; both jobs compose and validate with it."""
+    from experiments.sweep_check import method_fields_per_job
+
+    argv = ["-m", "quant=gptq_w4,awq_gptq_w4", "quant.calib.n_samples=8", "quant.w_bit=3,4", "eval=smoke"]
+    out = method_fields_per_job(argv)
+    assert out == ["-m", "quant=gptq_w4,awq_gptq_w4", "quant.calib.n_samples=choice(8)", "quant.w_bit=3,4", "eval=smoke"]
+    assert method_fields_per_job(["quant=gptq_w4", "quant.calib.n_samples=8"]) == ["quant=gptq_w4", "quant.calib.n_samples=8"]
+    assert _check(out[1:]) == 4
+    p = subprocess.run([sys.executable, "-m", "experiments.run", "-m", "quant=gptq_w4,awq_gptq_w4",
+                        "quant.calib.n_samples=0", f"results_dir={tmp_path}", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    # composed per job (no "Key 'calib' not in 'QuantConfig'"), then refused by the method's own validation
+    assert p.returncode == 2 and p.stderr.startswith("error: quant.calib.n_samples: must be >= 1"), p.stderr[-1500:]
