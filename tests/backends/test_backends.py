@@ -36,8 +36,11 @@ def test_lmdeploy_preflight_names_the_field_without_gpu_or_package():
 
 def test_lmdeploy_preflight_refuses_evaluators_it_does_not_run():
     cfg = compose(["backend=lmdeploy", "eval=full"])
-    with pytest.raises(ConfigError, match=r"eval\.fidelity\.enabled.*eval=ppl"):
+    with pytest.raises(ConfigError, match=r"eval\.word_perplexity\.enabled.*eval=ppl") as e:
         LMDeployBackend().preflight(cfg, cuda_available=True, find_spec=lambda name: object())
+    assert "fidelity" not in str(e.value).split("only;")[1]  # fidelity runs through the engine's logits
+    ok = compose(["backend=lmdeploy", "eval=ppl", "eval.fidelity.enabled=true"])
+    LMDeployBackend().preflight(ok, cuda_available=True, find_spec=lambda name: object())
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
