@@ -18,10 +18,9 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from benchmarks.common import load_embedded
-from eval.perplexity import ppl_metrics, window_nll
+from benchmarks.common import add_quality_args, quality_setting
 from harness.config import QUANT_CONFIGS, CalibConfig
-from harness.data import calibration_samples, eval_windows, load_text, tokenize_cached
+from harness.data import calibration_samples
 from harness.records import provenance, write_json_atomic
 from quant import METHODS, QuantContext
 
@@ -52,10 +51,7 @@ def _config(fields: dict, calib: CalibConfig):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--n-samples", type=int, default=128)
-    ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--eval-split", default="milton")
-    ap.add_argument("--eval-windows", type=int, default=40)
+    add_quality_args(ap)
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of: {', '.join(VARIANTS)}")
     ap.add_argument("--out", default="results/benchmarks/awq_time.json")
     args = ap.parse_args()
@@ -64,13 +60,10 @@ def main() -> None:
     if unknown or "rtn" not in names:
         ap.error(f"unknown variants {unknown} (known: {', '.join(VARIANTS)}); rtn is needed for the gap ratio")
 
-    base, tok = load_embedded("bfloat16")
-    windows = eval_windows(tokenize_cached(tok, load_text(args.eval_split)), 512, args.eval_windows)
-    calib_ids = tokenize_cached(tok, load_text("shakespeare_calib"))
+    base, calib_ids, ppl_s = quality_setting(args.eval_split, args.eval_windows)
 
     def ppl(model) -> float:
-        nll, secs = window_nll(model, windows, 8, progress=False)
-        return ppl_metrics(nll, secs, 512)["token_ppl"]
+        return ppl_s(model)[0]
 
     calib = CalibConfig(n_samples=args.n_samples, seqlen=args.seqlen)
     configs = {n: _config(VARIANTS[n], calib) for n in names}
@@ -92,7 +85,7 @@ def main() -> None:
         "benchmark": "awq_time",
         "setting": {"model": "embedded SmolLM2-135M-Instruct (Q4_1 GGUF dequantized)", "w_bit": 4, "group_size": 64,
                     "calibration": f"{args.n_samples}x{args.seqlen} shakespeare_calib",
-                    "eval": f"{args.eval_split}, {windows.shape[0]}x512 tokens, bf16", "threads": torch.get_num_threads()},
+                    "eval": f"{args.eval_split}, {ppl_s.windows}x512 tokens, bf16", "threads": torch.get_num_threads()},
         "rows": rows,
         "headline": headline,
         "awq_seconds": rows[headline]["quantize_s"] if headline else None,

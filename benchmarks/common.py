@@ -20,6 +20,32 @@ def load_embedded(dtype: str = "bfloat16"):
     return load_model(resolved, mc), load_tokenizer(resolved, mc)
 
 
+def add_quality_args(ap: argparse.ArgumentParser) -> None:
+    """The quality setting's knobs: calibration sequences x tokens, the evaluation split and its windows."""
+    ap.add_argument("--n-samples", type=int, default=128)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--eval-split", default="milton")
+    ap.add_argument("--eval-windows", type=int, default=40)
+
+
+def quality_setting(eval_split: str, n_windows: int, seqlen: int = 512, dtype: str = "bfloat16"):
+    """The quality benchmarks' shared setting (../shared TARGETS.md: embedded SmolLM2, Milton 40 x 512): the FP16
+    model, its tokenized calibration text, and `ppl(model) -> (token PPL, seconds)` on the evaluation windows."""
+    from eval.perplexity import ppl_metrics, window_nll
+    from harness.data import eval_windows, load_text, tokenize_cached
+
+    base, tok = load_embedded(dtype)
+    windows = eval_windows(tokenize_cached(tok, load_text(eval_split)), seqlen, n_windows)
+    calib_ids = tokenize_cached(tok, load_text("shakespeare_calib"))
+
+    def ppl(model) -> tuple[float, float]:
+        nll, secs = window_nll(model, windows, 8, progress=False)
+        return ppl_metrics(nll, secs, seqlen)["token_ppl"], secs
+
+    ppl.windows = int(windows.shape[0])  # what the setting scores, for the result's description
+    return base, calib_ids, ppl
+
+
 def add_threads_arg(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default: torch's, one per core); on a shared, oversubscribed machine 2 threads "

@@ -18,14 +18,13 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import add_threads_arg, apply_threads, load_embedded, write_result
-from eval.perplexity import ppl_metrics, window_nll
+from benchmarks.common import add_quality_args, add_threads_arg, apply_threads, quality_setting, write_result
 from omegaconf import OmegaConf
 
 from harness.config import CalibConfig
 from quant.gptq.awq_gptq import AWQGPTQConfig
 from quant.rtn import RTNConfig
-from harness.data import calibration_samples, eval_windows, load_text, tokenize_cached
+from harness.data import calibration_samples
 from harness.records import provenance
 from quant import METHODS, QuantContext
 from quant.gptq.config import GPTQConfig
@@ -50,10 +49,7 @@ VARIANTS = {
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--n-samples", type=int, default=128)
-    ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--eval-split", default="milton")
-    ap.add_argument("--eval-windows", type=int, default=40)
+    add_quality_args(ap)
     ap.add_argument("--variants", default="rtn,gptq", help=f"comma-separated, of: {', '.join(VARIANTS)}")
     ap.add_argument("--out", default="results/benchmarks/quality_gptq.json")
     add_threads_arg(ap)
@@ -64,13 +60,10 @@ def main() -> None:
     if unknown:
         ap.error(f"unknown variants {unknown} (known: {', '.join(VARIANTS)})")
 
-    base, tok = load_embedded("bfloat16")
-    windows = eval_windows(tokenize_cached(tok, load_text(args.eval_split)), 512, args.eval_windows)
-    calib_ids = tokenize_cached(tok, load_text("shakespeare_calib"))
+    base, calib_ids, ppl_s = quality_setting(args.eval_split, args.eval_windows)
 
     def ppl(model) -> float:
-        nll, secs = window_nll(model, windows, 8, progress=False)
-        return ppl_metrics(nll, secs, 512)["token_ppl"]
+        return ppl_s(model)[0]
 
     calib = CalibConfig(n_samples=args.n_samples, seqlen=args.seqlen)
     rows = {"fp16": {"token_ppl": ppl(base)}}
@@ -92,7 +85,7 @@ def main() -> None:
         "benchmark": "quality_gptq",
         "setting": {"model": "embedded SmolLM2-135M-Instruct (Q4_1 GGUF dequantized)", "w_bit": 4, "group_size": 64,
                     "calibration": f"{args.n_samples}x{args.seqlen} shakespeare_calib seed 0",
-                    "eval": f"{args.eval_split}, {windows.shape[0]}x512 tokens, bf16",
+                    "eval": f"{args.eval_split}, {ppl_s.windows}x512 tokens, bf16",
                     "threads": torch.get_num_threads()},
         "rows": rows,
         "gap_over_rtn_gap": ({k: (rows[k]["token_ppl"] - fp) / (rows["rtn"]["token_ppl"] - fp)

@@ -19,10 +19,9 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import add_threads_arg, apply_threads, load_embedded, write_result
-from eval.perplexity import ppl_metrics, window_nll
+from benchmarks.common import add_quality_args, add_threads_arg, apply_threads, quality_setting, write_result
 from harness.config import CalibConfig
-from harness.data import calibration_samples, eval_windows, load_text, tokenize_cached
+from harness.data import calibration_samples
 from harness.environment import environment
 from quant.smoothquant.config import SmoothQuantConfig
 from quant.smoothquant.linear import W8A8Linear
@@ -41,24 +40,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dtypes", default="int8,fp8_e4m3,fp8_e5m2")
     ap.add_argument("--alpha", type=float, default=0.5)
-    ap.add_argument("--n-samples", type=int, default=128)
-    ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--eval-split", default="milton")
-    ap.add_argument("--eval-windows", type=int, default=40)
+    add_quality_args(ap)
     ap.add_argument("--weights-only", default="int8", help="dtypes for which W8 weights alone are scored too ('' = none)")
     ap.add_argument("--out", default="results/benchmarks/quality_smoothquant.json")
     add_threads_arg(ap)
     args = ap.parse_args()
     apply_threads(args)
 
-    base, tok = load_embedded("bfloat16")
-    windows = eval_windows(tokenize_cached(tok, load_text(args.eval_split)), 512, args.eval_windows)
-    calib_ids = tokenize_cached(tok, load_text("shakespeare_calib"))
+    base, calib_ids, ppl = quality_setting(args.eval_split, args.eval_windows)
     calib = CalibConfig(n_samples=args.n_samples, seqlen=args.seqlen, seed=0)
-
-    def ppl(model) -> tuple[float, float]:
-        nll, secs = window_nll(model, windows, 8, progress=False)
-        return ppl_metrics(nll, secs, 512)["token_ppl"], secs
 
     fp, fp_s = ppl(base)
     rows = {"fp16": {"token_ppl": fp, "eval_s": fp_s}}
@@ -91,7 +81,7 @@ def main() -> None:
         "benchmark": "quality_smoothquant",
         "setting": {"model": "embedded SmolLM2-135M-Instruct (Q4_1 GGUF dequantized), bf16",
                     "calibration": f"{args.n_samples}x{args.seqlen} shakespeare_calib, seed 0",
-                    "eval": f"{args.eval_split}, {windows.shape[0]}x512 tokens", "alpha": args.alpha,
+                    "eval": f"{args.eval_split}, {ppl.windows}x512 tokens", "alpha": args.alpha,
                     "numerics": "LMDeploy smooth_quant: max|x| smoothing, per-channel weights, per-token activations"},
         "rows": rows,
         "anchors": {"fp16": 94.71, "llm_compressor_smoothquant_gptq_w8a8_int8": 97.03},
