@@ -61,7 +61,7 @@ def test_the_check_catches_wrong_metrics_and_leftovers(tmp_path):
 @pytest.mark.slow
 def test_a_few_trials_lose_nothing(tmp_path):
     """Three SIGKILLs (quantization, evaluation, record writing: one each), a truncated cache file and a truncated
-    record; disk faults by the shim, which works without root (about 6 min on 2 shared cores)."""
+    record; disk faults by the shim, which works without root (about 4 min on 2 shared cores)."""
     out = tmp_path / "out"
     code = faults.main(["--trials", "3", "--faults", "corrupt_files", "--mechanism", "shim", "--seed", "3",
                         "--work", str(tmp_path / "work"), "--out", str(out)])
