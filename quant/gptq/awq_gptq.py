@@ -33,16 +33,18 @@ def awq_gptq(model, cfg: AWQGPTQConfig, ctx: QuantContext) -> QuantOutcome:
     samples = ctx.calibration()  # one draw of the calibration tokens for both stages
     awq_cfg = AWQConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(AWQConfig) if f.name != "method"})
     awq_cfg.round_weights = False  # AWQ's step 5 is left to GPTQ
+    ckpt = ctx.checkpoint_dir
     stage = lambda name: dataclasses.replace(  # noqa: E731  (each stage resumes from its own block checkpoints)
-        ctx, calibration=lambda: samples, checkpoint_dir=None if ctx.checkpoint_dir is None else ctx.checkpoint_dir / name)
+        ctx, calibration=lambda: samples, checkpoint_dir=None if ckpt is None else ckpt / name)
     smooth = awq(model, awq_cfg, stage("awq"))
-    qtensors, losses, timings, block_s, plan = run_gptq(model, cfg, stage("gptq"), samples)
+    run, losses, timings, plan = run_gptq(model, cfg, stage("gptq"), samples)
+    qtensors = run.qtensors
     summary = {
         "method": "awq_gptq", "w_bit": cfg.w_bit, "group_size": cfg.group_size, "zero_point": cfg.zero_point,
         "awq": {k: v for k, v in smooth.summary.items() if k not in ("layers_quantized", "block_seconds", "method")},
         "damp_percent": cfg.damp_percent, "block_size": cfg.block_size, "act_order": cfg.act_order,
         "static_groups": cfg.static_groups, "layers_quantized": len(qtensors), **plan.summary(),
-        "gptq_loss": losses, "block_seconds": block_s,
+        "gptq_loss": losses, "block_seconds": run.block_seconds, "resumed_from_block": run.resumed_from,
     }
     from harness.storage_bytes import packed_weight_bytes
 

@@ -93,8 +93,8 @@ class GPTQ:
 
 
 def run_gptq(model, cfg, ctx: QuantContext, samples: torch.Tensor) -> tuple:
-    """GPTQ over every block of `model` on `samples` (the recipe calls it after AWQ's fold); returns (qtensors,
-    losses, timings, block seconds, the layer plan)."""
+    """GPTQ over every block of `model` on `samples` (the recipe calls it after AWQ's fold); returns (the runner's
+    RunResult: qtensors, block seconds, the block it resumed from; losses, timings, the layer plan)."""
     arch = architecture_for(model)
     plan = plan_layers(model, cfg)
     propagate = "quantized" if getattr(cfg, "propagate", "auto") == "auto" else cfg.propagate
@@ -105,7 +105,7 @@ def run_gptq(model, cfg, ctx: QuantContext, samples: torch.Tensor) -> tuple:
     timings = {"calibration_capture": run.timings_s["calibration_capture"],
                "block_forward": run.timings_s["block_forward"],
                "gptq": sum(info["seconds"] for info in run.infos)}
-    return run.qtensors, losses, timings, run.block_seconds, plan
+    return run, losses, timings, plan
 
 
 @method("gptq", needs_calibration=True)
@@ -117,8 +117,8 @@ def gptq(model, cfg: GPTQConfig, ctx: QuantContext) -> QuantOutcome:
     vocab = model.get_input_embeddings().weight.shape[0]
     if int(samples.max()) >= vocab:
         raise ValueError(f"calibration token id {int(samples.max())} is outside the model's vocabulary ({vocab})")
-    qtensors, losses, timings, block_s, plan = run_gptq(model, cfg, ctx, samples)
-    place = ctx.placement
+    run, losses, timings, plan = run_gptq(model, cfg, ctx, samples)
+    qtensors, place = run.qtensors, ctx.placement
     summary = {
         "method": "gptq", "w_bit": cfg.w_bit, "group_size": cfg.group_size, "zero_point": cfg.zero_point,
         "damp_percent": cfg.damp_percent, "block_size": cfg.block_size, "act_order": cfg.act_order,
@@ -127,7 +127,8 @@ def gptq(model, cfg: GPTQConfig, ctx: QuantContext) -> QuantOutcome:
                         "seed": cfg.calib.seed},
         "layers_quantized": len(qtensors), "group_fallback_layers": plan.fallbacks, **plan.summary(),
         "gptq_loss": losses,  # GPTQ's own error estimate per quantized input group (AutoGPTQ logs it as "avg loss")
-        "block_seconds": block_s, "placement": {"compute": str(place.compute), "offload": place.offload},
+        "block_seconds": run.block_seconds, "resumed_from_block": run.resumed_from,
+        "placement": {"compute": str(place.compute), "offload": place.offload},
         **packed_weight_bytes(model, qtensors),
     }
     return QuantOutcome(summary=summary, timings_s=timings, qtensors=qtensors)

@@ -3,9 +3,13 @@ the paper's eq. (3)-(4) with the inverse Hessian eliminated column by column (no
 Cholesky reformulation and the lazy block updates are both checked; and against RTN on the same weights."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Optional
+
 import pytest
 import torch
 
+from quant.calibration.reduce import Reducer
 from quant.gptq.algorithm import accumulate_hessian, gptq_quantize
 from quant.primitives import dequantize, quant_params, quantize, quantize_tensor
 
@@ -210,3 +214,87 @@ def test_awq_without_rounding_keeps_the_output_and_awq_gptq_beats_rtn(smollm2_fp
         for n, qt in out.qtensors.items():
             torch.testing.assert_close(m.get_submodule(n).weight, qt.dequantize(), rtol=0, atol=0)
     assert errs["awq_gptq"] < 0.8 * errs["rtn"], errs
+
+
+@dataclass(frozen=True)
+class _Lockstep(Reducer):
+    """One of two ranks in an all-reduce: `log` keeps this rank's inputs in call order, and `partner` (the other
+    rank's log) is added to them in the same order (an all-reduce's contract: every rank makes the same calls)."""
+    world: int = 2
+    log: list = field(default_factory=list)
+    partner: Optional[list] = None
+
+    def sum(self, t):
+        self.log.append(t.clone())
+        return t if self.partner is None else t + self.partner[len(self.log) - 1]
+
+    def sum_float(self, *values):
+        return self.sum(torch.tensor(values, dtype=torch.float64)).tolist()
+
+
+def test_hessian_observer_reduces_to_the_hessian_of_all_ranks_tokens():
+    """Two ranks with unequal token counts: the reduced H is 2/n X^T X over all tokens (float64), not the mean of
+    the two ranks' averages."""
+    from quant.gptq.method import HessianObserver
+
+    _, x = _problem(inn=64, n=8 * 16)
+    x = x.float().view(8, 16, 64)
+    obs = [HessianObserver(), HessianObserver()]
+    for rank, chunk in ((0, x[:3]), (1, x[3:])):  # 48 and 80 tokens, added one sequence at a time
+        for seq in chunk:
+            obs[rank].add(seq[None])
+    other = _Lockstep()
+    obs[1].result(other)
+    H = obs[0].result(_Lockstep(partner=other.log))
+    ref = 2 * x.double().reshape(-1, 64).t() @ x.double().reshape(-1, 64) / 128
+    torch.testing.assert_close(H.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    assert not torch.allclose(((obs[0].H + obs[1].H) / 2).double(), ref, rtol=1e-3)  # why the counts matter
+
+
+class _Crash(Exception):
+    pass
+
+
+@torch.no_grad()
+def test_gptq_killed_in_a_block_resumes_bit_for_bit_through_the_quantized_cache(smollm2_fp32, calib_ids, tmp_path,
+                                                                                  monkeypatch):
+    """GPTQ on the shared runner: a run that dies in block 1 leaves block 0's checkpoint; the next run through
+    quantize_cached resumes there and ends with the codes and weights of a run never interrupted (so two runs of
+    GPTQ on the same data also agree bit for bit)."""
+    from quant import quantized_cache
+    from quant.gptq.method import GPTQ
+
+    base = _truncated(smollm2_fp32, 2)
+    cfg = GPTQConfig(w_bit=4, group_size=64, calib=CalibConfig(n_samples=8, seqlen=256))
+    samples = _calib(calib_ids, 8, 256)  # 2048 tokens: more than down_proj's 1536 inputs
+    ref_model = copy.deepcopy(base)
+    ref = METHODS.get("gptq")(ref_model, cfg, QuantContext(lambda: samples, progress=False))
+
+    monkeypatch.setenv("QH_CACHE", str(tmp_path))
+    real = GPTQ.quantize_block
+
+    def dies_in_block_1(self, block, index, *args):
+        res = real(self, block, index, *args)
+        if index == 1:
+            raise _Crash
+        return res
+
+    monkeypatch.setattr(GPTQ, "quantize_block", dies_in_block_1)
+    with pytest.raises(_Crash):
+        quantized_cache.quantize_cached(copy.deepcopy(base), cfg, "sha", "float32",
+                                        QuantContext(lambda: samples, progress=False), {})
+    ckpt = quantized_cache.checkpoint_dir(quantized_cache.quant_key("sha", cfg, "float32"))
+    assert sorted(p.name for p in ckpt.glob("block_*.json")) == ["block_0000.json"]
+
+    monkeypatch.setattr(GPTQ, "quantize_block", real)
+    model = copy.deepcopy(base)
+    out = quantized_cache.quantize_cached(model, cfg, "sha", "float32", QuantContext(lambda: samples, progress=False),
+                                          {})
+    assert out.summary["resumed_from_block"] == 1 and ref.summary["resumed_from_block"] == 0
+    assert out.summary["gptq_loss"] == ref.summary["gptq_loss"]
+    assert out.qtensors.keys() == ref.qtensors.keys() and len(out.qtensors) == 14
+    for n, qt in out.qtensors.items():
+        for a, b in ((qt.q, ref.qtensors[n].q), (qt.scales, ref.qtensors[n].scales), (qt.zeros, ref.qtensors[n].zeros)):
+            assert torch.equal(a, b), n
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, ref_model.state_dict()[k]), k
