@@ -327,11 +327,10 @@ class LMDeployBackend:
             t = time.perf_counter()
             # the engine takes its share of *free* GPU memory; and the export reads the weights beside their codes,
             # which rest in host memory after a block-by-block quantization (quant/onload.py)
+            from quant.onload import qtensors_to_host
+
             ctx.model.to("cpu")
-            for qt in ctx.qtensors.values():  # codes on the GPU too (offload=false): beside the weights
-                for f in ("q", "scales", "zeros"):
-                    if getattr(qt, f) is not None:
-                        setattr(qt, f, getattr(qt, f).cpu())
+            qtensors_to_host(ctx.qtensors)  # codes on the GPU too (offload=false): beside the weights
             torch.cuda.empty_cache()
             if ctx.qtensors:  # the method's checkpoint format (quant.export.FORMATS)
                 from quant.export import FORMATS

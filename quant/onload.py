@@ -56,13 +56,17 @@ class Placement:
 
     def to_host(self, qtensors: dict) -> None:
         """Integer codes of a finished block rest where its weights rest."""
-        if not self.offload:
-            return
-        for name, qt in qtensors.items():
-            for f in ("q", "scales", "zeros"):
-                t = getattr(qt, f)
-                if t is not None and t.device != HOST:
-                    setattr(qt, f, t.to(HOST))
+        if self.offload:
+            qtensors_to_host(qtensors)
+
+
+def qtensors_to_host(qtensors: dict) -> None:
+    """Codes, scales and zeros of every QTensor in host memory, in place."""
+    for qt in qtensors.values():
+        for f in ("q", "scales", "zeros"):
+            t = getattr(qt, f)
+            if t is not None and t.device != HOST:
+                setattr(qt, f, t.to(HOST))
 
 
 def _move_outside(model: nn.Module, inside: set[int], device: torch.device) -> None:
