@@ -1,6 +1,7 @@
-"""Quantizing a 7B on one GPU: the harness's AWQ (scale + clip search), RTN and, with the GPU's memory capped below
-the model's size, AWQ again, against LMDeploy's `lite auto_awq` (default: smoothing only; optionally
-`--search-scale`), on the same synthetic Llama-2-7B checkpoint and the same calibration tokens, in one run.
+"""Quantizing a 7B on one GPU: the harness's AWQ (scale + clip search), RTN, GPTQ (static activation order), the
+AWQ->GPTQ recipe and, with the GPU's memory capped below the model's size, AWQ and GPTQ again, against LMDeploy's
+`lite auto_awq` (default: smoothing only; optionally `--search-scale`), on the same synthetic Llama-2-7B checkpoint
+and the same calibration tokens, in one run.
 
 Each variant runs in a process of its own (fresh peak-memory counters): wall seconds end to end (load, quantize,
 export of the AWQ GEMM checkpoint), seconds per decoder block, peak GPU memory (torch's allocator) and peak host
@@ -25,8 +26,11 @@ from pathlib import Path
 from harness.log import logger
 
 NAME = "quantize_gpu"
-VARIANTS = ["harness_awq", "harness_rtn", "harness_awq_capped", "lmdeploy_default", "lmdeploy_search"]
-DEFAULT_VARIANTS = ["harness_awq", "harness_rtn", "harness_awq_capped", "lmdeploy_default"]
+# the harness's variants and the conf/quant option each runs (group size from --group-size)
+HARNESS = {"harness_awq": "awq_w4", "harness_rtn": "rtn_w4", "harness_gptq": "gptq_w4",
+           "harness_awq_gptq": "awq_gptq_w4", "harness_awq_capped": "awq_w4", "harness_gptq_capped": "gptq_w4"}
+VARIANTS = [*HARNESS, "lmdeploy_default", "lmdeploy_search"]
+DEFAULT_VARIANTS = ["harness_awq", "harness_rtn", "harness_gptq", "harness_awq_capped", "lmdeploy_default"]
 N_SAMPLES, SEQLEN, VOCAB = 128, 512, 32000
 CAP_GIB = 10.0  # the capped run: the GPU memory the harness may use, below the 12.6 GiB of the 7B's fp16 weights
 log = logger("quantize_gpu")
@@ -70,7 +74,7 @@ def run_harness(variant: str, model_dir: Path, work: Path, model: list[str], dev
     capped = variant.endswith("_capped")
     if capped:  # (on a GPU)
         torch.cuda.set_per_process_memory_fraction(cap_fraction(cap_bytes, torch.cuda.get_device_properties(0).total_memory))
-    cfg = compose([model[0], "quant=rtn_w4" if "rtn" in variant else "quant=awq_w4", *model[1:]])
+    cfg = compose([model[0], f"quant={HARNESS[variant]}", *model[1:]])
     samples = calibration_tokens()
     t0 = time.perf_counter()
     model = load_model(ResolvedModel(str(model_dir), None, "synthetic", "synthetic"), cfg.model, device="cpu")

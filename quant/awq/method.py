@@ -3,16 +3,18 @@
 
 for each decoder block, with the block's input from the unquantized model (quant.propagate=auto|fp16; `quantized`
 feeds it the quantized blocks' outputs instead, llm-compressor's way):
-  1. run the block once on all calibration sequences, capturing the input of every Linear (the runner);
+  1. run the block once on all calibration sequences; of the input of every Linear keep running sums (mean |x|, the
+     clipping search's Gram matrices) and the few sequences that score the scale grid (the runner, quant.awq.observe);
   2. for each scaling group (layer map), search s = mean|x|^alpha on a grid (or LMDeploy's fixed smoothing ratio);
-  3. fold every s into its previous op and the group's Linears (FP output unchanged), divide the captured inputs by s;
+  3. fold every s into its previous op and the group's Linears (FP output unchanged), rescale the Gram sums by 1/s;
   4. search each Linear's clipping threshold per group (q/k excepted, as in llm-awq), clip;
   5. quantize the block's Linears (RTN on the scaled, clipped weights).
-Memory stays at one block's activations. The activation statistics use every calibration sequence; the grid losses
-use the first `search_samples` sequences, or, for groups scored token by token (MLP, single Linears) when
-`search_tokens` > 0, that many tokens drawn at random over all sequences. Data-parallel (a torch.distributed process
-group), each rank holds a contiguous shard of the sequences and these subsets keep their global meaning: every sum
-over the data (mean |x|, grid losses, clip Gram matrices) and max |x| goes through the runner's Reducer.
+Memory stays at one block's forward plus those few sequences. The activation statistics use every calibration
+sequence; the grid losses use the first `search_samples` sequences, or, for groups scored token by token (MLP, single
+Linears) when `search_tokens` > 0, that many tokens drawn at random over all sequences. Data-parallel (a
+torch.distributed process group), each rank holds a contiguous shard of the sequences and these subsets keep their
+global meaning: every sum over the data (mean |x|, grid losses, clip Gram matrices) and max |x| goes through the
+runner's Reducer.
 """
 from __future__ import annotations
 
@@ -22,12 +24,12 @@ import torch
 
 from quant.awq.config import AWQConfig
 from quant.awq.fold import apply_scale_
-from quant.awq.search import (act_absmax, act_abssum, apply_clip_, group_gram_sum, search_clip, search_scale,
-                              smoothing_scale, weight_absmean)
+from quant.awq.observe import AWQInputObserver, InputStats, scaled_gram
+from quant.awq.search import apply_clip_, search_clip, search_scale, smoothing_scale, weight_absmean
 from harness.architectures import Architecture, get_blocks, architecture_for
 from quant.calibration.capture import MINIBATCH, block_out as _block_out, slice_batch as _slice_batch
 from quant.calibration.reduce import Reducer
-from quant.calibration.runner import BlockResult, Keep, run_sequential
+from quant.calibration.runner import BlockResult, run_sequential
 from quant.primitives import fake_quantize
 from quant.registry import QuantContext, QuantOutcome, method
 from harness.storage_bytes import packed_weight_bytes
@@ -60,8 +62,8 @@ def _inspect_fn(block, group, kwargs):
 
 
 class AWQ:
-    """AWQ's per-block step for the sequential runner (quant.calibration.runner.BlockMethod): it keeps the input of
-    the first Linear of every scaling group and of every single Linear, whole, for the searches."""
+    """AWQ's per-block step for the sequential runner (quant.calibration.runner.BlockMethod). Of every captured input
+    it keeps running sums and a few sequences (quant.awq.observe), never the whole activations."""
 
     def __init__(self, cfg: AWQConfig, arch: Architecture, specs: dict, search_idx, clip_idx,
                  samples_shape: tuple[int, int], reduce: Reducer):
@@ -75,14 +77,25 @@ class AWQ:
                                           for idx in (search_idx, clip_idx))
         self.keys = _input_keys(arch)
         self.capture = sorted(set(self.keys.values()))
+        # inputs whose group is scored token by token (no block kwargs) when search_tokens > 0
+        self.tokenwise = {g.linears[0] for g in arch.groups if not g.inspect_takes_block_kwargs}
 
-    def observers(self, block, index: int) -> dict[str, Keep]:
-        return {name: Keep() for name in self.capture}
+    def observers(self, block, index: int) -> dict[str, AWQInputObserver]:
+        prefix = f"{self.arch.blocks}.{index}"
+        grams: dict[str, set] = {name: set() for name in self.capture}
+        if self.cfg.clip:
+            for rel in self.arch.linears:
+                sp = self.specs[f"{prefix}.{rel}"]
+                if rel not in self.arch.no_clip and not sp.skip:
+                    grams[self.keys[rel]].add(sp.group_size)
+        return {name: AWQInputObserver(
+            self.search_rows, self.search_idx if name in self.tokenwise else None, self.clip_idx,
+            tuple(sorted(grams[name])), absmax=not self.cfg.search_scale) for name in self.capture}
 
-    def quantize_block(self, block, index: int, feats: dict, kwargs: dict, reduce: Reducer) -> BlockResult:
+    def quantize_block(self, block, index: int, stats: dict, kwargs: dict, reduce: Reducer) -> BlockResult:
         qtensors, chosen_alpha, t_acc = {}, {}, {}
-        _awq_block(block, index, feats, kwargs, self.arch, self.cfg, self.specs, self.keys, self.search_idx,
-                   self.clip_idx, qtensors, chosen_alpha, t_acc, self.search_rows, reduce)
+        _awq_block(block, index, stats, kwargs, self.arch, self.cfg, self.specs, self.keys, qtensors, chosen_alpha,
+                   t_acc, reduce)
         return BlockResult(qtensors, {"alpha": chosen_alpha, "seconds": t_acc})
 
 
@@ -145,21 +158,20 @@ def _local(idx: torch.Tensor | None, lo: int, hi: int) -> torch.Tensor | None:
     return None if idx is None else idx[(idx >= lo) & (idx < hi)] - lo
 
 
-def _absmean(x: torch.Tensor, reduce: Reducer) -> torch.Tensor:
-    total, n = act_abssum(x)
-    (n,) = reduce.sum_float(n)
-    return (reduce.sum(total) / n).float()
+def _absmean(st: InputStats, reduce: Reducer) -> torch.Tensor:
+    (n,) = reduce.sum_float(st.n)
+    return (reduce.sum(st.abssum) / n).float()
 
 
-def _awq_block(block, i, feats, kwargs, arch, cfg, specs, keys, search_idx, clip_idx, qtensors, chosen_alpha,
-               t_acc, search_rows, reduce) -> None:
-    """One decoder block, on whatever device it and its captured inputs `feats` are on: scale search and fold, clip
-    search, quantize. Fills qtensors (by name relative to the block) / chosen_alpha, sets stage seconds in t_acc."""
+def _awq_block(block, i, stats: dict[str, InputStats], kwargs, arch, cfg, specs, keys, qtensors, chosen_alpha,
+               t_acc, reduce) -> None:
+    """One decoder block, on whatever device it and its captured statistics `stats` are on: scale search and fold,
+    clip search, quantize. Fills qtensors (by name relative to the block) / chosen_alpha, sets stage seconds in t_acc."""
     t_search = t_clip = t_quant = 0.0
     prefix = f"{arch.blocks}.{i}"
     t = time.perf_counter()
     # mean |x| per input channel of every captured input: AWQ's statistic, and a NaN/Inf anywhere makes it non-finite
-    x_means = {name: _absmean(f, reduce) for name, f in feats.items()}
+    x_means = {name: _absmean(st, reduce) for name, st in stats.items()}
     t_search += time.perf_counter() - t
     for name, m in x_means.items():
         if not torch.isfinite(m).all():
@@ -175,29 +187,26 @@ def _awq_block(block, i, feats, kwargs, arch, cfg, specs, keys, search_idx, clip
         lins = [block.get_submodule(n) for n in grp.linears]
         spec = [specs[f"{prefix}.{n}"] for n in grp.linears]  # per layer (quant.surgery.plan_layers)
         gsz = [sp.group_size for sp in spec]
-        feat = feats[keys[grp.linears[0]]]
+        st = stats[keys[grp.linears[0]]]
         if cfg.search_scale:
             def qw(w, j, spec=spec):  # a skipped Linear stays FP16: no quantization error to weigh
                 return w if spec[j].skip else fake_quantize(w, spec[j].w_bit, spec[j].group_size, spec[j].zero_point)
             w_mean = weight_absmean([lin.weight for lin in lins], gsz[0]) if cfg.duo_scaling else None
-            if search_idx is not None and not grp.inspect_takes_block_kwargs:
-                xs = feat.reshape(-1, feat.shape[-1])[search_idx].unsqueeze(0)  # one pseudo-sequence of tokens
-            else:
-                xs = feat[:search_rows]  # this rank's part of the first search_samples sequences
-            s, alpha, _ = search_scale(_inspect_fn(block, grp, kwargs), xs, lins, x_means[keys[grp.linears[0]]], qw,
-                                       cfg.n_grid, w_mean, cfg.scale_grid, reduce)
+            # this rank's part of the first search_samples sequences, or of the random tokens (one pseudo-sequence)
+            s, alpha, _ = search_scale(_inspect_fn(block, grp, kwargs), st.search, lins, x_means[keys[grp.linears[0]]],
+                                       qw, cfg.n_grid, w_mean, cfg.scale_grid, reduce)
             chosen_alpha[grp.linears[0]] = alpha
         else:
-            s = smoothing_scale(reduce.max(act_absmax(feat)), weight_absmean([lin.weight for lin in lins], gsz[0]),
+            s = smoothing_scale(reduce.max(st.absmax), weight_absmean([lin.weight for lin in lins], gsz[0]),
                                 cfg.smooth_ratio)
         plans.append((grp, s))
     for grp, s in plans:
         apply_scale_(block, grp.prev_op, grp.prev_kind, grp.linears, s)
-        key = keys[grp.linears[0]]
-        feats[key].div_(s.to(feats[key].dtype))
+        st = stats[keys[grp.linears[0]]]  # the clip search sees the scaled inputs x / s
+        st.grams = {g: scaled_gram(h, s) for g, h in st.grams.items()}
     t_search += time.perf_counter() - t
 
-    # 4. clipping search on the scaled weights and inputs (one Gram matrix per input, shared by its Linears)
+    # 4. clipping search on the scaled weights and inputs (one Gram matrix per input and group size)
     t = time.perf_counter()
     if cfg.clip:
         grams: dict[tuple[str, int], torch.Tensor] = {}
@@ -207,14 +216,12 @@ def _awq_block(block, i, feats, kwargs, arch, cfg, specs, keys, search_idx, clip
             lin, sp = block.get_submodule(rel), specs[f"{prefix}.{rel}"]
             if sp.skip:
                 continue
-            gsz = sp.group_size
-            key = (keys[rel], gsz)
+            key = (keys[rel], sp.group_size)
             if key not in grams:
-                feat = feats[keys[rel]].reshape(-1, lin.in_features)
-                h, n = group_gram_sum(feat if clip_idx is None else feat[clip_idx], gsz)
-                (n,) = reduce.sum_float(n)
-                grams[key] = reduce.sum(h) / n
-            max_val = search_clip(lin.weight.data, None, sp.w_bit, gsz, sp.zero_point, cfg.clip_n_grid,
+                st = stats[keys[rel]]
+                (n,) = reduce.sum_float(st.gram_n)
+                grams[key] = reduce.sum(st.grams[sp.group_size]) / n
+            max_val = search_clip(lin.weight.data, None, sp.w_bit, sp.group_size, sp.zero_point, cfg.clip_n_grid,
                                   cfg.clip_max_shrink, gram=grams[key])
             apply_clip_(lin, max_val)
         del grams
@@ -223,7 +230,7 @@ def _awq_block(block, i, feats, kwargs, arch, cfg, specs, keys, search_idx, clip
     # 5. quantize (unless a recipe rounds the smoothed weights itself: awq_gptq, quant/gptq/awq_gptq.py)
     t = time.perf_counter()
     for rel in arch.linears if cfg.round_weights else ():
-        name, sp = f"{prefix}.{rel}", specs[f"{prefix}.{rel}"]
+        sp = specs[f"{prefix}.{rel}"]
         if not sp.skip:
             qtensors[rel] = quantize_linear_(block.get_submodule(rel), sp.w_bit, sp.group_size, sp.zero_point)
     t_quant += time.perf_counter() - t

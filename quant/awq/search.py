@@ -20,6 +20,8 @@ SCALE_MIN = 1e-4  # llm-awq / LMDeploy clamp
 
 
 CHUNK = 8192  # tokens per chunk for statistics over large activation tensors
+# weights per step of the clipping search on a GPU: rows of 256 left a 7B block's search launch-bound (0.45 s a block)
+CLIP_GPU_ELEMENTS = 1 << 24
 
 
 def act_abssum(x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -180,7 +182,7 @@ def search_clip(
     zero_point: bool,
     n_grid: int = 20,
     max_shrink: float = 0.5,
-    oc_batch: int = 256,
+    oc_batch: int | None = None,
     gram: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per (output row, group) clipping threshold max|w| * (1 - k/n_grid), k < max_shrink * n_grid, minimising
@@ -194,6 +196,8 @@ def search_clip(
     g = in_f if group_size == -1 else group_size
     n_groups = in_f // g
     h = gram if gram is not None else group_gram(x, g)  # [G, g, g]
+    if oc_batch is None:  # rows per step: cache-sized on the CPU; on a GPU ~16M weights (a few 64 MB temporaries)
+        oc_batch = 256 if w.device.type == "cpu" else max(256, CLIP_GPU_ELEMENTS // in_f)
     best_max = torch.empty(out_f, n_groups, device=w.device)
     for o in range(0, out_f, oc_batch):
         wb = w[o : o + oc_batch].float()  # [ob, in]

@@ -117,6 +117,71 @@ def _group_columns(Wt, Wt1, Errt1, Hinv, i1, i2, i, g):
     return torch.cat([inside, past])
 
 
+def _column(Wt1, i, s, z, Hinv1, inv_d, lo, hi):
+    """Quantize column i of the block (row i of the transposed weights Wt1) on the grid (s, z), spread its error over
+    the block's later columns in place; returns (its codes, its scaled error)."""
+    w = Wt1[i]
+    q = torch.clamp(torch.round(w.float() / s) + z, lo, hi)
+    err = (w - ((q - z) * s).to(Wt1.dtype)) * inv_d[i]
+    Wt1[i:].addr_(Hinv1[i, i:], err, alpha=-1)
+    return q, err
+
+
+def _static_columns(Wt1, S1, Z1, Hinv1, inv_d, lo, hi, Qt1, Errt1):
+    """The column loop of one block whose grids S1, Z1 [block, rows] are fixed in advance (static groups), writing
+    Qt1 and Errt1 in place: the same ops in the same order for every block of one shape."""
+    for i in range(Wt1.shape[0]):
+        Qt1[i], Errt1[i] = _column(Wt1, i, S1[i], Z1[i], Hinv1, inv_d, lo, hi)
+
+
+class _BlockGraph:
+    """`_static_columns` captured once as a CUDA graph for one (block, rows, dtype, grid range) shape and replayed for
+    every block of that shape: about ten small kernels per column are one launch per block instead (eager, a 7B's
+    23,296 columns per decoder block are launch-bound). The replay computes exactly what the eager loop computes."""
+
+    def __init__(self, shape, dtype, grid_dtype, device, lo, hi):
+        b, rows = shape
+        z = lambda *s, dt=dtype: torch.zeros(*s, dtype=dt, device=device)  # noqa: E731
+        self.W, self.H, self.inv = z(b, rows), z(b, b), z(b)
+        self.S, self.Z = z(b, rows, dt=grid_dtype), z(b, rows, dt=grid_dtype)
+        self.Q, self.E = torch.zeros(b, rows, dtype=torch.float32, device=device), z(b, rows)
+        args = (self.W, self.S, self.Z, self.H, self.inv, lo, hi, self.Q, self.E)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up outside the graph, as torch.cuda.graphs asks
+            _static_columns(*args)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            _static_columns(*args)
+
+    def run(self, Wt1, S1, Z1, Hinv1, inv_d):
+        for dst, src in ((self.W, Wt1), (self.S, S1), (self.Z, Z1), (self.H, Hinv1), (self.inv, inv_d)):
+            dst.copy_(src)
+        self.graph.replay()
+        return self.Q.clone(), self.E.clone()
+
+
+_GRAPHS: dict[tuple, _BlockGraph] = {}
+USE_CUDA_GRAPHS = True  # tests turn it off to compare with the eager loop
+
+
+def _static_block(Wt1, S1, Z1, Hinv1, inv_d, lo, hi):
+    """Codes [block, rows] (float32) and scaled errors of one block of columns with fixed grids; Wt1 is not changed."""
+    dev = Wt1.device
+    if dev.type == "cuda" and USE_CUDA_GRAPHS:
+        key = (tuple(Wt1.shape), Wt1.dtype, S1.dtype, str(dev), lo, hi)
+        if key not in _GRAPHS:
+            _GRAPHS[key] = _BlockGraph(tuple(Wt1.shape), Wt1.dtype, S1.dtype, dev, lo, hi)
+        return _GRAPHS[key].run(Wt1, S1, Z1.to(S1.dtype), Hinv1, inv_d)
+    Wt1 = Wt1.clone()
+    Qt1 = torch.zeros(Wt1.shape, dtype=torch.float32, device=dev)
+    Errt1 = torch.zeros_like(Wt1)
+    with _one_cpu_thread(dev):
+        _static_columns(Wt1, S1, Z1, Hinv1, inv_d, lo, hi, Qt1, Errt1)
+    return Qt1, Errt1
+
+
 @torch.no_grad()
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, w_bit: int, group_size: int, zero_point: bool = True,
                   damp_percent: float = 0.01, block_size: int = 128, act_order: bool = True,
@@ -159,28 +224,27 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, w_bit: int, group_size: int,
     lo, hi = (0, 2**w_bit - 1) if zero_point else (-(2 ** (w_bit - 1)), 2 ** (w_bit - 1) - 1)
     Qt = torch.zeros(cols, rows, dtype=torch.float32, device=dev)
     loss = torch.zeros((), dtype=dt, device=dev)
+    gid_t = torch.tensor(gid, device=dev)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
-        Wt1 = Wt[i1:i2].clone()
-        Errt1 = torch.zeros_like(Wt1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         inv_d = 1.0 / torch.diagonal(Hinv1)
-        with _one_cpu_thread(dev):
-            for i in range(i2 - i1):
-                j = i1 + i
-                if not static_groups and j % g == 0:
-                    cur = _group_columns(Wt, Wt1, Errt1, Hinv, i1, i2, i, g).t()
-                    s, z = quant_params(cur, w_bit, -1, zero_point)
-                    st[j // g] = s[:, 0]
-                    if zeros is not None:
-                        zt[j // g] = z[:, 0]
-                s, z = st[gid[j]], zt[gid[j]]
-                w = Wt1[i]
-                q = torch.clamp(torch.round(w.float() / s) + z, lo, hi)
-                Qt[j] = q
-                err = (w - ((q - z) * s).to(dt)) * inv_d[i]
-                Wt1[i:].addr_(Hinv1[i, i:], err, alpha=-1)
-                Errt1[i] = err
+        if static_groups:  # every column's grid is known: the block's loop is one fixed sequence of ops
+            S1, Z1 = st[gid_t[i1:i2]], zt[gid_t[i1:i2]]
+            Qt[i1:i2], Errt1 = _static_block(Wt[i1:i2], S1, Z1, Hinv1, inv_d, lo, hi)
+        else:
+            Wt1 = Wt[i1:i2].clone()
+            Errt1 = torch.zeros_like(Wt1)
+            with _one_cpu_thread(dev):
+                for i in range(i2 - i1):
+                    j = i1 + i
+                    if j % g == 0:
+                        cur = _group_columns(Wt, Wt1, Errt1, Hinv, i1, i2, i, g).t()
+                        s, z = quant_params(cur, w_bit, -1, zero_point)
+                        st[j // g] = s[:, 0]
+                        if zeros is not None:
+                            zt[j // g] = z[:, 0]
+                    Qt[j], Errt1[i] = _column(Wt1, i, st[gid[j]], zt[gid[j]], Hinv1, inv_d, lo, hi)
         loss += Errt1.pow(2).sum() / 2
         Wt[i2:].sub_(Hinv[i1:i2, i2:].t() @ Errt1)
 

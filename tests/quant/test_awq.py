@@ -330,3 +330,32 @@ def test_awq_runs_on_a_model_with_sliding_and_global_layers():
                       calib=CalibConfig(n_samples=4, seqlen=16))
     out = METHODS.get("awq")(model, cfg, QuantContext(calibration=lambda: samples, progress=False))
     assert out.summary["layers_quantized"] == 7 * len(model.model.layers)
+
+
+def test_streamed_input_statistics_equal_those_of_the_whole_activations():
+    """What AWQ keeps of a Linear input, minibatch by minibatch (quant.awq.observe), against the same quantities taken
+    from the whole activations in float64: mean |x|, max |x|, the kept sequences and tokens, and the Gram sums of the
+    scaled inputs x / s over the clip tokens, from sums taken before s was known."""
+    from quant.awq.observe import AWQInputObserver, scaled_gram
+    from quant.calibration.reduce import Reducer
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(10, 12, 64, generator=g) * torch.linspace(0.1, 5, 64)  # 10 sequences of 12 tokens
+    flat = x.reshape(-1, 64).double()
+    clip_idx = torch.randperm(120, generator=g)[:40]
+    search_idx = torch.randperm(120, generator=g)[:30].sort().values
+    s = torch.exp(torch.randn(64, generator=g) * 0.7)
+    for search in (None, search_idx):
+        obs = AWQInputObserver(search_rows=3, search_idx=search, clip_idx=clip_idx, gram_groups=(16, 64), absmax=True)
+        for i in range(0, 10, 4):  # minibatches of 4, 4, 2 sequences
+            obs.add(x[i : i + 4])
+        st = obs.result(Reducer())
+        assert st.n == 120 and st.gram_n == 40
+        torch.testing.assert_close(st.abssum / st.n, flat.abs().mean(0), rtol=1e-6, atol=0)
+        torch.testing.assert_close(st.absmax.double(), flat.abs().amax(0), rtol=0, atol=0)
+        expect = x[:3] if search is None else flat[search].float().unsqueeze(0)
+        torch.testing.assert_close(st.search, expect, rtol=0, atol=0)
+        xs = flat[clip_idx] / s.double()
+        for gs in (16, 64):
+            ref = torch.stack([xs[:, j : j + gs].T @ xs[:, j : j + gs] for j in range(0, 64, gs)])
+            torch.testing.assert_close(scaled_gram(st.grams[gs], s).double(), ref, rtol=1e-5, atol=1e-5)

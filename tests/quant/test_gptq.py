@@ -188,6 +188,27 @@ def test_gptq_math_stays_on_the_inputs_device(static_groups):
     assert res.q.device == res.scales.device == res.zeros.device == res.g_idx.device == res.loss.device == meta
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run on the device machine)")
+@pytest.mark.parametrize("zero_point", [True, False])
+def test_cuda_graph_replay_gives_the_eager_loops_codes(monkeypatch, zero_point):
+    """With static groups the column loop of every 128-column block is one captured CUDA graph replayed per block
+    (quant.gptq.algorithm._BlockGraph); it must give the eager loop's codes, grids and loss bit for bit, for several
+    Linears of one shape (one graph replayed on other data) and of another shape (a second graph)."""
+    import quant.gptq.algorithm as alg
+
+    for shape in [(96, 512), (96, 512), (40, 384)]:
+        w, x = _problem(*shape, n=4096, seed=shape[0] + len(alg._GRAPHS))
+        w, x = w.float().cuda(), x.float().cuda()
+        H, _ = accumulate_hessian(None, 0, x)
+        got = gptq_quantize(w, H, 4, 128, zero_point, act_order=True, static_groups=True)
+        monkeypatch.setattr(alg, "USE_CUDA_GRAPHS", False)
+        ref = gptq_quantize(w, H, 4, 128, zero_point, act_order=True, static_groups=True)
+        monkeypatch.setattr(alg, "USE_CUDA_GRAPHS", True)
+        assert torch.equal(got.q, ref.q) and torch.equal(got.scales, ref.scales)
+        assert torch.equal(got.loss, ref.loss)
+    assert len(alg._GRAPHS) >= 2
+
+
 @torch.no_grad()
 def test_awq_without_rounding_keeps_the_output_and_awq_gptq_beats_rtn(smollm2_fp32, calib_ids, milton_ids):
     """AWQ with its rounding left out only folds scales (and clips): the model is unquantized, its output nearly the
