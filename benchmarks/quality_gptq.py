@@ -32,7 +32,7 @@ from quant.gptq.config import GPTQConfig
 CONF = Path(__file__).resolve().parent.parent / "conf"
 # the harness's AWQ search settings (conf/quant/awq_w4.yaml), for the AWQ->GPTQ recipe
 AWQ_SEARCH = {k: v for k, v in OmegaConf.to_container(OmegaConf.load(CONF / "quant" / "awq_w4.yaml")).items()
-              if k not in ("method", "calib", "w_bit", "group_size")}
+              if k not in ("defaults", "method", "calib", "w_bit", "group_size")}
 
 # the quantizations compared (w4 g64 asymmetric and the calibration set are common to all)
 VARIANTS = {
@@ -42,6 +42,8 @@ VARIANTS = {
     # the paper's order, dynamic groups
     "gptq_no_act_order": lambda calib: GPTQConfig(w_bit=4, group_size=64, act_order=False, static_groups=False,
                                                   calib=calib),
+    # the GPTQ reference's MSE grid per group (Quantizer(mse=True)) instead of each group's min/max
+    "gptq_mse": lambda calib: GPTQConfig(w_bit=4, group_size=64, grid="mse", calib=calib),
     # llm-compressor's AWQ->GPTQ recipe: AWQ's scales (and clipping) folded, GPTQ's rounding (anchor 100.78)
     "awq_gptq": lambda calib: AWQGPTQConfig(w_bit=4, group_size=64, calib=calib, **AWQ_SEARCH),
 }
@@ -80,7 +82,14 @@ def main() -> None:
                       "config": {"method": method, **dataclasses.asdict(q)}}
         print(f"{name}: {secs:.1f} s {out.timings_s}, PPL {rows[name]['token_ppl']:.2f}", flush=True)
         del model
+        write(rows, names, args, ppl_s)  # after every variant: a run that dies keeps the rows it finished
+    result = write(rows, names, args, ppl_s)
+    print(json.dumps({k: v for k, v in result.items() if k not in ("rows", "provenance")}, indent=1))
+
+
+def write(rows: dict, names: list[str], args, ppl_s) -> dict:
     fp = rows["fp16"]["token_ppl"]
+    done = [k for k in names if k in rows]
     result = {
         "benchmark": "quality_gptq",
         "setting": {"model": "embedded SmolLM2-135M-Instruct (Q4_1 GGUF dequantized)", "w_bit": 4, "group_size": 64,
@@ -89,13 +98,14 @@ def main() -> None:
                     "threads": torch.get_num_threads()},
         "rows": rows,
         "gap_over_rtn_gap": ({k: (rows[k]["token_ppl"] - fp) / (rows["rtn"]["token_ppl"] - fp)
-                              for k in names if k != "rtn"} if "rtn" in rows else None),
+                              for k in done if k != "rtn"} if "rtn" in rows else None),
+        "complete": len(done) == len(names),
         "anchors": {"fp16": 94.71, "rtn": 119.94, "llm_compressor_gptq_static_act_order": 106.75,
                     "llm_compressor_gptq_no_act_order": 118.66, "llm_compressor_awq_gptq": 100.78},
         "provenance": provenance(),
     }
     write_result(Path(args.out), result)
-    print(json.dumps({k: v for k, v in result.items() if k not in ("rows", "provenance")}, indent=1))
+    return result
 
 
 if __name__ == "__main__":

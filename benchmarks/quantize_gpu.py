@@ -190,7 +190,7 @@ def main(argv=None) -> int:
     import quant  # noqa: F401  (registers every method's config, which conf/quant/ selects)
 
     t = time.perf_counter()
-    model_dir = synthetic.materialize(compose(model + ["quant=fp16"]), a.synthetic_root, a.tokenizer)
+    model_dir = synthetic.materialize(compose([model[0], "quant=fp16"]), a.synthetic_root, a.tokenizer)
     log(f"synthetic checkpoint {model_dir} ready in {time.perf_counter() - t:.0f} s")
     for v in a.variants:
         log(f"variant {v}")

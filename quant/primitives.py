@@ -62,14 +62,19 @@ def quant_params(w: torch.Tensor, w_bit: int, group_size: int, zero_point: bool 
     """Scales and zeros [out, n_groups] (float32) for the weight w [out, in]."""
     wg = _grouped(w.float(), group_size)
     if zero_point:
+        return range_params(wg.amax(dim=-1), wg.amin(dim=-1), w_bit, True)
+    return range_params(wg.abs().amax(dim=-1), None, w_bit, False)
+
+
+def range_params(mx: torch.Tensor, mn: Optional[torch.Tensor], w_bit: int, zero_point: bool = True):
+    """The grid's scales and zeros for each group's range: [mn, mx] (asymmetric) or [-mx, mx] with mx = max |w|
+    (symmetric; mn unused). `quant_params` takes the weights' own range; a clipping search passes a shrunk one."""
+    if zero_point:
         max_int = 2**w_bit - 1
-        mx, mn = wg.amax(dim=-1), wg.amin(dim=-1)
         scales = (mx - mn).clamp(min=SCALE_EPS) / max_int
         zeros = (-torch.round(mn / scales)).clamp(0, max_int)
         return scales, zeros
-    max_int = 2 ** (w_bit - 1) - 1
-    scales = wg.abs().amax(dim=-1).clamp(min=SCALE_EPS) / max_int
-    return scales, None
+    return mx.clamp(min=SCALE_EPS) / (2 ** (w_bit - 1) - 1), None
 
 
 def quantize(w: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor], w_bit: int, group_size: int) -> torch.Tensor:

@@ -34,6 +34,10 @@ def notes(t: Table) -> list[str]:
         if is_synthetic(rec):
             line += " SYNTHETIC random weights: quality columns are left out for this model."
         out.append(line)
+    where = sorted({f"{dig(rec, 'provenance', 'machine') or '?'} ({dig(rec, 'config', 'model', 'device') or 'cpu'})"
+                    for r in t.rows for rec in r.records.values()})
+    out.append(f"Computed on: {'; '.join(where)}" + (" — the kernels differ by machine: compare rows of different "
+                                                      "machines with that in mind" if len(where) > 1 else "") + ".")
     mw = s.get("eval.perplexity.max_windows")
     shas = ", ".join(f"{k.split('.', 1)[1]} {v}" for k, v in s.items() if k.startswith("data_sha256.") and v)
     out.append(f"Data: {s.get('data.name')}" + (f" (sha256 prefix: {shas})." if shas else "."))

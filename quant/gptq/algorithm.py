@@ -24,7 +24,8 @@ from typing import Optional
 
 import torch
 
-from quant.primitives import QTensor, check_group_size, dequantize, effective_group_size, quant_params, quantize
+from quant.primitives import (QTensor, _grouped, check_group_size, dequantize, effective_group_size, quant_params, quantize,
+                              range_params)
 
 
 def accumulate_hessian(H: Optional[torch.Tensor], n_tokens: int, x: torch.Tensor,
@@ -103,6 +104,38 @@ class GPTQResult:
             raise ValueError("GPTQ result with a permuted g_idx (act_order with dynamic groups) has no QTensor form")
         z = None if self.zeros is None else self.zeros[rows].clone()  # clones: a row slice owns its storage
         return QTensor(self.q[rows].clone(), self.scales[rows].clone(), z, self.w_bit, self.group_size)
+
+
+GRIDS = ("minmax", "mse")
+# the GPTQ reference's MSE grid (Frantar et al.'s quant.py Quantizer(mse=True), AutoGPTQ's `mse` option)
+MSE_STEPS, MSE_MAX_SHRINK, MSE_NORM = 100, 0.8, 2.4
+
+
+def group_grid(w: torch.Tensor, w_bit: int, group_size: int, zero_point: bool, grid: str = "minmax"):
+    """Scales and zeros [out, n_groups] for the groups of w [out, in]. "minmax": each group's own range (RTN's grid,
+    llm-compressor's default observer). "mse": that range shrunk by 1 - k/100 for k < 80, keeping per group the
+    shrink with the least sum |w - q(w)|^2.4 (the GPTQ reference implementation's `mse` search)."""
+    if grid == "minmax":
+        return quant_params(w, w_bit, group_size, zero_point)
+    if grid != "mse":
+        raise ValueError(f"unknown GPTQ grid {grid!r} ({', '.join(GRIDS)})")
+    wg = _grouped(w.float(), group_size)  # [out, G, g]
+    mx, mn = (wg.amax(-1), wg.amin(-1)) if zero_point else (wg.abs().amax(-1), None)
+    best = torch.full(mx.shape, float("inf"), device=w.device)
+    scales, zeros = range_params(mx, mn, w_bit, zero_point)
+    lo, hi = (0, 2**w_bit - 1) if zero_point else (-(2 ** (w_bit - 1)), 2 ** (w_bit - 1) - 1)
+    for k in range(int(MSE_MAX_SHRINK * MSE_STEPS)):
+        p = 1 - k / MSE_STEPS
+        s, z = range_params(mx * p, None if mn is None else mn * p, w_bit, zero_point)
+        z0 = 0 if z is None else z[..., None]
+        q = torch.clamp(torch.round(wg / s[..., None]) + z0, lo, hi)
+        err = ((q - z0) * s[..., None] - wg).abs().pow(MSE_NORM).sum(-1)
+        better = err < best
+        best = torch.where(better, err, best)
+        scales = torch.where(better, s, scales)
+        if z is not None:
+            zeros = torch.where(better, z, zeros)
+    return scales, zeros
 
 
 def _group_columns(Wt, Wt1, Errt1, Hinv, i1, i2, i, g):
@@ -185,7 +218,7 @@ def _static_block(Wt1, S1, Z1, Hinv1, inv_d, lo, hi):
 @torch.no_grad()
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, w_bit: int, group_size: int, zero_point: bool = True,
                   damp_percent: float = 0.01, block_size: int = 128, act_order: bool = True,
-                  static_groups: bool = True) -> GPTQResult:
+                  static_groups: bool = True, grid: str = "minmax") -> GPTQResult:
     """GPTQ codes for the weight W [out, in] of a Linear whose inputs have the Hessian H [in, in] (from
     `accumulate_hessian`). Computes in H's dtype (float32 upstream) on W's device; W and H are left unchanged."""
     rows, cols = W.shape
@@ -200,7 +233,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, w_bit: int, group_size: int,
 
     n_groups = cols // g
     if static_groups:  # every group's grid from the original weights, in the original column order
-        scales, zeros = quant_params(W, w_bit, g, zero_point)
+        scales, zeros = group_grid(W, w_bit, g, zero_point, grid)
     else:
         scales = torch.zeros(rows, n_groups, dtype=torch.float32, device=dev)
         zeros = torch.zeros(rows, n_groups, dtype=torch.float32, device=dev) if zero_point else None
@@ -240,7 +273,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, w_bit: int, group_size: int,
                     j = i1 + i
                     if j % g == 0:
                         cur = _group_columns(Wt, Wt1, Errt1, Hinv, i1, i2, i, g).t()
-                        s, z = quant_params(cur, w_bit, -1, zero_point)
+                        s, z = group_grid(cur, w_bit, -1, zero_point, grid)
                         st[j // g] = s[:, 0]
                         if zeros is not None:
                             zt[j // g] = z[:, 0]

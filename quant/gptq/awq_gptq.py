@@ -21,6 +21,7 @@ class AWQGPTQConfig(AWQConfig, GPTQKnobs):
     """AWQ's search knobs (the AWQ stage) and GPTQ's (the rounding stage) over one calibration set."""
 
     method: str = "awq_gptq"
+    late_fields = AWQConfig.late_fields + ("grid",)
 
     def validate(self) -> None:
         super().validate()
@@ -43,7 +44,7 @@ def awq_gptq(model, cfg: AWQGPTQConfig, ctx: QuantContext) -> QuantOutcome:
         "method": "awq_gptq", "w_bit": cfg.w_bit, "group_size": cfg.group_size, "zero_point": cfg.zero_point,
         "awq": {k: v for k, v in smooth.summary.items() if k not in ("layers_quantized", "block_seconds", "method")},
         "damp_percent": cfg.damp_percent, "block_size": cfg.block_size, "act_order": cfg.act_order,
-        "static_groups": cfg.static_groups, "layers_quantized": len(qtensors), **plan.summary(),
+        "static_groups": cfg.static_groups, "grid": cfg.grid, "layers_quantized": len(qtensors), **plan.summary(),
         "gptq_loss": losses, "block_seconds": run.block_seconds, "resumed_from_block": run.resumed_from,
     }
     from harness.storage_bytes import packed_weight_bytes

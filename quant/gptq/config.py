@@ -16,8 +16,14 @@ class GPTQKnobs:
     # group parameters computed on the original weights before reordering, so the checkpoint keeps g_idx = k // g
     # (AutoGPTQ static_groups; llm-compressor's default actorder="static")
     static_groups: bool = True
+    # each group's grid: its min/max range (llm-compressor's default observer) or "mse", the range shrunk to the least
+    # |w - q|^2.4 (the GPTQ reference's Quantizer(mse=True), AutoGPTQ's `mse`); quant.gptq.algorithm.group_grid
+    grid: str = "minmax"
 
     def validate_gptq(self) -> None:
+        from quant.gptq.algorithm import GRIDS
+
+        _require(self.grid in GRIDS, "quant.grid", f"{self.grid!r} is not one of {', '.join(GRIDS)}")
         _require(0.0 < self.damp_percent < 1.0, "quant.damp_percent",
                  f"{self.damp_percent!r} — must be in (0, 1) (AutoGPTQ's bound); 0.01 is the default")
         _require(self.block_size >= 1, "quant.block_size", f"must be >= 1, got {self.block_size}")
@@ -31,6 +37,7 @@ class GPTQKnobs:
 class GPTQConfig(WeightQuantConfig, GPTQKnobs):
     method: str = "gptq"
     calib: CalibConfig = field(default_factory=CalibConfig)
+    late_fields = WeightQuantConfig.late_fields + ("grid",)
 
     def validate(self) -> "GPTQConfig":
         super().validate()

@@ -79,7 +79,7 @@ class GPTQ:
                 W = torch.cat([lin.weight for lin in lins])
                 try:
                     res = gptq_quantize(W, H.clone(), sp.w_bit, sp.group_size, sp.zero_point, g.damp_percent,
-                                        g.block_size, g.act_order, g.static_groups)
+                                        g.block_size, g.act_order, g.static_groups, g.grid)
                 except FloatingPointError as e:
                     raise FloatingPointError(f"{prefix}.{key}: {e}") from None
                 losses[f"{key}:{'+'.join(members)}"] = float(res.loss)
@@ -122,7 +122,7 @@ def gptq(model, cfg: GPTQConfig, ctx: QuantContext) -> QuantOutcome:
     summary = {
         "method": "gptq", "w_bit": cfg.w_bit, "group_size": cfg.group_size, "zero_point": cfg.zero_point,
         "damp_percent": cfg.damp_percent, "block_size": cfg.block_size, "act_order": cfg.act_order,
-        "static_groups": cfg.static_groups, "propagate": "quantized",
+        "static_groups": cfg.static_groups, "grid": cfg.grid, "propagate": "quantized",
         "calibration": {"dataset": cfg.calib.dataset, "n_samples": cfg.calib.n_samples, "seqlen": cfg.calib.seqlen,
                         "seed": cfg.calib.seed},
         "layers_quantized": len(qtensors), "group_fallback_layers": plan.fallbacks, **plan.summary(),

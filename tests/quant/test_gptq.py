@@ -319,3 +319,39 @@ def test_gptq_killed_in_a_block_resumes_bit_for_bit_through_the_quantized_cache(
             assert torch.equal(a, b), n
     for k, v in model.state_dict().items():
         assert torch.equal(v, ref_model.state_dict()[k]), k
+
+
+@pytest.mark.parametrize("zero_point", [True, False])
+def test_mse_grid_is_the_brute_force_best_shrink_per_group(zero_point):
+    """quant.grid=mse (the GPTQ reference's Quantizer(mse=True)) against a float64 search written out group by group:
+    same scales and zeros, and never a larger |w - q|^2.4 than the min/max grid."""
+    from quant.gptq.algorithm import MSE_MAX_SHRINK, MSE_NORM, MSE_STEPS, group_grid
+
+    w, _ = _problem(out=6, inn=64, n=8)
+    w[0, :32] *= 8  # an outlier group, which shrinking helps
+    s, z = group_grid(w.float(), 4, 32, zero_point, "mse")
+    s0, z0 = group_grid(w.float(), 4, 32, zero_point, "minmax")
+    hi, lo = (15, 0) if zero_point else (7, -8)
+    for r in range(6):
+        for gi in range(2):
+            x = w[r, gi * 32 : (gi + 1) * 32]
+            best = None
+            for k in range(int(MSE_MAX_SHRINK * MSE_STEPS)):
+                p = 1 - k / MSE_STEPS
+                if zero_point:
+                    mx, mn = float(x.max()) * p, float(x.min()) * p
+                    sc = max(mx - mn, 1e-5) / hi
+                    zp = min(max(-round(mn / sc), 0), hi)
+                else:
+                    sc, zp = max(float(x.abs().max()) * p, 1e-5) / hi, 0
+                q = torch.clamp(torch.round(x / sc) + zp, lo, hi)
+                err = float(((q - zp) * sc - x).abs().pow(MSE_NORM).sum())
+                if best is None or err < best[0] - 1e-9 * abs(best[0]):
+                    best = (err, sc, zp)
+            assert float(s[r, gi]) == pytest.approx(best[1], rel=1e-5)
+            if zero_point:
+                assert float(z[r, gi]) == best[2]
+    def err(sc, zp):
+        q = quantize(w.float(), sc, zp, 4, 32)
+        return (dequantize(q, sc, zp, 32) - w.float()).abs().pow(MSE_NORM).reshape(6, 2, 32).sum(-1)
+    assert (err(s, z) <= err(s0, z0) + 1e-6).all() and (err(s, z) < err(s0, z0) - 1e-6).any()
