@@ -22,7 +22,7 @@ Status = Callable[[str], None]
 
 def variant_label(cfg: RunConfig) -> str:
     """A variant in the field's words (harness.labels): FP16, RTN w4 g64, AWQ w4 g64 (search+clip) + KV int8."""
-    return config_label(cfg.quant, cfg.kv.bits)
+    return config_label(cfg.quant, cfg.kv.bits, kv_format=cfg.kv.format)
 
 
 class LocalModels:

@@ -144,4 +144,4 @@ def compose_web(overrides: list[str] | tuple[str, ...] = ()) -> WebSetup:
 
 
 def _same_weights_and_kv(a: RunConfig, b: RunConfig) -> bool:
-    return dataclasses.asdict(a.quant) == dataclasses.asdict(b.quant) and a.kv.bits == b.kv.bits
+    return dataclasses.asdict(a.quant) == dataclasses.asdict(b.quant) and (a.kv.bits, a.kv.format) == (b.kv.bits, b.kv.format)

@@ -70,7 +70,7 @@ DEFAULT_VARIANTS = ["fp16", "awq_w4a16", "awq_w4a16_kv8"]
 
 def label(cfg) -> str:
     """What a row measured, from its resolved config (harness.labels)."""
-    return config_label(cfg.quant, cfg.kv.bits)
+    return config_label(cfg.quant, cfg.kv.bits, kv_format=cfg.kv.format)
 
 
 def variant_id(variant: str, tp: int = 1) -> str:

@@ -66,9 +66,10 @@ def backend_text(backend: str) -> str:
     return "" if backend in ("hf", None) else f" [{backend}]"
 
 
-def config_label(quant, kv_bits: int = 16, backend: str = "hf") -> str:
-    """`quant`: a QuantConfig or its dict. The text of a report row for that config."""
+def config_label(quant, kv_bits: int = 16, backend: str = "hf", kv_format: str = "int") -> str:
+    """`quant`: a QuantConfig or its dict. The text of a report row for that config (a KV cache of `kv_bits` in
+    `kv_format`: int, fp8_e4m3, fp8_e5m2)."""
     q = dataclasses.asdict(quant) if dataclasses.is_dataclass(quant) else dict(quant)
     bits = "" if q.get("method", "fp16") == "fp16" or q.get("w_bit") is None else f" w{q.get('w_bit')}"
     detail = method_detail(q)[0]
-    return f"{method_name(q)}{bits}{(' ' + detail) if detail else ''}{kv_text(kv_bits)}{backend_text(backend)}"
+    return f"{method_name(q)}{bits}{(' ' + detail) if detail else ''}{kv_text(kv_bits, kv_format)}{backend_text(backend)}"

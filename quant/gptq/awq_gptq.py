@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from harness.config import quant_config
+from harness.config import _require, quant_config
 from quant.awq.config import AWQConfig
 from quant.awq.method import awq
 from quant.gptq.config import GPTQKnobs
@@ -26,6 +26,9 @@ class AWQGPTQConfig(AWQConfig, GPTQKnobs):
     def validate(self) -> None:
         super().validate()
         self.validate_gptq()
+        # the recipe always leaves the rounding to GPTQ: a value here would change the run_id, never the weights
+        _require(self.round_weights, "quant.round_weights",
+                 "does not apply to awq_gptq (its AWQ stage never rounds; GPTQ rounds) — leave it unset")
 
 
 @method("awq_gptq", needs_calibration=True)

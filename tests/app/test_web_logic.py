@@ -294,6 +294,23 @@ def test_web_config_composes_presets_with_the_reference_first():
     assert s.cfg.web.host == "127.0.0.1" and s.model_choice == "smollm2_135m"
 
 
+def test_every_method_is_a_compare_column_with_its_own_label():
+    """Every method of the platform (GPTQ, AWQ->GPTQ, SmoothQuant int8/fp8, KV fp8) is an experiment preset the compare
+    view takes, each under a label of its own: a KV fp8 column is not called "KV int8" (the label once ignored the
+    KV format), and FP16 + KV fp8 counts as a variant of its own, not as the FP16 reference."""
+    from app.web_config import compose_web, presets
+
+    new = ["gptq_w4", "awq_gptq_w4", "smoothquant_w8a8", "smoothquant_w8a8_fp8", "fp16_kv_fp8_e4m3", "fp16_kv_fp8_e5m2"]
+    assert set(new) <= set(presets())
+    s = compose_web([f"web.compare=[fp16,awq_w4_kv8,{','.join(new)}]"])
+    labels = [v.label for v in s.compare]
+    assert len(set(labels)) == len(labels) == 8, labels
+    assert labels[0] == "FP16" and "FP16 + KV fp8 e4m3" in labels and "FP16 + KV fp8 e5m2" in labels
+    assert any(lab.startswith("GPTQ w4") for lab in labels) and any("SmoothQuant" in lab for lab in labels)
+    methods = {v.run.quant.method for v in s.compare}
+    assert {"gptq", "awq_gptq", "smoothquant"} <= methods
+
+
 @pytest.mark.parametrize("overrides,match", [
     (["web.compare=[fp16,rtn_w5]"], r"web.compare: \['rtn_w5'\] are not experiment presets; allowed: .*rtn_w4"),
     (["web.port=70000"], r"web.port: must be in 1..65535"),

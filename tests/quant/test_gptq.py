@@ -174,6 +174,12 @@ def test_gptq_config_rejects_bad_values_by_name():
     with pytest.raises(ConfigError, match="quant.static_groups"):
         GPTQConfig(act_order=True, static_groups=False).validate()
     assert GPTQConfig(act_order=True, static_groups=False, group_size=-1).validate().group_size == -1
+    with pytest.raises(ConfigError, match="quant.grid"):
+        GPTQConfig(grid="mean").validate()
+    from quant.gptq.awq_gptq import AWQGPTQConfig
+
+    with pytest.raises(ConfigError, match="quant.round_weights.*does not apply to awq_gptq"):
+        AWQGPTQConfig(round_weights=False).validate()
 
 
 @pytest.mark.parametrize("static_groups", [True, False])
