@@ -1,22 +1,76 @@
-"""SmoothQuant W8A8 (Xiao et al. 2023) as LMDeploy's `lmdeploy lite smooth_quant` computes it:
+"""SmoothQuant W8A8 (Xiao et al. 2023) as LMDeploy's `lmdeploy lite smooth_quant` computes it, block by block on the
+sequential calibration runner (quant.calibration.runner: onloading, data-parallel reductions):
 
-  1. calibrate: max|x| per input channel of every scaling group's input, one FP pass over the calibration tokens;
+  1. calibrate: max|x| per input channel of every scaling group's input over every calibration token, the block fed
+     the unquantized model's hidden states (fp16 propagation: the statistics of one FP pass, as LMDeploy's
+     `calibrate` collects them);
   2. smooth: s = max|x|^alpha / w_stat^(1 - alpha) folded into the previous norm / Linear (FP output unchanged);
   3. quantize: every decoder Linear to per-output-channel symmetric codes (int8 or fp8) with dynamic per-token
      activations (quant.smoothquant.linear.W8A8Linear). lm_head and the embeddings stay in the model dtype.
+With model.device=cuda one block at a time is on the GPU, so a model larger than the GPU quantizes.
 """
 from __future__ import annotations
 
 import time
 
-from harness.architectures import architecture_for, get_blocks
+import torch
+
+from harness.architectures import architecture_for
 from harness.storage_bytes import FP16_BYTES, fp16_param_bytes, quantized_weight_bytes
+from quant.awq.search import act_absmax
+from quant.calibration.reduce import Reducer
+from quant.calibration.runner import BlockResult, run_sequential
+from quant.onload import Placement
 from quant.registry import QuantContext, QuantOutcome, method
-from quant.smoothquant.calibrate import input_absmax
 from quant.smoothquant.config import as_smoothquant_config
 from quant.smoothquant.linear import swap_w8a8_
 from quant.smoothquant.numerics import quant_dtype
 from quant.smoothquant.smooth import smooth_block_
+
+
+class AbsMax:
+    """Running max |x| per input channel (fp32) of one Linear's input; reduced over ranks by max."""
+
+    def __init__(self):
+        self.m = None
+
+    def add(self, x: torch.Tensor) -> None:
+        m = act_absmax(x)
+        self.m = m if self.m is None else torch.maximum(self.m, m)
+
+    def result(self, reduce: Reducer) -> torch.Tensor:
+        return reduce.max(self.m)
+
+
+class SmoothQuantBlocks:
+    """SmoothQuant's per-block step for the runner. `stats` (qualified name -> max|x|, from `calibration_stats`): use
+    them instead of observing (no data pass); `apply=False`: only collect the statistics (into self.stats)."""
+
+    def __init__(self, arch, alpha: float, dtype: torch.dtype, stats: dict | None = None, apply: bool = True):
+        self.arch, self.alpha, self.dtype, self.apply = arch, alpha, dtype, apply
+        self.heads = sorted({g.linears[0] for g in arch.groups})
+        self.given = stats is not None
+        self.stats = dict(stats or {})
+        self.scales: dict[str, torch.Tensor] = {}
+
+    def observers(self, block, index: int) -> dict:
+        return {} if self.given else {h: AbsMax() for h in self.heads}
+
+    @torch.no_grad()
+    def quantize_block(self, block, index: int, stats: dict, kwargs, reduce: Reducer) -> BlockResult:
+        p = f"{self.arch.blocks}.{index}."
+        if not self.given:
+            for h in self.heads:
+                if not bool(torch.isfinite(stats[h]).all()):
+                    raise FloatingPointError(f"calibration activations at the input of {p + h} contain NaN/Inf "
+                                             f"(check model.dtype and the calibration data)")
+                self.stats[p + h] = stats[h].detach().cpu()
+        if not self.apply:
+            return BlockResult({})
+        dev = next(block.parameters()).device
+        got = smooth_block_(block, self.arch, {h: self.stats[p + h].to(dev) for h in self.heads}, self.alpha)
+        self.scales.update({p + k: v for k, v in got.items()})
+        return BlockResult({rel: swap_w8a8_(block, rel, self.dtype).qtensor() for rel in self.arch.linears})
 
 
 def weight_bytes(model, qtensors: dict) -> dict:
@@ -30,40 +84,30 @@ def weight_bytes(model, qtensors: dict) -> dict:
             "unquantized_bytes": rest, "weight_bytes_ratio": (q_bytes + rest) / total_fp16}
 
 
-def calibration_stats(model, samples) -> dict:
-    """max|x| of every scaling group's input (qualified name of its first Linear), from one FP pass over samples."""
+def calibration_stats(model, samples, placement: Placement = Placement(), progress: bool = False) -> dict:
+    """max|x| of every scaling group's input (qualified name of its first Linear) over the calibration samples, the
+    blocks fed the FP model's hidden states; they depend neither on alpha nor on the quantized dtype."""
     arch = architecture_for(model)
-    heads = sorted({g.linears[0] for g in arch.groups})
-    base = model.get_submodule(arch.blocks.rpartition(".")[0])
-    n = len(get_blocks(model, arch))
-    return input_absmax(model, base, [f"{arch.blocks}.{i}.{h}" for i in range(n) for h in heads], samples)
+    m = SmoothQuantBlocks(arch, 0.0, torch.int8, apply=False)
+    run_sequential(model, arch, m, samples, placement, propagate="fp16", reduce=Reducer.current(),
+                   desc="smoothquant statistics", progress=progress)
+    return m.stats
 
 
-def smoothquant_(model, cfg, samples, stats: dict | None = None) -> tuple[dict, dict, dict]:
-    """Calibrate (unless `stats` from calibration_stats of this FP model are given: they do not depend on alpha or
-    the dtype), smooth and quantize `model` in place. Returns (qtensors, scales by Linear, timings)."""
+def smoothquant_(model, cfg, samples, stats: dict | None = None, placement: Placement = Placement(),
+                 progress: bool = False) -> tuple[dict, dict, dict]:
+    """Calibrate (unless `stats` from calibration_stats of this FP model are given), smooth and quantize `model` in
+    place, block by block. Returns (qtensors, scales by Linear, timings)."""
     sq = as_smoothquant_config(cfg)
     arch = architecture_for(model)  # unsupported architecture: fails here, naming the registry
-    dtype = quant_dtype(sq.dtype)
-    blocks = get_blocks(model, arch)
-    heads = sorted({g.linears[0] for g in arch.groups})
+    m = SmoothQuantBlocks(arch, sq.alpha, quant_dtype(sq.dtype), stats)
     t = time.perf_counter()
-    stats = calibration_stats(model, samples) if stats is None else stats
-    timings = {"calibration": time.perf_counter() - t}
-    t = time.perf_counter()
-    scales = {}
-    for i, block in enumerate(blocks):
-        p = f"{arch.blocks}.{i}."
-        got = smooth_block_(block, arch, {h: stats[p + h] for h in heads}, sq.alpha)
-        scales.update({p + k: v for k, v in got.items()})
-    timings["smooth"] = time.perf_counter() - t
-    t = time.perf_counter()
-    qtensors = {}
-    for i, block in enumerate(blocks):
-        for rel in arch.linears:
-            qtensors[f"{arch.blocks}.{i}.{rel}"] = swap_w8a8_(block, rel, dtype).qtensor()
-    timings["quantize"] = time.perf_counter() - t
-    return qtensors, scales, timings
+    run = run_sequential(model, arch, m, None if stats is not None else samples, placement, propagate="fp16",
+                         reduce=Reducer.current(), desc=f"smoothquant {sq.dtype} alpha {sq.alpha}", progress=progress)
+    total = time.perf_counter() - t
+    # calibration = the capture and the block forwards; the rest is smoothing and quantizing
+    calib = run.timings_s["calibration_capture"] + run.timings_s["block_forward"]
+    return run.qtensors, m.scales, {"calibration": calib, "smooth_quantize": total - calib}
 
 
 @method("smoothquant", needs_calibration=True, cacheable=False)
@@ -75,7 +119,8 @@ def smoothquant(model, cfg, ctx: QuantContext) -> QuantOutcome:
     if int(samples.max()) >= vocab:
         raise ValueError(f"calibration token id {int(samples.max())} is outside the model's vocabulary ({vocab})")
     sample_s = time.perf_counter() - t
-    qtensors, scales, timings = smoothquant_(model, sq, samples)
+    place = ctx.placement
+    qtensors, scales, timings = smoothquant_(model, sq, samples, placement=place, progress=ctx.progress)
     timings["calibration"] += sample_s
     summary = {
         "method": "smoothquant", "alpha": sq.alpha, "dtype": sq.dtype, "w_bit": 8, "a_bit": 8,
@@ -83,6 +128,7 @@ def smoothquant(model, cfg, ctx: QuantContext) -> QuantOutcome:
         "calibration": {"dataset": sq.calib.dataset, "n_samples": sq.calib.n_samples, "seqlen": sq.calib.seqlen,
                         "seed": sq.calib.seed},
         "layers_quantized": len(qtensors), "groups_smoothed": len(scales),
+        "placement": {"compute": str(place.compute), "offload": place.offload},
         **weight_bytes(model, qtensors),
     }
     return QuantOutcome(summary=summary, timings_s=timings, qtensors=qtensors)

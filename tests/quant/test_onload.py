@@ -33,13 +33,17 @@ def _spy_moves(model, monkeypatch) -> list[tuple[str, str]]:
     return moves
 
 
-@pytest.mark.parametrize("method", ["rtn", "awq"])
+@pytest.mark.parametrize("method", ["rtn", "awq", "smoothquant"])
 def test_blocks_take_turns_and_results_do_not_change(method, smollm2_fp32, calib_ids, monkeypatch):
+    from quant.smoothquant.config import SmoothQuantConfig
+
     base = _truncated(smollm2_fp32, 3)
     cfg = RTNConfig(w_bit=4, group_size=64)
     if method == "awq":
         cfg = AWQConfig(w_bit=4, group_size=64, search_samples=2, n_grid=4, clip_n_grid=4,
                           clip_tokens=256)
+    if method == "smoothquant":
+        cfg = SmoothQuantConfig()
     samples = _calib(calib_ids, 4, 64)
     in_place = copy.deepcopy(base)
     ref = METHODS.get(method)(in_place, cfg, QuantContext(lambda: samples, progress=False))

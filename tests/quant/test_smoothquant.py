@@ -211,3 +211,20 @@ def test_config_checks():
     with pytest.raises(ConfigError, match="quant.method"):  # another method's config never quantizes as W8A8
         METHODS.get("smoothquant")(model, RTNConfig(), QuantContext(calibration=lambda: torch.zeros(1, 8, dtype=torch.long)))
     assert as_smoothquant_config(SmoothQuantConfig(alpha=0.7)).alpha == 0.7
+
+
+def test_block_by_block_statistics_equal_one_fp_pass_of_the_whole_model():
+    """The runner's statistics (each block fed the FP model's hidden states, quant.smoothquant.method) are LMDeploy's
+    `calibrate` numbers: max|x| of one FP pass of the whole model, bit for bit, for every block and group."""
+    from quant.smoothquant.calibrate import input_absmax
+    from quant.smoothquant.method import calibration_stats
+
+    model = _tiny_llama(2)
+    ids = torch.randint(0, 128, (5, 20), generator=torch.Generator().manual_seed(3))
+    arch = architecture_for(model)
+    heads = sorted({g.linears[0] for g in arch.groups})
+    ref = input_absmax(model, model.model, [f"model.layers.{i}.{h}" for i in range(2) for h in heads], ids)
+    got = calibration_stats(model, ids)
+    assert sorted(got) == sorted(ref)
+    for k in ref:
+        assert torch.equal(got[k], ref[k]), k
