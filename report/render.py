@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Callable
 
-from report.record_view import METRICS, Metric, dig, is_reference, is_synthetic
+from report.record_view import METRICS, Metric, dig, hardware_name, is_reference, is_synthetic
 from report.tables import Column, Row, Table
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -34,7 +34,7 @@ def notes(t: Table) -> list[str]:
         if is_synthetic(rec):
             line += " SYNTHETIC random weights: quality columns are left out for this model."
         out.append(line)
-    where = sorted({f"{dig(rec, 'provenance', 'machine') or '?'} ({dig(rec, 'config', 'model', 'device') or 'cpu'})"
+    where = sorted({f"{hardware_name(rec)}, model.device={dig(rec, 'config', 'model', 'device') or 'cpu'}"
                     for r in t.rows for rec in r.records.values()})
     out.append(f"Computed on: {'; '.join(where)}" + (" — the kernels differ by machine: compare rows of different "
                                                       "machines with that in mind" if len(where) > 1 else "") + ".")

@@ -360,6 +360,20 @@ def test_bos_is_stated_under_each_table_and_separates_records():
     assert "none" in lines[0] and "token 2 heads every window" in lines[1]
 
 
+def test_every_table_names_the_machines_and_devices_its_rows_came_from():
+    cpu = make_record()
+    cpu["provenance"]["hardware"] = {"cpu_model": "Intel Xeon", "cpu_count": 2}
+    gpu = make_record(method="rtn")
+    gpu["provenance"]["hardware"] = {"gpu": "NVIDIA H200", "cpu_count": 16}
+    gpu["config"]["model"]["device"] = "cuda"
+    (alone,) = T.build_tables([cpu])
+    assert "Computed on: Intel Xeon (2 cores), model.device=cpu." in M.notes(alone)
+    (mixed,) = T.build_tables([cpu, gpu])
+    line = next(n for n in M.notes(mixed) if n.startswith("Computed on:"))
+    assert "Intel Xeon (2 cores), model.device=cpu" in line and "NVIDIA H200, model.device=cuda" in line
+    assert "the kernels differ by machine" in line
+
+
 def test_a_row_held_by_two_records_shows_the_newest_and_says_what_was_dropped(tmp_path, capsys):
     old = make_record(extra={"word_perplexity": {"milton": {"word_perplexity": 900.0}}})
     old["code_version"] = {"hash": "aaaa", "parts": {}}
