@@ -16,16 +16,14 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
-from benchmarks.common import add_quality_args, quality_setting
+from benchmarks.common import add_quality_args, preset_fields, quality_setting
 from harness.config import QUANT_CONFIGS, CalibConfig
 from harness.data import calibration_samples
 from harness.records import provenance, write_json_atomic
 from quant import METHODS, QuantContext
 
 
-CONF = Path(__file__).resolve().parent.parent / "conf"
 
 # the quantizations compared, as fields of each method's config (w4 g64 and the calibration set are common to all)
 VARIANTS = {
@@ -37,8 +35,7 @@ VARIANTS = {
     # the same scale search, clipping scored on every calibration token
     "awq_full_grid": {"method": "awq", "scale_grid": "full", "search_samples": 16, "search_tokens": 0, "clip_tokens": 0},
     # the harness default: conf/quant/awq_w4.yaml as it is
-    "awq_default": {k: v for k, v in OmegaConf.to_container(OmegaConf.load(CONF / "quant" / "awq_w4.yaml")).items()
-                    if k not in ("defaults", "calib", "w_bit", "group_size")},
+    "awq_default": preset_fields("awq_w4", drop=("calib", "w_bit", "group_size")),
 }
 
 

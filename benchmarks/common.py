@@ -63,3 +63,12 @@ def write_result(path: Path, obj: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, obj)
     return path
+
+
+def preset_fields(name: str, drop: tuple[str, ...] = ()) -> dict:
+    """The fields a conf/quant/<name>.yaml preset sets, as a dict, minus Hydra's `defaults` list (which selects the
+    schema and is not a field) and `drop`."""
+    from omegaconf import OmegaConf
+
+    path = Path(__file__).resolve().parent.parent / "conf" / "quant" / f"{name}.yaml"
+    return {k: v for k, v in OmegaConf.to_container(OmegaConf.load(path)).items() if k not in ("defaults", *drop)}

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import add_quality_args, add_threads_arg, apply_threads, quality_setting, write_result
-from omegaconf import OmegaConf
+from benchmarks.common import (add_quality_args, add_threads_arg, apply_threads, preset_fields, quality_setting,
+                               write_result)
 
 from harness.config import CalibConfig
 from quant.gptq.awq_gptq import AWQGPTQConfig
@@ -29,10 +29,8 @@ from harness.records import provenance
 from quant import METHODS, QuantContext
 from quant.gptq.config import GPTQConfig
 
-CONF = Path(__file__).resolve().parent.parent / "conf"
 # the harness's AWQ search settings (conf/quant/awq_w4.yaml), for the AWQ->GPTQ recipe
-AWQ_SEARCH = {k: v for k, v in OmegaConf.to_container(OmegaConf.load(CONF / "quant" / "awq_w4.yaml")).items()
-              if k not in ("defaults", "method", "calib", "w_bit", "group_size")}
+AWQ_SEARCH = preset_fields("awq_w4", drop=("method", "calib", "w_bit", "group_size"))
 
 # the quantizations compared (w4 g64 asymmetric and the calibration set are common to all)
 VARIANTS = {
