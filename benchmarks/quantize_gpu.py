@@ -61,7 +61,7 @@ def _peak(torch) -> dict:
 
 
 def run_harness(variant: str, model_dir: Path, work: Path, model: list[str], device: str,
-                cap_bytes: int = int(CAP_GIB * 2**30)) -> dict:
+                cap_bytes: int = int(CAP_GIB * 2**30), calib: tuple[int, int] = (N_SAMPLES, SEQLEN)) -> dict:
     import torch
 
     from harness.compose import compose
@@ -75,7 +75,7 @@ def run_harness(variant: str, model_dir: Path, work: Path, model: list[str], dev
     if capped:  # (on a GPU)
         torch.cuda.set_per_process_memory_fraction(cap_fraction(cap_bytes, torch.cuda.get_device_properties(0).total_memory))
     cfg = compose([model[0], f"quant={HARNESS[variant]}", *model[1:]])
-    samples = calibration_tokens()
+    samples = calibration_tokens(*calib)
     t0 = time.perf_counter()
     model = load_model(ResolvedModel(str(model_dir), None, "synthetic", "synthetic"), cfg.model, device="cpu")
     t_load = time.perf_counter() - t0
@@ -96,16 +96,17 @@ def run_harness(variant: str, model_dir: Path, work: Path, model: list[str], dev
             "quant": {k: cfg.quant.__dict__[k] for k in ("method", "w_bit", "group_size")}}
 
 
-def run_lmdeploy(variant: str, model_dir: Path, work: Path, model: list[str], device: str, cap_bytes: int = 0) -> dict:
+def run_lmdeploy(variant: str, model_dir: Path, work: Path, model: list[str], device: str, cap_bytes: int = 0,
+                 calib: tuple[int, int] = (N_SAMPLES, SEQLEN)) -> dict:
     import torch
     from lmdeploy.lite.apis import calibrate as lmd_calibrate
     from lmdeploy.lite.apis.auto_awq import auto_awq
 
-    samples = calibration_tokens()
+    samples = calibration_tokens(*calib)
     lmd_calibrate.get_calib_loaders = lambda *a, **k: [samples[i : i + 1] for i in range(samples.shape[0])]
     search = variant == "lmdeploy_search"
     t0 = time.perf_counter()
-    auto_awq(str(model_dir), work_dir=str(work / "awq"), calib_samples=N_SAMPLES, calib_seqlen=SEQLEN,
+    auto_awq(str(model_dir), work_dir=str(work / "awq"), calib_samples=calib[0], calib_seqlen=calib[1],
              batch_size=128 if search else 1, w_bits=4, w_group_size=128, search_scale=search, device="cuda",
              dtype="float16")
     return {"seconds": {"total": time.perf_counter() - t0}, "memory": _peak(torch),
@@ -113,15 +114,17 @@ def run_lmdeploy(variant: str, model_dir: Path, work: Path, model: list[str], de
                       "group_size": 128}}
 
 
-def child(variant: str, model_dir: Path, out: Path, model: list[str], device: str, cap_bytes: int) -> None:
+def child(variant: str, model_dir: Path, out: Path, model: list[str], device: str, cap_bytes: int,
+          calib: tuple[int, int] = (N_SAMPLES, SEQLEN)) -> None:
     import tempfile
 
     from harness.environment import environment
 
     with tempfile.TemporaryDirectory(prefix=f"{variant}-") as work:
         res = (run_lmdeploy if variant.startswith("lmdeploy") else run_harness)(variant, model_dir, Path(work), model,
-                                                                                device, cap_bytes)
-    res.update(variant=variant, model=model, environment=environment())
+                                                                                device, cap_bytes, calib)
+    res.update(variant=variant, model=model, calibration={"sequences": calib[0], "seqlen": calib[1]},
+               environment=environment())
     (out / f"{NAME}_{variant}.json").write_text(json.dumps(res, indent=1))
 
 
@@ -144,8 +147,10 @@ def table(results: list[dict]) -> str:
                      f"{f'{ratio:.1f}x faster' if ratio else '–'} |")
     env = next((r["environment"] for r in ok), {})
     model = " ".join(next((r.get("model") for r in ok if r.get("model")), []) or ["?"])
+    cal = next((r["calibration"] for r in ok if r.get("calibration")), {"sequences": N_SAMPLES, "seqlen": SEQLEN})
     lines.append(f"\n{env.get('gpu')}, driver {env.get('driver')}, torch {env.get('torch')}, LMDeploy "
-                 f"{env.get('lmdeploy')}; {model} (synthetic fp16 weights), w4, {N_SAMPLES} x {SEQLEN} random "
+                 f"{env.get('lmdeploy')}; {model} (synthetic fp16 weights), w4, {cal['sequences']} x {cal['seqlen']} "
+                 f"random "
                  f"calibration tokens; each variant in its own process.")
     return "\n".join(lines)
 
@@ -173,6 +178,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda", help="where blocks compute (cpu: a dry run of the harness variants)")
     ap.add_argument("--cap-gib", type=float, default=CAP_GIB, help="GPU memory cap of the capped run, GiB")
     ap.add_argument("--timeout", type=float, default=420, help="seconds a variant may take")
+    ap.add_argument("--n-samples", type=int, default=N_SAMPLES, help="calibration sequences (a dry run takes fewer)")
+    ap.add_argument("--seqlen", type=int, default=SEQLEN, help="tokens per calibration sequence")
     ap.add_argument("--report", type=Path, help="only rebuild the table from saved JSON in this folder")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
@@ -183,7 +190,7 @@ def main(argv=None) -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     model = [f"model={a.model}", f"quant.group_size={a.group_size}"]
     if a.child:
-        child(a.child, a.model_dir, a.out, model, a.device, int(a.cap_gib * 2**30))
+        child(a.child, a.model_dir, a.out, model, a.device, int(a.cap_gib * 2**30), (a.n_samples, a.seqlen))
         return 0
     from harness import synthetic
     from harness.compose import compose
@@ -196,7 +203,7 @@ def main(argv=None) -> int:
         log(f"variant {v}")
         cmd = [sys.executable, "-m", "benchmarks.quantize_gpu", "--child", v, "--model-dir", str(model_dir),
                "--out", str(a.out), "--model", a.model, "--group-size", str(a.group_size), "--device", a.device,
-               "--cap-gib", str(a.cap_gib)]
+               "--cap-gib", str(a.cap_gib), "--n-samples", str(a.n_samples), "--seqlen", str(a.seqlen)]
         try:
             rc = subprocess.run(cmd, timeout=a.timeout).returncode
         except subprocess.TimeoutExpired:

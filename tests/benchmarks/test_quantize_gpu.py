@@ -1,5 +1,5 @@
 """The GPU quantization benchmark's CPU side: the cap arithmetic, every harness variant naming a conf/quant option
-that composes, and (slow tier) a dry run of the GPTQ variant on a SmolLM2-shaped synthetic checkpoint on the CPU,
+that composes, and (slow tier) a dry run of the GPTQ variant on a SmolLM2-shaped synthetic checkpoint on the CPU (8 x 128 tokens),
 which must write the JSON the table reads."""
 import json
 import subprocess
@@ -32,10 +32,13 @@ def test_gptq_dry_run_on_the_cpu_writes_the_table(tmp_path):
     out = tmp_path / "q"
     r = subprocess.run([sys.executable, "-m", "benchmarks.quantize_gpu", "--variants", "harness_gptq", "--device", "cpu",
                         "--model", "smollm2_135m_synthetic", "--group-size", "64", "--out", str(out),
-                        "--synthetic-root", str(tmp_path / "syn"), "--timeout", "1800"],
-                       capture_output=True, text=True, timeout=2400)
+                        "--synthetic-root", str(tmp_path / "syn"), "--timeout", "900", "--n-samples", "8",
+                        "--seqlen", "128"],
+                       capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((out / "quantize_gpu_harness_gptq.json").read_text())
     assert res["quant"] == {"method": "gptq", "w_bit": 4, "group_size": 64}
     assert res["n_blocks"] == 30 and res["seconds"]["quantize"] > 0 and res["memory"]["host_peak_rss_bytes"] > 0
-    assert "| harness_gptq |" in (out / "quantize_gpu.md").read_text()
+    assert res["calibration"] == {"sequences": 8, "seqlen": 128}
+    md = (out / "quantize_gpu.md").read_text()
+    assert "| harness_gptq |" in md and "8 x 128 random calibration tokens" in md
