@@ -44,6 +44,8 @@ VARIANTS = {
     "gptq_mse": lambda calib: GPTQConfig(w_bit=4, group_size=64, grid="mse", calib=calib),
     # llm-compressor's AWQ->GPTQ recipe: AWQ's scales (and clipping) folded, GPTQ's rounding (anchor 100.78)
     "awq_gptq": lambda calib: AWQGPTQConfig(w_bit=4, group_size=64, calib=calib, **AWQ_SEARCH),
+    # the recipe with GPTQ's MSE grid
+    "awq_gptq_mse": lambda calib: AWQGPTQConfig(w_bit=4, group_size=64, grid="mse", calib=calib, **AWQ_SEARCH),
 }
 
 
