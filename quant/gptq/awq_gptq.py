@@ -23,6 +23,11 @@ class AWQGPTQConfig(AWQConfig, GPTQKnobs):
     method: str = "awq_gptq"
     late_fields = AWQConfig.late_fields + ("grid",)
 
+    @classmethod
+    def label_detail(cls, q: dict) -> tuple[str, tuple]:
+        text, key = AWQConfig.label_detail(q)
+        return text + cls.grid_text(q), key
+
     def validate(self) -> None:
         super().validate()
         self.validate_gptq()

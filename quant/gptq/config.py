@@ -20,6 +20,11 @@ class GPTQKnobs:
     # |w - q|^2.4 (the GPTQ reference's Quantizer(mse=True), AutoGPTQ's `mse`); quant.gptq.algorithm.group_grid
     grid: str = "minmax"
 
+    @staticmethod
+    def grid_text(q: dict) -> str:
+        """The label's mark of a non-default grid (harness.labels)."""
+        return " (mse grid)" if q.get("grid", "minmax") == "mse" else ""
+
     def validate_gptq(self) -> None:
         from quant.gptq.algorithm import GRIDS
 
@@ -38,6 +43,11 @@ class GPTQConfig(WeightQuantConfig, GPTQKnobs):
     method: str = "gptq"
     calib: CalibConfig = field(default_factory=CalibConfig)
     late_fields = WeightQuantConfig.late_fields + ("grid",)
+
+    @classmethod
+    def label_detail(cls, q: dict) -> tuple[str, tuple]:
+        text, key = WeightQuantConfig.label_detail(q)
+        return text + cls.grid_text(q), key
 
     def validate(self) -> "GPTQConfig":
         super().validate()

@@ -300,11 +300,13 @@ def test_every_method_is_a_compare_column_with_its_own_label():
     KV format), and FP16 + KV fp8 counts as a variant of its own, not as the FP16 reference."""
     from app.web_config import compose_web, presets
 
-    new = ["gptq_w4", "awq_gptq_w4", "smoothquant_w8a8", "smoothquant_w8a8_fp8", "fp16_kv_fp8_e4m3", "fp16_kv_fp8_e5m2"]
+    new = ["gptq_w4", "gptq_w4_mse", "awq_gptq_w4", "smoothquant_w8a8", "smoothquant_w8a8_fp8", "fp16_kv_fp8_e4m3",
+           "fp16_kv_fp8_e5m2"]
     assert set(new) <= set(presets())
     s = compose_web([f"web.compare=[fp16,awq_w4_kv8,{','.join(new)}]"])
     labels = [v.label for v in s.compare]
-    assert len(set(labels)) == len(labels) == 8, labels
+    assert len(set(labels)) == len(labels) == 9, labels
+    assert "GPTQ w4 g64 (mse grid)" in labels
     assert labels[0] == "FP16" and "FP16 + KV fp8 e4m3" in labels and "FP16 + KV fp8 e5m2" in labels
     assert any(lab.startswith("GPTQ w4") for lab in labels) and any("SmoothQuant" in lab for lab in labels)
     methods = {v.run.quant.method for v in s.compare}
