@@ -16,14 +16,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from quant.awq.search import act_abssum, group_gram_sum
+from quant.awq.search import act_absmax, act_abssum, group_gram_sum
 
 
 @dataclass
 class InputStats:
     abssum: torch.Tensor  # float64 [in]
     n: int  # tokens seen on this rank
-    absmax: torch.Tensor | None  # float32 [in], when asked for
+    absmax: torch.Tensor | None  # float32 [in], when asked for (not reduced over ranks)
     search: torch.Tensor | None  # [rows, T, in] (whole sequences) or [1, k, in] (chosen tokens), in x's dtype
     grams: dict[int, torch.Tensor] = field(default_factory=dict)  # group size -> sum of X_j^T X_j, float32 [G, g, g]
     gram_n: int = 0  # tokens in those sums
@@ -36,6 +36,21 @@ def scaled_gram(h: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return h * inv[:, :, None] * inv[:, None, :]
 
 
+class AbsMax:
+    """Running max |x| per input channel (fp32) of one Linear's input (quant.calibration.runner.Observer); reduced
+    over ranks by max. LMDeploy's smoothing statistic (AWQ without search, SmoothQuant)."""
+
+    def __init__(self):
+        self.m = None
+
+    def add(self, x: torch.Tensor) -> None:
+        m = act_absmax(x)
+        self.m = m if self.m is None else torch.maximum(self.m, m)
+
+    def result(self, reduce) -> torch.Tensor:
+        return reduce.max(self.m)
+
+
 class AWQInputObserver:
     """One Linear input's running statistics (quant.calibration.runner.Observer). `search_rows`: leading sequences to
     keep; `search_idx` (sorted token indices into this rank's tokens, or None): keep those tokens instead;
@@ -43,9 +58,10 @@ class AWQInputObserver:
 
     def __init__(self, search_rows: int = 0, search_idx: torch.Tensor | None = None,
                  clip_idx: torch.Tensor | None = None, gram_groups: tuple[int, ...] = (), absmax: bool = False):
-        self.search_rows, self.search_idx, self.gram_groups, self.want_absmax = search_rows, search_idx, gram_groups, absmax
+        self.search_rows, self.search_idx, self.gram_groups = search_rows, search_idx, gram_groups
         self.clip_idx = None if clip_idx is None else clip_idx.sort().values  # a sum: the order does not matter
-        self.abssum, self.n, self.absmax = None, 0, None
+        self.abssum, self.n = None, 0
+        self.absmax = AbsMax() if absmax else None
         self.rows: list[torch.Tensor] = []
         self.tokens: list[torch.Tensor] = []
         self.grams: dict[int, torch.Tensor] = {}
@@ -64,15 +80,15 @@ class AWQInputObserver:
             self.like = x[:0]
         total, _ = act_abssum(flat)
         self.abssum = total if self.abssum is None else self.abssum + total
-        if self.want_absmax:
-            m = flat.abs().amax(0).float()
-            self.absmax = m if self.absmax is None else torch.maximum(self.absmax, m)
+        if self.absmax is not None:
+            self.absmax.add(flat)
         if self.search_idx is not None:
             sel = self._in_range(self.search_idx, lo, hi, x.device)
             if sel.numel():
                 self.tokens.append(flat[sel])
         elif self.seen_rows < self.search_rows:
-            self.rows.append(x[: self.search_rows - self.seen_rows])
+            k = self.search_rows - self.seen_rows  # a copy when partial: a view would keep the whole minibatch
+            self.rows.append(x if k >= b else x[:k].clone())
         self.seen_rows += b
         if self.gram_groups:
             part = flat if self.clip_idx is None else flat[self._in_range(self.clip_idx, lo, hi, x.device)]
@@ -88,4 +104,5 @@ class AWQInputObserver:
             search = torch.cat(self.tokens).unsqueeze(0) if self.tokens else self.like.new_empty((1, 0, self.like.shape[-1]))
         else:
             search = torch.cat(self.rows) if self.rows else self.like
-        return InputStats(self.abssum, self.n, self.absmax, search, self.grams, self.gram_n)
+        absmax = None if self.absmax is None else self.absmax.m
+        return InputStats(self.abssum, self.n, absmax, search, self.grams, self.gram_n)

@@ -17,7 +17,7 @@ import torch
 
 from harness.architectures import architecture_for
 from harness.storage_bytes import FP16_BYTES, fp16_param_bytes, quantized_weight_bytes
-from quant.awq.search import act_absmax
+from quant.awq.observe import AbsMax
 from quant.calibration.reduce import Reducer
 from quant.calibration.runner import BlockResult, run_sequential
 from quant.onload import Placement
@@ -26,20 +26,6 @@ from quant.smoothquant.config import as_smoothquant_config
 from quant.smoothquant.linear import swap_w8a8_
 from quant.smoothquant.numerics import quant_dtype
 from quant.smoothquant.smooth import smooth_block_
-
-
-class AbsMax:
-    """Running max |x| per input channel (fp32) of one Linear's input; reduced over ranks by max."""
-
-    def __init__(self):
-        self.m = None
-
-    def add(self, x: torch.Tensor) -> None:
-        m = act_absmax(x)
-        self.m = m if self.m is None else torch.maximum(self.m, m)
-
-    def result(self, reduce: Reducer) -> torch.Tensor:
-        return reduce.max(self.m)
 
 
 class SmoothQuantBlocks:
