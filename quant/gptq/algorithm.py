@@ -24,6 +24,7 @@ from typing import Optional
 
 import torch
 
+from quant.kernels import gptq_columns
 from quant.primitives import (QTensor, _grouped, check_group_size, dequantize, effective_group_size, quant_params, quantize,
                               range_params)
 
@@ -197,11 +198,16 @@ class _BlockGraph:
 
 _GRAPHS: dict[tuple, _BlockGraph] = {}
 USE_CUDA_GRAPHS = True  # tests turn it off to compare with the eager loop
+USE_KERNEL = True  # the Triton kernel (quant/kernels/gptq_columns.py) where it runs; tests turn it off
 
 
 def _static_block(Wt1, S1, Z1, Hinv1, inv_d, lo, hi):
-    """Codes [block, rows] (float32) and scaled errors of one block of columns with fixed grids; Wt1 is not changed."""
+    """Codes [block, rows] (float32) and scaled errors of one block of columns with fixed grids; Wt1 is not changed.
+    On a GPU: one Triton kernel per block (float32, the method's precision), else one replayed CUDA graph; on the
+    CPU: the eager loop."""
     dev = Wt1.device
+    if USE_KERNEL and Wt1.dtype == torch.float32 and gptq_columns.available(dev):
+        return gptq_columns.static_block(Wt1, S1, Z1, Hinv1, inv_d, lo, hi)
     if dev.type == "cuda" and USE_CUDA_GRAPHS:
         key = (tuple(Wt1.shape), Wt1.dtype, S1.dtype, str(dev), lo, hi)
         if key not in _GRAPHS:

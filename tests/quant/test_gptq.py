@@ -6,6 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -202,6 +207,7 @@ def test_cuda_graph_replay_gives_the_eager_loops_codes(monkeypatch, zero_point):
     Linears of one shape (one graph replayed on other data) and of another shape (a second graph)."""
     import quant.gptq.algorithm as alg
 
+    monkeypatch.setattr(alg, "USE_KERNEL", False)  # the Triton kernel has its own test
     for shape in [(96, 512), (96, 512), (40, 384)]:
         w, x = _problem(*shape, n=4096, seed=shape[0] + len(alg._GRAPHS))
         w, x = w.float().cuda(), x.float().cuda()
@@ -213,6 +219,62 @@ def test_cuda_graph_replay_gives_the_eager_loops_codes(monkeypatch, zero_point):
         assert torch.equal(got.q, ref.q) and torch.equal(got.scales, ref.scales)
         assert torch.equal(got.loss, ref.loss)
     assert len(alg._GRAPHS) >= 2
+
+
+_KERNEL_CHECK = """
+import sys, torch
+import quant.gptq.algorithm as alg
+from quant.gptq.algorithm import accumulate_hessian, gptq_quantize
+from tests.quant.test_gptq import _problem
+dev = sys.argv[1]
+worst = 0
+for shape, zp, block in [((40, 256), True, 128), ((24, 320), False, 128), ((40, 256), True, 96)]:
+    w, x = _problem(*shape, n=2048, seed=shape[0])
+    w, x = w.float().to(dev), x.float().to(dev)
+    H, _ = accumulate_hessian(None, 0, x)
+    args = (w, H, 4, 64, zp)
+    kw = dict(block_size=block, act_order=True, static_groups=True)
+    got = gptq_quantize(*args, **kw)
+    alg.USE_KERNEL = alg.USE_CUDA_GRAPHS = False
+    ref = gptq_quantize(*args, **kw)
+    alg.USE_KERNEL = alg.USE_CUDA_GRAPHS = True
+    assert torch.equal(got.scales, ref.scales)
+    diffs = int((got.q != ref.q).sum())
+    assert diffs <= 4, (shape, zp, block, diffs)
+    assert abs(got.loss.item() - ref.loss.item()) <= 1e-4 * ref.loss.item(), (got.loss, ref.loss)
+    worst = max(worst, diffs)
+print("ok", worst)
+"""
+
+
+def _triton_or_skip():
+    from quant.kernels import gptq_columns
+
+    if gptq_columns.triton is None:
+        if os.environ.get("CI", "").lower() == "true":  # the dev extra installs triton: missing in CI is a failure
+            pytest.fail("triton is not installed (pip install -e .[dev] installs it)")
+        pytest.skip("triton is not installed")
+
+
+def test_triton_column_kernel_gives_the_eager_loops_codes_through_the_interpreter():
+    """The GPU's GPTQ column loop (quant/kernels/gptq_columns.py) against the eager loop, run by Triton's interpreter
+    on the CPU (the same kernel source a GPU compiles): the same codes (4 differing codes of 10,240 allowed: the
+    rank-one update may round its last bit differently), grids and loss, for several shapes, both grids' zero points
+    and a block size that is not the kernel's 128."""
+    _triton_or_skip()
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", _KERNEL_CHECK, "cpu"], env=env, capture_output=True, text=True,
+                         timeout=600, cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.startswith("ok")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled kernel needs a GPU (run on the device machine)")
+def test_triton_column_kernel_gives_the_eager_loops_codes_on_the_gpu():
+    out = subprocess.run([sys.executable, "-c", _KERNEL_CHECK, "cuda"], capture_output=True, text=True, timeout=600,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.startswith("ok")
 
 
 @torch.no_grad()

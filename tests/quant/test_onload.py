@@ -13,23 +13,26 @@ import torch
 from quant.awq.config import AWQConfig
 from quant.rtn import RTNConfig
 from quant import METHODS, QuantContext
-from quant.onload import HOST, Placement
+from quant.onload import HOST, Placement, Transfer
 from tests.quant.test_awq import _calib, _truncated
 
 
 def _spy_moves(model, monkeypatch) -> list[tuple[str, str]]:
-    """(module name, target device) for every Module.to on a decoder block or on the whole model."""
+    """("on" | "off", module name) for every decoder block the placement moves."""
     names = {id(m): n for n, m in model.named_modules()}
     moves = []
-    orig = torch.nn.Module.to
+    on, off = Transfer.onload, Transfer.offload
 
-    def to(self, *args, **kwargs):
-        name = names.get(id(self))
-        if name is not None and (name.startswith("model.layers.") and name.count(".") == 2):
-            moves.append((name, str(args[0] if args else kwargs.get("device"))))
-        return orig(self, *args, **kwargs)
+    def onload(self, module):
+        moves.append(("on", names.get(id(module))))
+        return on(self, module)
 
-    monkeypatch.setattr(torch.nn.Module, "to", to)
+    def offload(self, module, moved):
+        moves.append(("off", names.get(id(module))))
+        return off(self, module, moved)
+
+    monkeypatch.setattr(Transfer, "onload", onload)
+    monkeypatch.setattr(Transfer, "offload", offload)
     return moves
 
 
@@ -53,11 +56,8 @@ def test_blocks_take_turns_and_results_do_not_change(method, smollm2_fp32, calib
     place = Placement(torch.device("cpu"), offload=True)  # what Placement.of("cuda", True) is on a GPU machine
     out = METHODS.get(method)(offloaded, cfg, QuantContext(lambda: samples, progress=False, placement=place))
 
-    turns = [(n, d) for n, d in moves]
-    # every block: onloaded, then offloaded, before the next block is onloaded (the capture onloads each block it
-    # runs through and returns them all to the host at its end: those moves come first, for AWQ)
-    loop = turns[-6:]
-    assert loop == [(f"model.layers.{i}", d) for i in range(3) for d in ("cpu", "cpu")]
+    # every block: onloaded, then offloaded, before the next block is onloaded; nothing else moves through them
+    assert moves == [(d, f"model.layers.{i}") for i in range(3) for d in ("on", "off")]
     assert out.summary["placement"] == {"compute": "cpu", "offload": True}
     for name, qt in out.qtensors.items():
         assert qt.q.device == HOST
@@ -70,3 +70,81 @@ def test_blocks_take_turns_and_results_do_not_change(method, smollm2_fp32, calib
 def test_placement_of_a_host_device_never_offloads():
     assert Placement.of("cpu", True) == Placement(torch.device("cpu"), False)
     assert Placement.of("cuda", True).offload and not Placement.of("cuda", False).offload
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the pinned staging path needs a GPU (run on the device machine)"))])
+def test_a_block_comes_back_into_the_host_tensors_it_left(device):
+    """Offloading writes the block's new values into the host memory its tensors came from (no new host memory per
+    block); a tensor the method replaced with one of another shape or dtype, or a module it swapped in, gets new host
+    memory; nothing stays on the compute device."""
+    block = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 4))
+    block[1].register_buffer("seen", torch.zeros(3))
+    homes = {n: p.data_ptr() for n, p in block.state_dict(keep_vars=True).items()}
+    t = Transfer(torch.device(device))
+    moved = t.onload(block)
+    assert all(p.data_ptr() != homes[n] and p.device.type == device
+               for n, p in block.state_dict(keep_vars=True).items())  # copies computed on
+    with torch.no_grad():
+        block[0].weight.mul_(2)
+        block[1].seen.fill_(7)
+        block[1].bias.data = torch.ones(16, dtype=torch.float64, device=device)  # same shape, other dtype
+        block[2] = torch.nn.Linear(16, 4, device=device)  # a module the method swapped in
+    want = {n: p.detach().cpu().clone() for n, p in block.state_dict(keep_vars=True).items()}
+    t.offload(block, moved)
+    after = block.state_dict(keep_vars=True)
+    assert all(p.device == HOST for p in after.values())
+    for n in ("0.weight", "0.bias", "1.weight", "1.seen"):
+        assert after[n].data_ptr() == homes[n], n
+    assert after["1.bias"].dtype == torch.float64 and after["1.bias"].data_ptr() != homes["1.bias"]
+    for n, v in want.items():
+        assert torch.equal(after[n], v), n
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the pinned staging path needs a GPU (run on the device machine)"))])
+def test_codes_and_a_block_larger_than_the_staging_buffer_round_trip(device):
+    t = Transfer(torch.device(device))
+    small = [torch.arange(10, dtype=torch.uint8)]
+    t.to_device(small)
+    size = t.buf.numel()
+    big = [torch.randn(300, 7), torch.randint(0, 16, (5, 33), dtype=torch.uint8), torch.randn(64).half()]
+    on = t.to_device(big)
+    assert all(x.device.type == device for x in on)
+    back = t.to_host(on)
+    assert t.buf.numel() > size and t.buf.is_pinned() == (device == "cuda")
+    for a, b in zip(big, back):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (run on the device machine)")
+@pytest.mark.parametrize("method", ["rtn", "awq", "gptq", "smoothquant"])
+def test_offloaded_blocks_on_a_gpu_give_the_whole_model_on_the_gpus_results(method):
+    """On a GPU: a model resting in host memory, its blocks onloaded one at a time through the pinned staging buffer,
+    quantizes to the codes and weights the same model quantized whole on the GPU gets, bit for bit (a random
+    Llama-shaped model: no download on the device machine)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from quant.gptq.config import GPTQConfig
+    from quant.smoothquant.config import SmoothQuantConfig
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    base = LlamaForCausalLM(cfg).eval()
+    qcfg = {"rtn": RTNConfig(w_bit=4, group_size=64),
+            "awq": AWQConfig(w_bit=4, group_size=64, search_samples=2, n_grid=4, clip_n_grid=4, clip_tokens=256),
+            "gptq": GPTQConfig(w_bit=4, group_size=64), "smoothquant": SmoothQuantConfig()}[method]
+    samples = torch.randint(0, 512, (4, 64), generator=torch.Generator().manual_seed(1))
+    whole = copy.deepcopy(base).cuda()
+    ref = METHODS.get(method)(whole, qcfg, QuantContext(lambda: samples, progress=False,
+                                                        placement=Placement(torch.device("cuda"), False)))
+    host = copy.deepcopy(base)
+    out = METHODS.get(method)(host, qcfg, QuantContext(lambda: samples, progress=False,
+                                                       placement=Placement.of("cuda", True)))
+    assert out.summary.get("placement", {"offload": True})["offload"]
+    for name, qt in out.qtensors.items():
+        assert qt.q.device == HOST
+        assert torch.equal(qt.q, ref.qtensors[name].q.cpu()) and torch.equal(qt.scales, ref.qtensors[name].scales.cpu())
+    for (n, p), (_, p_ref) in zip(host.named_parameters(), whole.named_parameters()):
+        assert p.device == HOST and torch.equal(p, p_ref.cpu()), n
