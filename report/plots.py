@@ -72,7 +72,8 @@ def _bar_color(t: Table, row):
 
 def _kv_dodge(row) -> float:
     """Configs with a quantized KV cache sit slightly right of their weight-only twin, so neither hides the other."""
-    return {8: 1.04, 4: 1.08}.get(int(row.label.kv.split("int")[-1]) if row.label.kv else 16, 1.0)
+    return {(8, "int"): 1.04, (4, "int"): 1.08, (8, "fp8_e4m3"): 1.12, (8, "fp8_e5m2"): 1.16}.get(
+        (row.label.kv_bits, row.label.kv_format), 1.0)
 
 
 def _splits(t: Table, mid, metric: str) -> list:

@@ -307,6 +307,8 @@ class RowLabel:
     kv: str  # "" or " + KV int8"
     backend: str  # "" or " [lmdeploy]"
     rank: tuple  # sort key within a method
+    kv_bits: int = 16
+    kv_format: str = "int"  # int, fp8_e4m3, fp8_e5m2
 
     @property
     def text(self) -> str:
@@ -333,6 +335,7 @@ def row_label(rec: dict) -> RowLabel:
         backend=backend_text(backend),
         rank=(METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER), m, -weight_bits(rec),
               q.get("group_size", 0) if m != "fp16" else 0, rank, backend != "hf", -kb),
+        kv_bits=kb, kv_format=dig(rec, "config", "kv", "format", default="int") or "int",
     )
 
 
@@ -346,6 +349,8 @@ def relevant_quant(rec: dict) -> dict:
     """The quant fields that can change this record's result. FP16 ignores them all, so two FP16 runs that differ
     only in an unused quant.w_bit are the same run; for a quantizing method every field counts (a sweep over, say,
     quant.n_grid must give separate rows, never one row that hides the other run)."""
+    import quant  # noqa: F401  (registers every method's config: its late fields are its own)
+
     q = dict(dig(rec, "config", "quant", default={}) or {})
     # as the run_id sees it (harness.config.quant_identity_dict): a record written before per-method configs and one
     # written after, of the same config, are one run

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from harness.confidence import diff_ci95_from_stderr, excludes_zero
+from harness.config import LATE_FIELDS
 from report.record_view import (METRICS, TABLE_ORDER, RowLabel, dig, is_reference, is_synthetic, kv_bits, throughput_loaded,
                                      hardware_name, model_id, relevant_quant, row_label, weight_bits)
 
@@ -219,7 +220,11 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 def _distinct_fields(rec: dict) -> dict:
     """The config fields that make two rows of one table different runs (model and eval settings are columns and
     tables)."""
-    return {"quant": relevant_quant(rec), "kv": dig(rec, "config", "kv"), "backend": dig(rec, "config", "backend"),
+    kv = dict(dig(rec, "config", "kv", default={}) or {})
+    for (section, k), default in LATE_FIELDS.items():  # a field added later, at its default: as the run_id sees it
+        if section == "kv" and kv.get(k, default) == default:
+            kv.pop(k, None)
+    return {"quant": relevant_quant(rec), "kv": kv, "backend": dig(rec, "config", "backend"),
             "seed": dig(rec, "config", "seed")}
 
 
