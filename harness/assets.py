@@ -341,11 +341,63 @@ def gemma3_gguf() -> Path:
     return out
 
 
+# What each embedded model's converted tokenizer must make of one line of Milton (the ids of the conversion the harness
+# was tested with, transformers 5.24). transformers builds the tokenizer from the GGUF's vocabulary itself, and that
+# code changes between versions: 5.17 builds Gemma-3's as a Unigram model without merges, which splits words into
+# pieces (ids that the model never saw in training: Gemma's Milton PPL 2e4 instead of 96). Weights alone would not show
+# it (they were identical); the ids do.
+TOKENIZER_PROBE_TEXT = "Of Mans First Disobedience, and the Fruit\nOf that Forbidden Tree, whose mortal tast"
+TOKENIZER_PROBES = {
+    "smollm2-135m-instruct-fp16": [6228, 28679, 3508, 3389, 675, 16753, 28, 284, 260, 24062, 198, 6228, 338, 1068,
+                                   40219, 11873, 28, 3449, 30268, 11255],
+    "gemma-3-270m-fp16": [2, 4088, 34557, 5315, 3725, 118644, 236764, 532, 506, 44832, 107, 4088, 600, 116652, 18041,
+                          236764, 5769, 53243, 13797],
+}
+PROBE_OK = ".tokenizer_probe_ok"
+
+
+def check_tokenizer(model_dir: Path, expected: list[int] | None) -> None:
+    """Refuse a converted checkpoint whose tokenizer does not give the tested ids for TOKENIZER_PROBE_TEXT (checked
+    once per checkpoint: a marker file records the pass)."""
+    if expected is None or (model_dir / PROBE_OK).exists():
+        return
+    import transformers
+    from transformers import AutoTokenizer
+
+    got = AutoTokenizer.from_pretrained(model_dir)(TOKENIZER_PROBE_TEXT).input_ids
+    if list(got) != list(expected):
+        raise AssetError(
+            f"{model_dir}: its tokenizer (converted from the GGUF by transformers "
+            f"{_converted_by(model_dir)}; running {transformers.__version__}) does not tokenize the probe line as the "
+            f"tested conversion does: got {list(got)[:12]}..., expected {expected[:12]}... Every token id, and so every "
+            f"perplexity and accuracy, would be wrong. Delete {model_dir} and convert again with transformers 5.24 "
+            f"(the version the harness was tested with) or newer.")
+    try:
+        (model_dir / PROBE_OK).write_text(f"transformers {transformers.__version__}\n")
+    except OSError:  # a read-only cache: checked again next time
+        pass
+
+
+def _converted_by(model_dir: Path) -> str:
+    import json
+
+    try:
+        return json.loads((model_dir / "config.json").read_text()).get("transformers_version", "?")
+    except (OSError, ValueError):
+        return "?"
+
+
 def _convert_gguf(gguf: Path, out: Path, marker: str, name_or_path: str) -> Path:
     """A GGUF file as a plain fp16 safetensors checkpoint, converted once. transformers dequantizes the GGUF's
-    weights on load, so the checkpoint is the FP16 reference *of that quantized file*, not of the original release."""
-    if (out / ".complete").exists():
-        return out
+    weights on load, so the checkpoint is the FP16 reference *of that quantized file*, not of the original release.
+    Its tokenizer is checked against the tested ids (check_tokenizer)."""
+    if not (out / ".complete").exists():
+        _write_converted(gguf, out, marker, name_or_path)
+    check_tokenizer(out, TOKENIZER_PROBES.get(out.name))
+    return out
+
+
+def _write_converted(gguf: Path, out: Path, marker: str, name_or_path: str) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -361,7 +413,6 @@ def _convert_gguf(gguf: Path, out: Path, marker: str, name_or_path: str) -> Path
     with building_dir(out, marker) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-    return out
 
 
 def embedded_model_dir() -> Path:

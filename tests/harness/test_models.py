@@ -102,3 +102,24 @@ def test_gemma3_270m_is_embedded_and_needs_its_bos():
         nll, s = window_nll(model, eval_windows(ids, 512, 2, bos_id=bos), 2, progress=False)
         ppl[bos] = ppl_metrics(nll, s, 512)["token_ppl"]
     assert ppl[2] < 0.6 * ppl[None], ppl
+
+
+def test_a_converted_tokenizer_that_splits_words_differently_is_refused(smollm2_resolved, tmp_path):
+    """The embedded models' tokenizers are built by transformers from the GGUF, and that code changed between
+    versions (5.17 made Gemma-3's a Unigram model without merges: words in pieces, Milton PPL 2e4). A converted
+    checkpoint must tokenize the probe line to the tested ids or be refused before any number is computed; a pass is
+    recorded so the check runs once."""
+    from harness import assets
+
+    src = assets.embedded_model_dir()  # checked on the way (the real conversion passes)
+    assert (src / assets.PROBE_OK).exists()
+    ids = assets.TOKENIZER_PROBES[src.name]
+    copy = tmp_path / src.name
+    shutil.copytree(src, copy, ignore=shutil.ignore_patterns("*.safetensors", assets.PROBE_OK))
+    wrong = ids[:3] + [ids[3] + 1] + ids[4:]  # one id off
+    with pytest.raises(assets.AssetError, match="does not tokenize the probe line.*Delete"):
+        assets.check_tokenizer(copy, wrong)
+    assert not (copy / assets.PROBE_OK).exists()
+    assets.check_tokenizer(copy, ids)
+    assert (copy / assets.PROBE_OK).exists()
+    assets.check_tokenizer(copy, wrong)  # passed once: not loaded again
