@@ -46,6 +46,10 @@ VARIANTS = {
     "awq_gptq": lambda calib: AWQGPTQConfig(w_bit=4, group_size=64, calib=calib, **AWQ_SEARCH),
     # the recipe with GPTQ's MSE grid
     "awq_gptq_mse": lambda calib: AWQGPTQConfig(w_bit=4, group_size=64, grid="mse", calib=calib, **AWQ_SEARCH),
+    # the recipe as llm-compressor's AWQModifier runs its AWQ stage (scales from activations and weights: duo
+    # scaling; no clip search, the GPTQ grid does the range), with the MSE grid
+    "awq_gptq_mse_duo": lambda calib: AWQGPTQConfig(w_bit=4, group_size=64, grid="mse", calib=calib,
+                                                    **{**AWQ_SEARCH, "duo_scaling": True, "clip": False}),
 }
 
 

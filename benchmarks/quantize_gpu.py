@@ -145,7 +145,8 @@ def table(results: list[dict]) -> str:
                      f" | {s['total']:.1f} | {parts} | {r.get('block_seconds_median') or 0:.2f} | "
                      f"{gib(m['gpu_peak_allocated_bytes'])} | {gib(m['host_peak_rss_bytes'])} | "
                      f"{f'{ratio:.1f}x faster' if ratio else '–'} |")
-    env = next((r["environment"] for r in ok), {})
+    env = next((r["environment"] for r in ok if r["environment"].get("lmdeploy")),
+               next((r["environment"] for r in ok), {}))  # the LMDeploy version from a row that ran it
     model = " ".join(next((r.get("model") for r in ok if r.get("model")), []) or ["?"])
     cal = next((r["calibration"] for r in ok if r.get("calibration")), {"sequences": N_SAMPLES, "seqlen": SEQLEN})
     lines.append(f"\n{env.get('gpu')}, driver {env.get('driver')}, torch {env.get('torch')}, LMDeploy "
