@@ -1,4 +1,4 @@
-"""AWQ on the first blocks of the embedded SmolLM2, on one process or data-parallel on several (#18), for
+"""AWQ and GPTQ on the first blocks of the embedded SmolLM2, on one process or data-parallel on several (#18), for
 tests/quant/test_data_parallel.py; writes <out>/<case>.safetensors (every tensor), <out>/<case>.json (alphas) and
 <out>/<case>.stats.safetensors: block 0's reduced statistics as AWQ applies them (mean |x| of each captured input,
 every grid loss, the clip Gram matrices), before any rounding difference between the runs can compound:
@@ -94,8 +94,45 @@ def main(out: Path) -> None:
             save_file(stats, str(out / f"{case}.stats.safetensors"))
             (out / f"{case}.json").write_text(json.dumps({"alpha_mean": outcome.summary["alpha_mean"]}))
         restore()
+    _gptq(resolved, mc, samples, rank, out)
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def _gptq(resolved, mc, samples, rank: int, out: Path) -> None:
+    """GPTQ on the same blocks: <out>/gptq.safetensors (codes, scales, zeros) and gptq.stats.safetensors (block 0's
+    first two reduced Hessians: the q/k/v input's and o_proj's)."""
+    import quant.gptq.method as gm
+    from harness.config import CalibConfig
+    from harness.models import load_model
+    from quant import METHODS, QuantContext
+    from quant.gptq.config import GPTQConfig
+
+    hs: dict = {}
+    result = gm.HessianObserver.result
+
+    def keep(self, reduce):
+        h = result(self, reduce)
+        if len(hs) < 2:
+            hs[f"h{len(hs)}"] = h.detach().clone()
+        return h
+
+    gm.HessianObserver.result = keep
+    try:
+        model = load_model(resolved, mc)
+        model.model.layers = model.model.layers[:N_BLOCKS]
+        model.config.num_hidden_layers = N_BLOCKS
+        cfg = GPTQConfig(w_bit=4, group_size=64, calib=CalibConfig(n_samples=4, seqlen=32))
+        outcome = METHODS.get("gptq")(model, cfg, QuantContext(calibration=lambda: samples, progress=False))
+    finally:
+        gm.HessianObserver.result = result
+    if rank == 0:
+        tensors = {}
+        for n, q in outcome.qtensors.items():
+            tensors[f"codes.{n}"], tensors[f"scales.{n}"], tensors[f"zeros.{n}"] = q.q, q.scales, q.zeros
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "gptq.safetensors"))
+        save_file(hs, str(out / "gptq.stats.safetensors"))
+        (out / "gptq.json").write_text(json.dumps(outcome.summary["gptq_loss"]))
 
 
 if __name__ == "__main__":
