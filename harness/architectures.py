@@ -76,6 +76,15 @@ class Architecture:
         """The quantized Linears of a block, relative to it."""
         return tuple(n for n, _ in self.linear_roles)
 
+    def input_keys(self) -> dict[str, str]:
+        """Linear -> the Linear whose input it shares (the first of its scaling group; itself when alone): the name
+        under which a calibrated method observes that input once."""
+        keys = {n: n for n in self.linears}
+        for g in self.groups:
+            for n in g.linears:
+                keys[n] = g.linears[0]
+        return keys
+
     def tensors(self, hf_config: dict) -> list[TensorSpec]:
         """Every tensor of a checkpoint with this config, in the model's order (norm names end in .weight)."""
         d = config_dims(hf_config)

@@ -46,6 +46,8 @@ NAMES = {"fp16": "FP16", "smoothquant": "SmoothQuant", "awq_gptq": "AWQ+GPTQ"}  
 
 def method_name(q: dict) -> str:
     m = q.get("method", "fp16")
+    if m == "recipe":  # a list of steps (quant/recipe.py): its methods in order
+        return "→".join(method_name(s) for s in q.get("steps", [])) or "recipe"
     return NAMES.get(m, m.upper())
 
 

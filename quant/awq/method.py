@@ -36,15 +36,6 @@ from harness.storage_bytes import packed_weight_bytes
 from quant.surgery import plan_layers, quantize_linear_
 
 
-def _input_keys(arch: Architecture) -> dict[str, str]:
-    """Linear -> the name under which its input is captured (Linears of one scaling group share one input)."""
-    keys = {n: n for n in arch.linears}
-    for g in arch.groups:
-        for n in g.linears:
-            keys[n] = g.linears[0]
-    return keys
-
-
 def _inspect_fn(block, group, kwargs):
     mod = block.get_submodule(group.inspect or group.linears[0])
 
@@ -75,7 +66,7 @@ class AWQ:
         self.search_rows = max(0, min(cfg.search_samples, shard.stop) - shard.start)
         self.search_idx, self.clip_idx = (_local(idx, shard.start * seqlen, shard.stop * seqlen)
                                           for idx in (search_idx, clip_idx))
-        self.keys = _input_keys(arch)
+        self.keys = arch.input_keys()
         self.capture = sorted(set(self.keys.values()))
         # inputs whose group is scored token by token (no block kwargs) when search_tokens > 0
         self.tokenwise = {g.linears[0] for g in arch.groups if not g.inspect_takes_block_kwargs}

@@ -28,6 +28,6 @@ def _smoothquant(model, qtensors, out_dir, tokenizer=None):
 
 
 FORMATS: Registry[Format] = Registry("checkpoint format (by quant.method)")
-for _m in ("rtn", "awq", "gptq", "awq_gptq"):
+for _m in ("rtn", "awq", "gptq", "awq_gptq", "recipe"):
     FORMATS.add(_m, Format("awq", _awq))
 FORMATS.add("smoothquant", Format("smooth_quant", _smoothquant))

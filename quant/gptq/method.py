@@ -17,7 +17,6 @@ import torch
 
 from harness.architectures import Architecture, architecture_for
 from harness.storage_bytes import packed_weight_bytes
-from quant.awq.method import _input_keys
 from quant.calibration.reduce import Reducer
 from quant.calibration.runner import BlockResult, run_sequential
 from quant.gptq.algorithm import accumulate_hessian, gptq_quantize
@@ -48,7 +47,7 @@ class GPTQ:
 
     def __init__(self, cfg, arch: Architecture, specs: dict):
         self.cfg, self.arch, self.specs = cfg, arch, specs
-        keys = _input_keys(arch)  # Linear -> the Linear whose input it shares
+        keys = arch.input_keys()  # Linear -> the Linear whose input it shares
         self.shared: dict[str, list[str]] = {}
         for rel in arch.linears:
             self.shared.setdefault(keys[rel], []).append(rel)

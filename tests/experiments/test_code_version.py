@@ -97,3 +97,47 @@ def test_weights_computed_on_a_gpu_have_their_own_cache_key():
     cpu = quant_key("m", AWQConfig(), "bfloat16", {"text": "x"})
     assert quant_key("m", AWQConfig(), "bfloat16", {"text": "x"}, device="cpu") == cpu
     assert quant_key("m", AWQConfig(), "bfloat16", {"text": "x"}, device="cuda") not in (cpu, None)
+
+
+# quant/ modules a method may import without listing them: where blocks compute and rest (results are bit-identical
+# either way: tests/quant/test_onload.py), package entry points, and what runs after quantization (export)
+NOT_RESULT_SOURCES = {"quant/onload.py", "quant/__init__.py", "quant/quantized_cache.py"}
+
+
+def _quant_imports(path) -> set[str]:
+    """Repository files under quant/ that one source file imports (absolute imports of quant.*)."""
+    import ast
+
+    out = set()
+    for node in ast.walk(ast.parse((REPO_ROOT / path).read_text())):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        for n in names:
+            if not n.startswith("quant"):
+                continue
+            rel = n.replace(".", "/")
+            for cand in (f"{rel}.py", f"{rel}/__init__.py"):
+                if (REPO_ROOT / cand).exists():
+                    out.add(cand)
+    return out
+
+
+def test_a_methods_sources_include_every_quant_module_they_import():
+    """A module a method's code imports decides its results too (GPTQ's Triton column kernel, AWQ's streamed
+    statistics): it must be among the method's sources, or a change to it would not mark the method's records stale."""
+    from quant.registry import method_sources
+
+    for name in METHODS:
+        listed = set(method_sources(name))
+        todo, seen = [p for p in listed if p.startswith("quant/")], set()
+        while todo:
+            p = todo.pop()
+            if p in seen:
+                continue
+            seen.add(p)
+            todo.extend(_quant_imports(p))
+        missing = sorted(p for p in seen - listed - NOT_RESULT_SOURCES if not p.endswith("__init__.py"))
+        assert not missing, f"method {name} imports {missing} but quant.registry.METHOD_SOURCES does not list them"
