@@ -360,6 +360,56 @@ class Fp8KVLayer(QuantizedKVLayer):
         self.k, self.v = (None if t is None else fn(t) for t in (self.k, self.v))
 
 
+class _SlidingWindow:
+    """A sliding-window layer's K/V (Gemma-3's local layers) in the same quantized storage, kept as transformers'
+    DynamicSlidingWindowLayer keeps its own: after each update only the last sliding_window - 1 tokens stay (a token's
+    codes and per-token scale do not depend on the others, so dropping old tokens leaves the rest as they were); the
+    update returns the kept tokens and the new ones, and the mask sizes follow the window."""
+
+    is_sliding = True
+    is_croppable = False
+
+    def _init_window(self, sliding_window: int) -> None:
+        self.sliding_window, self.cumulative_length = sliding_window, 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        k, v = super().update(key_states, value_states, *args, **kwargs)
+        self.cumulative_length += key_states.shape[-2]
+        keep = self.sliding_window - 1
+        self._apply(lambda t: t[:, :, -keep:] if t.shape[2] > keep else t)
+        return k, v
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        offset = max(self.cumulative_length - self.sliding_window + 1, 0)
+        kept = min(self.cumulative_length, self.sliding_window - 1)
+        return kept + query_length, offset
+
+    def get_max_length(self) -> int:
+        return self.sliding_window
+
+    def reset(self) -> None:
+        super().reset()
+        self.cumulative_length = 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("a sliding-window quantized KV layer cannot be cropped (its evicted tokens are gone)")
+
+
+class SlidingQuantizedKVLayer(_SlidingWindow, QuantizedKVLayer):
+    def __init__(self, sliding_window: int, bits: int, dequant: str = "auto", tally: list | None = None):
+        QuantizedKVLayer.__init__(self, bits, dequant, tally)
+        self._init_window(sliding_window)
+
+
+class SlidingFp8KVLayer(_SlidingWindow, Fp8KVLayer):
+    def __init__(self, sliding_window: int, fmt: str, tally: list | None = None):
+        Fp8KVLayer.__init__(self, fmt, tally)
+        self._init_window(sliding_window)
+
+
 class QuantizedKVCache(Cache):
     """A `transformers` cache holding every layer's K/V as LMDeploy int8 / int4 codes (`bits` = quant_policy), scale
     and zero in the model dtype; or, with `fmt` "fp8_e4m3" / "fp8_e5m2" (bits 8), as fp8 values (quant_policy 16 / 17).
@@ -371,22 +421,29 @@ class QuantizedKVCache(Cache):
 
     Hand it to a model through eval.forward (`forward(model, ids, QuantizedKVCache(model.config, bits=8))`), which
     uses the cache argument's name of the installed transformers, or to `model.generate` the same way.
-    Full-attention decoders only (a sliding-window layer would need its own eviction)."""
+    Full-attention and sliding-window layers (Gemma-3's local layers keep their last sliding_window - 1 tokens, as
+    transformers' own sliding layers do); other layer kinds (chunked attention, ...) are refused."""
 
     def __init__(self, config, bits: int, dequant: str = "auto", tally: list | None = None, fmt: str = "int"):
         _check_quant_bits(bits)
         check_kv_supported(bits, fmt)
         text = config.get_text_config(decoder=True)
-        layer_types, _ = get_layer_types_and_kwargs(text)
-        other = set(layer_types) - {"full_attention"}
+        layer_types, layer_kwargs = get_layer_types_and_kwargs(text)
+        other = set(layer_types) - {"full_attention", "sliding_attention"}
         if other:
-            raise ValueError(f"QuantizedKVCache supports full-attention layers only; the model has {sorted(other)}")
+            raise ValueError(f"QuantizedKVCache supports full-attention and sliding-window layers; the model has "
+                             f"{sorted(other)}")
         self.bits, self.dequant, self.fmt = bits, dequant, fmt
 
-        def layer():
+        def layer(kind, kw):
+            if kind == "sliding_attention":
+                w = kw["sliding_window"]
+                if fmt == "int":
+                    return SlidingQuantizedKVLayer(w, bits, dequant, tally)
+                return SlidingFp8KVLayer(w, fmt, tally)
             return QuantizedKVLayer(bits, dequant, tally) if fmt == "int" else Fp8KVLayer(fmt, tally)
 
-        super().__init__(layers=[layer() for _ in range(text.num_hidden_layers)])
+        super().__init__(layers=[layer(k, kw) for k, kw in zip(layer_types, layer_kwargs)])
 
     @property
     def constant_heads(self) -> int:

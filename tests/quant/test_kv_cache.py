@@ -452,3 +452,31 @@ def test_a_runs_caches_count_constant_rows_into_the_record():
         c.update(torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16), 1)
         del c
     assert caches.summary() == {"bits": 8, "caches": 2, "constant_heads": 2}
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("bits,fmt", [(8, "int"), (4, "int"), (8, "fp8_e4m3")])
+def test_sliding_window_layers_keep_their_window_and_decode_as_they_prefill(bits, fmt):
+    """Gemma-3's local layers (window 4 here, every other layer): the quantized cache keeps only the last window - 1
+    tokens of those layers, and a token decoded step by step past the window gets the logits the one-pass prefill
+    gives it (both read the same quantized K/V: one dequantization path), close to the unquantized model's."""
+    from eval.forward import forward
+    from tests.quant.test_awq import _tiny_gemma3
+
+    model = _tiny_gemma3().float()
+    ids = torch.randint(0, 128, (2, 14), generator=torch.Generator().manual_seed(3))
+    full = forward(model, ids, QuantizedKVCache(model.config, bits=bits, fmt=fmt, dequant="prefill"))
+    cache = QuantizedKVCache(model.config, bits=bits, fmt=fmt, dequant="prefill")
+    assert [type(layer).__name__.startswith("Sliding") for layer in cache.layers] == [True, False] * 2
+    steps = [forward(model, ids[:, :6], cache).logits]
+    for t in range(6, 14):
+        steps.append(forward(model, ids[:, t : t + 1], cache).logits)
+    stepwise = torch.cat(steps, dim=1)
+    torch.testing.assert_close(stepwise, full.logits, rtol=1e-4, atol=1e-4)
+    window = model.config.sliding_window
+    assert cache.layers[0].get_seq_length() == 14 and cache.layers[1].get_seq_length() == 14
+    stored = cache.layers[0].k if fmt != "int" else cache.layers[0].k.codes
+    assert stored.shape[2] == window - 1  # the sliding layer evicted the rest
+    plain = model(ids).logits
+    err = (full.logits - plain).abs().max().item()
+    assert 0 < err < {8: 0.05, 4: 0.5}[bits] * plain.abs().max().item()  # quantized, yet the same model
