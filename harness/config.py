@@ -328,6 +328,11 @@ NON_IDENTITY_FIELDS = ("results_dir", "force", "progress", "offload")
 # config's `late_fields`
 LATE_FIELDS = {("data", "add_bos"): "auto", ("kv", "format"): "int"}
 
+
+def without_late_defaults(section: str, d: dict) -> dict:
+    """One config section (as a dict) without its LATE_FIELDS that hold their default: what a run's identity sees."""
+    return {k: v for k, v in d.items() if (section, k) not in LATE_FIELDS or v != LATE_FIELDS[(section, k)]}
+
 # The compatibility view of the methods that had records before per-method configs (issue 16): then one flat
 # QuantConfig carried every AWQ field for every method, and its whole dict entered the run_id. fp16, rtn and awq
 # therefore hash their own fields laid over these old defaults (harness.records.quant_identity), so every earlier

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from harness.assets import atomic_file, probe_write, remove_stale_tmp
-from harness.config import LATE_FIELDS, NON_IDENTITY_FIELDS, QuantConfig, RunConfig, quant_identity_dict, user_error
+from harness.config import (LATE_FIELDS, NON_IDENTITY_FIELDS, QuantConfig, RunConfig, quant_identity_dict, user_error,
+                            without_late_defaults)
 from harness.environment import git_sha, hardware, machine_name, package_versions
 from harness.log import logger
 from harness.text_files import is_file_source
@@ -39,9 +40,8 @@ def identity(cfg: RunConfig) -> dict:
     d = dataclasses.asdict(cfg)
     for k in NON_IDENTITY_FIELDS:
         d.pop(k, None)
-    for (section, k), default in LATE_FIELDS.items():
-        if d.get(section, {}).get(k, default) == default:
-            d[section].pop(k, None)
+    for section in {section for section, _ in LATE_FIELDS}:
+        d[section] = without_late_defaults(section, d[section])
     d["quant"] = quant_identity(cfg.quant)
     _file_sources_by_content(d)
     return d

@@ -41,11 +41,12 @@ class Placement:
         if not self.offload:
             yield block
             return
-        moved = _transfer(self.compute).onload(block)
+        transfer = _transfer(self.compute)
+        moved = transfer.onload(block)
         try:
             yield block
         finally:
-            _transfer(self.compute).offload(block, moved)
+            transfer.offload(block, moved)
 
     @contextmanager
     def capture(self, model: nn.Module, blocks: nn.ModuleList):

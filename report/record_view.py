@@ -304,11 +304,15 @@ class RowLabel:
     method: str  # "RTN", "AWQ", ...
     w_bit: int  # 16 for the reference
     detail: str  # group size and variant, e.g. "g64 (search+clip)"
-    kv: str  # "" or " + KV int8"
+    kv_bits: int  # 16: the model dtype
+    kv_format: str  # int, fp8_e4m3, fp8_e5m2
     backend: str  # "" or " [lmdeploy]"
     rank: tuple  # sort key within a method
-    kv_bits: int = 16
-    kv_format: str = "int"  # int, fp8_e4m3, fp8_e5m2
+
+    @property
+    def kv(self) -> str:
+        """"" or " + KV int8", " + KV fp8 e4m3" (harness.labels.kv_text)."""
+        return kv_text(self.kv_bits, self.kv_format)
 
     @property
     def text(self) -> str:
@@ -331,11 +335,11 @@ def row_label(rec: dict) -> RowLabel:
         method=method_name(q),
         w_bit=weight_bits(rec),
         detail=detail,
-        kv=kv_text(kb, dig(rec, "config", "kv", "format", default="int")),
+        kv_bits=kb,
+        kv_format=dig(rec, "config", "kv", "format", default="int") or "int",
         backend=backend_text(backend),
         rank=(METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER), m, -weight_bits(rec),
               q.get("group_size", 0) if m != "fp16" else 0, rank, backend != "hf", -kb),
-        kv_bits=kb, kv_format=dig(rec, "config", "kv", "format", default="int") or "int",
     )
 
 

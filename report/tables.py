@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from harness.confidence import diff_ci95_from_stderr, excludes_zero
-from harness.config import LATE_FIELDS
+from harness.config import without_late_defaults
 from report.record_view import (METRICS, TABLE_ORDER, RowLabel, dig, is_reference, is_synthetic, kv_bits, throughput_loaded,
                                      hardware_name, model_id, relevant_quant, row_label, weight_bits)
 
@@ -220,10 +220,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 def _distinct_fields(rec: dict) -> dict:
     """The config fields that make two rows of one table different runs (model and eval settings are columns and
     tables)."""
-    kv = dict(dig(rec, "config", "kv", default={}) or {})
-    for (section, k), default in LATE_FIELDS.items():  # a field added later, at its default: as the run_id sees it
-        if section == "kv" and kv.get(k, default) == default:
-            kv.pop(k, None)
+    kv = without_late_defaults("kv", dig(rec, "config", "kv", default={}) or {})  # as the run_id sees it
     return {"quant": relevant_quant(rec), "kv": kv, "backend": dig(rec, "config", "backend"),
             "seed": dig(rec, "config", "seed")}
 
