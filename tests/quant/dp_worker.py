@@ -68,7 +68,7 @@ def main(out: Path) -> None:
     from harness.config import CalibConfig, ModelConfig
     from quant.awq.config import AWQConfig
     from harness.data import calibration_samples, load_text, tokenize_cached
-    from harness.models import load_model, load_tokenizer, resolve_model
+    from harness.models import load_tokenizer, resolve_model
     from quant import METHODS, QuantContext
 
     if "WORLD_SIZE" in os.environ:
@@ -81,16 +81,12 @@ def main(out: Path) -> None:
     for case, kw in CASES.items():
         stats: dict = {}
         restore = _record_block_0(stats)
-        model = load_model(resolved, mc)
-        model.model.layers = model.model.layers[:N_BLOCKS]
-        model.config.num_hidden_layers = N_BLOCKS
+        model = _first_blocks(resolved, mc)
         cfg = AWQConfig(w_bit=4, group_size=64, calib=CalibConfig(n_samples=4, seqlen=32), **kw)
         outcome = METHODS.get("awq")(model, cfg, QuantContext(calibration=lambda: samples, progress=False))
         if rank == 0:
             tensors = {f"params.{k}": v.clone() for k, v in model.state_dict().items() if k != "lm_head.weight"}
-            for n, q in outcome.qtensors.items():
-                tensors[f"codes.{n}"], tensors[f"scales.{n}"], tensors[f"zeros.{n}"] = q.q, q.scales, q.zeros
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / f"{case}.safetensors"))
+            _save_codes(outcome, tensors, out / f"{case}.safetensors")
             save_file(stats, str(out / f"{case}.stats.safetensors"))
             (out / f"{case}.json").write_text(json.dumps({"alpha_mean": outcome.summary["alpha_mean"]}))
         restore()
@@ -99,12 +95,28 @@ def main(out: Path) -> None:
         dist.destroy_process_group()
 
 
+def _first_blocks(resolved, mc):
+    """The embedded model cut to its first N_BLOCKS decoder blocks."""
+    from harness.models import load_model
+
+    model = load_model(resolved, mc)
+    model.model.layers = model.model.layers[:N_BLOCKS]
+    model.config.num_hidden_layers = N_BLOCKS
+    return model
+
+
+def _save_codes(outcome, tensors: dict, path: Path) -> None:
+    """`tensors` and every QTensor's codes, scales and zeros of `outcome`, in one safetensors file."""
+    for n, q in outcome.qtensors.items():
+        tensors[f"codes.{n}"], tensors[f"scales.{n}"], tensors[f"zeros.{n}"] = q.q, q.scales, q.zeros
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+
+
 def _gptq(resolved, mc, samples, rank: int, out: Path) -> None:
     """GPTQ on the same blocks: <out>/gptq.safetensors (codes, scales, zeros) and gptq.stats.safetensors (block 0's
     first two reduced Hessians: the q/k/v input's and o_proj's)."""
     import quant.gptq.method as gm
     from harness.config import CalibConfig
-    from harness.models import load_model
     from quant import METHODS, QuantContext
     from quant.gptq.config import GPTQConfig
 
@@ -119,18 +131,13 @@ def _gptq(resolved, mc, samples, rank: int, out: Path) -> None:
 
     gm.HessianObserver.result = keep
     try:
-        model = load_model(resolved, mc)
-        model.model.layers = model.model.layers[:N_BLOCKS]
-        model.config.num_hidden_layers = N_BLOCKS
+        model = _first_blocks(resolved, mc)
         cfg = GPTQConfig(w_bit=4, group_size=64, calib=CalibConfig(n_samples=4, seqlen=32))
         outcome = METHODS.get("gptq")(model, cfg, QuantContext(calibration=lambda: samples, progress=False))
     finally:
         gm.HessianObserver.result = result
     if rank == 0:
-        tensors = {}
-        for n, q in outcome.qtensors.items():
-            tensors[f"codes.{n}"], tensors[f"scales.{n}"], tensors[f"zeros.{n}"] = q.q, q.scales, q.zeros
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "gptq.safetensors"))
+        _save_codes(outcome, {}, out / "gptq.safetensors")
         save_file(hs, str(out / "gptq.stats.safetensors"))
         (out / "gptq.json").write_text(json.dumps(outcome.summary["gptq_loss"]))
 
