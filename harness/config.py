@@ -476,6 +476,38 @@ def _structured_run_config(cfg: Any):
     return OmegaConf.structured(RunConfig(quant=quant_schema_for(method)()))
 
 
+# `${name:...}`: an OmegaConf resolver call (oc.env reads an environment variable, oc.decode parses a string that may
+# carry one, and any other resolver may read anything); a plain node reference `${quant.w_bit}` has no colon
+RESOLVER_CALL = re.compile(r"\$\{\s*([A-Za-z_][\w.\-]*)\s*:")
+
+
+def _resolver_calls(node: Any, prefix: str = "") -> list[tuple[str, str]]:
+    """(dotted key, raw value) of every string in a plain container (not yet resolved) that calls a resolver."""
+    if isinstance(node, dict):
+        return [hit for k, v in node.items() for hit in _resolver_calls(v, f"{prefix}{k}.")]
+    if isinstance(node, (list, tuple)):
+        return [hit for i, v in enumerate(node) for hit in _resolver_calls(v, f"{prefix[:-1]}[{i}].")]
+    return [(prefix[:-1], node)] if isinstance(node, str) and RESOLVER_CALL.search(node) else []
+
+
+def refuse_resolvers(cfg: Any) -> None:
+    """A run's config never calls a resolver: `model.name=${oc.env:AWS_SECRET}` would print the variable's value in
+    log lines and errors and record it in results/runs/ (and a record's config, read back by the report, would read
+    this machine's environment). Checked on the unresolved config, before any value is read."""
+    from omegaconf import DictConfig, OmegaConf
+
+    raw = OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, DictConfig) else cfg
+    hits = _resolver_calls(raw)
+    if hits:
+        key, value = hits[0]
+        name = RESOLVER_CALL.search(value).group(1)
+        raise user_error(key, value, f"an interpolation through the {name} resolver"
+                         + (" (it reads the environment)" if name == "oc.env" else "")
+                         + " is refused in a run's config: its value would be printed and recorded",
+                         "write the value itself; a secret stays in the environment variable the harness reads "
+                         "(e.g. QH_API_KEYS), never in an override")
+
+
 def to_run_config(cfg: Any) -> RunConfig:
     """OmegaConf node (Hydra's, or a plain dict such as a record's config) -> validated RunConfig dataclass."""
     from omegaconf import DictConfig, OmegaConf
@@ -483,6 +515,7 @@ def to_run_config(cfg: Any) -> RunConfig:
     if isinstance(cfg, RunConfig):
         obj = cfg
     else:
+        refuse_resolvers(cfg)  # before anything below resolves a value (an unknown key's error prints it)
         if not (isinstance(cfg, DictConfig) and OmegaConf.get_type(cfg) is RunConfig):  # plain dict: a record's
             cfg = OmegaConf.create(OmegaConf.to_container(cfg) if isinstance(cfg, DictConfig) else cfg)
             if "quant" in cfg:

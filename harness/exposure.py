@@ -35,6 +35,12 @@ def web_credentials(host: str, field: str = "web.host", environ: Optional[Mappin
     non-loopback host without them."""
     env = os.environ if environ is None else environ
     user, password = env.get(WEB_USER_ENV, ""), env.get(WEB_PASSWORD_ENV, "")
+    for name, value in ((WEB_USER_ENV, user), (WEB_PASSWORD_ENV, password)):
+        if value and not value.strip():  # set, but blank: the page would sit behind a login no one can pass
+            raise user_error(name, f"({len(value)} whitespace character{'s' if len(value) > 1 else ''})",
+                             "a login needs a user and a password that are not blank",
+                             f"set {name} to a real value, or unset {WEB_USER_ENV} and {WEB_PASSWORD_ENV} and bind "
+                             f"{field}=127.0.0.1")
     if user and password:
         return user, password
     if is_loopback(host):

@@ -186,3 +186,18 @@ def test_clients_send_the_key_as_bearer(monkeypatch):
         assert serve.wait_healthy(url, timeout_s=5)[0] == ["m1"]
     assert snaps[-1].text == "hi"
     assert [a for _, a in _Auth.seen] == [f"Bearer {KEY}"] * 4  # models, models (model id), completions, health
+
+
+@pytest.mark.parametrize("user,password", [("   ", "pw"), ("ana", " \t"), (" ", " ")])
+def test_blank_credentials_are_refused_without_printing_them(user, password):
+    """Whitespace-only QH_WEB_USER / QH_WEB_PASSWORD (issue 27, finding 9): refused on any host, naming the variable,
+    never accepted as a login no one can pass."""
+    env = {exposure.WEB_USER_ENV: user, exposure.WEB_PASSWORD_ENV: password}
+    for host in ("0.0.0.0", "127.0.0.1"):
+        with pytest.raises(ConfigError) as e:
+            exposure.web_credentials(host, environ=env)
+        bad = exposure.WEB_USER_ENV if not user.strip() else exposure.WEB_PASSWORD_ENV
+        msg = str(e.value)
+        assert msg.startswith(f"{bad}: (") and "whitespace" in msg and "not blank" in msg and "\n" not in msg
+    assert exposure.web_credentials("0.0.0.0", environ={exposure.WEB_USER_ENV: " ana ",
+                                                        exposure.WEB_PASSWORD_ENV: " pw"}) == (" ana ", " pw")
