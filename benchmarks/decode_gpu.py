@@ -1,0 +1,253 @@
+"""What W4A16 gains in a whole decode step on a GPU: the Llama-2-7B shape (random fp16 weights, generated on the GPU
+from a seed) decoded greedily through the harness's static-KV-cache loop with one CUDA graph per step
+(eval/static_decode.py), for FP16 (cuBLAS), W4A16 through each real kernel (quant/kernels/w4a16.py) at g128 and g64,
+and SmoothQuant-style W8A8 (fp8 e4m3, torch._scaled_mm), at several batch sizes, each beside its roofline.
+
+Per variant and batch: decode tok/s and ms per step (median of `--repeats` timed runs after a warm-up), the bandwidth
+roofline (HBM bandwidth / bytes a step reads: every decoder weight as stored + the fp16 LM head + batch x mean context
+x KV bytes per token; backends/roofline.py) and the fraction reached, prefill tok/s over `--prefill-len` tokens (at
+batch 1 and at `--prefill-batch`), and peak GPU memory. W4A16 codes are RTN's of the random weights: a kernel's speed
+does not depend on which method chose the codes (the quality through the same kernels: benchmarks/w4a16_quality.py).
+
+    python -m benchmarks.decode_gpu --out results/gpu/decode_gpu
+    python -m benchmarks.decode_gpu --variants fp16 w4a16_g128_gemlite --batches 1 32
+    python -m benchmarks.decode_gpu --report results/gpu/decode_gpu
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+NAME = "decode_gpu"
+# variant -> (weights, group size, kernel)
+VARIANTS = {
+    "fp16": ("fp16", None, None),
+    "w4a16_g128_gemlite": ("w4a16", 128, "gemlite"),
+    "w4a16_g128_tinygemm": ("w4a16", 128, "tinygemm"),
+    "w4a16_g64_gemlite": ("w4a16", 64, "gemlite"),
+    "w4a16_g128_dequant": ("w4a16", 128, "dequant"),
+    "w8a8_fp8": ("w8a8", None, "fp8_e4m3"),
+}
+DEFAULT_VARIANTS = ["fp16", "w4a16_g128_gemlite", "w4a16_g128_tinygemm", "w4a16_g64_gemlite", "w8a8_fp8"]
+BATCHES = (1, 4, 8, 32)
+
+
+def build_model(arch_name: str, seed: int, device, layers: int | None = None):
+    """The architecture's fp16 model with random weights N(0, 0.02) (norms 1), generated on `device` from `seed`."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from harness.synthetic import load_arch
+
+    arch = load_arch(arch_name)
+    hf = dict(arch.hf_config)
+    if layers:
+        hf["num_hidden_layers"] = layers
+    config = AutoConfig.for_model(**hf)
+    torch.manual_seed(seed)  # transformers' own initialisation (N(0, initializer_range), norms 1), on the device
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float16)
+    return model.eval()
+
+
+def decoder_linears(model) -> dict:
+    from torch import nn
+
+    out_emb = model.get_output_embeddings()
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not out_emb}
+
+
+def convert(model, weights: str, group_size, kernel) -> dict:
+    """Swap every decoder Linear for the variant's module, layer by layer (the fp16 weight is freed as it goes)."""
+    import torch
+
+    from quant.kernels.w8a8_linear import W8A8Linear
+    from quant.kernels.w4a16 import KERNELS, resolve
+    from quant.primitives import quantize_tensor
+
+    if weights == "fp16":
+        return {"kernel": "cuBLAS fp16 (F.linear)"}
+    modules = dict(model.named_modules())
+    info = None
+    for name, lin in decoder_linears(model).items():
+        parent, _, child = name.rpartition(".")
+        if weights == "w8a8":
+            new = W8A8Linear(lin.weight, lin.bias, kernel)
+            info = {"kernel": f"W8A8 {kernel} (torch._scaled_mm / _int_mm, per-channel weights, per-token activations)"}
+        else:
+            qt = quantize_tensor(lin.weight.float(), 4, group_size)
+            if info is None:
+                k, _ = resolve(kernel, lin.weight.device.type, torch.float16, {name: qt})
+                info = {"kernel": k.description, "exact": k.exact}
+            new = KERNELS.get(kernel).build(qt, lin.bias, torch.float16, lin.weight.device, name)
+            del qt
+        setattr(modules[parent], child, new)
+        del lin
+    torch.cuda.empty_cache()
+    return info
+
+
+def step_bytes(model) -> int:
+    """What one decode step reads of the weights: every decoder module's parameters and buffers as stored, plus the
+    LM head (an embedding row per sequence is left out)."""
+    from quant.kernels.w4a16 import packed_bytes
+
+    total = packed_bytes(model)["total_bytes"]
+    emb = model.get_input_embeddings().weight
+    tied = model.get_output_embeddings().weight is emb
+    return total - (0 if tied else emb.numel() * emb.element_size())
+
+
+def time_prefill(model, batch: int, length: int, vocab: int, repeats: int = 3) -> dict:
+    import torch
+
+    ids = torch.randint(0, vocab, (batch, length), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    times = []
+    with torch.no_grad():
+        for i in range(repeats + 1):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            model(input_ids=ids, use_cache=False, logits_to_keep=1)
+            torch.cuda.synchronize()
+            if i:
+                times.append(time.perf_counter() - t)
+    s = statistics.median(times)
+    return {"batch": batch, "tokens": length, "prefill_s": s, "prefill_tok_s": batch * length / s}
+
+
+def run_variant(variant: str, args, env: dict) -> dict:
+    import torch
+
+    from backends import roofline as rl
+    from eval.static_decode import time_decode
+
+    weights, group_size, kernel = VARIANTS[variant]
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    model = build_model(args.arch, args.seed, torch.device("cuda"), args.layers)
+    info = convert(model, weights, group_size, kernel)
+    build_s = time.perf_counter() - t
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    mb = rl.ModelBytes(weight_read_bytes=step_bytes(model),
+                       kv_bytes_per_token=rl.kv_bytes_per_token(cfg.num_hidden_layers, cfg.num_key_value_heads,
+                                                                head_dim, 16),
+                       matmul_params=sum(m.in_features * m.out_features for m in decoder_linears(model).values()))
+    bw = env["roofline_bw_bytes_s"]
+    context = rl.mean_decode_context(args.prompt_len, args.gen_len)
+    rows = []
+    for b in args.batches:
+        prompt = torch.randint(0, cfg.vocab_size, (b, args.prompt_len), device="cuda",
+                               generator=torch.Generator("cuda").manual_seed(b))
+        torch.cuda.reset_peak_memory_stats()
+        m = time_decode(model, prompt, args.gen_len, warmup=1, repeats=args.repeats)
+        roof = rl.decode_roofline_tok_s(mb, b, context, bw)
+        rows.append({"batch": b, "decode_tok_s": m["decode_tok_s"], "decode_ms_per_step": m["decode_ms_per_step"],
+                     "roofline_tok_s": roof, "roofline_fraction": m["decode_tok_s"] / roof,
+                     "step_floor_ms": 1000 * rl.step_time_floor_s(mb, b, context, bw),
+                     "peak_gpu_bytes": m.get("peak_memory_bytes"), "ids_head": m["ids"][0, :8].tolist()})
+        print(f"{variant:22s} batch {b:3d}: {m['decode_tok_s']:9.1f} tok/s, {m['decode_ms_per_step']:.3f} ms/step "
+              f"({100 * rows[-1]['roofline_fraction']:.0f}% of {roof:,.0f})", flush=True)
+    prefill = [time_prefill(model, pb, args.prefill_len, cfg.vocab_size) for pb in dict.fromkeys((1, args.prefill_batch))]
+    for p in prefill:
+        p["floor_s"] = rl.prefill_floor_s(mb, p["batch"] * p["tokens"], env.get("peak_fp16_flops") or float("inf"), bw)
+    out = {"variant": variant, "weights": weights, "group_size": group_size, **info, "build_s": build_s,
+           "weight_read_bytes": mb.weight_read_bytes, "kv_bytes_per_token": mb.kv_bytes_per_token,
+           "batches": rows, "prefill": prefill}
+    del model
+    torch.cuda.empty_cache()
+    return out
+
+
+def table(res: dict) -> str:
+    vs = res["variants"]
+    fp16 = next((v for v in vs if v["variant"] == "fp16"), None)
+    base = {r["batch"]: r["decode_tok_s"] for r in fp16["batches"]} if fp16 else {}
+    batches = sorted({r["batch"] for v in vs for r in v["batches"]})
+    lines = [f"Decode, {res['arch']} shape (random fp16 weights; {res['gpu']}; prompt {res['prompt_len']}, "
+             f"{res['gen_len']} new tokens, static KV cache + one CUDA graph per step): tok/s "
+             f"(share of the bandwidth roofline; × the harness's FP16 in the same run)", "",
+             "| variant | kernel | weights read/step GB | " + " | ".join(f"batch {b}" for b in batches) +
+             f" | prefill {res['prefill_len']} tok/s (b=1 / b={res['prefill_batch']}) |",
+             "|---|---|---|" + "---|" * len(batches) + "---|"]
+    for v in vs:
+        cells = []
+        for b in batches:
+            r = next((r for r in v["batches"] if r["batch"] == b), None)
+            if r is None:
+                cells.append("–")
+                continue
+            ratio = f", {r['decode_tok_s'] / base[b]:.2f}×" if b in base and v is not fp16 else ""
+            cells.append(f"{r['decode_tok_s']:,.0f} ({100 * r['roofline_fraction']:.0f}%{ratio})")
+        pre = " / ".join(f"{p['prefill_tok_s']:,.0f}" for p in v["prefill"])
+        lines.append(f"| {v['variant']} | {v['kernel']} | {v['weight_read_bytes'] / 1e9:.2f} | " + " | ".join(cells) +
+                     f" | {pre} |")
+    for k, why in res.get("failed", {}).items():
+        lines.append(f"\n- {k} failed: {why}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=Path("results/gpu") / NAME)
+    ap.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
+    ap.add_argument("--batches", nargs="+", type=int, default=list(BATCHES))
+    ap.add_argument("--arch", default="llama2-7b")
+    ap.add_argument("--layers", type=int, default=None, help="fewer decoder layers (a quick look)")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--gen-len", type=int, default=128)
+    ap.add_argument("--prefill-len", type=int, default=512)
+    ap.add_argument("--prefill-batch", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--report", type=Path)
+    args = ap.parse_args(argv)
+    if args.report:
+        print(table(json.loads((args.report / f"{NAME}.json").read_text())))
+        return 0
+    import torch
+
+    if not torch.cuda.is_available():
+        print("error: benchmarks.decode_gpu: no CUDA device — this benchmark decodes on a GPU; run it on one",
+              file=sys.stderr)
+        return 2
+    from backends import roofline as rl
+    from benchmarks.common import write_result
+    from harness.environment import environment
+
+    env = environment()
+    gpu = torch.cuda.get_device_name()
+    env["roofline_bw_bytes_s"] = rl.lookup(rl.HBM_BANDWIDTH_BYTES_S, gpu)
+    env["peak_fp16_flops"] = rl.lookup(rl.PEAK_FP16_FLOPS, gpu)
+    try:
+        from quant.kernels.gemlite_linear import load_autotune
+
+        env["gemlite_autotune_loaded"] = str(load_autotune() or "")
+    except Exception as e:
+        env["gemlite_autotune_loaded"] = f"not loaded: {e}"
+    res = {"benchmark": NAME, "arch": args.arch, "layers": args.layers, "gpu": gpu, "prompt_len": args.prompt_len,
+           "gen_len": args.gen_len, "prefill_len": args.prefill_len, "prefill_batch": args.prefill_batch,
+           "repeats": args.repeats, "variants": [], "failed": {}, "environment": env,
+           "command": "python -m benchmarks.decode_gpu " + " ".join(argv if argv is not None else sys.argv[1:])}
+    for v in args.variants:
+        try:
+            res["variants"].append(run_variant(v, args, env))
+        except Exception as e:  # one variant's failure is a row of the result, not the end of the run
+            import traceback
+
+            traceback.print_exc()
+            res["failed"][v] = f"{type(e).__name__}: {str(e)[:300]}"
+        write_result(args.out / f"{NAME}.json", res)  # after every variant: a run that dies keeps what it finished
+    md = table(res)
+    (args.out / f"{NAME}.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
