@@ -21,6 +21,7 @@ from harness.config import ConfigError, RunConfig, user_error
 from harness.data import (TEXT_SOURCES, DataUnavailableError, bos_token_id, calibration_identity, calibration_ids,
                           calibration_provider, eval_windows, load_text, text_sha256, tokenize_cached)
 from harness.labels import config_label
+from harness.limits import check_positions
 from harness.environment import changed_parts, code_version, machine_name
 from harness.hub import require_hub
 from harness.log import logger
@@ -73,6 +74,7 @@ def prepare(cfg: RunConfig) -> Prepared:
     resolved = resolve_model(cfg.model)
     cache_writable = check_cache_dir(cache_need_bytes(cfg, resolved), log)  # a warning at most: the cache is optional
     model_config = load_config(resolved, cfg.model)  # a .gguf file: its metadata (harness.models)
+    check_positions(cfg, model_config)  # every sequence length against the model's positions
     check_group_sizes(cfg.quant, model_config.to_dict())
     tok = load_tokenizer(resolved, cfg.model)
     try:

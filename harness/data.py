@@ -13,7 +13,7 @@ from harness.assets import cache_dir, corpus_root, load_cached_tensors, save_cac
 from harness.config import ConfigError
 from harness.corpus import EMBEDDED_SPLITS
 from harness.registry import Registry
-from harness.text_files import FILE_PREFIX, is_file_source, read_text_file
+from harness.text_files import FILE_PREFIX, check_is_text, is_file_source, read_text_file
 
 
 class DataUnavailableError(RuntimeError):
@@ -107,7 +107,13 @@ TEXT_SOURCES.add_prefix(FILE_PREFIX, _file_source)
 
 
 def load_text(name: str) -> str:
-    return TEXT_SOURCES.get(name).load()
+    """The text of a source; a hub dataset that is not text (check_is_text) fails in one line (files are checked as
+    they are read; the embedded splits are pinned by sha256)."""
+    source = TEXT_SOURCES.get(name)
+    text = source.load()
+    if not source.embedded:
+        check_is_text(text, name)
+    return text
 
 
 def source_identity(name: str) -> str:

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from harness.architectures import ARCHITECTURES, Architecture, architecture_for, get_blocks
-from harness.config import ConfigError, WeightQuantConfig
+from harness.config import ConfigError, WeightQuantConfig, user_error
 from quant.primitives import QTensor, check_group_size, quantize_tensor
 
 
@@ -89,8 +89,18 @@ def _check_overrides_match(cfg: WeightQuantConfig, names: list[str]) -> None:
                               f"or re:<regex> over such names")
 
 
+def _check_something_quantized(cfg: WeightQuantConfig, specs: dict[str, LayerSpec]) -> None:
+    """Overrides that skip every Linear leave the FP16 model, which a record would label as the method."""
+    if specs and all(s.skip for s in specs.values()):
+        patterns = ", ".join(o.pattern for o in cfg.layer_overrides if o.skip)
+        raise user_error("quant.layer_overrides", f"skip {patterns}", f"every Linear is skipped ({len(specs)} of "
+                         f"{len(specs)}): nothing would be quantized, yet the row would be labelled {cfg.method}",
+                         "use quant=fp16 for the unquantized model, or narrow the skip patterns")
+
+
 def plan_layers(model, cfg: WeightQuantConfig) -> LayerPlan:
-    """A LayerSpec per quantized Linear; raises before any long work on a bad group size or an unmatched override."""
+    """A LayerSpec per quantized Linear; raises before any long work on a bad group size, an unmatched override, or
+    overrides that skip every Linear."""
     linears = quantizable_linears(model)
     _check_overrides_match(cfg, list(linears))
     plan = LayerPlan({})
@@ -98,6 +108,7 @@ def plan_layers(model, cfg: WeightQuantConfig) -> LayerPlan:
         spec = plan.specs[name] = layer_spec(name, lin.in_features, cfg)
         if spec.fell_back:
             plan.fallbacks.append(name)
+    _check_something_quantized(cfg, plan.specs)
     return plan
 
 
@@ -108,8 +119,8 @@ def plan_group_sizes(model, cfg: WeightQuantConfig) -> tuple[dict[str, int], lis
 
 
 def check_group_sizes(cfg: WeightQuantConfig, hf_config: dict) -> None:
-    """plan_layers from the model's config.json alone, so a group size that does not divide a layer fails before
-    the model loads (the layer map gives each Linear's in_features; an unknown architecture is left to the method)."""
+    """plan_layers from the model's config.json alone, so a group size that does not divide a layer, or overrides that
+    skip every Linear, fail before the model loads (the layer map gives each Linear's in_features; an unknown architecture is left to the method)."""
     if not isinstance(cfg, WeightQuantConfig) or hf_config.get("model_type") not in ARCHITECTURES:
         return
     try:
@@ -118,8 +129,7 @@ def check_group_sizes(cfg: WeightQuantConfig, hf_config: dict) -> None:
         return
     linears = [t for t in tensors if t.kind == "linear"]
     _check_overrides_match(cfg, [t.name for t in linears])
-    for t in linears:
-        layer_spec(t.name, t.shape[1], cfg)
+    _check_something_quantized(cfg, {t.name: layer_spec(t.name, t.shape[1], cfg) for t in linears})
 
 
 @torch.no_grad()

@@ -241,13 +241,17 @@ def test_calibration_that_cannot_fit_in_memory_is_refused(smollm2_resolved, monk
     assert str(e.value).endswith("use at most quant.calib.n_samples=900")
 
 
-def test_calibration_checks_run_before_the_model_loads(tmp_path, monkeypatch, calib_ids):
+def test_calibration_checks_run_before_the_model_loads(tmp_path, monkeypatch):
     from eval import memory
     from experiments import pipeline
 
     monkeypatch.setattr(pipeline, "load_model", _boom)
-    with pytest.raises(ConfigError, match=rf"^quant.calib.seqlen: 100000000 — the calibration text has {calib_ids.numel()} tokens"):
+    with pytest.raises(ConfigError, match=r"^quant.calib.seqlen: 100000000 — smollm2-135m-instruct has 8192 positions"):
         pipeline.run(cfg_of(SMALL + ["quant=awq_w4", "quant.calib.seqlen=100000000", f"results_dir={tmp_path}"]))
+    short = tmp_path / "short.txt"  # within the positions, longer than the calibration text
+    short.write_text("A short calibration text, far fewer than 512 tokens long. " * 5)
+    with pytest.raises(ConfigError, match=r"^quant.calib.seqlen: 512 — the calibration text has \d+ tokens"):
+        pipeline.run(cfg_of(SMALL + ["quant=awq_w4", f"quant.calib.dataset=file:{short}", f"results_dir={tmp_path}"]))
     monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": 1 << 30)
     with pytest.raises(ConfigError, match=r"^quant.calib.n_samples: 6000 — "):
         pipeline.run(cfg_of(SMALL + ["quant=awq_w4", "quant.calib.n_samples=6000", f"results_dir={tmp_path}"]))
@@ -277,3 +281,64 @@ def test_weights_that_quantization_makes_nonfinite_are_named_and_never_cached(tm
                                           r"model\.layers\.1\.mlp\.up_proj\.weight"):
         quantized_cache.quantize_cached(model, cfg, "sha", "float32", QuantContext(calibration=lambda: None), {})
     assert not quantized_cache.is_cached(quantized_cache.quant_key("sha", cfg, "float32"))
+
+
+# ----------------------------------------------------------------------------------------------- the model's limits
+
+
+@pytest.mark.parametrize("overrides,field,value", [
+    (["eval.perplexity.seqlen=20000"], "eval.perplexity.seqlen", "20000"),
+    (["quant=awq_w4", "quant.calib.seqlen=9000"], "quant.calib.seqlen", "9000"),
+    (["eval.word_perplexity.enabled=true", "eval.word_perplexity.max_length=8193"], "eval.word_perplexity.max_length",
+     "8193"),
+    (["eval.throughput.enabled=true", "eval.throughput.prompt_len=8000", "eval.throughput.gen_len=500"],
+     "eval.throughput.prompt_len", r"8000 \(\+ gen_len 500\)"),
+])
+def test_a_sequence_past_the_models_positions_fails_before_the_model_loads(tmp_path, monkeypatch, overrides, field,
+                                                                           value):
+    """Issue 27, finding 6: SmolLM2 has 8,192 positions (its config.json, read before any weight); a longer window
+    would score the model outside its trained context and record that PPL as the model's."""
+    from experiments import pipeline
+
+    monkeypatch.setattr(pipeline, "load_model", _boom)
+    monkeypatch.setattr(pipeline, "load_tokenizer", _boom)
+    with pytest.raises(ConfigError, match=rf"^{field}: {value} — smollm2-135m-instruct has 8192 positions "
+                                          r"\(max_position_embeddings\), .* — .*8192"):
+        pipeline.run(cfg_of(SMALL + overrides + [f"results_dir={tmp_path}"]))
+
+
+def test_a_sequence_at_the_models_positions_passes(smollm2_resolved):
+    from harness.limits import check_positions, max_positions
+    from harness.models import load_config
+
+    cfg = cfg_of(SMALL + ["quant=awq_w4", "quant.calib.seqlen=8192", "eval.perplexity.seqlen=8192"])
+    hf = load_config(smollm2_resolved, cfg.model)
+    assert max_positions(hf) == 8192
+    check_positions(cfg, hf)
+
+
+def test_overrides_that_skip_every_linear_fail_before_the_model_loads(tmp_path, monkeypatch, smollm2_resolved):
+    """Issue 27, finding 6: skipping every Linear ran and was labelled "RTN w4 g64 +overrides" on FP16 numbers."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from experiments import pipeline
+    from harness.config import LayerOverride
+    from quant.rtn import RTNConfig
+    from quant.surgery import check_group_sizes, plan_layers
+
+    everything = RTNConfig(layer_overrides=[LayerOverride("*.self_attn.*", skip=True), LayerOverride("*", skip=True)])
+    hf = AutoConfig.from_pretrained(smollm2_resolved.directory)
+    with pytest.raises(ConfigError) as e:
+        check_group_sizes(everything, hf.to_dict())
+    assert str(e.value).startswith("quant.layer_overrides: skip *.self_attn.*, * — every Linear is skipped (210 of 210)")
+    assert str(e.value).endswith("use quant=fp16 for the unquantized model, or narrow the skip patterns")
+    tiny = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "llama", vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2))
+    with pytest.raises(ConfigError, match=r"every Linear is skipped \(14 of 14\)"):  # on a loaded model too
+        plan_layers(tiny, everything)
+    assert len(plan_layers(tiny, RTNConfig(layer_overrides=[LayerOverride("*.self_attn.*", skip=True)])).quantized()) == 6
+    monkeypatch.setattr(pipeline, "load_model", _boom)
+    with pytest.raises(ConfigError, match=r"^quant.layer_overrides: skip \* — every Linear is skipped"):
+        pipeline.run(cfg_of(SMALL + ["quant=rtn_w4", "quant.layer_overrides=[{pattern:'*',skip:true}]",
+                                     f"results_dir={tmp_path}"]))

@@ -97,3 +97,39 @@ def test_quantized_weight_cache_keys_a_calibration_file_by_content(tmp_path):
     # embedded sources keep their keys (no file: nothing is read)
     plain = _cfg("milton", "quant=rtn_w4").quant
     assert quant_key("m", plain, "bfloat16") == quant_key("m", plain, "bfloat16")
+
+
+# ----------------------------------------------------------------------------------------- text that is not text
+
+
+@pytest.mark.parametrize("name,blob", [("nul.txt", b"\0" * 4096), ("mostly_nul.txt", b"a b c " + b"\0" * 600),
+                                       ("escapes.jsonl", json.dumps({"text": "\x1b\x07" * 50 + "ok"}).encode()),
+                                       ("punctuation.txt", b"... --- !!! ???\n" * 20)])
+def test_a_file_that_is_not_text_is_refused_when_read(tmp_path, name, blob):
+    """Issue 27, finding 6: a file of NUL bytes is valid UTF-8, and was scored (PPL 1.4e9) as if it were a text."""
+    f = tmp_path / name
+    f.write_bytes(blob)
+    with pytest.raises(ConfigError) as e:
+        load_text(f"file:{f}")
+    msg = str(e.value)
+    assert msg.startswith(f"text source: file:{f} — not text: ") and "\n" not in msg and "UTF-8 text" in msg
+
+
+def test_a_few_control_characters_in_a_real_text_pass(tmp_path):
+    f = tmp_path / "ff.txt"
+    f.write_text(TEXT.replace("Line 7:", "\x0cLine 7:\x1b"))  # a form feed (layout) and one stray escape
+    assert load_text(f"file:{f}").count("\x1b") == 1
+
+
+def test_a_nul_split_fails_before_the_tokenizer_or_the_model_loads(tmp_path, monkeypatch):
+    from experiments import pipeline
+
+    def boom(*a, **k):
+        raise AssertionError("loaded before the text was checked")
+
+    monkeypatch.setattr(pipeline, "load_model", boom)
+    monkeypatch.setattr(pipeline, "load_tokenizer", boom)
+    f = tmp_path / "nul.txt"
+    f.write_bytes(b"\0" * 4096)
+    with pytest.raises(ConfigError, match=r"not text: 4096 of 4096 characters are control characters \(first: 0x00"):
+        pipeline.run(_cfg(f"file:{f}", f"results_dir={tmp_path / 'results'}"))
