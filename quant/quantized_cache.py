@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from harness.assets import atomic_file, cache_dir
+from harness.integrity import load_tensors, save_tensors
 from harness.config import QuantConfig
 from harness.data import source_identity
 from harness.log import logger
@@ -93,9 +93,8 @@ def save(key: str, model, outcome: QuantOutcome) -> Path:
         "timings_s": outcome.timings_s,
     }
     # each file atomically (a run killed while saving leaves no half file); the sidecar last, so a reader that
-    # finds it finds the tensors it describes
-    with atomic_file(tensors_path) as tmp:
-        save_file(tensors, str(tmp), metadata={"key": key})
+    # finds it finds the tensors it describes, and the sha256 of their bytes, checked on every load (harness.integrity)
+    meta["tensors_sha256"] = save_tensors(tensors, tensors_path, metadata={"key": key})
     with atomic_file(sidecar) as tmp:
         tmp.write_text(json.dumps(meta, indent=1, default=str))
     return tensors_path
@@ -106,7 +105,7 @@ def _read(key: str) -> tuple[dict, dict]:
     meta = json.loads(sidecar.read_text())
     if meta.get("version") != CACHE_VERSION or meta.get("key") != key:
         raise ValueError(f"version {meta.get('version')} / key {meta.get('key')} is not {CACHE_VERSION} / {key}")
-    return meta, load_file(str(tensors_path))
+    return meta, load_tensors(tensors_path, meta.get("tensors_sha256"))
 
 
 def _qtensors(meta: dict, tensors: dict) -> dict[str, QTensor]:
@@ -128,8 +127,9 @@ def _check_fits(model, state: dict) -> None:
 
 def load_into(key: str, model) -> QuantOutcome | None:
     """Restore a cached quantization into `model` (same architecture); None on a miss. A file that does not parse
-    (truncated, foreign, an old pickle) or does not fit the model is named in a warning and counts as a miss, the
-    model untouched: the cache is optional."""
+    (truncated, foreign, an old pickle), whose bytes are not the ones its sidecar's sha256 recorded (a flipped bit, an
+    edit) or that does not fit the model is named in a warning and counts as a miss, the model untouched: the cache is
+    optional, and the entry is written again once quantized."""
     tensors_path, sidecar = _paths(key)
     if not (tensors_path.exists() and sidecar.exists()):
         return None

@@ -1,8 +1,10 @@
 """Resume inside a long quantization (#15): after each finished decoder block, the block's state (every parameter
 and buffer, e.g. norms that absorbed AWQ scales) and its integer codes go to block_<i>.safetensors with a JSON
-sidecar written last, each through a temp file and a rename; no pickle. A killed run finds the leading blocks
-finished, loads them and goes on from the next one. The directory is named by the quantized cache's key (model,
-method config, calibration identity, code version) and deleted once the whole result is in that cache."""
+sidecar written last, each through a temp file and a rename; no pickle. The sidecar records the sha256 of the tensor
+file's bytes (harness.integrity), and a block is reused only when its bytes still have it: a damaged or edited block is
+named in one line and computed again from there (issue 27). A killed run finds the leading blocks finished, loads
+them and goes on from the next one. The directory is named by the quantized cache's key (model, method config,
+calibration identity, code version) and deleted once the whole result is in that cache."""
 from __future__ import annotations
 
 import json
@@ -12,9 +14,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from harness.assets import atomic_file
+from harness.integrity import load_tensors, save_tensors
 from harness.log import logger
 from quant.primitives import QTensor
 
@@ -39,11 +41,10 @@ class BlockCheckpoints:
             tensors[f"codes.{n}"], tensors[f"scales.{n}"] = q.q.cpu().contiguous(), q.scales.cpu().contiguous()
             if q.zeros is not None:
                 tensors[f"zeros.{n}"] = q.zeros.cpu().contiguous()
-        meta = {**self.identity, "block": i, "info": info, "seconds": seconds,
-                "qtensors": {n: {"w_bit": q.w_bit, "group_size": q.group_size} for n, q in qtensors.items()}}
         tensors_path, sidecar = self._paths(i)
-        with atomic_file(tensors_path) as tmp:
-            save_file(tensors, str(tmp))
+        meta = {**self.identity, "block": i, "info": info, "seconds": seconds,
+                "qtensors": {n: {"w_bit": q.w_bit, "group_size": q.group_size} for n, q in qtensors.items()},
+                "sha256": save_tensors(tensors, tensors_path)}
         with atomic_file(sidecar) as tmp:  # last: a sidecar names tensors that are all there
             tmp.write_text(json.dumps(meta, indent=1))
 
@@ -56,9 +57,10 @@ class BlockCheckpoints:
             if {k: meta.get(k) for k in self.identity} != self.identity or meta.get("block") != i:
                 warn(f"{sidecar} is from another calibration; quantizing again from block {i}")
                 return None
-            return meta, load_file(str(tensors_path))
-        except (OSError, ValueError, SafetensorError) as e:
-            warn(f"{sidecar} is not a usable checkpoint ({type(e).__name__}: {str(e)[:120]}); quantizing again")
+            return meta, load_tensors(tensors_path, meta.get("sha256"))
+        except (OSError, ValueError, SafetensorError) as e:  # IntegrityError is a ValueError
+            warn(f"{tensors_path} is not a usable checkpoint ({type(e).__name__}: {str(e)[:160]}); discarding it "
+                 f"and quantizing again from block {i}")
             return None
 
     def finished(self, n_blocks: int) -> int:
