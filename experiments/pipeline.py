@@ -25,8 +25,8 @@ from harness.limits import check_positions
 from harness.environment import changed_parts, code_version, machine_name
 from harness.hub import require_hub
 from harness.log import logger
-from harness.models import (ModelUnavailableError, check_device, load_config, load_model, load_tokenizer, model_summary,
-                            resolve_model)
+from harness.models import (ModelUnavailableError, check_device, describe_model, load_config, load_model, load_tokenizer,
+                            model_summary, resolve_model)
 from harness.records import (CorruptRecordError, check_results_dir, load_record, make_record, provenance, record_path,
                              run_id, write_json_atomic)
 from harness.registry import UnknownNameError
@@ -250,7 +250,7 @@ def run(cfg: RunConfig) -> dict:
     prov = provenance({
         "model_sha": prep.resolved.model_sha,
         "model_origin": prep.resolved.origin,
-        "reference_note": cfg.model.reference_note,
+        "reference_note": describe_model(cfg.model, prep.resolved, model.config),
         "model": model_summary(model),
         "data_sha256": prep.split_sha,
         "bos_token_id": prep.bos_token_id,  # at the head of every window and calibration sample (None: no BOS)

@@ -41,12 +41,32 @@ class ModelConfig:
     weights: str = "pretrained"
     dtype: str = "bfloat16"
     device: str = "cpu"
-    # what the unquantized model is, shown beside every result (e.g. the GGUF origin of the embedded model)
+    # what the unquantized model is, shown beside every result (e.g. the GGUF origin of the embedded model); blank:
+    # the loaded model's own description (harness.models.describe_model: its model_type, origin and weights' sha)
     reference_note: str = ""
 
     def validate(self) -> None:
+        if not self.name:  # a model option's name describes its own path only (conf/model/*.yaml, qh.of_path)
+            self.name = model_name_of(self.path)
         _require(self.weights in ("pretrained", "random"), "model.weights", f"{self.weights!r} is not one of pretrained, random")
         _require(self.dtype in ("bfloat16", "float16", "float32"), "model.dtype", f"{self.dtype!r} is not one of bfloat16, float16, float32")
+
+
+def model_name_of(path: str) -> str:
+    """A model's name from what model.path points at, when no name is given for it: embedded:<name> -> <name>,
+    synthetic:<arch> -> <arch>-synthetic, a .gguf file -> its stem, a directory or hub id -> its last part."""
+    for prefix, suffix in (("embedded:", ""), ("synthetic:", "-synthetic")):
+        if path.startswith(prefix):
+            return path[len(prefix):] + suffix
+    last = path.rstrip("/").replace("\\", "/").rsplit("/", 1)[-1]
+    return last[: -len(".gguf")] if last.endswith(".gguf") else last
+
+
+def of_path(path: str, value: str, _parent_) -> str:
+    """The `qh.of_path` resolver of conf/model/*.yaml: a model option's name and reference_note describe the model at
+    its own path; with another model.path (and no model.name / model.reference_note given) they are blank, so the
+    name comes from the path (model_name_of) and the note from the loaded model (harness.models.describe_model)."""
+    return value if _parent_.get("path") == path else ""
 
 
 @dataclass
@@ -386,7 +406,10 @@ def register_schemas() -> None:
     registered method's config as `quant_schema/<method>`, which its conf/quant/*.yaml options select
     (`defaults: [/quant_schema@_here_: <method>]`). Methods outside harness register when `quant` is imported."""
     from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
 
+    if not OmegaConf.has_resolver("qh.of_path"):
+        OmegaConf.register_new_resolver("qh.of_path", of_path)
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
     for name in QUANT_CONFIGS:
@@ -479,6 +502,8 @@ def _structured_run_config(cfg: Any):
 # `${name:...}`: an OmegaConf resolver call (oc.env reads an environment variable, oc.decode parses a string that may
 # carry one, and any other resolver may read anything); a plain node reference `${quant.w_bit}` has no colon
 RESOLVER_CALL = re.compile(r"\$\{\s*([A-Za-z_][\w.\-]*)\s*:")
+# the harness's own resolvers, which read nothing but their arguments and the config (conf/model/*.yaml: qh.of_path)
+HARNESS_RESOLVERS = {"qh.of_path"}
 
 
 def _resolver_calls(node: Any, prefix: str = "") -> list[tuple[str, str]]:
@@ -487,7 +512,7 @@ def _resolver_calls(node: Any, prefix: str = "") -> list[tuple[str, str]]:
         return [hit for k, v in node.items() for hit in _resolver_calls(v, f"{prefix}{k}.")]
     if isinstance(node, (list, tuple)):
         return [hit for i, v in enumerate(node) for hit in _resolver_calls(v, f"{prefix[:-1]}[{i}].")]
-    return [(prefix[:-1], node)] if isinstance(node, str) and RESOLVER_CALL.search(node) else []
+    return [(prefix[:-1], node)] if isinstance(node, str) and set(RESOLVER_CALL.findall(node)) - HARNESS_RESOLVERS else []
 
 
 def refuse_resolvers(cfg: Any) -> None:
@@ -500,7 +525,7 @@ def refuse_resolvers(cfg: Any) -> None:
     hits = _resolver_calls(raw)
     if hits:
         key, value = hits[0]
-        name = RESOLVER_CALL.search(value).group(1)
+        name = next(n for n in RESOLVER_CALL.findall(value) if n not in HARNESS_RESOLVERS)
         raise user_error(key, value, f"an interpolation through the {name} resolver"
                          + (" (it reads the environment)" if name == "oc.env" else "")
                          + " is refused in a run's config: its value would be printed and recorded",

@@ -100,6 +100,15 @@ def resolve_model(cfg: ModelConfig) -> ResolvedModel:
     return ResolvedModel(d, cfg.gguf_file, _dir_sha(Path(d)), f"hub {path}")
 
 
+def describe_model(cfg: ModelConfig, resolved: ResolvedModel, hf_config) -> str:
+    """What the unquantized model is, beside every result: model.reference_note when given (a model option's own
+    note), else the loaded model's description: its model_type, where it came from and its weights' identity."""
+    if cfg.reference_note:
+        return cfg.reference_note
+    kind = getattr(hf_config, "model_type", None) or "unknown model_type"
+    return f"FP16 reference = {kind} weights of {resolved.origin} ({resolved.model_sha})"
+
+
 def _pretrained_kwargs(resolved: ResolvedModel, cfg: ModelConfig) -> dict:
     """What every from_pretrained of this model gets: remote code, and the GGUF file inside the directory if any."""
     kw = {"trust_remote_code": cfg.trust_remote_code}
