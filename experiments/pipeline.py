@@ -56,6 +56,9 @@ class Prepared:
     split_sha: dict
     bos_token_id: int | None  # at the head of every window and calibration sample (data.add_bos)
     cache_writable: bool = True  # False: the preflight found the cache full or read-only; nothing large is cached
+    # random weights (model.weights=random) read no text and need no tokenizer (tokenizer None): their calibration
+    # samples and windows are random token ids below this vocabulary size (harness.synthetic.random_token_ids)
+    vocab_size: int | None = None
 
 
 def prepare(cfg: RunConfig) -> Prepared:
@@ -64,7 +67,8 @@ def prepare(cfg: RunConfig) -> Prepared:
     refuse_quality_metrics(cfg)  # synthetic (random) weights: throughput and memory only
     BACKENDS.get(cfg.backend.name).preflight(cfg)  # e.g. backend=lmdeploy on a machine without a GPU
     method = METHODS.get(cfg.quant.method)
-    for field, name in text_sources(cfg, method.needs_calibration):
+    random_weights = cfg.model.weights == "random"  # no text, no tokenizer: random token ids (Prepared.vocab_size)
+    for field, name in ([] if random_weights else text_sources(cfg, method.needs_calibration)):
         if not TEXT_SOURCES.get(name).embedded:  # offline: fail now (about 2 s), not after datasets' retries
             require_hub(field, name, EMBEDDED_HINT[field])
     if cfg.kv.bits != 16:
@@ -76,6 +80,9 @@ def prepare(cfg: RunConfig) -> Prepared:
     model_config = load_config(resolved, cfg.model)  # a .gguf file: its metadata (harness.models)
     check_positions(cfg, model_config)  # every sequence length against the model's positions
     check_group_sizes(cfg.quant, model_config.to_dict())
+    if random_weights:
+        preflight(cfg, model_config)
+        return random_prepared(cfg, resolved, model_config, cache_writable)
     tok = load_tokenizer(resolved, cfg.model)
     try:
         bos = bos_token_id(tok, cfg.data.add_bos)
@@ -91,6 +98,38 @@ def prepare(cfg: RunConfig) -> Prepared:
         ids = tokenize_cached(tok, text)
         windows[split] = eval_windows(ids, cfg.eval.perplexity.seqlen, cfg.eval.perplexity.max_windows, split, bos)
     return Prepared(resolved, tok, windows, texts, shas, bos, cache_writable)
+
+
+def random_prepared(cfg: RunConfig, resolved, model_config, cache_writable: bool) -> Prepared:
+    """Random weights (quantization, timings and memory only): no tokenizer and no text; each split's windows are
+    seeded random token ids below the model's vocabulary size, and so are the calibration samples
+    (calibration_of), whether or not the checkpoint carries a tokenizer."""
+    from harness.synthetic import RANDOM_IDS, random_token_ids
+
+    vocab = model_config.get_text_config().vocab_size
+    n, seqlen = cfg.eval.perplexity.max_windows or 1, cfg.eval.perplexity.seqlen
+    windows = {split: random_token_ids(n, seqlen, vocab, cfg.seed + i) for i, split in enumerate(cfg.data.splits)}
+    return Prepared(resolved, None, windows, {}, {split: RANDOM_IDS for split in windows}, None, cache_writable, vocab)
+
+
+def calibration_of(cfg: RunConfig, prep: Prepared):
+    """The run's lazy calibration samples (harness.data.calibration_provider's (get, state)): drawn from the
+    calibration text, or random token ids for random weights."""
+    calib = getattr(cfg.quant, "calib", None)
+    if prep.tokenizer is None:
+        from harness.synthetic import random_calibration
+
+        return random_calibration(calib, prep.vocab_size)
+    return calibration_provider(calib, prep.tokenizer, prep.bos_token_id)
+
+
+def calibration_identity_of(cfg: RunConfig, prep: Prepared) -> dict:
+    """What the calibration samples are made of, for the quantized-weight cache key (see calibration_of)."""
+    if prep.tokenizer is None:
+        from harness.synthetic import random_calibration_identity
+
+        return random_calibration_identity(cfg.quant.calib, prep.vocab_size)
+    return calibration_identity(cfg.quant.calib, prep.tokenizer, prep.bos_token_id)
 
 
 EMBEDDED_HINT = {"data.splits": "an embedded split (data=embedded)",
@@ -145,7 +184,7 @@ def kv_cache_factory(cfg: RunConfig, model) -> KVCaches | None:
 def quantize(cfg: RunConfig, model, prep: Prepared, calib, calib_state: dict,
              placement: Placement = Placement()) -> QuantOutcome:
     """Quantize in place, through the content-addressed cache (methods other than fp16)."""
-    calib_id = (calibration_identity(cfg.quant.calib, prep.tokenizer, prep.bos_token_id)
+    calib_id = (calibration_identity_of(cfg, prep)
                 if METHODS.get(cfg.quant.method).needs_calibration else None)  # loads the text only when needed
     if cfg.quant.method != "fp16":
         log(f"quantizing: {config_label(cfg.quant)}")
@@ -219,7 +258,7 @@ def run(cfg: RunConfig) -> dict:
     model = load_model(prep.resolved, cfg.model, device="cpu" if place.offload else None)
     timings["load_model"] = time.perf_counter() - t
 
-    calib, calib_state = calibration_provider(getattr(cfg.quant, "calib", None), prep.tokenizer, prep.bos_token_id)
+    calib, calib_state = calibration_of(cfg, prep)
     if place.compute.type == "cuda":
         torch.cuda.reset_peak_memory_stats(place.compute)
     t = time.perf_counter()

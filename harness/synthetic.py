@@ -333,6 +333,40 @@ def check_tokenizer_fits(model_dir) -> None:
                          f"architecture whose vocabulary fits the tokenizer (synthetic:smollm2-135m)")
 
 
+# ----------------------------------------------------------------------------------------------- random token ids
+
+RANDOM_IDS = "random-token-ids"  # what a random-weights run's windows are made of (the record's data_sha256)
+
+
+def random_token_ids(n: int, seqlen: int, vocab_size: int, seed: int) -> torch.Tensor:
+    """[n, seqlen] token ids drawn uniformly below `vocab_size` (seeded): what random weights are fed. Their values
+    change no timing or memory, they need no tokenizer, and every id has an embedding row (the embedded SmolLM2
+    tokenizer beside a Llama-2-shaped checkpoint makes ids past its 32,000 rows)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (n, seqlen), generator=g)
+
+
+def random_calibration(calib, vocab_size: int):
+    """harness.data.calibration_provider's (get, state) for random weights: `calib.n_samples` x `calib.seqlen` random
+    token ids (seed `calib.seed`), drawn once on the first call."""
+    state = {}
+
+    def get():
+        if calib is None:
+            raise ValueError("this quantization method's config has no calib section, yet it asked for calibration")
+        if "samples" not in state:
+            state["samples"] = random_token_ids(calib.n_samples, calib.seqlen, vocab_size, calib.seed)
+        return state["samples"]
+
+    return get, state
+
+
+def random_calibration_identity(calib, vocab_size: int) -> dict:
+    """What random calibration samples are made of, for cache keys (harness.data.calibration_identity's part)."""
+    return {"text_sha256": RANDOM_IDS, "vocab_size": vocab_size, "n_samples": calib.n_samples,
+            "seqlen": calib.seqlen, "seed": calib.seed}
+
+
 def quality_metrics_enabled(cfg: RunConfig) -> list[str]:
     e = cfg.eval
     names = [("eval.perplexity", e.perplexity.enabled), ("eval.word_perplexity", e.word_perplexity.enabled),
