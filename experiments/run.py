@@ -35,13 +35,14 @@ def main(cfg: DictConfig) -> float | None:
 if __name__ == "__main__":
     import sys
 
-    from experiments.sweep_check import default_method_field_error
-
-    from experiments.sweep_check import method_fields_per_job
+    from experiments.sweep_check import default_method_field_error, method_fields_per_job
+    from harness.compose import check_split_overrides, hydra_errors_explained
 
     with one_line_errors(ConfigError):
+        check_split_overrides(sys.argv[1:])  # a path with spaces, unquoted: "quote it", not Hydra's grammar error
         err = default_method_field_error(sys.argv[1:])
         if err:
             raise err
-    sys.argv[1:] = method_fields_per_job(sys.argv[1:])
-    main()
+        sys.argv[1:] = method_fields_per_job(sys.argv[1:])
+        with hydra_errors_explained(sys.argv[1:]):  # an unknown field or option: the harness's one line
+            main()

@@ -29,15 +29,20 @@ def sweep_jobs(config: DictConfig, loader) -> list[list[str]]:
 
 def check_sweep(config: DictConfig, loader) -> int:
     """Compose and validate every job; raise ConfigError naming the first bad one. Returns the number of jobs."""
+    from harness.compose import composition_error, is_hydra_error
+
     jobs = sweep_jobs(config, loader)
     for job in jobs:
-        cfg = loader.load_sweep_config(config, job)
-        with open_dict(cfg):
-            del cfg["hydra"]
         try:
+            cfg = loader.load_sweep_config(config, job)
+            with open_dict(cfg):
+                del cfg["hydra"]
             to_run_config(cfg)
-        except ConfigError as e:
-            raise ConfigError(f"{e} (sweep job `{' '.join(job)}`; none of the {len(jobs)} jobs ran)") from None
+        except Exception as e:
+            err = composition_error(e, [o for o in job if not o.startswith("hydra")]) if is_hydra_error(e) else e
+            if not isinstance(err, ConfigError):
+                raise
+            raise ConfigError(f"{err} (sweep job `{' '.join(job)}`; none of the {len(jobs)} jobs ran)") from None
     return len(jobs)
 
 
