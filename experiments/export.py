@@ -2,12 +2,18 @@
 `model_format='awq'`:
 
     python -m experiments.export quant=awq_w4 --out exports/smollm2-awq-w4-g64
-    python -m experiments.export quant=rtn_w4 quant.group_size=32 --out /tmp/rtn
+    python -m experiments.export quant=rtn_w4 quant.group_size=32 --out /tmp/rtn --force
 
 The overrides are those of `python -m experiments.run` (the same config tree; eval and kv settings do not enter the
 checkpoint). Quantization goes through the quantized-weight cache (quant/quantized_cache.py), so exporting a config
-that a run already quantized costs only loading and writing. A config the format cannot hold (not 4-bit, no zero
-point, fp16, a group size that does not divide every quantized layer) fails in one line before the model loads.
+that a run already quantized costs only loading and writing. A config the format cannot hold (not a 4-bit weight-only
+method, no zero point, fp16, a group size that does not divide every quantized layer) fails in one line before the
+model loads.
+
+--out must not exist yet (or be an empty directory); `--force` replaces only a directory this harness wrote
+(harness.outputs: its manifest, harness_manifest.json, names the run_id and every file, and nothing else is there).
+Any other existing path is refused in one line, and so is a place that cannot be written or lacks room for the
+checkpoint, before the model loads. The checkpoint is written to a temp sibling and renamed into place at the end.
 """
 from __future__ import annotations
 
@@ -15,17 +21,17 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from harness.config import ConfigError, RunConfig, register_schemas, to_run_config
-from harness.log import logger
+from harness.compose import compose
+from harness.config import ConfigError, RunConfig
+from harness.log import logger, one_line_errors
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
-USAGE = "usage: python -m experiments.export [group=option ...] [field=value ...] --out DIR"
+USAGE = "usage: python -m experiments.export [group=option ...] [field=value ...] --out DIR [--force]"
 
 log = logger("export")
 
 
-def parse_args(argv: list[str]) -> tuple[list[str], Path]:
-    overrides, out, it = [], None, iter(argv)
+def parse_args(argv: list[str]) -> tuple[list[str], Path, bool]:
+    overrides, out, force, it = [], None, False, iter(argv)
     for a in it:
         if a in ("-h", "--help"):
             raise SystemExit(print(__doc__ + "\n" + USAGE) or 0)
@@ -33,73 +39,99 @@ def parse_args(argv: list[str]) -> tuple[list[str], Path]:
             out = next(it, None)
         elif a.startswith("--out="):
             out = a.split("=", 1)[1]
+        elif a == "--force":
+            force = True
         else:
             overrides.append(a)
     if not out:
         raise ConfigError(f"--out: the directory to write the checkpoint to is missing ({USAGE})")
-    return overrides, Path(out)
+    return overrides, Path(out), force
 
 
 def compose_config(overrides: list[str]) -> RunConfig:
-    from hydra import compose, initialize_config_dir
+    import quant  # noqa: F401  (registers every method's config, which conf/quant/ selects)
 
-    register_schemas()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return to_run_config(compose(config_name="config", overrides=overrides))
+    return compose(overrides)
 
 
 def _skeleton(resolved, cfg: RunConfig):
     """The model's module tree with real shapes and no weights (meta device): what the format check needs."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(resolved.directory, trust_remote_code=cfg.model.trust_remote_code)
+    from harness.models import load_config
+
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
+        return AutoModelForCausalLM.from_config(load_config(resolved, cfg.model),
+                                                trust_remote_code=cfg.model.trust_remote_code)
 
 
-def export(cfg: RunConfig, out: Path) -> Path:
-    """Quantize cfg's model as configured (through the cache) and write its AWQ GEMM checkpoint to `out`."""
-    from experiments.pipeline import Prepared, quantize
+def checkpoint_bytes(skeleton, quant) -> int:
+    """About what the AWQ checkpoint of `skeleton` quantized by `quant` takes on disk: the packed codes, scales and
+    zeros of every quantized Linear, every other parameter at fp16 (tied ones once)."""
+    from harness.storage_bytes import FP16_BYTES, awq_linear_bytes, fp16_param_bytes
+    from quant.surgery import plan_layers, quantizable_linears
+
+    linears, specs = quantizable_linears(skeleton), plan_layers(skeleton, quant).quantized()
+    packed = sum(awq_linear_bytes(linears[n].out_features, linears[n].in_features, s.w_bit, s.group_size)
+                 for n, s in specs.items())
+    return packed + fp16_param_bytes(skeleton) - sum(linears[n].weight.numel() for n in specs) * FP16_BYTES
+
+
+def export(cfg: RunConfig, out: Path, force: bool = False, manifest: dict | None = None) -> Path:
+    """Quantize cfg's model as configured (through the cache) and write its AWQ GEMM checkpoint to `out`: a fresh
+    path, or (with `force`) a directory this harness wrote. `manifest`: more facts for its harness_manifest.json."""
+    from experiments.pipeline import Prepared, cache_need_bytes, quantize
+    from harness.assets import check_cache_dir
     from harness.data import TEXT_SOURCES, bos_token_id, calibration_provider
-    from harness.models import load_model, load_tokenizer, resolve_model
+    from harness.models import describe_model, load_model, load_tokenizer, resolve_model
+    from harness.outputs import check_output_dir, check_writable
     from harness.records import run_id
     from quant import METHODS
     from quant.export.awq import check_awq_config, export_awq
 
     check_awq_config(cfg.quant)  # from the config alone
+    check_output_dir("--out", out, force)  # nothing of the user's is replaced; the place takes a write
     if METHODS.get(cfg.quant.method).needs_calibration:
         TEXT_SOURCES.get(cfg.quant.calib.dataset)  # an unknown source or a bad file fails here
     resolved = resolve_model(cfg.model)
-    check_awq_config(cfg.quant, _skeleton(resolved, cfg))  # every quantized layer's shape, still no weights
+    skeleton = _skeleton(resolved, cfg)
+    check_awq_config(cfg.quant, skeleton)  # every quantized layer's shape, still no weights
+    check_writable("--out", out, checkpoint_bytes(skeleton, cfg.quant))  # room for it, before any loading
+    cache_writable = check_cache_dir(cache_need_bytes(cfg, resolved), log)  # optional: a warning at most
     tokenizer = load_tokenizer(resolved, cfg.model)
     log(f"loading {cfg.model.name} ({resolved.origin})")
     model = load_model(resolved, cfg.model)
     bos = bos_token_id(tokenizer, cfg.data.add_bos)  # calibration samples exactly as the run makes them
     calib, calib_state = calibration_provider(getattr(cfg.quant, "calib", None), tokenizer, bos)
-    outcome = quantize(cfg, model, Prepared(resolved, tokenizer, {}, {}, {}, bos), calib, calib_state)
+    outcome = quantize(cfg, model, Prepared(resolved, tokenizer, {}, {}, {}, bos, cache_writable), calib, calib_state)
+    rid = run_id(cfg)
     path = export_awq(model, outcome.qtensors, out, tokenizer=tokenizer, quant_meta={
-        "run_id": run_id(cfg), "model": cfg.model.name, "model_sha": resolved.model_sha,
-        "model_origin": resolved.origin, "reference_note": cfg.model.reference_note,
-        "method": cfg.quant.method, "quant": dataclasses.asdict(cfg.quant)})
-    log(f"wrote the AWQ GEMM checkpoint of run_id {run_id(cfg)} to {path}")
+        "run_id": rid, "model": cfg.model.name, "model_sha": resolved.model_sha,
+        "model_origin": resolved.origin, "reference_note": describe_model(cfg.model, resolved, model.config),
+        "method": cfg.quant.method, "quant": dataclasses.asdict(cfg.quant)},
+        manifest={"run_id": rid, "format": "awq-gemm", "model_sha": resolved.model_sha, **(manifest or {})})
+    log(f"wrote the AWQ GEMM checkpoint of run_id {rid} to {path}")
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
+def user_errors() -> tuple[type[BaseException], ...]:
+    from experiments.pipeline import USER_ERRORS
     from quant.export.awq import AWQExportError
 
+    return (*USER_ERRORS, AWQExportError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """One line (`error: ...`, exit status 2) for whatever the user can fix; HARNESS_DEBUG=1 shows the traceback."""
     try:
-        overrides, out = parse_args(sys.argv[1:] if argv is None else argv)
-        export(compose_config(overrides), out)
-    except (ConfigError, AWQExportError) as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # Hydra's errors for an unknown group or field: one line, as experiments.run gives
-        if type(e).__module__.split(".")[0] not in ("hydra", "omegaconf"):
-            raise
-        print(f"config error: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 2
+        with one_line_errors(ConfigError):
+            overrides, out, force = parse_args(sys.argv[1:] if argv is None else argv)
+            cfg = compose_config(overrides)
+        with one_line_errors(*user_errors()):
+            export(cfg, out, force)
+    except SystemExit as e:
+        return e.code
     return 0
 
 

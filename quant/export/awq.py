@@ -80,6 +80,13 @@ def check_awq_config(cfg, model=None) -> None:
     if cfg.method == "fp16":
         raise AWQExportError("quant.method=fp16: nothing is quantized, so there is no AWQ checkpoint to write; "
                              "choose a 4-bit method, e.g. quant=awq_w4 or quant=rtn_w4")
+    from quant.export import FORMATS
+
+    awq_methods = [m for m in FORMATS.names() if FORMATS.get(m).name == "awq"]
+    if cfg.method not in awq_methods:  # e.g. SmoothQuant W8A8: another format (FORMATS), no w_bit/group_size at all
+        other = f"its checkpoint format is {FORMATS.get(cfg.method).name}" if cfg.method in FORMATS else "it has none"
+        raise AWQExportError(f"quant.method: {cfg.method} — the AWQ GEMM format holds the codes of the weight-only "
+                             f"methods ({', '.join(awq_methods)}); {other} — export one of those, e.g. quant=awq_w4")
     _check_bits_and_zero_point(cfg.w_bit, cfg.zero_point, "")
     if cfg.group_size == -1:
         raise AWQExportError("quant.group_size=-1 (per channel): AWQ's quantization_config holds one group size; "
@@ -213,8 +220,9 @@ def _quantization_config(qtensors: dict[str, QTensor], skipped: list[str]) -> di
 
 
 def export_awq(model: nn.Module, qtensors: dict[str, QTensor], out_dir, tokenizer=None,
-               quant_meta: dict | None = None, check_weights: bool = True) -> Path:
-    """Write an AWQ GEMM checkpoint to out_dir (replacing it if present), atomically. Returns out_dir."""
+               quant_meta: dict | None = None, check_weights: bool = True, manifest: dict | None = None) -> Path:
+    """Write an AWQ GEMM checkpoint to out_dir (replacing it if present: the caller decides whether it may,
+    harness.outputs), atomically; with `manifest`, harness.outputs.MANIFEST is written in it too. Returns out_dir."""
     modules, out_emb, tied = _check_model(model, qtensors, check_awq_gemm, check_weights, AWQExportError)
 
     tensors = _plain_tensors(model, qtensors)
@@ -246,7 +254,7 @@ def export_awq(model: nn.Module, qtensors: dict[str, QTensor], out_dir, tokenize
         **(quant_meta or {}),
     }
 
-    return _write_dir(out_dir, tensors, config, meta, model, tokenizer)
+    return _write_dir(out_dir, tensors, config, meta, model, tokenizer, manifest=manifest)
 
 
 def _plain_tensors(model: nn.Module, qtensors: dict) -> dict[str, torch.Tensor]:
@@ -268,9 +276,10 @@ def _plain_tensors(model: nn.Module, qtensors: dict) -> dict[str, torch.Tensor]:
 
 
 def _write_dir(out_dir, tensors: dict, config: dict, meta: dict, model: nn.Module, tokenizer,
-               extra_json: dict | None = None) -> Path:
+               extra_json: dict | None = None, manifest: dict | None = None) -> Path:
     """Write a checkpoint directory atomically (weights, config.json, quant_meta.json with file_bytes, any extra
-    JSON files); an existing out_dir is replaced. (Shared with quant/export/gptq.py.)"""
+    JSON files, and last the manifest naming them all when `manifest` is given); an existing out_dir is replaced.
+    (Shared with quant/export/gptq.py.)"""
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
@@ -287,6 +296,10 @@ def _write_dir(out_dir, tensors: dict, config: dict, meta: dict, model: nn.Modul
             tokenizer.save_pretrained(tmp)
         meta["file_bytes"] = (tmp / WEIGHTS_FILE).stat().st_size
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
+        if manifest is not None:
+            from harness.outputs import write_manifest
+
+            write_manifest(tmp, manifest)
         old = None
         if out_dir.exists():  # swap in: the old directory is moved aside first, so out_dir is never half-written
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))

@@ -19,6 +19,8 @@ FAST_RTN = ["quant=rtn_w4", "quant.group_size=64", "progress=false"]
     (["quant=rtn_w4", "quant.group_size=128", "quant.group_fallback=per_channel"], "group_fallback=per_channel"),
     (["quant=awq_w4", "quant.calib.dataset=file:/nonexistent/calib.txt"], "no such file"),
     (["quant=nonsense"], "nonsense"),
+    (["quant=smoothquant_w8a8"], "quant.method: smoothquant — the AWQ GEMM format holds"),  # issue 27, finding 8
+    (["quant=rtn_w4", "quant.grop_size=64"], "use quant.group_size=64"),
 ])
 def test_unexportable_configs_fail_in_one_line_before_the_model_loads(tmp_path, monkeypatch, capsys, overrides,
                                                                       message):
@@ -27,7 +29,7 @@ def test_unexportable_configs_fail_in_one_line_before_the_model_loads(tmp_path, 
     monkeypatch.setattr(harness.models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     assert E.main([*overrides, "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("config error:") and message in err and "\n" not in err
+    assert err.startswith("error:") and message in err and "\n" not in err
     assert not (tmp_path / "x").exists()
 
 
@@ -75,3 +77,107 @@ def test_export_of_rtn_w4_g64_round_trips(tmp_path, smollm2_resolved):
     for key_, t in model.state_dict().items():  # norms and embeddings: the model's, at fp16
         if not any(key_ == f"{n}.weight" for n in outcome.qtensors) and key_ != "lm_head.weight":
             torch.testing.assert_close(loaded.state_dict()[key_], t.float(), rtol=1e-2, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------- issue 27, finding 1
+# The output directory: a fresh path, or (--force) a directory this harness wrote; never the user's files. Every
+# check runs before the model loads.
+
+
+@pytest.fixture
+def tiny_dir(tmp_path, smollm2_resolved, monkeypatch):
+    from tests.experiments.tiny import tiny_checkpoint
+
+    d = tiny_checkpoint(tmp_path / "tiny-llama", smollm2_resolved.directory)
+    monkeypatch.setenv("QH_CACHE", str(tmp_path / "cache"))
+    return d
+
+
+def _tiny(d):
+    return ["quant=rtn_w4", "quant.group_size=64", f"model.path={d}", "model.dtype=float32", "progress=false"]
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    import harness.models
+
+    monkeypatch.setattr(harness.models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+
+
+def _refused(capsys, argv, message) -> str:
+    capsys.readouterr()  # what came before (the fixture's writing)
+    assert E.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --out: ") and message in err[0], err
+    return err[0]
+
+
+def test_a_directory_of_the_users_is_never_replaced(tmp_path, capsys, tiny_dir, no_loading):
+    out = tmp_path / "thesis"
+    out.mkdir()
+    (out / "thesis.tex").write_text("three years of work")
+    (out / "data").mkdir()
+    (out / "data" / "measurements.csv").write_text("1,2,3")
+    for force in ([], ["--force"]):
+        _refused(capsys, [*_tiny(tiny_dir), "--out", str(out), *force], "holds files this harness did not write")
+    assert (out / "thesis.tex").read_text() == "three years of work"
+    assert (out / "data" / "measurements.csv").read_text() == "1,2,3"
+
+
+def test_a_file_named_as_out_is_never_replaced(tmp_path, capsys, tiny_dir, no_loading):
+    out = tmp_path / "notes.txt"
+    out.write_text("mine")
+    for force in ([], ["--force"]):
+        _refused(capsys, [*_tiny(tiny_dir), "--out", str(out), *force], "is not a directory this harness wrote")
+    assert out.read_text() == "mine"
+
+
+def test_an_unwritable_place_fails_before_the_model_loads(tmp_path, capsys, tiny_dir, no_loading, monkeypatch):
+    import errno
+
+    import harness.outputs
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    _refused(capsys, [*_tiny(tiny_dir), "--out", str(blocker / "ckpt")], "is a file, so no directory can be made")
+
+    def read_only(folder, nbytes=4096):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(harness.outputs, "probe_write", read_only)
+    _refused(capsys, [*_tiny(tiny_dir), "--out", str(tmp_path / "ro" / "ckpt")], "(OSError: Read-only file system)")
+    monkeypatch.setattr(harness.outputs, "probe_write", lambda folder, nbytes=4096: 1 << 20)  # 1 MiB free
+    line = _refused(capsys, [*_tiny(tiny_dir), "--out", str(tmp_path / "full")], "has 1 MiB free; the checkpoint")
+    assert not (tmp_path / "ro").exists() and not (tmp_path / "full").exists()
+    # the estimate: the checkpoint's size, tiny here (a 49152 x 64 embedding at fp16, the int4 codes of 2 blocks)
+    assert 6 < float(line.split("needs about ")[1].split(" MiB")[0]) < 45
+
+
+def test_force_replaces_only_what_the_harness_wrote(tmp_path, capsys, tiny_dir):
+    from harness.outputs import MANIFEST, read_manifest
+    from harness.records import run_id
+
+    out = tmp_path / "exports" / "rtn"
+    assert E.main([*_tiny(tiny_dir), "--out", str(out)]) == 0
+    m = read_manifest(out)
+    assert m["run_id"] == run_id(E.compose_config(_tiny(tiny_dir))) and "model.safetensors" in m["files"]
+    assert sorted(m["files"]) == sorted(p.name for p in out.iterdir() if p.name != MANIFEST)
+    _refused(capsys, [*_tiny(tiny_dir), "--out", str(out)], "add --force to replace it")
+    assert E.main([*_tiny(tiny_dir), "--out", str(out), "--force"]) == 0  # the harness's own: replaced
+    assert read_manifest(out)["run_id"] == m["run_id"]
+    (out / "my_notes.md").write_text("keep me")
+    _refused(capsys, [*_tiny(tiny_dir), "--out", str(out), "--force"], "1 file(s) it did not write (first: my_notes.md)")
+    assert (out / "my_notes.md").read_text() == "keep me"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["rtn"]  # no temp sibling left behind
+
+
+def test_an_export_that_fails_while_writing_leaves_nothing_at_out(tmp_path, tiny_dir, monkeypatch):
+    import harness.outputs
+
+    def killed(folder, info):
+        raise KeyboardInterrupt  # as a Ctrl-C while the last file is written
+
+    monkeypatch.setattr(harness.outputs, "write_manifest", killed)
+    with pytest.raises(KeyboardInterrupt):
+        E.main([*_tiny(tiny_dir), "--out", str(tmp_path / "exports" / "rtn")])
+    assert list((tmp_path / "exports").iterdir()) == []
