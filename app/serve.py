@@ -5,7 +5,13 @@
 
 The server is `lmdeploy serve api_server` started with the run's cache share (backend.cache_max_entry_count), KV
 quant policy (kv.bits), max batch size, session length and tp, and `--model-format awq` for AWQ checkpoints
-(backends.lmdeploy.api_server_command). It binds 127.0.0.1. Another --host needs API keys, from the environment
+(backends.lmdeploy.api_server_command). A weight quant (`quant=awq_w4`, `rtn_w4`, ...) of a real model is first
+exported through experiments.export (the quantized-weight cache, then the AWQ GEMM checkpoint) into
+`--export-dir` (default <cache>/serve/<run_id>, replaced on each start when the harness wrote it), and that folder is
+served; a method the AWQ format cannot hold (e.g. SmoothQuant) is refused in one line, and so is a machine without
+a GPU or LMDeploy (the preflight experiments.run gives backend=lmdeploy), before anything is resolved or written.
+A synthetic model is written in the quant's format directly (harness.synthetic); a folder that already holds a
+quantized checkpoint is served as it is. It binds 127.0.0.1. Another --host needs API keys, from the environment
 only (QH_API_KEYS=key1,key2: `--api-keys` of the server, never printed or recorded; harness.exposure); without one
 it refuses to start. Health is polled on /v1/models (start-up takes a minute or more: the engine loads the weights
 and captures CUDA graphs). The clients here send the first key as `Authorization: Bearer`. The client is the
@@ -90,8 +96,54 @@ def stop_server(proc: subprocess.Popen, grace_s: float = 20) -> None:
         proc.wait()
 
 
+def export_dir_of(cfg, export_root: Optional[Path] = None) -> Path:
+    """Where serving puts cfg's exported checkpoint: <export_root or <cache>/serve>/<run_id>."""
+    from harness.assets import cache_root
+    from harness.records import run_id
+
+    return Path(export_root or cache_root() / "serve") / run_id(cfg)
+
+
+def serving_dir(cfg, synthetic_root=None, tokenizer_dir=None, export_root: Optional[Path] = None,
+                export=None) -> tuple[Path, bool]:
+    """(the folder LMDeploy serves for cfg, whether it was exported now): a synthetic checkpoint in the quant's format;
+    the model's own folder when nothing is quantized or it already holds a quantized checkpoint; else cfg's AWQ
+    checkpoint, exported (`export`: experiments.export.export, through the quantized-weight cache) into
+    export_dir_of(cfg, export_root), which may only replace a folder the harness wrote there."""
+    from backends import lmdeploy as lb
+    from harness import synthetic
+
+    if cfg.quant.method == "fp16" or synthetic.arch_name(cfg.model.path) is not None:
+        return lb.resolve_model_dir(cfg, synthetic_root, tokenizer_dir), False
+    from quant.export.awq import check_awq_config
+
+    check_awq_config(cfg.quant)  # a method LMDeploy cannot load from an AWQ checkpoint: one line, nothing resolved
+    model_dir = lb.resolve_model_dir(cfg)
+    if lb.checkpoint_format(model_dir) is not None:  # already quantized (e.g. an earlier export): served as it is
+        return model_dir, False
+    if export is None:
+        from experiments.export import export
+    out = export_dir_of(cfg, export_root)
+    log(f"quant.method={cfg.quant.method}: exporting the AWQ checkpoint to {out} (quantized weights are cached)")
+    return Path(export(cfg, out, force=True)), True
+
+
+def server_argv(cfg, model_dir, host: str = "127.0.0.1", port: int = 23333, engine: str = "pytorch",
+                api_keys=None) -> list[str]:
+    """The `lmdeploy serve api_server` command line for cfg serving `model_dir` (pure: nothing is started). A weight
+    quant over an unquantized folder is refused: it would serve FP16 weights under the quant's name."""
+    from backends import lmdeploy as lb
+    from harness.config import user_error
+
+    if cfg.quant.method != "fp16" and lb.checkpoint_format(model_dir) is None:
+        raise user_error("quant.method", cfg.quant.method, f"{model_dir} holds unquantized weights",
+                         "serve the folder serving_dir exports (app.serve does), or quant=fp16")
+    return lb.api_server_command(cfg, model_dir, host, port, engine, api_keys=api_keys)
+
+
 def main(argv: list[str]) -> None:
     from harness.compose import compose
+    from harness.log import one_line_errors
     import quant  # noqa: F401  (registers every method's config, which conf/quant/ selects)
     from harness.config import ConfigError
 
@@ -104,23 +156,26 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--server-log", help="the server's output goes here (default: this terminal)")
     ap.add_argument("--synthetic-root", default=None)
     ap.add_argument("--tokenizer", help="tokenizer files for a synthetic checkpoint")
+    ap.add_argument("--export-dir", help="where a weight quant's AWQ checkpoint is exported (default: <cache>/serve)")
     ap.add_argument("--timeout", type=float, default=480)
     ap.add_argument("overrides", nargs="*", help="config overrides, e.g. model=smollm2_135m kv=int8")
     a = ap.parse_args(argv)
 
-    try:  # before any model is resolved or written
-        keys = exposure.server_api_keys(a.host, "--host")
-        cfg = compose(["backend=lmdeploy", *a.overrides])
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    from backends import BACKENDS
     from backends import lmdeploy as lb
     from harness import synthetic
 
-    model_dir = lb.resolve_model_dir(cfg, a.synthetic_root, a.tokenizer)
-    synthetic.check_tokenizer_fits(model_dir)
-    engine, reason = lb.choose_engine(cfg)
-    cmd = lb.api_server_command(cfg, model_dir, a.host, a.port, engine, api_keys=keys)
+    with one_line_errors(ConfigError):  # before any model is resolved or written
+        keys = exposure.server_api_keys(a.host, "--host")
+        cfg = compose(["backend=lmdeploy", *a.overrides])
+        BACKENDS.get("lmdeploy").preflight(cfg)  # no GPU or no LMDeploy: the line experiments.run gives
+    from experiments.export import user_errors
+
+    with one_line_errors(*user_errors()):
+        model_dir, exported = serving_dir(cfg, a.synthetic_root, a.tokenizer, a.export_dir)
+        synthetic.check_tokenizer_fits(model_dir)
+        engine, reason = lb.choose_engine(cfg)
+        cmd = server_argv(cfg, model_dir, a.host, a.port, engine, api_keys=keys)
     shown = exposure.redact(cmd)  # what is printed and recorded: never the keys
     log(("SYNTHETIC weights: the answers are noise. " if synthetic.is_synthetic(model_dir) else "") + " ".join(shown))
     base = f"http://{a.host}:{a.port}"
@@ -140,6 +195,7 @@ def main(argv: list[str]) -> None:
                   "models": models, "healthy_after_s": waited, "messages": messages, "answer": answer,
                   "synthetic": synthetic.is_synthetic(model_dir), "checkpoint": synthetic.read_marker(model_dir),
                   "engine_kwargs": lb.engine_kwargs(cfg, model_dir, engine), "overrides": a.overrides,
+                  "model_dir": str(model_dir), "exported": exported,
                   "total_s": time.perf_counter() - t0, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         if a.out:
             from harness.environment import environment
