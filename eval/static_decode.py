@@ -1,0 +1,304 @@
+"""Greedy decoding that shows the kernel, not the launcher: a static KV cache and one CUDA graph per decode step.
+
+transformers' eager `generate` spends most of a small-batch decode step launching kernels from Python (GPU.md: 32
+tok/s eager against 129 with CUDA graphs, Llama-2-7B shape, batch 1). Here a Llama-family decoder runs written out:
+
+- the KV cache is preallocated, [layers][batch, kv_heads, max_len, head_dim] in the model dtype, and written in place
+  at a position held in a device tensor; attention (`scaled_dot_product_attention`) covers the whole cache with a
+  mask of the valid positions, so every step has the same shapes and no host-device sync;
+- the decode step (one token per sequence: embed, blocks, final norm, LM head, argmax, write the next id and advance
+  the position) is captured once as a `torch.cuda.CUDAGraph` and replayed (PyTorch's "CUDA Graphs" recipe: warm up
+  on a side stream, capture, replay); on the CPU the same step runs eagerly. The prefill runs eagerly;
+- projections (q/k/v/o, gate/up/down, LM head) are called as opaque modules, `module(x)`: int4 kernels replace them
+  without this file reading a `.weight`. Norms are the model's own modules (their eps, their float32 upcast), RoPE
+  the model's own rotary module, evaluated once over all positions into a cos/sin table.
+
+All sequences of a batch share one prompt length (no padding). Supported: the Llama family of
+harness/architectures.py (llama, mistral, qwen2, qwen3 with its per-head q/k norms); others raise NotImplementedError.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from harness.architectures import architecture_for, config_dims, parameter_count
+from harness.registry import UnknownNameError
+
+# RoPE types whose frequencies do not depend on the sequence length, so one table serves every position
+# ("dynamic" and "longrope" rescale with the length seen, which a static graph cannot follow)
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+def _unsupported(what: str) -> NotImplementedError:
+    return NotImplementedError(f"static decode: {what}; supported: the Llama family (llama, mistral, qwen2, qwen3) "
+                               f"with RoPE types {', '.join(STATIC_ROPE_TYPES)} and full attention")
+
+
+def check_supported(model, max_len: int):
+    """The model's Architecture, or NotImplementedError naming what this decoder cannot run."""
+    cfg = model.config
+    try:
+        arch = architecture_for(model)
+    except UnknownNameError:
+        arch = None
+    if arch is None or arch.family != "llama":
+        raise _unsupported(f"model_type {cfg.model_type!r} is not supported")
+    rotary = model.get_submodule(arch.blocks.rsplit(".", 1)[0] + ".rotary_emb")
+    rope_type = getattr(rotary, "rope_type", "default")
+    if rope_type not in STATIC_ROPE_TYPES:
+        raise _unsupported(f"{cfg.model_type} with rope_type {rope_type!r} is not supported")
+    layer_types = getattr(cfg, "layer_types", None)
+    window = getattr(cfg, "sliding_window", None)
+    if window is not None and (layer_types is None or "sliding_attention" in layer_types) and window < max_len:
+        raise _unsupported(f"{cfg.model_type} with sliding_window {window} < max_len {max_len} is not supported")
+    return arch, rotary
+
+
+# Few kernels per block, since under a CUDA graph each small one still costs ~1.5-2.5 us on an H100 (a Llama-2-7B
+# step written with transformers' own norm modules and rotate_half ran ~36 of them per block, 2.2 of its 8.2 ms).
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """transformers' `x * cos + rotate_half(x) * sin`, rotate_half(x) = cat(-x2, x1), with the sign folded into
+    the table: cat(x2, x1) * cat(-sin1, sin2), which rounds the same (a sign flip is exact)."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin_signed
+
+
+def _rms_norm(x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
+    """transformers' Llama/Qwen/Mistral RMSNorm, `weight * (x32 * rsqrt(mean(x32^2) + eps)).to(dtype)` with x32 in
+    float32 whatever the dtype, through the fused `F.rms_norm` (one kernel on CUDA); a norm module of another
+    kind is called as it is."""
+    eps, weight = getattr(norm, "variance_epsilon", None), getattr(norm, "weight", None)
+    if eps is None or weight is None:
+        return norm(x)
+    x32 = x if x.dtype in (torch.float16, torch.bfloat16, torch.float32) else x.float()  # fused: float32 math
+    return weight * F.rms_norm(x32, x.shape[-1:], eps=eps).to(x.dtype)
+
+
+class StaticDecoder:
+    """Greedy decoding of `batch_size` sequences of at most `max_len` tokens (prompt + generated) each.
+
+    `prefill(input_ids [B, P]) -> next ids [B]` (device), `step() -> next ids [B]` (device; a buffer the next step
+    overwrites), `generate(input_ids, gen_len) -> ids [B, gen_len]` (host). `logits` holds the last position's
+    logits [B, vocab] after each call (a buffer too). use_cuda_graph: None = on when the model is on CUDA."""
+
+    @torch.no_grad()
+    def __init__(self, model, batch_size: int, max_len: int, use_cuda_graph: bool | None = None):
+        self.arch, rotary = check_supported(model, max_len)
+        self.model, self.batch_size, self.max_len = model, batch_size, max_len
+        d = config_dims(model.config.to_dict())
+        self.n_heads, self.n_kv, self.head_dim = d["nh"], d["nkv"], d["hd"]
+        self.blocks = list(model.get_submodule(self.arch.blocks))
+        self.embed = model.get_submodule(self.arch.embedding)
+        self.norm = model.get_submodule(self.arch.final_norm)
+        self.lm_head = model.get_submodule(self.arch.lm_head)
+        emb = self.embed.weight  # the embedding table (not a projection) fixes the device and the model dtype
+        self.device, self.dtype = emb.device, emb.dtype
+        if use_cuda_graph is None:
+            use_cuda_graph = self.device.type == "cuda"
+        if use_cuda_graph and self.device.type != "cuda":
+            raise ValueError(f"use_cuda_graph=True needs a model on CUDA, this one is on {self.device}")
+        self.use_cuda_graph, self._graph = use_cuda_graph, None
+        shape = (batch_size, self.n_kv, max_len, self.head_dim)
+        self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.blocks]
+        self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.blocks]
+        positions = torch.arange(max_len, device=self.device)
+        cos, sin = rotary(torch.zeros(1, dtype=self.dtype, device=self.device), positions[None])
+        half = self.head_dim // 2  # [max_len, head_dim] as the model computes them per position; see _rope
+        self.cos, self.sin = cos[0], torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)
+        self._positions = positions
+        # tokens[:, i] is the sequence's i-th token; the step reads tokens[:, pos] and writes tokens[:, pos + 1]
+        self.tokens = torch.zeros(batch_size, max_len + 1, dtype=torch.long, device=self.device)
+        self.pos = torch.zeros(1, dtype=torch.long, device=self.device)  # the position the next step feeds
+        self._host_pos = None  # the same, known on the host without a sync (None: no prefill yet)
+        self.next_ids = torch.zeros(batch_size, dtype=torch.long, device=self.device)
+        self.logits = None
+
+    def _blocks(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend) -> torch.Tensor:
+        """The decoder blocks over hidden states [B, T, H], cos/sin [T, 1, head_dim]; attend(layer, q, k, v, scale)
+        with q [B, heads, T, head_dim], k/v [B, kv_heads, T, head_dim] writes the cache and attends."""
+        b, t, _ = h.shape
+        for i, block in enumerate(self.blocks):
+            attn, mlp = block.self_attn, block.mlp
+            x = _rms_norm(h, block.input_layernorm)
+            q = attn.q_proj(x).view(b, t, self.n_heads, self.head_dim)
+            k = attn.k_proj(x).view(b, t, self.n_kv, self.head_dim)
+            v = attn.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+            if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm over each head's vector, before RoPE
+                q, k = _rms_norm(q, attn.q_norm), _rms_norm(k, attn.k_norm)
+            # RoPE in the [B, T, heads, head_dim] layout, so that at T = 1 the transposes below are views
+            q, k = _rope(q, cos, sin).transpose(1, 2), _rope(k, cos, sin).transpose(1, 2)
+            o = attend(i, q, k, v, getattr(attn, "scaling", self.head_dim ** -0.5))  # [B, heads, T, head_dim]
+            h = h + attn.o_proj(o.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+            x = _rms_norm(h, block.post_attention_layernorm)
+            h = h + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+        return h
+
+    def _logits(self, h_last: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(_rms_norm(h_last, self.norm))[:, -1]  # [B, vocab]
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Run the prompt [B, P] (equal lengths), fill cache positions 0..P-1; the next ids [B] on the device."""
+        b, p = input_ids.shape
+        if b != self.batch_size or not 0 < p <= self.max_len:
+            raise ValueError(f"prompt shape {tuple(input_ids.shape)}: needs batch {self.batch_size} and "
+                             f"a length of 1 to max_len={self.max_len}")
+        input_ids = input_ids.to(self.device)
+        self.capture()  # before the cache holds anything: the capture's warm-up writes it
+
+        def attend(i, q, k, v, scale):
+            self.k_cache[i][:, :, :p].copy_(k)
+            self.v_cache[i][:, :, :p].copy_(v)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+
+        h = self._blocks(self.embed(input_ids), self.cos[:p, None], self.sin[:p, None], attend)
+        self.logits = self._logits(h[:, -1:])
+        self.next_ids.copy_(self.logits.argmax(-1))
+        self.tokens[:, :p].copy_(input_ids)
+        self.tokens[:, p].copy_(self.next_ids)
+        self.pos.fill_(p)
+        self._host_pos = p
+        return self.next_ids
+
+    def _decode_step(self) -> torch.Tensor:
+        """One token per sequence at position `pos`, all on the device: what the CUDA graph records."""
+        b, g = self.batch_size, self.n_heads // self.n_kv
+        ids = self.tokens.index_select(1, self.pos)  # [B, 1]
+        # additive mask of the valid positions, made once per step (SDPA would convert a boolean one per block)
+        mask = torch.zeros(1, 1, 1, self.max_len, dtype=self.dtype, device=self.device)
+        mask.masked_fill_(self._positions > self.pos, float("-inf"))
+
+        def attend(i, q, k, v, scale):
+            kc, vc = self.k_cache[i], self.v_cache[i]
+            kc.index_copy_(2, self.pos, k)
+            vc.index_copy_(2, self.pos, v)
+            # grouped-query attention without repeating the cache: each KV head's `g` query heads become g query
+            # rows (transformers' repeat_kv maps query head j to KV head j // g)
+            o = F.scaled_dot_product_attention(q.reshape(b, self.n_kv, g, self.head_dim), kc, vc, attn_mask=mask,
+                                               scale=scale)
+            return o.reshape(b, self.n_heads, 1, self.head_dim)
+
+        cos, sin = self.cos.index_select(0, self.pos)[:, None], self.sin.index_select(0, self.pos)[:, None]
+        logits = self._logits(self._blocks(self.embed(ids), cos, sin, attend))
+        self.next_ids.copy_(logits.argmax(-1))
+        self.tokens.index_copy_(1, self.pos + 1, self.next_ids[:, None])
+        self.pos.add_(1)
+        return logits
+
+    @torch.no_grad()
+    def capture(self) -> None:
+        """Record the decode step as a CUDA graph, once (the first prefill does it; later ones reuse it). Its
+        warm-up writes the first cache positions, so a prefill must follow. No-op without CUDA graphs."""
+        if not self.use_cuda_graph or self._graph is not None:
+            return
+        self.pos.zero_()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the capture stream (cuBLAS handles, allocator, autotuning)
+            for _ in range(min(3, self.max_len)):
+                self._decode_step()
+        torch.cuda.current_stream().wait_stream(side)
+        self._graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self._graph):  # records without running: `pos` stays where the warm-up left it
+            self._graph_logits = self._decode_step()
+        self._host_pos = None
+
+    @torch.no_grad()
+    def step(self) -> torch.Tensor:
+        """Feed the last generated token; the next ids [B] on the device (a buffer: clone it to keep it)."""
+        if self._host_pos is None or self._host_pos >= self.max_len:
+            raise RuntimeError(f"step() needs a prefill first and fewer than max_len={self.max_len} tokens so far")
+        if self.use_cuda_graph:
+            self._graph.replay()
+            self.logits = self._graph_logits
+        else:
+            self.logits = self._decode_step()
+        self._host_pos += 1
+        return self.next_ids
+
+    def generate(self, input_ids: torch.Tensor, gen_len: int) -> torch.Tensor:
+        """Greedy continuation of a prompt [B, P]: ids [B, gen_len] on the host (one copy, at the end)."""
+        p = input_ids.shape[1]
+        if gen_len < 1 or p + gen_len - 1 > self.max_len:
+            raise ValueError(f"prompt {p} + gen_len {gen_len} - 1 exceeds max_len {self.max_len}")
+        self.prefill(input_ids)
+        for _ in range(gen_len - 1):
+            self.step()
+        return self.tokens[:, p:p + gen_len].cpu()
+
+
+def _mark(cuda: bool):
+    """A point in time: a CUDA event recorded on the current stream (read after a synchronize), else the host clock."""
+    if not cuda:
+        return time.perf_counter()
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
+def _seconds(start, end) -> float:
+    return end - start if isinstance(start, float) else start.elapsed_time(end) / 1e3
+
+
+def time_decode(model, prompt_ids: torch.Tensor, gen_len: int, warmup: int = 1, repeats: int = 3,
+                use_cuda_graph: bool | None = None) -> dict:
+    """Median prefill and decode times of `repeats` greedy runs after `warmup` untimed ones (the CUDA graph is
+    captured before any of them). Conventions of eval/throughput.py: the prefill emits the first token, the decode
+    is the gen_len - 1 steps after it. CUDA events on CUDA; perf_counter on the CPU."""
+    b, p = prompt_ids.shape
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    dec = StaticDecoder(model, b, p + gen_len, use_cuda_graph)
+    cuda = dec.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(dec.device)
+    prompt_ids = prompt_ids.to(dec.device)
+    dec.capture()  # not inside a timed prefill, even with warmup=0
+    for _ in range(warmup):
+        ids = dec.generate(prompt_ids, gen_len)
+    runs = []
+    for _ in range(repeats):
+        t0 = _mark(cuda)
+        dec.prefill(prompt_ids)
+        t1 = _mark(cuda)
+        for _ in range(gen_len - 1):
+            dec.step()
+        t2 = _mark(cuda)
+        if cuda:
+            torch.cuda.synchronize(dec.device)
+        runs.append((_seconds(t0, t1), _seconds(t1, t2)))
+        ids = dec.tokens[:, p:p + gen_len].cpu()
+    prefill_s = statistics.median(r[0] for r in runs)
+    decode_s = statistics.median(r[1] for r in runs)
+    steps = gen_len - 1
+    return {"prefill_s": prefill_s, "decode_s": decode_s,
+            "decode_ms_per_step": 1e3 * decode_s / steps if steps else None,
+            "decode_tok_s": b * steps / decode_s if steps else None, "prefill_tok_s": b * p / prefill_s,
+            "peak_memory_bytes": torch.cuda.max_memory_allocated(dec.device) if cuda else None,
+            "cuda_graph": dec.use_cuda_graph, "repeats_s": [list(r) for r in runs], "ids": ids}
+
+
+def _module_bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+
+def decode_model_bytes(model):
+    """What one decode step reads, as backends.roofline.ModelBytes: the parameters and buffers of whatever modules
+    sit at the decoder's projections and the LM head (packed int4 codes, scales, ... as they are), and K/V per
+    token of context in the model dtype. matmul_params counts the unquantized shapes (prefill FLOPs).
+    Feed it to backends.roofline.decode_roofline_tok_s."""
+    from backends.roofline import ModelBytes, kv_bytes_per_token  # backends sits above eval: imported when used
+
+    arch = architecture_for(model)
+    blocks = model.get_submodule(arch.blocks)
+    weights = sum(_module_bytes(block.get_submodule(n)) for block in blocks for n in arch.linears)
+    weights += _module_bytes(model.get_submodule(arch.lm_head))
+    cfg = model.config.to_dict()
+    d = config_dims(cfg)
+    dtype_bytes = model.get_submodule(arch.embedding).weight.element_size()
+    kv_16bit = kv_bytes_per_token(d["layers"], d["nkv"], d["hd"], kv_bits=16)
+    return ModelBytes(weight_read_bytes=weights, kv_bytes_per_token=kv_16bit * dtype_bytes // 2,
+                      matmul_params=parameter_count(arch, cfg)["matmul"])
