@@ -6,10 +6,12 @@ One run is a greedy decode written out (what `generate` does, minus its logits p
 single-token decode steps. prefill tok/s = batch * prompt_len / prefill time; decode tok/s = batch * (gen_len - 1) /
 decode time (the first generated token comes from the prefill).
 
-What runs: W4A16 through the real int4 CPU kernel (quant/int4_linear.swap_int4_linears on a copy of the model, built
-from the run's integer codes), never through dequantized weights unless the kernel cannot take the config (then
-the record says so and why); the KV cache is the run's (QuantizedKVCache at kv.bits 8/4, else transformers'
-DynamicCache). The KV bytes the cache really held after a run are recorded beside the arithmetic of eval/memory.py.
+What runs: W4A16 through a real int4 kernel (eval.throughput.kernel, quant/kernels/w4a16.py: gemlite or torch's
+int4 kernel on CUDA, torch's int4 kernel on the CPU; swapped into a copy of the model, built from the run's integer
+codes), never through dequantized weights unless no kernel can take the config (then the record says so and why);
+the KV cache is the run's (QuantizedKVCache at kv.bits 8/4, else transformers' DynamicCache). On CUDA with an
+unquantized KV cache the decode runs through a static KV cache and one CUDA graph per step (eval/static_decode.py),
+for FP16 and quantized weights alike, so a ratio between them is the kernels' and not Python's. The KV bytes the cache really held after a run are recorded beside the arithmetic of eval/memory.py.
 """
 from __future__ import annotations
 
@@ -90,29 +92,45 @@ def prompt_batch(ids: torch.Tensor, batch_size: int, prompt_len: int) -> torch.T
     return flat[:need].view(batch_size, prompt_len).clone()
 
 
-def int4_model(model, qtensors: dict):
-    """A copy of `model` whose quantized Linears run the int4 kernel (lm_head and embeddings stay in the model
-    dtype), or (None, why not)."""
-    from quant.kernels.int4_linear import Int4KernelError, swap_int4_linears
+def kernel_model(model, qtensors: dict, kernel: str):
+    """A copy of `model` whose quantized Linears run the chosen W4A16 kernel (quant/kernels/w4a16.py; lm_head and
+    embeddings stay in the model dtype), and what ran; or (None, why not)."""
+    from quant.kernels.w4a16 import W4A16KernelError, swap_w4a16_linears
 
-    if next(model.parameters()).device.type != "cpu":
-        return None, "the int4 weight-only kernel used here is the CPU one"
     try:
-        return swap_int4_linears(copy.deepcopy(model), qtensors), None
-    except Int4KernelError as e:
-        return None, str(e)
+        m = copy.deepcopy(model)
+        return m, swap_w4a16_linears(m, qtensors, kernel), None
+    except W4A16KernelError as e:
+        return None, None, str(e)
 
 
 def model_under_test(ctx: EvalContext, int4_kernel: bool):
-    """(model, description of its weights, the reason the int4 kernel is not used or None)."""
+    """(model, description of its weights, the reason a real kernel is not used or None, the kernel's name)."""
     if not ctx.qtensors:
-        return ctx.model, f"unquantized ({ctx.cfg.model.dtype})", None
+        return ctx.model, f"unquantized ({ctx.cfg.model.dtype})", None, None
     if not int4_kernel:
-        return ctx.model, "dequantized (eval.throughput.int4_kernel=false)", "disabled by config"
-    m, why = int4_model(ctx.model, ctx.qtensors)
+        return ctx.model, "dequantized (eval.throughput.int4_kernel=false)", "disabled by config", None
+    m, info, why = kernel_model(ctx.model, ctx.qtensors, ctx.cfg.eval.throughput.kernel)
     if m is None:
-        return ctx.model, f"dequantized weights: int4 kernel not used ({why})", why
-    return m, "int4 kernel (aten._weight_int4pack_mm_for_cpu); lm_head and embeddings unquantized", None
+        return ctx.model, f"dequantized weights: int4 kernel not used ({why})", why, None
+    if info["kernel"] == "dequant":  # auto found no real kernel here
+        return m, f"dequantized weights: {'; '.join(info['skipped']) or 'eval.throughput.kernel=dequant'}", \
+            "; ".join(info["skipped"]) or "eval.throughput.kernel=dequant", "dequant"
+    return m, f"{info['description']}; lm_head and embeddings unquantized", None, info["kernel"]
+
+
+def decode_loop(ctx: EvalContext, model) -> tuple[str, object]:
+    """Which decode loop measures: on CUDA with an unquantized KV cache, the static cache and one CUDA graph per step
+    (eval/static_decode.py: the kernels' time, not Python's); otherwise the eager loop above."""
+    tc = ctx.cfg.eval.throughput
+    if next(model.parameters()).device.type != "cuda" or not tc.cuda_graph:
+        return "eager", None
+    if ctx.kv_cache_factory is not None:
+        return "eager (the CUDA-graph loop keeps an unquantized KV cache)", None
+    from eval.static_decode import supports
+
+    why = supports(model)
+    return ("static KV cache + CUDA graph", "graph") if why is None else (f"eager ({why})", None)
 
 
 def check_throughput_fits(cfg, model_config) -> None:
@@ -129,14 +147,15 @@ def evaluate_throughput(ctx: EvalContext) -> dict | None:
     tc = ctx.cfg.eval.throughput
     if not tc.enabled:
         return None
-    from quant.kernels.int4_linear import weight_bytes
+    from quant.kernels.w4a16 import packed_bytes
 
     check_throughput_fits(ctx.cfg, ctx.model.config)
-    model, weights, fallback = model_under_test(ctx, tc.int4_kernel)
+    model, weights, fallback, kernel = model_under_test(ctx, tc.int4_kernel)
+    loop, graph = decode_loop(ctx, model)
     ids = next(iter(ctx.windows.values()))
-    out = {"weights": weights, "int4_kernel_fallback": fallback,
+    out = {"weights": weights, "int4_kernel_fallback": fallback, "kernel": kernel, "decode_loop": loop,
            "kv_cache": f"int{ctx.cfg.kv.bits} (QuantizedKVCache)" if ctx.kv_cache_factory else "fp16/bf16 DynamicCache",
-           "weight_bytes": weight_bytes(model), "device": ctx.cfg.model.device, "threads": torch.get_num_threads(),
+           "weight_bytes": packed_bytes(model), "device": ctx.cfg.model.device, "threads": torch.get_num_threads(),
            "prompt_len": tc.prompt_len, "gen_len": tc.gen_len, "warmup": tc.warmup, "repeats": tc.repeats,
            "batch": {}}
     # what else ran: a CPU figure measured while other work held the cores is not this machine's speed (the report
@@ -145,7 +164,14 @@ def evaluate_throughput(ctx: EvalContext) -> dict | None:
     bar = tqdm(total=len(tc.batch_sizes) * tc.repeats, desc="throughput", disable=not ctx.progress, leave=False)
     for b in tc.batch_sizes:
         prompt = prompt_batch(ids, b, tc.prompt_len)
-        out["batch"][str(b)] = measure(model, prompt, tc.gen_len, tc.warmup, tc.repeats, ctx.kv_cache_factory, bar)
+        if graph:
+            from eval.static_decode import time_decode
+
+            m = time_decode(model, prompt.to(ctx.cfg.model.device), tc.gen_len, tc.warmup, tc.repeats)
+            out["batch"][str(b)] = {k: v for k, v in m.items() if k != "ids"}
+            bar.update(tc.repeats)
+        else:
+            out["batch"][str(b)] = measure(model, prompt, tc.gen_len, tc.warmup, tc.repeats, ctx.kv_cache_factory, bar)
     bar.close()
     out["load_average_1m"] = [load_before, _load_1m()]
     return out

@@ -129,14 +129,15 @@ def kernel_weight(module: nn.Module, in_features: int, dtype: torch.dtype, devic
 
 
 def packed_bytes(model: nn.Module) -> dict:
-    """Bytes the weights really occupy: parameters and buffers counted once by storage, split into the W4A16 modules'
-    (codes + scales/zeros) and the rest."""
+    """Bytes the weights really occupy: parameters and persistent buffers counted once by storage, split into the
+    W4A16 modules' (codes + scales/zeros) and the rest."""
     seen, total, kernel_bytes, n = set(), 0, 0, 0
     kernel_modules = {id(m) for m in model.modules() if hasattr(m, "packed_bytes")}
     for mod in model.modules():
         in_kernel = id(mod) in kernel_modules
         n += in_kernel
-        for t in list(mod.parameters(recurse=False)) + list(mod.buffers(recurse=False)):
+        buffers = [b for n, b in mod.named_buffers(recurse=False) if n not in mod._non_persistent_buffers_set]
+        for t in list(mod.parameters(recurse=False)) + buffers:  # not rotary tables and other derived buffers
             key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel()) if t.numel() else id(t)
             if key in seen:
                 continue

@@ -65,8 +65,11 @@ def test_weight_bytes_by_hand(rtn_bf16, int4_under_test):
     assert m["awq_packed"]["total_bytes"] == linear // 2 + groups * 2 + groups // 2 + 2 * other  # fp16 s, 4-bit z
     assert m["int4_kernel"]["total_bytes"] == linear // 2 + groups * 4 + 2 * other  # bf16 (scale, zero) pairs
     # the arithmetic is what the kernel modules really hold
-    swapped, _, _ = int4_under_test
+    swapped, _, _, _ = int4_under_test
     assert weight_bytes(swapped)["total_bytes"] == m["int4_kernel"]["total_bytes"]
+    from quant.kernels.w4a16 import packed_bytes  # the registry's count, what records hold: the same bytes
+
+    assert packed_bytes(swapped)["total_bytes"] == m["int4_kernel"]["total_bytes"]
 
 
 @torch.no_grad()
@@ -75,16 +78,16 @@ def test_throughput_runs_int4_kernel_and_matches_dequantized(rtn_bf16, int4_unde
     from quant.kv_cache import QuantizedKVCache
 
     model, qts = rtn_bf16  # `model` holds the dequantized (fake-quantized) weights in bf16
-    swapped, weights, fallback = int4_under_test
-    assert fallback is None and "int4 kernel" in weights and swapped is not model
+    swapped, weights, fallback, kernel = int4_under_test
+    assert fallback is None and kernel == "tinygemm" and "torch int4" in weights and swapped is not model
     assert sum(isinstance(m, int4_linear.Int4WeightOnlyLinear) for m in swapped.modules()) == len(qts) == 210
     assert not any(isinstance(m, int4_linear.Int4WeightOnlyLinear) for m in model.modules())  # ctx.model untouched
 
     calls = []
     real_ops = int4_linear._ops
 
-    def counting_ops():
-        convert, mm = real_ops()
+    def counting_ops(device="cpu"):
+        convert, mm = real_ops(device)
         return convert, lambda *a: (calls.append(1), mm(*a))[1]
 
     monkeypatch.setattr(int4_linear, "_ops", counting_ops)
