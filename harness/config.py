@@ -143,6 +143,10 @@ class ThroughputConfig:
     warmup: int = 1
     repeats: int = 3
     int4_kernel: bool = True  # W4A16 through real int4 kernels, not dequantized weights
+    # which W4A16 kernel (quant/kernels/w4a16.py): auto (gemlite on CUDA where it imports, else torch's int4
+    # kernel, else dequantized weights) | gemlite | tinygemm | dequant
+    kernel: str = "auto"
+    cuda_graph: bool = True  # on CUDA, decode through a static KV cache and one CUDA graph per step (eval/static_decode)
 
 
 @dataclass
@@ -158,6 +162,8 @@ class EvalConfig:
     def validate(self) -> None:
         self.perplexity.validate()
         _require(all(b >= 1 for b in self.throughput.batch_sizes), "eval.throughput.batch_sizes", "every batch size must be >= 1")
+        _require(self.throughput.kernel in ("auto", "gemlite", "tinygemm", "dequant"), "eval.throughput.kernel",
+                 f"{self.throughput.kernel!r} is not one of auto, gemlite, tinygemm, dequant")
         _require(self.throughput.prompt_len >= 1 and self.throughput.gen_len >= 1, "eval.throughput", "prompt_len and gen_len must be >= 1")
         _require(self.tasks.batch_size >= 1, "eval.tasks.batch_size", "must be >= 1")
 
@@ -305,9 +311,13 @@ class BackendConfig:
     session_len: Optional[int] = None
     max_batch_size: int = 128
     tp: int = 1
+    # LMDeploy's PyTorch engine: its own W4A16 kernel (engine) or one of the harness's (backends/lmdeploy_w4a16.py)
+    w4a16_kernel: str = "engine"
 
     def validate(self) -> None:
         _require(self.name in ("hf", "lmdeploy"), "backend.name", f"{self.name!r} is not one of hf, lmdeploy")
+        _require(self.w4a16_kernel in ("engine", "gemlite", "tinygemm"), "backend.w4a16_kernel",
+                 f"{self.w4a16_kernel!r} is not one of engine, gemlite, tinygemm")
         _require(self.engine in ("auto", "pytorch", "turbomind"), "backend.engine", f"{self.engine!r} is not one of auto, pytorch, turbomind")
         _require(0.0 < self.cache_max_entry_count <= 1.0, "backend.cache_max_entry_count", "must be in (0, 1]")
         _require(self.tp >= 1, "backend.tp", "must be >= 1")
@@ -344,14 +354,30 @@ class RunConfig:
 NON_IDENTITY_FIELDS = ("results_dir", "force", "progress", "offload")
 # fields added after records existed, left out of a run's identity while they hold their default, so those records
 # keep their run_id (data.add_bos=auto gives the embedded SmolLM2 no BOS, exactly as before the field existed;
-# kv.format=int is the integer KV quantization every earlier record used); a method's own late fields are its
-# config's `late_fields`
-LATE_FIELDS = {("data", "add_bos"): "auto", ("kv", "format"): "int"}
+# kv.format=int is the integer KV quantization every earlier record used; eval.throughput.kernel=auto and
+# backend.w4a16_kernel=engine are what ran before they could be chosen); a method's own late fields are its
+# config's `late_fields`. A field inside a subsection is named by its dotted path within the section.
+LATE_FIELDS = {("data", "add_bos"): "auto", ("kv", "format"): "int", ("eval", "throughput.kernel"): "auto",
+               ("eval", "throughput.cuda_graph"): True, ("backend", "w4a16_kernel"): "engine"}
 
 
 def without_late_defaults(section: str, d: dict) -> dict:
     """One config section (as a dict) without its LATE_FIELDS that hold their default: what a run's identity sees."""
-    return {k: v for k, v in d.items() if (section, k) not in LATE_FIELDS or v != LATE_FIELDS[(section, k)]}
+    out = dict(d)
+    for (sec, path), default in LATE_FIELDS.items():
+        if sec != section:
+            continue
+        *parents, leaf = path.split(".")
+        node = out
+        for p in parents:  # copy the way down, so the caller's dict is left as it was
+            if not isinstance(node.get(p), dict):
+                break
+            node[p] = dict(node[p])
+            node = node[p]
+        else:
+            if leaf in node and node[leaf] == default:
+                del node[leaf]
+    return out
 
 # The compatibility view of the methods that had records before per-method configs (issue 16): then one flat
 # QuantConfig carried every AWQ field for every method, and its whole dict entered the run_id. fp16, rtn and awq
