@@ -7,6 +7,7 @@ from 2008, so it is downloaded and unpacked, never installed.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import socket
@@ -82,22 +83,34 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def file_stamp(path: Path) -> list[int]:
+    """What tells one version of a file from another without reading it: size, mtime_ns, inode and ctime_ns. The
+    ctime is the kernel's: no user-space tool can set it back, so an edit in place that restores the size and the
+    mtime (os.utime) still moves it (issue 27)."""
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
+
+
+def known_sha(entry, stamp: list[int]) -> str | None:
+    """The sha256 remembered in `entry` ([*stamp, sha]) while the file still has that stamp; None otherwise (also for
+    entries written before the ctime was part of the stamp: those are hashed again)."""
+    return entry[-1] if isinstance(entry, list) and entry[:-1] == stamp else None
+
+
 def file_sha256(path: Path) -> str:
     """sha256 of a file's bytes, computed once and remembered in cache_dir()/file_sha256.json under the file's path,
-    size, mtime_ns and inode: an unchanged file is never read again, a touched or replaced one is hashed anew."""
-    import json
-
+    size, mtime_ns, inode and ctime_ns (file_stamp): an unchanged file is never read again, a touched, replaced or
+    edited one is hashed anew."""
     path = Path(path).resolve()  # hub snapshots are symlinks into a blob store: key the real file
-    st = path.stat()
-    stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
+    stamp = file_stamp(path)  # before reading: a change while it is hashed moves the stamp, so it is hashed again
     memo = cache_dir() / "file_sha256.json"
     try:
         known = json.loads(memo.read_text())
     except (OSError, ValueError):
         known = {}
-    hit = known.get(str(path))
-    if hit and hit[:3] == stamp:
-        return hit[3]
+    hit = known_sha(known.get(str(path)), stamp)
+    if hit:
+        return hit
     sha = sha256_file(path)
     try:  # re-read: another process may have added entries meanwhile (a lost entry only costs a rehash)
         known = json.loads(memo.read_text())
@@ -379,20 +392,85 @@ def check_tokenizer(model_dir: Path, expected: list[int] | None) -> None:
 
 
 def _converted_by(model_dir: Path) -> str:
-    import json
-
     try:
         return json.loads((model_dir / "config.json").read_text()).get("transformers_version", "?")
     except (OSError, ValueError):
         return "?"
 
 
+CONTENT_SHA = ".content_sha256.json"  # beside .complete: {file name: [*file_stamp, sha256]} of a converted checkpoint
+LEGACY_SLACK_NS = 60 * 10**9  # a file of a conversion made before CONTENT_SHA changed after it beyond this: refused
+
+
+def _content_files(model_dir: Path) -> dict[str, Path]:
+    """Every file of a converted checkpoint but the harness's markers (dot files): weights, config, tokenizer."""
+    return {p.name: p for p in sorted(Path(model_dir).iterdir()) if not p.name.startswith(".") and p.is_file()}
+
+
+def _write_content_sha(model_dir: Path, record: dict) -> None:
+    try:
+        with atomic_file(Path(model_dir) / CONTENT_SHA) as tmp:
+            tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
+    except OSError:  # a read-only cache: checked again (hashed when a stamp moved) next time
+        pass
+
+
+def record_converted(model_dir: Path) -> None:
+    """Hash each file of a just-converted checkpoint once and keep the hashes with their stamps (CONTENT_SHA)."""
+    _write_content_sha(model_dir, {n: file_stamp(p) + [sha256_file(p)] for n, p in _content_files(model_dir).items()})
+
+
+def _changed(path: Path, what: str, source: Path, model_dir: Path) -> AssetError:
+    from harness.config import user_error
+
+    return AssetError(str(user_error(str(path), "changed since the harness converted it", f"{what}; the embedded model is "
+                                     f"the conversion of {source.name}, nothing else", f"delete {model_dir} (the next "
+                                     f"run converts it again from the GGUF)")))
+
+
+def check_converted(model_dir: Path, source: Path) -> None:
+    """A converted checkpoint is what its conversion wrote: each file whose stamp (file_stamp) moved since is hashed
+    again and must have the recorded sha256, no file is added or missing; else AssetError in one line naming the file
+    and how to convert again (issue 27: an edited copy in the cache scored 136.86 instead of 104.18 under the normal
+    run_id). A conversion made before hashes were kept is taken as it is, once, unless one of its files changed after
+    its .complete marker was written; its hashes are then recorded."""
+    files = _content_files(model_dir)
+    try:
+        record = json.loads((model_dir / CONTENT_SHA).read_text())
+    except FileNotFoundError:
+        done = file_stamp(model_dir / ".complete")[3]
+        late = next((p for p in files.values() if file_stamp(p)[3] > done + LEGACY_SLACK_NS), None)
+        if late is not None:
+            raise _changed(late, "written after the conversion finished (its ctime is later than .complete's)",
+                           source, model_dir) from None
+        record_converted(model_dir)
+        _warn(f"{model_dir}: converted before content hashes were kept; recorded the sha256 of its {len(files)} files")
+        return
+    except (OSError, ValueError) as e:
+        raise _changed(model_dir / CONTENT_SHA, f"unreadable ({type(e).__name__})", source, model_dir) from None
+    odd = sorted(files.keys() ^ record.keys())
+    if odd:
+        raise _changed(model_dir / odd[0], "added" if odd[0] in files else "missing", source, model_dir)
+    moved = {}
+    for name, p in files.items():
+        stamp = file_stamp(p)
+        if known_sha(record[name], stamp) is None:
+            got, want = sha256_file(p), record[name][-1]
+            if got != want:
+                raise _changed(p, f"sha256 {got[:16]}..., converted {want[:16]}...", source, model_dir)
+            moved[name] = stamp + [got]  # same bytes (copied, touched): remember the new stamp
+    if moved:
+        _write_content_sha(model_dir, {**record, **moved})
+
+
 def _convert_gguf(gguf: Path, out: Path, marker: str, name_or_path: str) -> Path:
     """A GGUF file as a plain fp16 safetensors checkpoint, converted once. transformers dequantizes the GGUF's
     weights on load, so the checkpoint is the FP16 reference *of that quantized file*, not of the original release.
-    Its tokenizer is checked against the tested ids (check_tokenizer)."""
+    Its files are hashed once after conversion and checked whenever their stamps move (check_converted); its
+    tokenizer is checked against the tested ids (check_tokenizer)."""
     if not (out / ".complete").exists():
         _write_converted(gguf, out, marker, name_or_path)
+    check_converted(out, gguf)
     check_tokenizer(out, TOKENIZER_PROBES.get(out.name))
     return out
 
@@ -413,6 +491,7 @@ def _write_converted(gguf: Path, out: Path, marker: str, name_or_path: str) -> N
     with building_dir(out, marker) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
+        record_converted(tmp)  # before .complete: a finished conversion always has its hashes
 
 
 def embedded_model_dir() -> Path:

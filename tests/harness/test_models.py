@@ -72,6 +72,111 @@ def test_weight_files_are_hashed_once_and_again_when_touched(two_copies, monkeyp
     assert _resolve(a).model_sha == first and len(calls) == 2  # touched: hashed anew (same bytes, same identity)
 
 
+def _after_a_clock_tick(path) -> None:
+    """Return once a change made now gets a later ctime than `path` has: file times come from a coarse kernel clock
+    (one tick, a few ms), so an edit in the same tick as the file's last change could keep its ctime."""
+    probe = path.with_name(".tick")
+    while True:
+        probe.write_bytes(b"")
+        if probe.stat().st_ctime_ns > path.stat().st_ctime_ns:
+            return
+
+
+def _edit_in_place_keeping_size_and_mtime(f) -> None:
+    """One low mantissa bit of one weight flipped in the file itself (same inode, same size), its mtime set back."""
+    from tests.quant.test_integrity import flip_low_mantissa_bit
+
+    st = f.stat()
+    _after_a_clock_tick(f)
+    flip_low_mantissa_bit(f, "model.layers.0.mlp.down_proj.weight")
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    now = f.stat()
+    assert (now.st_size, now.st_mtime_ns, now.st_ino) == (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def test_an_edit_in_place_that_keeps_size_inode_and_mtime_is_hashed_again(two_copies):
+    """The memo's stamp includes the ctime, which no user-space tool sets back (issue 27, finding 4: today's main kept
+    the stale identity, so the edited weights' numbers went under the old model's)."""
+    from harness.models import _dir_sha
+
+    a = two_copies[0]
+    first = _resolve(a).model_sha
+    _edit_in_place_keeping_size_and_mtime(a / "model.safetensors")
+    edited = _resolve(a).model_sha
+    assert edited != first
+    fresh = a.parent / "fresh"  # the same bytes in a new file: hashed from scratch, the same identity
+    shutil.copytree(a, fresh)
+    assert _dir_sha(fresh) == edited
+
+
+@pytest.fixture
+def converted(two_copies, tmp_path):
+    """A checkpoint as harness.assets converts one: its files, their hashes (CONTENT_SHA), then .complete."""
+    from harness import assets
+
+    d = tmp_path / "converted"
+    shutil.copytree(two_copies[0], d)
+    assets.record_converted(d)
+    (d / ".complete").write_text("marker")
+    return d
+
+
+def test_an_edited_converted_checkpoint_is_refused_naming_the_file(converted):
+    """The harness's own conversion of an embedded GGUF is hashed once when written and checked whenever a file's
+    stamp moves: an edit in place (size and mtime kept) is refused in one line naming the file and how to convert
+    again; a touch or a copy of the same bytes passes (issue 27, finding 4: today's main scored an edited copy under
+    the normal run_id)."""
+    from harness import assets
+
+    calls = []
+    real = assets.sha256_file
+    assets_sha = lambda p, *k: calls.append(p) or real(p, *k)  # noqa: E731
+    gguf = converted.parent / "model.gguf"  # not read: the checkpoint is converted already
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(assets, "sha256_file", assets_sha)
+        assert assets._convert_gguf(gguf, converted, "marker", "x") == converted
+        assert calls == []  # stamps unchanged: nothing read
+        f = converted / "model.safetensors"
+        st = f.stat()
+        os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+        assets.check_converted(converted, gguf)
+        assert calls == [f]  # touched: hashed once, same bytes, and the new stamp remembered
+        assets.check_converted(converted, gguf)
+        assert calls == [f]
+    _edit_in_place_keeping_size_and_mtime(f)
+    with pytest.raises(assets.AssetError) as e:
+        assets._convert_gguf(gguf, converted, "marker", "x")
+    msg = str(e.value)
+    assert "\n" not in msg and msg.count(" — ") == 2
+    assert msg.startswith(f"{f}: changed since the harness converted it") and f"delete {converted}" in msg
+
+
+@pytest.mark.parametrize("change", ["added", "missing"])
+def test_a_file_added_to_or_removed_from_a_converted_checkpoint_is_refused(converted, change):
+    from harness import assets
+
+    if change == "added":
+        (converted / "model-00002-of-00002.safetensors").write_bytes(b"extra")
+    else:
+        (converted / "generation_config.json").unlink()
+    with pytest.raises(assets.AssetError, match=change):
+        assets.check_converted(converted, converted / "model.gguf")
+
+
+def test_a_conversion_from_before_hashes_is_recorded_once_unless_edited_after_it(converted, monkeypatch, capsys):
+    from harness import assets
+
+    (converted / assets.CONTENT_SHA).unlink()  # converted by an older harness
+    assets.check_converted(converted, converted / "model.gguf")
+    assert "converted before content hashes were kept" in capsys.readouterr().err
+    assert (converted / assets.CONTENT_SHA).exists()
+    (converted / assets.CONTENT_SHA).unlink()
+    monkeypatch.setattr(assets, "LEGACY_SLACK_NS", 0)
+    _edit_in_place_keeping_size_and_mtime(converted / "model.safetensors")  # after .complete was written
+    with pytest.raises(assets.AssetError, match="model.safetensors: changed since the harness converted it"):
+        assets.check_converted(converted, converted / "model.gguf")
+
+
 def test_calibration_text_enters_the_quantized_cache_key():
     from quant.quantized_cache import quant_key
 
