@@ -15,9 +15,9 @@ from harness.config import (LATE_FIELDS, NON_IDENTITY_FIELDS, QuantConfig, RunCo
                             without_late_defaults)
 from harness.environment import git_sha, hardware, machine_name, package_versions
 from harness.log import logger
+from harness.record_schema import RECORD_VERSION  # the schema owns the version it reads
 from harness.text_files import is_file_source
 
-RECORD_VERSION = 1
 MIN_FREE_BYTES = 1 << 20  # room for a record (tens of kB) with a wide margin
 warn = logger("records")
 

@@ -2,6 +2,11 @@
 
     python -m report [--results-dir results] [--strict] [--no-figures] [--no-notebook]
 
+Every record is read through its schema (harness/record_schema.py): a bad one (a version this code does not know,
+wrong types, NaN, an estimate outside its interval, a run_id that is not the hash of its config, no metrics) is left
+out and listed with its path and reason on stderr and in a warning above the tables; with no valid record the
+report stops with one line (exit 2).
+
 Writes <results>/tables/table<N>.{md,csv,tex} (one table per set of comparable eval settings) and records.csv (one
 row per run, every metric), <results>/figures/*.{png,pdf}, and <results>/notebooks/results.executed.ipynb (the
 notebook notebooks/results.ipynb run top to bottom on these records). Reads records only; it never recomputes.
@@ -13,10 +18,11 @@ import os
 import re
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from harness.assets import REPO_ROOT
-from harness.records import load_records
+from harness.record_schema import BadRecord, read_records
 from report import render
 from report import tables as T
 
@@ -28,22 +34,55 @@ class ReportError(RuntimeError):
     """The records cannot be reported as asked; the message says why and what to do."""
 
 
+@dataclass
+class Loaded:
+    records: list[dict]  # complete, valid records, as written (report/record_view.py reads them)
+    skipped: list[str]  # valid records left out: a run still in progress or failed
+    bad: list[BadRecord]  # records the schema refused (harness/record_schema.py), with path and reasons
+
+
+def load_checked(results_dir: Path) -> Loaded:
+    """Every record under <results_dir>/runs/, read through the record schema."""
+    import quant  # noqa: F401  (registers every method's config: a record's run_id is recomputed from its config)
+
+    good, bad = read_records(results_dir)
+    skipped = [f"{r.run_id}: status {r.status!r}, left out" for r in good if not r.complete]
+    return Loaded([r.data for r in good if r.complete], skipped, bad)
+
+
+def warn_bad(bad: list[BadRecord]) -> None:
+    for b in bad:
+        print(f"warning: skipping {b.line()}", file=sys.stderr, flush=True)
+
+
 def load(results_dir: Path) -> tuple[list[dict], list[str]]:
-    """Complete records, and a note for each one left out (a run still in progress or failed)."""
-    records = load_records(results_dir)
-    skipped = [f"{r.get('run_id')}: status {r.get('status')!r}, left out" for r in records
-               if r.get("status", "complete") != "complete"]
-    return [r for r in records if r.get("status", "complete") == "complete"], skipped
+    """Complete, valid records, and a note for each file left out (a bad record: its path and why, also on stderr;
+    a run still in progress or failed)."""
+    loaded = load_checked(results_dir)
+    warn_bad(loaded.bad)
+    return loaded.records, [b.line() for b in loaded.bad] + loaded.skipped
 
 
-def write_tables(tables: list[T.Table], records: list[dict], out_dir: Path) -> list[Path]:
+def no_valid_record(results_dir: Path, bad: list[BadRecord]) -> str:
+    """The one line the report stops with when no record can be shown."""
+    runs = results_dir / "runs"
+    if not bad:
+        return (f"no complete run record under {runs}; make some with `python -m experiments.run` (or `make demo`), "
+                f"or pass --results-dir")
+    named = "; ".join(b.line() for b in bad[:3]) + (f"; and {len(bad) - 3} more" if len(bad) > 3 else "")
+    return (f"no valid complete run record under {runs}: {len(bad)} left out as bad ({named}); recompute them with "
+            f"`python -m experiments.run` (the same command), or remove them")
+
+
+def write_tables(tables: list[T.Table], records: list[dict], out_dir: Path, bad: list[BadRecord] = ()) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     for old in out_dir.iterdir():  # tables of an older report (fewer groups then) must not linger
         if re.fullmatch(r"table\d+\.(md|csv|tex)", old.name):
             old.unlink()
     paths = []
+    warning = render.bad_records_markdown(bad)
     for t in tables:
-        for ext, text in (("md", render.to_markdown(t)), ("tex", render.to_latex(t))):
+        for ext, text in (("md", warning + render.to_markdown(t)), ("tex", render.to_latex(t))):
             p = out_dir / f"table{t.index}.{ext}"
             p.write_text(text)
             paths.append(p)
@@ -86,10 +125,11 @@ def report(results_dir: Path, strict: bool = False, figures: bool = True, notebo
            out=None) -> dict:
     """Build everything; returns {"tables": [...], "figures": [...], "notebook": path or None, "markdown": str}."""
     results_dir = Path(results_dir)
-    records, skipped = load(results_dir)
+    loaded = load_checked(results_dir)
+    records, skipped = loaded.records, loaded.skipped
     if not records:
-        raise ReportError(f"no complete run records under {results_dir / 'runs'}; make some with "
-                          f"`python -m experiments.run` (or `make demo`), or pass --results-dir")
+        raise ReportError(no_valid_record(results_dir, loaded.bad))
+    warn_bad(loaded.bad)
     groups = T.group_records(records)
     if len(groups) > 1:
         msg = T.split_message(groups)
@@ -104,9 +144,9 @@ def report(results_dir: Path, strict: bool = False, figures: bool = True, notebo
     for t in tables:  # also in the table's notes; said here so a reader of the console sees it too
         for d in t.dropped:
             print(f"note: table {t.index}: {d}", file=sys.stderr)
-    md = "\n".join(render.to_markdown(t) for t in tables)
+    md = render.bad_records_markdown(loaded.bad) + "\n".join(render.to_markdown(t) for t in tables)
     print(md, file=out or sys.stdout)
-    table_paths = write_tables(tables, records, results_dir / "tables")
+    table_paths = write_tables(tables, records, results_dir / "tables", loaded.bad)
     fig_paths = []
     if figures:
         from report.plots import save_figures

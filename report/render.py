@@ -12,6 +12,18 @@ from report.tables import Column, Row, Table
 # words around a table
 
 
+def bad_records_markdown(bad) -> str:
+    """A warning above the tables naming every record the schema refused (harness.record_schema.BadRecord: its path
+    and reasons), or "" when there is none."""
+    if not bad:
+        return ""
+    lines = [f"> **Warning: {len(bad)} record{'s' if len(bad) > 1 else ''} left out** (harness/record_schema.py): "
+             f"no number of {'theirs' if len(bad) > 1 else 'its'} is in the tables below; fix, recompute or remove "
+             f"{'them' if len(bad) > 1 else 'it'}.", ">"]
+    lines += [f"> - `{b.path}`: {'; '.join(b.reasons)}" for b in bad]
+    return "\n".join(lines) + "\n\n"
+
+
 def title(t: Table) -> str:
     s = t.settings
     models = ", ".join(t.model_name(m) for m in t.models)

@@ -229,6 +229,18 @@ def _row_identity(rec: dict) -> str:
     return repr(sorted(_flatten(_distinct_fields(rec)).items()))
 
 
+def number_changes(old: dict, new: dict) -> list[str]:
+    """"PPL milton 107.43 -> 109.10" for every cell the two records both hold with different values (old first)."""
+    out = []
+    for name in TABLE_ORDER:
+        m = METRICS.get(name)
+        a, b = m.extract(old), m.extract(new)
+        for key in sorted(a.keys() & b.keys(), key=_key_sort):
+            if a[key] is not None and b[key] is not None and not math.isclose(a[key], b[key], rel_tol=1e-12):
+                out.append(f"{Column(name, key).header('B')} {a[key] * m.scale:.6g} -> {b[key] * m.scale:.6g}")
+    return out
+
+
 def dropped_message(old: dict, new: dict, row: str, model: str) -> str:
     """One line for a record left out because a newer one holds the same row: which, and how the two differ."""
     why = []
@@ -241,6 +253,9 @@ def dropped_message(old: dict, new: dict, row: str, model: str) -> str:
     lost = sorted(set(old.get("metrics") or {}) - set(new.get("metrics") or {}))
     if lost:
         why.append(f"its {', '.join(lost)} cells are not in the newer record")
+    moved = number_changes(old, new)
+    if moved:
+        why.append(f"numbers {', '.join(moved[:4])}" + (f" and {len(moved) - 4} more" if len(moved) > 4 else ""))
     return (f"Dropped record {old.get('run_id')} ({dig(old, 'provenance', 'created', default='?')}): record "
             f"{new.get('run_id')} ({dig(new, 'provenance', 'created', default='?')}) has the same row ({row}, {model}) "
             f"and is newer, so it is shown" + (f"; they differ in {'; '.join(why)}." if why else "."))

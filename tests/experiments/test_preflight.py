@@ -93,9 +93,12 @@ def _write_truncated(runs: Path, name: str = "0123456789abcdef") -> Path:
 def test_report_skips_a_corrupt_record_naming_it(tmp_path, capsys):
     from report import build
 
-    good = tmp_path / "runs" / "fedcba9876543210.json"
+    from tests.report.test_report import make_record
+
+    rec = make_record()  # a whole record (its run_id the hash of its config: the report checks it)
+    good = tmp_path / "runs" / f"{rec['run_id']}.json"
     bad = _write_truncated(tmp_path / "runs")
-    good.write_text(json.dumps({"run_id": good.stem, "status": "complete"}))
+    good.write_text(json.dumps(rec))
     recs, _ = build.load(tmp_path)
     assert [r["run_id"] for r in recs] == [good.stem]
     err = capsys.readouterr().err
