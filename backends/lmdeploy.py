@@ -150,6 +150,13 @@ def make_pipeline(cfg: RunConfig, model_dir, log_level: str = "WARNING"):
     if cfg.backend.name != "lmdeploy":
         raise ConfigError(f"backend.name: {cfg.backend.name!r}; LMDeploy runs need backend=lmdeploy")
     engine_cfg, engine, reason = build_engine_config(cfg, model_dir)
+    if cfg.backend.w4a16_kernel != "engine":
+        if engine != "pytorch":
+            raise ConfigError(f"backend.w4a16_kernel: {cfg.backend.w4a16_kernel} replaces the PyTorch engine's W4A16 "
+                              f"linear; this run chose {engine} — set backend.engine=pytorch")
+    from backends import lmdeploy_w4a16
+
+    lmdeploy_w4a16.install(cfg.backend.w4a16_kernel)  # `engine` puts LMDeploy's own builder back
     import os
 
     os.environ.update({k: v for k, v in engine_env(cfg, {}).items()})  # inherited by the engine's workers

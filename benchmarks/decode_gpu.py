@@ -91,17 +91,6 @@ def convert(model, weights: str, group_size, kernel) -> dict:
     return info
 
 
-def step_bytes(model) -> int:
-    """What one decode step reads of the weights: every decoder module's parameters and buffers as stored, plus the
-    LM head (an embedding row per sequence is left out)."""
-    from quant.kernels.w4a16 import packed_bytes
-
-    total = packed_bytes(model)["total_bytes"]
-    emb = model.get_input_embeddings().weight
-    tied = model.get_output_embeddings().weight is emb
-    return total - (0 if tied else emb.numel() * emb.element_size())
-
-
 def time_prefill(model, batch: int, length: int, vocab: int, repeats: int = 3) -> dict:
     import torch
 
@@ -123,7 +112,7 @@ def run_variant(variant: str, args, env: dict) -> dict:
     import torch
 
     from backends import roofline as rl
-    from eval.static_decode import time_decode
+    from eval.static_decode import decode_model_bytes, time_decode
 
     weights, group_size, kernel = VARIANTS[variant]
     torch.cuda.empty_cache()
@@ -133,11 +122,7 @@ def run_variant(variant: str, args, env: dict) -> dict:
     info = convert(model, weights, group_size, kernel)
     build_s = time.perf_counter() - t
     cfg = model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    mb = rl.ModelBytes(weight_read_bytes=step_bytes(model),
-                       kv_bytes_per_token=rl.kv_bytes_per_token(cfg.num_hidden_layers, cfg.num_key_value_heads,
-                                                                head_dim, 16),
-                       matmul_params=sum(m.in_features * m.out_features for m in decoder_linears(model).values()))
+    mb = decode_model_bytes(model)  # the projections and LM head as stored, fp16 KV per token
     bw = env["roofline_bw_bytes_s"]
     context = rl.mean_decode_context(args.prompt_len, args.gen_len)
     rows = []

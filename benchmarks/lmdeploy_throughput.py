@@ -65,12 +65,20 @@ VARIANTS: Registry[list[str]] = Registry("benchmark variant")
 VARIANTS.add("fp16", ["quant=fp16", "kv=fp16"])
 VARIANTS.add("awq_w4a16", ["quant=awq", "quant.w_bit=4", "quant.group_size=128", "kv=fp16"])
 VARIANTS.add("awq_w4a16_kv8", ["quant=awq", "quant.w_bit=4", "quant.group_size=128", "kv=int8"])
-DEFAULT_VARIANTS = ["fp16", "awq_w4a16", "awq_w4a16_kv8"]
+# the same checkpoint through the harness's W4A16 kernels inside the engine (backends/lmdeploy_w4a16.py)
+VARIANTS.add("awq_w4a16_gemlite", ["quant=awq", "quant.w_bit=4", "quant.group_size=128", "kv=fp16",
+                                   "backend.w4a16_kernel=gemlite"])
+VARIANTS.add("awq_w4a16_tinygemm", ["quant=awq", "quant.w_bit=4", "quant.group_size=128", "kv=fp16",
+                                    "backend.w4a16_kernel=tinygemm"])
+DEFAULT_VARIANTS = ["fp16", "awq_w4a16", "awq_w4a16_kv8", "awq_w4a16_gemlite"]
 
 
 def label(cfg) -> str:
-    """What a row measured, from its resolved config (harness.labels)."""
-    return config_label(cfg.quant, cfg.kv.bits, kv_format=cfg.kv.format)
+    """What a row measured, from its resolved config (harness.labels), naming the W4A16 kernel when it is not the
+    engine's own."""
+    base = config_label(cfg.quant, cfg.kv.bits, kv_format=cfg.kv.format)
+    kernel = cfg.backend.w4a16_kernel
+    return base if kernel == "engine" or cfg.quant.method == "fp16" else f"{base} [{kernel} W4A16 kernel]"
 
 
 def variant_id(variant: str, tp: int = 1) -> str:
@@ -541,6 +549,7 @@ def run_variant(variant: str, model: str, extra: list[str], out_dir: Path, synth
 
     from harness.records import run_id
     from backends import lmdeploy as lb
+    from backends import lmdeploy_w4a16 as lw
     from harness import synthetic
     from harness.compose import compose
     import quant  # noqa: F401  (registers every method's config, which conf/quant/ selects)
@@ -568,6 +577,10 @@ def run_variant(variant: str, model: str, extra: list[str], out_dir: Path, synth
     t = time.perf_counter()
     pipe, engine, reason = lb.make_pipeline(cfg, model_dir)
     t_engine = time.perf_counter() - t
+    built = lw.built_layers()
+    if cfg.backend.w4a16_kernel != "engine" and cfg.quant.method != "fp16" and not built["layers"]:
+        raise RuntimeError(f"backend.w4a16_kernel={cfg.backend.w4a16_kernel}: the engine built no W4A16 linear "
+                           f"through the harness's builder; its rows would be the engine's own kernel")
     procs = process_tree_env(os.getpid())  # this process and the engine's workers
     kv = lb.kv_cache_stats(pipe)
     wbytes = lb.module_bytes(lb.engine_model(pipe))  # {} where the model lives in worker processes (tp > 1)
@@ -611,6 +624,7 @@ def run_variant(variant: str, model: str, extra: list[str], out_dir: Path, synth
         "synthetic": bool(marker), "synthetic_note": synthetic.NOTE if marker else None, "model": cfg.model.name,
         "model_dir": str(model_dir), "checkpoint": marker, "checkpoint_write_s": t_ckpt,
         "engine": engine, "engine_fallback_reason": reason, "engine_start_s": t_engine,
+        "w4a16_kernel": lw.label(cfg.backend.w4a16_kernel), "w4a16_layers_built": lw.built_layers(),
         "executor_backend": executor or "uni", "engine_processes": procs, "multicast_off_in_all_processes": multicast_off(procs),
         "engine_kwargs": lb.engine_kwargs(cfg, model_dir, engine),
         "prompt_len": tp.prompt_len, "gen_len": tp.gen_len, "warmup": tp.warmup, "repeats": tp.repeats,

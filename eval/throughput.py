@@ -127,10 +127,13 @@ def decode_loop(ctx: EvalContext, model) -> tuple[str, object]:
         return "eager", None
     if ctx.kv_cache_factory is not None:
         return "eager (the CUDA-graph loop keeps an unquantized KV cache)", None
-    from eval.static_decode import supports
+    from eval.static_decode import check_supported
 
-    why = supports(model)
-    return ("static KV cache + CUDA graph", "graph") if why is None else (f"eager ({why})", None)
+    try:
+        check_supported(model, tc.prompt_len + tc.gen_len)
+    except NotImplementedError as e:
+        return f"eager ({e})", None
+    return "static KV cache + CUDA graph", "graph"
 
 
 def check_throughput_fits(cfg, model_config) -> None:
@@ -161,20 +164,35 @@ def evaluate_throughput(ctx: EvalContext) -> dict | None:
     # what else ran: a CPU figure measured while other work held the cores is not this machine's speed (the report
     # leaves such cells out and says why)
     out["cpu_count"], load_before = os.cpu_count(), _load_1m()
-    bar = tqdm(total=len(tc.batch_sizes) * tc.repeats, desc="throughput", disable=not ctx.progress, leave=False)
+    dense = kernel not in (None, "dequant")  # a real kernel ran: time the dense weights too, in this run
+    bar = tqdm(total=len(tc.batch_sizes) * tc.repeats * (1 + dense), desc="throughput", disable=not ctx.progress,
+               leave=False)
+    out["batch"] = _measure_batches(ctx, model, graph, ids, bar)
+    if dense:  # FP16's speed (the dequantized weights in the model dtype: the same shapes, dense matmuls), so the
+        # record holds its own ratio, both sides from one machine under one load
+        out["dense_baseline"] = {"weights": f"dense {ctx.cfg.model.dtype} (the dequantized weights): FP16's speed",
+                                 "batch": _measure_batches(ctx, ctx.model, graph, ids, bar)}
+        out["speedup_vs_dense"] = {b: r["decode_tok_s"] / out["dense_baseline"]["batch"][b]["decode_tok_s"]
+                                   for b, r in out["batch"].items() if r.get("decode_tok_s")}
+    bar.close()
+    out["load_average_1m"] = [load_before, _load_1m()]
+    return out
+
+
+def _measure_batches(ctx: EvalContext, model, graph, ids, bar) -> dict:
+    tc = ctx.cfg.eval.throughput
+    res = {}
     for b in tc.batch_sizes:
         prompt = prompt_batch(ids, b, tc.prompt_len)
         if graph:
             from eval.static_decode import time_decode
 
             m = time_decode(model, prompt.to(ctx.cfg.model.device), tc.gen_len, tc.warmup, tc.repeats)
-            out["batch"][str(b)] = {k: v for k, v in m.items() if k != "ids"}
+            res[str(b)] = {k: v for k, v in m.items() if k != "ids"}
             bar.update(tc.repeats)
         else:
-            out["batch"][str(b)] = measure(model, prompt, tc.gen_len, tc.warmup, tc.repeats, ctx.kv_cache_factory, bar)
-    bar.close()
-    out["load_average_1m"] = [load_before, _load_1m()]
-    return out
+            res[str(b)] = measure(model, prompt, tc.gen_len, tc.warmup, tc.repeats, ctx.kv_cache_factory, bar)
+    return res
 
 
 def _load_1m() -> float | None:

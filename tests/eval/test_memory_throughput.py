@@ -116,3 +116,26 @@ def test_batch_that_does_not_fit_fails_early(smollm2_resolved):
     check_fits(c, 1, 256, 16, "eval.throughput.batch_sizes")
     with pytest.raises(ConfigError, match="eval.throughput.batch_sizes: batch 100000"):
         check_fits(c, 100000, 4096, 16, "eval.throughput.batch_sizes")
+
+
+def test_a_quantized_run_records_its_kernel_and_the_dense_speed_of_the_same_run(tmp_path):
+    """`eval.throughput` on a W4A16 run: the kernel that ran is named, and the same model's dense (dequantized)
+    weights are timed in the same run, so the record holds a ratio of two figures from one machine and one load."""
+    from experiments import pipeline
+    from tests.experiments.test_pipeline import SMALL, cfg_of
+
+    tp = ["eval.throughput.enabled=true", "eval.throughput.batch_sizes=[1]", "eval.throughput.prompt_len=8",
+          "eval.throughput.gen_len=3", "eval.throughput.warmup=0", "eval.throughput.repeats=1",
+          "data.splits=[milton]", f"results_dir={tmp_path}"]
+    rec = pipeline.run(cfg_of(SMALL + ["quant=rtn_w4", *tp]))
+    t = rec["metrics"]["throughput"]
+    assert t["kernel"] == "tinygemm" and t["int4_kernel_fallback"] is None and t["decode_loop"] == "eager"
+    assert t["weight_bytes"]["n_w4a16_linears"] == 210
+    base = t["dense_baseline"]["batch"]["1"]["decode_tok_s"]
+    assert base > 0 and t["speedup_vs_dense"]["1"] == pytest.approx(t["batch"]["1"]["decode_tok_s"] / base)
+    # the dequantized kernel is the dense model: nothing to compare it with
+    rec = pipeline.run(cfg_of(SMALL + ["quant=rtn_w4", "eval.throughput.kernel=dequant", *tp]))
+    t = rec["metrics"]["throughput"]
+    assert t["kernel"] == "dequant" and "dequantized" in t["weights"] and "dense_baseline" not in t
+    rec = pipeline.run(cfg_of(SMALL + ["quant=fp16", *tp]))  # unquantized: no kernel, no baseline
+    assert "dense_baseline" not in rec["metrics"]["throughput"] and rec["metrics"]["throughput"]["kernel"] is None
