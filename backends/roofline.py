@@ -130,3 +130,26 @@ def kv_capacity_tokens(free_bytes: float, cache_share: float, kv_per_token: int)
     cache_max_entry_count: a share of free memory, not of the total). An upper bound: the engine also reserves
     runtime buffers before it takes its share, and allocates whole blocks."""
     return int(free_bytes * cache_share // kv_per_token)
+
+
+def _module_bytes(module) -> int:
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+
+def decode_model_bytes(model):
+    """What one decode step reads, as ModelBytes: the parameters and buffers of whatever modules
+    sit at the decoder's projections and the LM head (packed int4 codes, scales, ... as they are), and K/V per
+    token of context in the model dtype. matmul_params counts the unquantized shapes (prefill FLOPs).
+    Feed it to decode_roofline_tok_s."""
+    from harness.architectures import architecture_for, config_dims, parameter_count
+
+    arch = architecture_for(model)
+    blocks = model.get_submodule(arch.blocks)
+    weights = sum(_module_bytes(block.get_submodule(n)) for block in blocks for n in arch.linears)
+    weights += _module_bytes(model.get_submodule(arch.lm_head))
+    cfg = model.config.to_dict()
+    d = config_dims(cfg)
+    dtype_bytes = model.get_submodule(arch.embedding).weight.element_size()
+    kv_16bit = kv_bytes_per_token(d["layers"], d["nkv"], d["hd"], kv_bits=16)
+    return ModelBytes(weight_read_bytes=weights, kv_bytes_per_token=kv_16bit * dtype_bytes // 2,
+                      matmul_params=parameter_count(arch, cfg)["matmul"])

@@ -112,7 +112,8 @@ def run_variant(variant: str, args, env: dict) -> dict:
     import torch
 
     from backends import roofline as rl
-    from eval.static_decode import decode_model_bytes, time_decode
+    from backends.roofline import decode_model_bytes
+    from eval.static_decode import time_decode
 
     weights, group_size, kernel = VARIANTS[variant]
     torch.cuda.empty_cache()

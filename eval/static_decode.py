@@ -24,7 +24,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from harness.architectures import architecture_for, config_dims, parameter_count
+from harness.architectures import architecture_for, config_dims
 from harness.registry import UnknownNameError
 
 # RoPE types whose frequencies do not depend on the sequence length, so one table serves every position
@@ -279,26 +279,3 @@ def time_decode(model, prompt_ids: torch.Tensor, gen_len: int, warmup: int = 1, 
             "decode_tok_s": b * steps / decode_s if steps else None, "prefill_tok_s": b * p / prefill_s,
             "peak_memory_bytes": torch.cuda.max_memory_allocated(dec.device) if cuda else None,
             "cuda_graph": dec.use_cuda_graph, "repeats_s": [list(r) for r in runs], "ids": ids}
-
-
-def _module_bytes(module: torch.nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
-
-
-def decode_model_bytes(model):
-    """What one decode step reads, as backends.roofline.ModelBytes: the parameters and buffers of whatever modules
-    sit at the decoder's projections and the LM head (packed int4 codes, scales, ... as they are), and K/V per
-    token of context in the model dtype. matmul_params counts the unquantized shapes (prefill FLOPs).
-    Feed it to backends.roofline.decode_roofline_tok_s."""
-    from backends.roofline import ModelBytes, kv_bytes_per_token  # backends sits above eval: imported when used
-
-    arch = architecture_for(model)
-    blocks = model.get_submodule(arch.blocks)
-    weights = sum(_module_bytes(block.get_submodule(n)) for block in blocks for n in arch.linears)
-    weights += _module_bytes(model.get_submodule(arch.lm_head))
-    cfg = model.config.to_dict()
-    d = config_dims(cfg)
-    dtype_bytes = model.get_submodule(arch.embedding).weight.element_size()
-    kv_16bit = kv_bytes_per_token(d["layers"], d["nkv"], d["hd"], kv_bits=16)
-    return ModelBytes(weight_read_bytes=weights, kv_bytes_per_token=kv_16bit * dtype_bytes // 2,
-                      matmul_params=parameter_count(arch, cfg)["matmul"])

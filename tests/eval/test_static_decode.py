@@ -7,7 +7,8 @@ import torch
 import torch.nn as nn
 import transformers
 
-from eval.static_decode import StaticDecoder, decode_model_bytes, time_decode
+from backends.roofline import decode_model_bytes
+from eval.static_decode import StaticDecoder, time_decode
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=256, max_position_embeddings=128)
