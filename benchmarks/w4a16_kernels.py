@@ -107,7 +107,7 @@ def time_block(fns, xs, replays: int) -> float:
     return statistics.median(times)
 
 
-def run(models, kernels, m_values, group_size: int, replays: int, autotune: str) -> dict:
+def run(models, kernels, m_values, group_size: int, replays: int, autotune: str, save=None) -> dict:
     import torch
 
     from backends.roofline import HBM_BANDWIDTH_BYTES_S, lookup
@@ -166,6 +166,8 @@ def run(models, kernels, m_values, group_size: int, replays: int, autotune: str)
                       f"{100 * floor_s / t:.0f}%)", flush=True)
             del built
             torch.cuda.empty_cache()
+            if save:  # after every kernel: a run cut short keeps what it measured
+                save(out)
     if "gemlite" in kernels:
         out["gemlite_autotune_saved"] = str(save_autotune())
     return out
@@ -220,7 +222,8 @@ def main(argv=None) -> int:
     from benchmarks.common import write_result
     from harness.environment import environment
 
-    res = run(args.models, args.kernels, args.m, args.group_size, args.replays, args.gemlite_autotune)
+    res = run(args.models, args.kernels, args.m, args.group_size, args.replays, args.gemlite_autotune,
+              save=lambda r: write_result(args.out / f"{NAME}.json", r))
     res["environment"] = environment()
     res["command"] = "python -m benchmarks.w4a16_kernels " + " ".join(argv if argv is not None else sys.argv[1:])
     write_result(args.out / f"{NAME}.json", res)

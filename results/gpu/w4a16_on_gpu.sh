@@ -12,11 +12,11 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 for stage in "$@"; do
   t=$(date +%s)
   case $stage in
-    tests) timeout 240 python3 -m pytest -q -p no:cacheprovider tests/quant/test_w4a16_kernels.py tests/eval/test_static_decode.py \
+    tests) timeout 120 python3 -m pytest -q -p no:cacheprovider tests/quant/test_w4a16_kernels.py tests/eval/test_static_decode.py \
              -k "cuda or gemlite or lmdeploy" 2>&1 | tail -15 ;;
-    kernels) timeout 420 python3 -m benchmarks.w4a16_kernels --out "$OUT/w4a16_kernels" ${KERNEL_ARGS:-} 2>&1 | tail -40
+    kernels) timeout 200 python3 -m benchmarks.w4a16_kernels --out "$OUT/w4a16_kernels" ${KERNEL_ARGS:-} 2>&1 | tail -40
              cp -r results/gpu/gemlite_autotune "$OUT/" 2>/dev/null ;;
-    decode) timeout 540 python3 -m benchmarks.decode_gpu --out "$OUT/decode_gpu" ${DECODE_ARGS:-} 2>&1 | grep -v Warning | tail -40 ;;
+    decode) timeout 420 python3 -m benchmarks.decode_gpu --out "$OUT/decode_gpu" ${DECODE_ARGS:-} 2>&1 | grep -v Warning | tail -40 ;;
     engine) timeout 560 python3 -m benchmarks.lmdeploy_throughput --out "$OUT/lmdeploy_w4a16" \
               --tokenizer .device/tokenizers/smollm2-135m-instruct ${ENGINE_ARGS:-} 2>&1 | grep -v Warning | tail -40 ;;
   esac
