@@ -212,15 +212,31 @@ def code_version_of(cfg: RunConfig) -> dict:
     return code_version(parts)
 
 
+def local_model_sha(cfg: RunConfig) -> str | None:
+    """The weights' identity of a model given by a local path (a checkpoint directory or a .gguf file), or None for
+    the embedded models (checked against their conversion), synthetic ones and hub ids. Cheap: each file's sha256 is
+    remembered by its stamp (harness.assets.file_sha256), hashed again only after an edit."""
+    path = cfg.model.path
+    p = Path(path).expanduser()
+    if path.startswith(("embedded:", "synthetic:")) or not ((p.is_dir() and (p / "config.json").exists()) or
+                                                             (p.is_file() and path.endswith(".gguf"))):
+        return None
+    return resolve_model(cfg.model).model_sha
+
+
 def stale_reason(rec: dict, cfg: RunConfig) -> str | None:
-    """Why an existing complete record cannot stand for `cfg` now, or None: other code made it, or (for a record with
-    throughput) another machine measured it."""
+    """Why an existing complete record cannot stand for `cfg` now, or None: other code made it, other weights at the
+    same local model.path (its run_id names the path, not the bytes), or (for a record with throughput) another
+    machine measured it."""
     now = code_version_of(cfg)
     old = rec.get("code_version")
     if not old:
         return "made before records carried a code_version"
     if old.get("hash") != now["hash"]:
         return f"made by other code ({', '.join(changed_parts(old, now))} changed)"
+    sha, then = local_model_sha(cfg), (rec.get("provenance") or {}).get("model_sha")
+    if sha is not None and sha != then:
+        return f"made from other weights at {cfg.model.path} (model_sha {then} then, {sha} now)"
     if (rec.get("metrics") or {}).get("throughput") is not None:
         here, there = machine_name(), (rec.get("provenance") or {}).get("machine")
         if there != here:

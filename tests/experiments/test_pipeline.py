@@ -143,3 +143,26 @@ def test_a_gguf_file_runs_end_to_end(tmp_path):
     assert rec["status"] == "complete" and rec["provenance"]["model_sha"] != ref["provenance"]["model_sha"]
     for split, m in rec["metrics"]["perplexity"].items():  # the same Q4_1 weights, dequantized either way
         assert m["token_ppl"] == pytest.approx(ref["metrics"]["perplexity"][split]["token_ppl"], rel=0.03)
+
+
+def test_a_record_of_a_local_checkpoint_edited_in_place_is_not_reused(tmp_path, smollm2_resolved):
+    """Issue 27, finding 4: the run_id names a local model by its path, so after an edit in place (size, inode and
+    mtime kept) the old record was reused for the new weights. The record's model_sha is checked against the weights'
+    identity now (hashed again after the edit: the memo's stamp holds the ctime), and the run is computed again."""
+    from experiments import pipeline
+    from harness.models import resolve_model
+    from tests.experiments.tiny import tiny_checkpoint
+    from tests.harness.test_models import _edit_in_place_keeping_size_and_mtime
+
+    d = tiny_checkpoint(tmp_path / "tiny", smollm2_resolved.directory)
+    cfg = cfg_of(SMALL + ["quant=rtn_w4", "data.splits=[milton]", "eval=ppl", f"model.path={d}",
+                          "model.dtype=float32", f"results_dir={tmp_path / 'results'}"])
+    first = pipeline.run(cfg)
+    assert pipeline.record_exists(cfg)
+    _edit_in_place_keeping_size_and_mtime(d / "model.safetensors")
+    assert "made from other weights" in pipeline.stale_reason(first, cfg)
+    assert not pipeline.record_exists(cfg)
+    second = pipeline.run(cfg)
+    assert second["run_id"] == first["run_id"]
+    assert second["provenance"]["model_sha"] == resolve_model(cfg.model).model_sha != first["provenance"]["model_sha"]
+    assert pipeline.record_exists(cfg)
