@@ -8,6 +8,8 @@ Layouts:
   per group (quant/kernels/int4_linear.py).
 - "w8a8": LMDeploy's SmoothQuant checkpoint (`quant_method: smooth_quant`): 1-byte codes (int8 / fp8), an fp32 scale
   per output row (pytorch/nn/linear/w8a8.py `create_weights`).
+- "nvfp4" / "mxfp4" (quant/formats/fp4.py): e2m1 codes at 4 bits, two a byte; a 1-byte scale per block (fp8 e4m3 per
+  16 / e8m0 per 32); NVFP4 adds one fp32 global scale per tensor: 4.5 bits a weight + 4 bytes (NVFP4), 4.25 (MXFP4).
 - KV cache (LMDeploy `quant_policy` 8 / 4): K and V codes at kv bits, plus a scale and a zero point per token, per
   KV head, for K and for V, in a 16-bit dtype; unquantized K/V are 16-bit values. FP8 K/V (`quant_policy` 16 / 17):
   1 byte per value and no per-token metadata (meta_bytes=0; the scale is one scalar per layer).
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 FP16_BYTES = 2
 FP32_BYTES = 4
+FP8_BYTES = 1
 KV_META_BYTES = 2 * FP16_BYTES  # scale + zero point, per token, per KV head, for K and for V each
 
 
@@ -29,7 +32,9 @@ def quantized_weight_bytes(n_weights: int, n_groups: int, w_bit: int, zero_point
         return codes + n_groups * 2 * FP16_BYTES
     if layout == "w8a8":
         return codes + n_groups * FP32_BYTES
-    raise ValueError(f"unknown weight layout {layout!r} (awq, int4_kernel, w8a8)")
+    if layout in ("nvfp4", "mxfp4"):  # one call per tensor: NVFP4's global scale counted once
+        return codes + n_groups * FP8_BYTES + (FP32_BYTES if layout == "nvfp4" else 0)
+    raise ValueError(f"unknown weight layout {layout!r} (awq, int4_kernel, w8a8, nvfp4, mxfp4)")
 
 
 def awq_linear_bytes(out_features: int, in_features: int, w_bit: int, group_size: int) -> int:
