@@ -6,6 +6,12 @@ same command is run again and must give the record an uninterrupted run gives.
     python -m benchmarks.faults --trials 6         # + AWQ's block loop killed (~22 min)
     python -m benchmarks.faults --trials 20 --seed 1
     python -m benchmarks.faults --trials 2 --faults corrupt_files --mechanism shim --out /tmp/f   # a quick look
+    python -m benchmarks.faults --quick              # issue 27's scenarios only (~2 min): faults_quick.{json,md}
+    python -m benchmarks.faults --trials 3 --faults all          # everything
+
+Issue 27's scenarios (data loss, tampered files, protocol limits: benchmarks/faults_integrity.py) count what went
+wrong by kind: records lost or wrong, records mislabelled, user files destroyed, files written outside their
+destination; every count must be 0 (the exit status is 1 otherwise, or when any trial has a problem).
 
 What "the same record" means: the same run_id, status complete, the same config, and the same metrics to the last
 digit except what is measured rather than computed (timings, tokens/s, resident memory, `from_cache`: MEASURED).
@@ -200,16 +206,20 @@ class Group:
         return sorted(d.iterdir()) if d.exists() else []
 
 
-def start(group: Group, config: str, env_extra: dict | None = None, shim: bool = False):
+def start(group: Group, config: str | None, env_extra: dict | None = None, shim: bool = False,
+          argv: list[str] | None = None):
+    """Start `experiments.run` with the config's arguments, or `argv` (a module and its arguments), in the group's
+    cache; stdout is kept too (a line a refused command prints there must not leak a secret either)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("QH_FAULT_") and k != "HARNESS_DEBUG"}
     env.update({"QH_CACHE": str(group.cache), "PYTHONUNBUFFERED": "1", **(env_extra or {})})
-    head = ["-m", "benchmarks.fault_inject", "experiments.run"] if shim else ["-m", "experiments.run"]
-    proc = subprocess.Popen([sys.executable, *head, *group.args(config)], cwd=ROOT, env=env, text=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    argv = argv or ["experiments.run", *group.args(config)]
+    head = ["-m", "benchmarks.fault_inject"] if shim else ["-m"]
+    proc = subprocess.Popen([sys.executable, *head, *argv], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     lines, t0 = [], time.monotonic()
 
     def read():
-        for line in proc.stderr:
+        for line in proc.stdout:
             lines.append((time.monotonic() - t0, line.rstrip("\n").split("\r")[-1]))
 
     reader = threading.Thread(target=read, daemon=True)
@@ -239,6 +249,11 @@ def run(group: Group, config: str, env_extra: dict | None = None, shim: bool = F
                     on_line(name)
         time.sleep(0.05)
     return finish(proc, lines, t0, reader)
+
+
+def run_argv(group: Group, argv: list[str], env_extra: dict | None = None, shim: bool = False) -> Run:
+    """Run a module with its arguments (`["experiments.export", "quant=rtn_w4", "--out", ...]`) to the end."""
+    return finish(*start(group, None, env_extra, shim, argv=argv))
 
 
 def run_killed(group: Group, config: str, stage: str, delay_s: float) -> Run:
@@ -458,16 +473,27 @@ def kill_plan(trials: int, rng: random.Random) -> list[tuple[str, str]]:
     return plan
 
 
+COUNTS = ("records_lost_or_wrong", "records_mislabelled", "user_files_destroyed", "files_outside_destination")
+
+
+def counts_of(row: dict) -> dict:
+    """A trial's harm, by kind (benchmarks/faults_integrity.py COUNTS); a kill or disk trial with a problem lost or
+    got a record wrong (its check is the rerun's record)."""
+    return row.get("counts") or {k: int(k == "records_lost_or_wrong" and bool(row["problems"])) for k in COUNTS}
+
+
 def render(result: dict) -> str:
     s = result["summary"]
+    harm = ", ".join(f"{k.replace('_', ' ')}: {s[k]}" for k in COUNTS)
     lines = [f"# Fault injection ({result['created']})", "",
              f"`{result['command']}` on {result['machine']} (load average {result['load_average']}); disk faults "
              f"by `{result['mechanism']}`.", "",
              f"**{s['trials']} trials** ({s['kills']} SIGKILLs: {s['kills_by_stage']}; {s['faults']} fault scenarios), "
-             f"**records lost or wrong: {s['records_lost_or_wrong']}**, {s['seconds']:.0f} s.", "",
+             f"**{harm}**; trials with a problem: {s['trials_with_problems']}; {s['seconds']:.0f} s.", "",
              "| trial | config | kill point / fault | message | problems | s |", "|---|---|---|---|---|---|"]
     for row in result["trials"]:
-        point = row.get("kill_point") or row.get("message_at_start") or ""
+        point = row.get("kill_point") or row.get("message_at_start") or (
+            f"fails after {row['fails_after_s']} s" if "fails_after_s" in row else "")
         msg = row.get("message") or row.get("message_mid_run") or row.get("last_line_before_kill") or ""
         cell = lambda x: str(x).replace("|", "\\|")[:160]  # noqa: E731
         lines.append(f"| {row['trial']} | {row['config']} | {cell(point)} | {cell(msg)} | "
@@ -476,20 +502,28 @@ def render(result: dict) -> str:
 
 
 def main(argv=None) -> int:
+    from benchmarks import faults_integrity as FI  # issue 27's scenarios (they use this module's helpers)
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--trials", type=int, default=3,
                     help="SIGKILL trials, stages in turn (quantize, evaluate, record); quantization kills alternate RTN "
                          "and AWQ's block loop, so AWQ joins from --trials 4")
-    ap.add_argument("--faults", default=",".join(FAULTS), help=f"comma-separated subset of {','.join(FAULTS)}, or none")
+    ap.add_argument("--faults", default=",".join(FAULTS), help=f"comma-separated subset of {','.join(FAULTS)}, "
+                    f"the issue-27 scenarios ({','.join(FI.SCENARIOS)}), all, or none")
+    ap.add_argument("--quick", action="store_true", help="the issue-27 scenarios only, no SIGKILL trials (a few "
+                    "minutes): --trials 0 --faults " + ",".join(FI.SCENARIOS))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--mechanism", choices=("auto", "mount", "shim"), default="auto")
     ap.add_argument("--work", type=Path, default=None, help="trial folders (default: a temp folder, removed after)")
     ap.add_argument("--out", type=Path, default=OUT, help="where faults.json and faults.md go")
     args = ap.parse_args(argv)
-    faults = [f for f in args.faults.split(",") if f and f != "none"]
-    unknown = set(faults) - set(FAULTS)
+    if args.quick:
+        args.trials, args.faults = 0, ",".join(FI.SCENARIOS)
+    known = [*FAULTS, *FI.SCENARIOS]
+    faults = known if args.faults == "all" else [f for f in args.faults.split(",") if f and f != "none"]
+    unknown = set(faults) - set(known)
     if unknown:
-        ap.error(f"--faults: unknown {sorted(unknown)}; known: {', '.join(FAULTS)}")
+        ap.error(f"--faults: unknown {sorted(unknown)}; known: {', '.join(known)}")
     mounts = args.mechanism != "shim" and private_mount_namespace()  # before any thread starts
     if args.mechanism == "mount" and not mounts:
         ap.error("--mechanism mount: mounting does not work here (needs root with CAP_SYS_ADMIN); use shim")
@@ -504,7 +538,8 @@ def main(argv=None) -> int:
         jobs += [{"results_full": lambda: suite.results_fault("full"),
                   "results_readonly": lambda: suite.results_fault("readonly"),
                   "cache_full": lambda: suite.cache_fault("full"), "cache_readonly": lambda: suite.cache_fault("readonly"),
-                  "corrupt_files": suite.corrupt_files}[f] for f in faults]
+                  "corrupt_files": suite.corrupt_files,
+                  **{name: (lambda fn=fn: fn(suite)) for name, fn in FI.SCENARIOS.items()}}[f] for f in faults]
         for job in jobs:
             row = job()
             rows.append(row)
@@ -522,7 +557,8 @@ def main(argv=None) -> int:
     from harness.environment import machine_name
 
     result = {
-        "command": f"python -m benchmarks.faults --trials {args.trials} --seed {args.seed} --faults {args.faults}",
+        "command": "python -m benchmarks.faults --quick" if args.quick else
+                   f"python -m benchmarks.faults --trials {args.trials} --seed {args.seed} --faults {args.faults}",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine_name(),
         "load_average": [round(x, 2) for x in os.getloadavg()], "mechanism": mechanism, "seed": args.seed,
         "configs": CONFIGS,
@@ -530,20 +566,26 @@ def main(argv=None) -> int:
                        for k, v in suite.refs.items()},
         "summary": {"trials": len(rows), "kills": sum(r["killed"] for r in kills), "kills_by_stage": by_stage,
                     "kills_missed": sum(not r["killed"] for r in kills), "faults": len(rows) - len(kills),
-                    "records_lost_or_wrong": sum(bool(r["problems"]) for r in rows),
+                    **{k: sum(counts_of(r)[k] for r in rows) for k in COUNTS},
+                    "trials_with_problems": sum(bool(r["problems"]) for r in rows),
                     "seconds": round(time.monotonic() - t0, 1)},
         "trials": rows,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     from harness.records import write_json_atomic
 
-    write_json_atomic(args.out / "faults.json", result)
-    (args.out / "faults.md").write_text(render(result))
+    stem = "faults_quick" if args.quick else "faults"  # the quick mode never replaces the full suite's results
+    write_json_atomic(args.out / f"{stem}.json", result)
+    (args.out / f"{stem}.md").write_text(render(result))
     s = result["summary"]
-    print(f"[faults] {s['trials']} trials, {s['kills']} kills {s['kills_by_stage']}, records lost or wrong: "
-          f"{s['records_lost_or_wrong']}, {s['seconds']:.0f} s -> {args.out / 'faults.json'}", file=sys.stderr)
-    return 1 if s["records_lost_or_wrong"] else 0
+    print(f"[faults] {s['trials']} trials, {s['kills']} kills {s['kills_by_stage']}, "
+          + ", ".join(f"{k.replace('_', ' ')}: {s[k]}" for k in COUNTS)
+          + f", trials with a problem: {s['trials_with_problems']}, {s['seconds']:.0f} s -> {args.out / stem}.json",
+          file=sys.stderr)
+    return 1 if s["trials_with_problems"] or any(s[k] for k in COUNTS) else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from benchmarks import faults as the_module  # one copy of CONFIGS and the helpers, which faults_integrity uses
+
+    sys.exit(the_module.main())

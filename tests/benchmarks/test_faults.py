@@ -70,3 +70,60 @@ def test_a_few_trials_lose_nothing(tmp_path):
     assert [r["problems"] for r in result["trials"]] == [[]] * 4
     assert code == 0 and s["records_lost_or_wrong"] == 0 and s["trials"] == 4
     assert s["kills"] + s["kills_missed"] == 3 and s["kills"] >= 2
+
+
+# ----------------------------------------------------------------------------------------------- issue 27's scenarios
+
+
+def test_the_harm_counters_see_a_destroyed_and_an_added_file(tmp_path):
+    from benchmarks import faults_integrity as FI
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "thesis.tex").write_text("mine")
+    (tmp_path / "notes.txt").write_text("mine")
+    before = FI.snapshot(tmp_path)
+    (tmp_path / "a" / "thesis.tex").write_text("gone")
+    (tmp_path / "notes.txt").unlink()
+    (tmp_path / "escaped.tar.gz").write_bytes(b"x")
+    after = FI.snapshot(tmp_path)
+    assert sorted(FI.destroyed(before, after)) == ["a/thesis.tex", "notes.txt"]
+    assert FI.added(before, after) == ["escaped.tar.gz"]
+    rows = [FI.row("t", "c", 0.0, ["x"], user_files_destroyed=2), {"trial": "kill", "problems": ["wrong"]},
+            {"trial": "kill", "problems": []}]
+    assert [faults.counts_of(r)["user_files_destroyed"] for r in rows] == [2, 0, 0]
+    assert [faults.counts_of(r)["records_lost_or_wrong"] for r in rows] == [0, 1, 0]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_the_tampering_flips_one_mantissa_bit_and_hides_itself(tmp_path, dtype):
+    """A 2^-7 change of 1,024 values of the named tensor only, in place: same size, inode and mtime."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from benchmarks import faults_integrity as FI
+
+    dt = getattr(torch, dtype)
+    t = {"a.weight": torch.full((4, 512), 1.5, dtype=dt), "b.weight": torch.ones(8, dtype=dt)}
+    f = tmp_path / "m.safetensors"
+    save_file(t, str(f))
+    st = f.stat()
+    assert FI.flip_mantissa_bits(f, prefix="a.") == "a.weight"
+    now, got = f.stat(), load_file(str(f))
+    assert (now.st_size, now.st_ino, now.st_mtime_ns) == (st.st_size, st.st_ino, st.st_mtime_ns)
+    changed = (got["a.weight"] != t["a.weight"]).flatten()
+    assert changed[:1024].all() and not changed[1024:].any() and torch.equal(got["b.weight"], t["b.weight"])
+    ratio = (got["a.weight"].float().flatten()[:1024] / 1.5 - 1).abs()
+    assert torch.allclose(ratio, torch.full_like(ratio, 2 ** -7 / 1.5))
+
+
+def test_cheap_scenarios_harm_nothing(tmp_path):
+    """The bundle's escapes and a NUL text, through the suite's driver (about 10 s): refused in one line, and every
+    counter 0."""
+    out = tmp_path / "out"
+    code = faults.main(["--trials", "0", "--faults", "bundle_escape,nul_text", "--mechanism", "shim",
+                        "--work", str(tmp_path / "work"), "--out", str(out)])
+    result = json.loads((out / "faults.json").read_text())
+    s = result["summary"]
+    assert code == 0 and [r["problems"] for r in result["trials"]] == [[], []], result["trials"]
+    assert all(s[k] == 0 for k in faults.COUNTS) and s["trials"] == 2
+    assert result["trials"][1]["message"].startswith("error: text source: file:")
