@@ -84,6 +84,7 @@ def export(cfg: RunConfig, out: Path, force: bool = False, manifest: dict | None
     from experiments.pipeline import Prepared, cache_need_bytes, quantize
     from harness.assets import check_cache_dir
     from harness.data import TEXT_SOURCES, bos_token_id, calibration_provider
+    from harness.limits import check_positions
     from harness.models import describe_model, load_model, load_tokenizer, resolve_model
     from harness.outputs import check_output_dir, check_writable
     from harness.records import run_id
@@ -96,6 +97,7 @@ def export(cfg: RunConfig, out: Path, force: bool = False, manifest: dict | None
         TEXT_SOURCES.get(cfg.quant.calib.dataset)  # an unknown source or a bad file fails here
     resolved = resolve_model(cfg.model)
     skeleton = _skeleton(resolved, cfg)
+    check_positions(cfg, skeleton.config, only=("quant.calib.seqlen",))  # calibration within the model's positions
     check_awq_config(cfg.quant, skeleton)  # every quantized layer's shape, still no weights
     check_writable("--out", out, checkpoint_bytes(skeleton, cfg.quant))  # room for it, before any loading
     cache_writable = check_cache_dir(cache_need_bytes(cfg, resolved), log)  # optional: a warning at most

@@ -181,3 +181,12 @@ def test_an_export_that_fails_while_writing_leaves_nothing_at_out(tmp_path, tiny
     with pytest.raises(KeyboardInterrupt):
         E.main([*_tiny(tiny_dir), "--out", str(tmp_path / "exports" / "rtn")])
     assert list((tmp_path / "exports").iterdir()) == []
+
+
+def test_calibration_past_the_models_positions_fails_before_the_model_loads(tmp_path, capsys, no_loading):
+    """Issue 27, finding 6, for the export: SmolLM2 has 8,192 positions; its eval settings do not matter here."""
+    assert E.main(["quant=awq_w4", "quant.calib.seqlen=9000", "eval.perplexity.seqlen=20000", "--out",
+                   str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: quant.calib.seqlen: 9000 — smollm2-135m-instruct has 8192 positions") and "\n" not in err
+    assert not (tmp_path / "x").exists()
