@@ -22,6 +22,7 @@ from harness.log import logger
 from harness.records import quant_identity
 from harness.models import require_finite
 from harness.text_files import is_file_source
+from quant.formats.fp4 import FP4Tensor
 from quant.primitives import QTensor
 from harness.environment import sources_sha
 from quant.registry import METHODS, QuantContext, QuantOutcome, method_sources
@@ -67,6 +68,8 @@ def _tensors(model, outcome: QuantOutcome) -> tuple[dict[str, torch.Tensor], dic
         out[f"codes.{n}"], out[f"scales.{n}"] = q.q, q.scales
         if q.zeros is not None:
             out[f"zeros.{n}"] = q.zeros
+        if getattr(q, "global_scale", None) is not None:  # NVFP4's per-tensor scale (quant/formats/fp4.py)
+            out[f"global_scale.{n}"] = q.global_scale
     quantized = {f"{n}.weight" for n in outcome.qtensors}
     stored, tied = {}, {}
     for k, v in model.state_dict().items():
@@ -87,7 +90,7 @@ def save(key: str, model, outcome: QuantOutcome) -> Path:
     meta = {
         "version": CACHE_VERSION,
         "key": key,
-        "qtensors": {n: {"w_bit": q.w_bit, "group_size": q.group_size} for n, q in outcome.qtensors.items()},
+        "qtensors": {n: _qtensor_meta(q) for n, q in outcome.qtensors.items()},
         "tied": tied,
         "summary": outcome.summary,
         "timings_s": outcome.timings_s,
@@ -108,9 +111,22 @@ def _read(key: str) -> tuple[dict, dict]:
     return meta, load_tensors(tensors_path, meta.get("tensors_sha256"))
 
 
-def _qtensors(meta: dict, tensors: dict) -> dict[str, QTensor]:
-    return {n: QTensor(q=tensors[f"codes.{n}"], scales=tensors[f"scales.{n}"], zeros=tensors.get(f"zeros.{n}"),
-                       w_bit=d["w_bit"], group_size=d["group_size"]) for n, d in meta["qtensors"].items()}
+def _qtensor_meta(q) -> dict:
+    """What the sidecar says of one Linear's codes: bits and group size; an FP4 format by name (absent: integer)."""
+    fmt = getattr(q, "format", "int")
+    return {"w_bit": q.w_bit, "group_size": q.group_size, **({"format": fmt} if fmt != "int" else {})}
+
+
+def _qtensor(n: str, d: dict, tensors: dict):
+    if d.get("format", "int") != "int":
+        return FP4Tensor(q=tensors[f"codes.{n}"], scales=tensors[f"scales.{n}"],
+                         global_scale=tensors.get(f"global_scale.{n}"), format=d["format"])
+    return QTensor(q=tensors[f"codes.{n}"], scales=tensors[f"scales.{n}"], zeros=tensors.get(f"zeros.{n}"),
+                   w_bit=d["w_bit"], group_size=d["group_size"])
+
+
+def _qtensors(meta: dict, tensors: dict) -> dict:
+    return {n: _qtensor(n, d, tensors) for n, d in meta["qtensors"].items()}
 
 
 def _check_fits(model, state: dict) -> None:

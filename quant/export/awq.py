@@ -87,6 +87,9 @@ def check_awq_config(cfg, model=None) -> None:
         other = f"its checkpoint format is {FORMATS.get(cfg.method).name}" if cfg.method in FORMATS else "it has none"
         raise AWQExportError(f"quant.method: {cfg.method} — the AWQ GEMM format holds the codes of the weight-only "
                              f"methods ({', '.join(awq_methods)}); {other} — export one of those, e.g. quant=awq_w4")
+    if getattr(cfg, "format", "int") != "int":  # FP4 codes: the compressed-tensors layout, not written here yet
+        raise AWQExportError(f"quant.format: {cfg.format} — the AWQ GEMM format holds integer codes only, and the "
+                             f"harness writes no FP4 checkpoint yet — export quant.format=int (e.g. quant=rtn_w4)")
     _check_bits_and_zero_point(cfg.w_bit, cfg.zero_point, "")
     if cfg.group_size == -1:
         raise AWQExportError("quant.group_size=-1 (per channel): AWQ's quantization_config holds one group size; "

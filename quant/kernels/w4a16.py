@@ -52,6 +52,8 @@ def register(kernel: W4A16Kernel) -> W4A16Kernel:
 def check_w4(qt: QTensor, where: str) -> None:
     """What every int4 kernel here needs: 4-bit unsigned codes with an integer zero point, grouped along in."""
     at = f" ({where})" if where else ""
+    if getattr(qt, "format", "int") != "int":
+        raise W4A16KernelError(f"quant.format={qt.format}{at}: W4A16 kernels take integer codes")
     if qt.w_bit != 4:
         raise W4A16KernelError(f"quant.w_bit={qt.w_bit}{at}: W4A16 kernels take 4-bit weights only")
     if qt.zeros is None:
