@@ -11,8 +11,9 @@ Data loss: an export over a user's folder and over a user's file; an offline bun
 an absolute file name. Tampered files: a quantized-cache entry and a GPTQ block checkpoint with a mantissa bit of
 1,024 values flipped in place (size and mtime kept); a local checkpoint and the harness's converted embedded
 checkpoint edited in place with their mtime set back. Protocol limits and bad input: sequences past the model's
-positions, a text of NUL bytes, layer overrides that skip every Linear, `${oc.env:...}` in an override, blank web
-credentials, bad records given to the report. The tampered-file trials run on a tiny Llama (2 blocks, the SmolLM2
+positions, a text of NUL bytes, layer overrides that skip every Linear, override mistakes (a typo, a missing option,
+a key of another method), `${oc.env:...}` in an override, blank web credentials, bad records given to the report;
+and a model given by path is recorded under its own name, never the default model's. The tampered-file trials run on a tiny Llama (2 blocks, the SmolLM2
 tokenizer) so each takes seconds; the refusals run on the embedded SmolLM2, as a user would.
 """
 from __future__ import annotations
@@ -308,8 +309,12 @@ def edited_local_checkpoint(suite) -> dict:
         wrong.append(f"metrics differ from a fresh copy's: {F.diff(F.computed(rec['metrics']), F.computed(want['metrics']))}")
     said = next((line for _t, line in again.lines if "made from other weights" in line), "")
     problems += wrong + ([] if said else ["no line says the record was made from other weights"])
+    # a model given by path is named and described by itself, never as the default model (issue 27, finding 11)
+    name, note = rec["config"]["model"]["name"], rec["provenance"].get("reference_note") or ""
+    mislabelled = name != mine.name or "SmolLM2" in note
+    problems += [f"recorded as model {name!r} ({note[:80]!r})"] if mislabelled else []
     return row(f"local checkpoint edited in place ({tensor}; size, inode, mtime kept)", "rtn_tiny", t0, problems,
-               records_lost_or_wrong=bool(wrong), message=said[:240])
+               records_lost_or_wrong=bool(wrong), records_mislabelled=int(mislabelled), message=said[:240])
 
 
 def edited_converted_checkpoint(suite) -> dict:
@@ -376,6 +381,18 @@ def skip_every_layer(suite) -> dict:
     out, _ = _refused_runs(suite, "skip-every-layer", "quant=rtn_w4 with a layer override that skips every Linear",
                            [(["quant=rtn_w4", "quant.layer_overrides=[{pattern:'*',skip:true}]"],
                              "error: quant.layer_overrides: skip * — every Linear is skipped")])
+    return out
+
+
+def override_mistakes(suite) -> dict:
+    """A typo, an option that does not exist, a key of another method: the harness's one line, never Hydra's advice to
+    add a `+` (issue 27, finding 8)."""
+    out, _ = _refused_runs(suite, "override-mistakes", "quant.grop_size=64; +experiment=nonexistent; "
+                           "layer_overrides on SmoothQuant",
+                           [(["quant=rtn_w4", "quant.grop_size=64"], "error: quant.grop_size: 64 — "),
+                            (["+experiment=nonexistent"], "error: +experiment: nonexistent — "),
+                            (["quant=smoothquant_w8a8", "quant.layer_overrides=[{pattern:'*',skip:true}]"],
+                             "error: quant.layer_overrides: ")])
     return out
 
 
@@ -452,6 +469,7 @@ SCENARIOS = {
     "seqlen_past_positions": seqlen_past_positions,
     "nul_text": nul_text,
     "skip_every_layer": skip_every_layer,
+    "override_mistakes": override_mistakes,
     "oc_env_override": oc_env_override,
     "blank_credentials": blank_credentials,
     "bad_records_in_report": bad_records_in_report,
