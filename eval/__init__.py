@@ -2,7 +2,7 @@
 throughput. Importing the package registers every evaluator."""
 from eval.registry import EVALUATORS, EvalContext, evaluator, ordered_names  # noqa: F401
 from eval import perplexity  # noqa: E402,F401
-from eval import word_perplexity, fidelity, tasks_eval, memory, throughput  # noqa: E402,F401
+from eval import word_perplexity, fidelity, tasks_eval, memory, throughput, kernel_quality  # noqa: E402,F401
 
 
 import torch  # noqa: E402

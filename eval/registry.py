@@ -31,7 +31,7 @@ class EvalContext:
 EVALUATORS: Registry[Callable[[EvalContext], Optional[dict]]] = Registry("evaluator")
 
 # the order evaluators run in (and appear in records); an evaluator missing here runs after these
-ORDER = ["perplexity", "word_perplexity", "fidelity", "tasks", "memory", "throughput"]
+ORDER = ["perplexity", "kernel_quality", "word_perplexity", "fidelity", "tasks", "memory", "throughput"]
 
 
 # the sources that determine each evaluator's numbers (its code version: harness.environment.code_version); an
@@ -42,7 +42,8 @@ EVALUATOR_SOURCES = {
     "fidelity": ["eval/fidelity.py", "eval/perplexity.py"],
     "tasks": ["eval/tasks_eval.py", "eval/lm_eval_adapter.py", "eval/tasks"],
     "memory": ["eval/memory.py", "harness/storage_bytes.py"],
-    "throughput": ["eval/throughput.py", "quant/kernels"],
+    "throughput": ["eval/throughput.py", "eval/static_decode.py", "quant/kernels"],
+    "kernel_quality": ["eval/kernel_quality.py", "eval/perplexity.py", "eval/throughput.py", "quant/kernels"],
 }
 
 

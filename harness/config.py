@@ -150,6 +150,18 @@ class ThroughputConfig:
 
 
 @dataclass
+class KernelQualityConfig:
+    """Token PPL through the real W4A16 kernel beside the simulation (eval/kernel_quality.py)."""
+
+    enabled: bool = False
+    kernel: str = "auto"  # as eval.throughput.kernel
+
+    def validate(self) -> None:
+        _require(self.kernel in ("auto", "gemlite", "tinygemm", "dequant"), "eval.kernel_quality.kernel",
+                 f"{self.kernel!r} is not one of auto, gemlite, tinygemm, dequant")
+
+
+@dataclass
 class EvalConfig:
     name: str = MISSING
     perplexity: PerplexityConfig = field(default_factory=PerplexityConfig)
@@ -158,9 +170,11 @@ class EvalConfig:
     tasks: TasksConfig = field(default_factory=TasksConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     throughput: ThroughputConfig = field(default_factory=ThroughputConfig)
+    kernel_quality: KernelQualityConfig = field(default_factory=KernelQualityConfig)
 
     def validate(self) -> None:
         self.perplexity.validate()
+        self.kernel_quality.validate()
         _require(all(b >= 1 for b in self.throughput.batch_sizes), "eval.throughput.batch_sizes", "every batch size must be >= 1")
         _require(self.throughput.kernel in ("auto", "gemlite", "tinygemm", "dequant"), "eval.throughput.kernel",
                  f"{self.throughput.kernel!r} is not one of auto, gemlite, tinygemm, dequant")
@@ -183,8 +197,8 @@ class CalibConfig:
 @dataclass
 class QuantConfig:
     """The base of every method's config (torchao style: a typed config per method is the method's whole API). A
-    method's dataclass subclasses this (or WeightQuantConfig), lives with its method and registers with
-    `@quant_config(name)`; conf/quant/<option>.yaml selects it (Hydra ConfigStore `quant_schema/<name>`), so only
+    method's dataclass subclasses this (or WeightQuantConfig), lives with its method and registers with it
+    (quant.registry.method calls `quant_config(name)`); conf/quant/<option>.yaml selects it (Hydra ConfigStore `quant_schema/<name>`), so only
     the method's own fields exist, are validated, and enter the run's identity (harness.records.quant_identity)."""
 
     method: str = "fp16"  # a name in QUANT_CONFIGS (and quant.METHODS)
@@ -200,6 +214,12 @@ class QuantConfig:
         """The row label's detail after "<METHOD> w<bits>" and a sort key within the method (harness.labels), from the
         config as a dict (a record's): a method with variants overrides it."""
         return "", ()
+
+    @classmethod
+    def label_name(cls, q: dict) -> Optional[str]:
+        """The method's name in a row label when the config decides it (a recipe: its steps'); None: the name its
+        registration gives (harness.labels.ROWS)."""
+        return None
 
 
 @dataclass
@@ -264,7 +284,7 @@ class WeightQuantConfig(QuantConfig):
         return group_text(q) + (" +overrides" if q.get("layer_overrides") else ""), ()
 
 
-# method name -> its config dataclass; filled by @quant_config next to each method (quant/ registers rtn, awq, ...)
+# method name -> its config dataclass; filled by each method's registration (quant.registry.method, via quant_config)
 QUANT_CONFIGS: Registry[type] = Registry("quantization method config (quant.method)")
 
 
@@ -358,7 +378,8 @@ NON_IDENTITY_FIELDS = ("results_dir", "force", "progress", "offload")
 # backend.w4a16_kernel=engine are what ran before they could be chosen); a method's own late fields are its
 # config's `late_fields`. A field inside a subsection is named by its dotted path within the section.
 LATE_FIELDS = {("data", "add_bos"): "auto", ("kv", "format"): "int", ("eval", "throughput.kernel"): "auto",
-               ("eval", "throughput.cuda_graph"): True, ("backend", "w4a16_kernel"): "engine"}
+               ("eval", "throughput.cuda_graph"): True, ("backend", "w4a16_kernel"): "engine",
+               ("eval", "kernel_quality"): {"enabled": False, "kernel": "auto"}}
 
 
 def without_late_defaults(section: str, d: dict) -> dict:

@@ -139,3 +139,25 @@ def test_a_quantized_run_records_its_kernel_and_the_dense_speed_of_the_same_run(
     assert t["kernel"] == "dequant" and "dequantized" in t["weights"] and "dense_baseline" not in t
     rec = pipeline.run(cfg_of(SMALL + ["quant=fp16", *tp]))  # unquantized: no kernel, no baseline
     assert "dense_baseline" not in rec["metrics"]["throughput"] and rec["metrics"]["throughput"]["kernel"] is None
+
+
+def test_ppl_through_the_real_kernel_beside_the_simulation(tmp_path):
+    """eval.kernel_quality: the same windows scored with the W4A16 weights in torch's int4 CPU kernel and in the
+    fake-quantized simulation; the kernel's weights differ from the simulation's only by bf16 rounding of the scale and
+    float zero, so the two PPLs agree closely but not exactly, and `dequant` (the simulation itself) agrees exactly."""
+    from experiments import pipeline
+    from tests.experiments.test_pipeline import SMALL, cfg_of
+
+    base = SMALL + ["quant=rtn_w4", "data.splits=[milton]", "eval.kernel_quality.enabled=true", f"results_dir={tmp_path}"]
+    rec = pipeline.run(cfg_of(base))
+    kq = rec["metrics"]["kernel_quality"]
+    sim = rec["metrics"]["perplexity"]["milton"]["token_ppl"]
+    m = kq["splits"]["milton"]
+    assert kq["kernel"] == "tinygemm" and not kq["exact_weights"] and m["simulated_token_ppl"] == sim
+    assert 0 < abs(m["rel_diff"]) < 0.02 and kq["logits_rel_diff"] < 0.05
+    assert m["rel_diff"] == pytest.approx(m["token_ppl"] / sim - 1)
+    rec = pipeline.run(cfg_of(base + ["eval.kernel_quality.kernel=dequant"]))
+    assert rec["metrics"]["kernel_quality"]["splits"]["milton"]["rel_diff"] == 0.0
+    rec = pipeline.run(cfg_of(SMALL + ["quant=fp16", "data.splits=[milton]", "eval.kernel_quality.enabled=true",
+                                       f"results_dir={tmp_path}"]))
+    assert "kernel_quality" not in rec["metrics"]  # nothing quantized: nothing to compare
