@@ -6,7 +6,7 @@ same command is run again and must give the record an uninterrupted run gives.
     python -m benchmarks.faults --trials 6         # + AWQ's block loop killed (~22 min)
     python -m benchmarks.faults --trials 20 --seed 1
     python -m benchmarks.faults --trials 2 --faults corrupt_files --mechanism shim --out /tmp/f   # a quick look
-    python -m benchmarks.faults --quick              # issue 27's scenarios only (~2 min): faults_quick.{json,md}
+    python -m benchmarks.faults --quick              # issue 27's scenarios only (~2-3 min): faults_quick.{json,md}
     python -m benchmarks.faults --trials 3 --faults all          # everything
 
 Issue 27's scenarios (data loss, tampered files, protocol limits: benchmarks/faults_integrity.py) count what went

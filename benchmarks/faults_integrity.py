@@ -12,7 +12,8 @@ an absolute file name. Tampered files: a quantized-cache entry and a GPTQ block 
 1,024 values flipped in place (size and mtime kept); a local checkpoint and the harness's converted embedded
 checkpoint edited in place with their mtime set back. Protocol limits and bad input: sequences past the model's
 positions, a text of NUL bytes, layer overrides that skip every Linear, override mistakes (a typo, a missing option,
-a key of another method), `${oc.env:...}` in an override, blank web credentials, bad records given to the report;
+a key of another method), `${oc.env:...}` in an override, blank web credentials, the serve example without a GPU,
+bad records given to the report;
 and a model given by path is recorded under its own name, never the default model's. The tampered-file trials run on a tiny Llama (2 blocks, the SmolLM2
 tokenizer) so each takes seconds; the refusals run on the embedded SmolLM2, as a user would.
 """
@@ -417,6 +418,17 @@ def blank_credentials(suite) -> dict:
     return out
 
 
+def serve_without_a_gpu(suite) -> dict:
+    """The README's serve example on a machine without a GPU: the preflight's one line, not a traceback (issue 27,
+    finding 5). On a GPU machine it would start a server: left out there."""
+    if shutil.which("nvidia-smi"):
+        return row("app.serve on a machine without a GPU (skipped: this one has one)", "app.serve", time.monotonic(), [])
+    out, _ = _refused_runs(suite, "serve-without-a-gpu", "app.serve -- quant=awq_w4 kv=int8 without a GPU",
+                           [(["--", "quant=awq_w4", "kv=int8"], "error: backend.name: 'lmdeploy' runs LMDeploy's engine")],
+                           module="app.serve", counts_as="records_lost_or_wrong", config="app.serve")
+    return out
+
+
 def bad_records_in_report(suite) -> dict:
     """The tiny RTN run's record beside corrupted copies (a future record_version, a PPL outside its interval, a
     string PPL, NaN, a run_id that is not its config's hash, no metrics): `python -m report` shows the good one and
@@ -472,5 +484,6 @@ SCENARIOS = {
     "override_mistakes": override_mistakes,
     "oc_env_override": oc_env_override,
     "blank_credentials": blank_credentials,
+    "serve_without_a_gpu": serve_without_a_gpu,
     "bad_records_in_report": bad_records_in_report,
 }
