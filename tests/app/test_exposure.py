@@ -137,6 +137,8 @@ def test_serve_passes_the_key_but_never_records_or_prints_it(tmp_path, monkeypat
     monkeypatch.setenv(exposure.API_KEYS_ENV, KEY)
     monkeypatch.setattr(lb, "resolve_model_dir", lambda cfg, root, tok: tmp_path)
     monkeypatch.setattr(lb, "choose_engine", lambda cfg: ("pytorch", None))
+    # as on a GPU machine with LMDeploy (here: no GPU, and serve's preflight would stop first: tests/app/test_serve.py)
+    monkeypatch.setattr(lb.LMDeployBackend, "preflight", lambda self, cfg, *a, **k: None)
     monkeypatch.setattr(serve, "start_server", start)
     monkeypatch.setattr(serve, "wait_healthy", lambda base, proc, timeout: (["m"], 0.5))
     monkeypatch.setattr(serve, "chat_completion", lambda base, model, messages, max_tokens: {"content": "hi"})
