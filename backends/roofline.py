@@ -132,6 +132,13 @@ def kv_capacity_tokens(free_bytes: float, cache_share: float, kv_per_token: int)
     return int(free_bytes * cache_share // kv_per_token)
 
 
+def _find(module, name: str):
+    try:
+        return module.get_submodule(name)
+    except AttributeError:
+        return None
+
+
 def _module_bytes(module) -> int:
     return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
 
@@ -145,7 +152,11 @@ def decode_model_bytes(model):
 
     arch = architecture_for(model)
     blocks = model.get_submodule(arch.blocks)
-    weights = sum(_module_bytes(block.get_submodule(n)) for block in blocks for n in arch.linears)
+    from eval.static_decode import FUSED  # projections fused for the decode loop count as what replaced them
+
+    names = list(arch.linears) + list(FUSED)
+    weights = sum(_module_bytes(m) for block in blocks for n in names
+                  if (m := _find(block, n)) is not None)
     weights += _module_bytes(model.get_submodule(arch.lm_head))
     cfg = model.config.to_dict()
     d = config_dims(cfg)

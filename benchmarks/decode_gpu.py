@@ -92,20 +92,14 @@ def convert(model, weights: str, group_size, kernel) -> dict:
 
 
 def time_prefill(model, batch: int, length: int, vocab: int, repeats: int = 3) -> dict:
+    """Prefill of `batch` prompts of `length` tokens through the static decoder (eager; the first token emitted)."""
     import torch
 
+    from eval.static_decode import fuse_projections, time_decode
+
     ids = torch.randint(0, vocab, (batch, length), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
-    times = []
-    with torch.no_grad():
-        for i in range(repeats + 1):
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            model(input_ids=ids, use_cache=False, logits_to_keep=1)
-            torch.cuda.synchronize()
-            if i:
-                times.append(time.perf_counter() - t)
-    s = statistics.median(times)
-    return {"batch": batch, "tokens": length, "prefill_s": s, "prefill_tok_s": batch * length / s}
+    m = time_decode(model, ids, 2, warmup=1, repeats=repeats)
+    return {"batch": batch, "tokens": length, "prefill_s": m["prefill_s"], "prefill_tok_s": m["prefill_tok_s"]}
 
 
 def run_variant(variant: str, args, env: dict) -> dict:
@@ -120,6 +114,7 @@ def run_variant(variant: str, args, env: dict) -> dict:
     torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
     model = build_model(args.arch, args.seed, torch.device("cuda"), args.layers)
+    fused = fuse_projections(model) if args.fuse else 0  # q/k/v and gate/up as one product each
     info = convert(model, weights, group_size, kernel)
     build_s = time.perf_counter() - t
     cfg = model.config
@@ -143,6 +138,7 @@ def run_variant(variant: str, args, env: dict) -> dict:
     for p in prefill:
         p["floor_s"] = rl.prefill_floor_s(mb, p["batch"] * p["tokens"], env.get("peak_fp16_flops") or float("inf"), bw)
     out = {"variant": variant, "weights": weights, "group_size": group_size, **info, "build_s": build_s,
+           "fused_projections": fused,
            "weight_read_bytes": mb.weight_read_bytes, "kv_bytes_per_token": mb.kv_bytes_per_token,
            "batches": rows, "prefill": prefill}
     del model
@@ -190,6 +186,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prefill-len", type=int, default=512)
     ap.add_argument("--prefill-batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-fuse", dest="fuse", action="store_false",
+                    help="keep q/k/v and gate/up as separate products (transformers' layout)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--report", type=Path)
     args = ap.parse_args(argv)

@@ -90,6 +90,7 @@ class StaticDecoder:
         self.model, self.batch_size, self.max_len = model, batch_size, max_len
         d = config_dims(model.config.to_dict())
         self.n_heads, self.n_kv, self.head_dim = d["nh"], d["nkv"], d["hd"]
+        self._qkv_sizes = [self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim]
         self.blocks = list(model.get_submodule(self.arch.blocks))
         self.embed = model.get_submodule(self.arch.embedding)
         self.norm = model.get_submodule(self.arch.final_norm)
@@ -123,9 +124,13 @@ class StaticDecoder:
         for i, block in enumerate(self.blocks):
             attn, mlp = block.self_attn, block.mlp
             x = _rms_norm(h, block.input_layernorm)
-            q = attn.q_proj(x).view(b, t, self.n_heads, self.head_dim)
-            k = attn.k_proj(x).view(b, t, self.n_kv, self.head_dim)
-            v = attn.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+            if hasattr(attn, "qkv_proj"):  # fused (fuse_projections): one product for q, k and v
+                q, k, v = attn.qkv_proj(x).split(self._qkv_sizes, dim=-1)
+            else:
+                q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+            q = q.view(b, t, self.n_heads, self.head_dim)
+            k = k.view(b, t, self.n_kv, self.head_dim)
+            v = v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
             if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm over each head's vector, before RoPE
                 q, k = _rms_norm(q, attn.q_norm), _rms_norm(k, attn.k_norm)
             # RoPE in the [B, T, heads, head_dim] layout, so that at T = 1 the transposes below are views
@@ -133,7 +138,11 @@ class StaticDecoder:
             o = attend(i, q, k, v, getattr(attn, "scaling", self.head_dim ** -0.5))  # [B, heads, T, head_dim]
             h = h + attn.o_proj(o.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
             x = _rms_norm(h, block.post_attention_layernorm)
-            h = h + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+            if hasattr(mlp, "gate_up_proj"):
+                gate, up = mlp.gate_up_proj(x).chunk(2, dim=-1)
+            else:
+                gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+            h = h + mlp.down_proj(mlp.act_fn(gate) * up)
         return h
 
     def _logits(self, h_last: torch.Tensor) -> torch.Tensor:
@@ -279,3 +288,38 @@ def time_decode(model, prompt_ids: torch.Tensor, gen_len: int, warmup: int = 1, 
             "decode_tok_s": b * steps / decode_s if steps else None, "prefill_tok_s": b * p / prefill_s,
             "peak_memory_bytes": torch.cuda.max_memory_allocated(dec.device) if cuda else None,
             "cuda_graph": dec.use_cuda_graph, "repeats_s": [list(r) for r in runs], "ids": ids}
+
+
+# Projections that read the same input, and the module that replaces them (their weights concatenated along the
+# output dimension, in this order): one matrix product instead of three (two), which is what lets a decode step at
+# batch 1 approach the bandwidth floor (each cuBLAS/int4 call has a fixed cost; GPU.md). Per-row groups of a
+# W4A16 quantization run along the input, so quantizing the fused weight gives the concatenation of the codes.
+FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+         "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
+
+
+@torch.no_grad()
+def fuse_projections(model) -> int:
+    """Replace each block's q/k/v and gate/up nn.Linears by one nn.Linear each (before any quantization or kernel
+    swap), in place; the static decoder calls the fused module. transformers' own forward no longer runs on the
+    result. Returns the number of fused modules made."""
+    arch, _ = check_supported(model, 1)
+    n = 0
+    for block in model.get_submodule(arch.blocks):
+        for fused, parts in FUSED.items():
+            mods = [block.get_submodule(p) for p in parts]
+            if not all(isinstance(m, torch.nn.Linear) for m in mods):
+                continue
+            w = torch.cat([m.weight for m in mods], 0)
+            bias = None if mods[0].bias is None else torch.cat([m.bias for m in mods], 0)
+            new = torch.nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device=w.device, dtype=w.dtype)
+            new.weight.copy_(w)
+            if bias is not None:
+                new.bias.copy_(bias)
+            parent_name = fused.rsplit(".", 1)[0]
+            parent = block.get_submodule(parent_name)
+            setattr(parent, fused.rsplit(".", 1)[1], new)
+            for p in parts:
+                delattr(parent, p.rsplit(".", 1)[1])
+            n += 1
+    return n

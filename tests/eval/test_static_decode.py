@@ -208,3 +208,24 @@ def test_cuda_graph_replay_equals_eager(dtype):
     out = time_decode(model, ids, 8, warmup=1, repeats=2)
     assert out["cuda_graph"] and out["peak_memory_bytes"] > 0
     assert torch.equal(out["ids"], eager.generate(ids, 8))
+
+
+def test_fused_projections_give_the_same_logits():
+    """q/k/v and gate/up fused into one product each (eval.static_decode.fuse_projections): the same logits at every
+    step, and the bytes a step reads unchanged."""
+    from eval.static_decode import fuse_projections
+
+    model = tiny("llama", torch.float64)
+    prompt = torch.randint(0, model.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(3))
+    ref = StaticDecoder(model, 2, 12)
+    ref.prefill(prompt)
+    ref_logits = [ref.logits.clone()] + [(ref.step(), ref.logits.clone())[1] for _ in range(4)]
+    before = decode_model_bytes(model)
+    assert fuse_projections(model) == 2 * model.config.num_hidden_layers
+    assert not hasattr(model.model.layers[0].self_attn, "q_proj") and hasattr(model.model.layers[0].mlp, "gate_up_proj")
+    dec = StaticDecoder(model, 2, 12)
+    dec.prefill(prompt)
+    got = [dec.logits.clone()] + [(dec.step(), dec.logits.clone())[1] for _ in range(4)]
+    for a, b in zip(got, ref_logits):
+        assert torch.allclose(a, b, rtol=0, atol=1e-12)
+    assert decode_model_bytes(model) == before
