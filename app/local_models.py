@@ -117,15 +117,31 @@ class LocalModels:
                 bos = bos_token_id(self.tokenizer, cfg.data.add_bos)
                 calib, calib_state = calibration_provider(getattr(cfg.quant, "calib", None), self.tokenizer, bos)
                 t = time.perf_counter()
-                quantized_cache.quantize_cached(model, cfg.quant, self.resolved.model_sha, cfg.model.dtype,
-                                                QuantContext(calibration=calib, progress=cfg.progress), calib_state,
-                                                calib_id=calibration_identity(cfg.quant.calib, self.tokenizer, bos)
-                                                if self.needs_calibration(cfg) else None)
-                status(f"{label}: ready in {time.perf_counter() - t:.1f} s")
+                outcome = quantized_cache.quantize_cached(
+                    model, cfg.quant, self.resolved.model_sha, cfg.model.dtype,
+                    QuantContext(calibration=calib, progress=cfg.progress), calib_state,
+                    calib_id=calibration_identity(cfg.quant.calib, self.tokenizer, bos)
+                    if self.needs_calibration(cfg) else None)
+                status(f"{label}: ready in {time.perf_counter() - t:.1f} s; " + self._to_kernel(model, outcome, cfg))
             model.eval()
             self._warm_up(model)
             self._models[key] = model
             return model
+
+    @staticmethod
+    def _to_kernel(model, outcome, cfg: RunConfig) -> str:
+        """W4A16 weights run in the real int4 kernel eval.throughput.kernel names (quant/kernels/w4a16.py), so the
+        tokens/s a compare shows is the deployed speed, not the dense simulation's; what ran, in words."""
+        from quant.kernels.w4a16 import W4A16KernelError, swap_w4a16_linears
+
+        qtensors = getattr(outcome, "qtensors", None) or {}
+        if not qtensors or cfg.eval.throughput.kernel == "dequant":
+            return "dense (dequantized) weights"
+        try:
+            info = swap_w4a16_linears(model, qtensors, cfg.eval.throughput.kernel)
+        except W4A16KernelError as e:
+            return f"dense (dequantized) weights: {e}"
+        return f"weights in {info['description']}"
 
     @staticmethod
     def _warm_up(model) -> None:

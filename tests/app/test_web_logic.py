@@ -372,3 +372,24 @@ def test_terminal_client_streams_multi_turn_and_survives_errors(stub, dead_url):
     lines = iter(["Anyone?", "/exit"])
     openai_client.terminal_chat(dead_url, None, SamplingSettings(8), read=lambda prompt: next(lines), write=out.append)
     assert "[error]" in "".join(out) and "not reachable" in "".join(out)
+
+
+def test_a_quantized_variant_runs_in_the_real_int4_kernel(tmp_path):
+    """The page's W4A16 variants answer through the int4 kernel (so a compare's tokens/s is the deployed speed), and
+    say so; eval.throughput.kernel=dequant keeps the dense simulation."""
+    from harness.config import ModelConfig
+    from app.local_models import LocalModels
+    from quant.kernels.int4_linear import Int4WeightOnlyLinear
+    from tests.experiments.test_pipeline import cfg_of
+
+    lm = LocalModels(ModelConfig(name="smollm2-135m-instruct", path="embedded:smollm2-135m-instruct"), progress=False)
+    said = []
+    model = lm.get(cfg_of(["quant=rtn_w4", "progress=false"]), said.append)
+    assert sum(isinstance(m, Int4WeightOnlyLinear) for m in model.modules()) == 210
+    assert "torch int4" in said[-1]
+    snaps = list(lm.stream(cfg_of(["quant=rtn_w4", "progress=false"]), lm.prompt_ids(build_messages("", [], "Hi.")),
+                           SamplingSettings(4, greedy=True)))
+    assert snaps[-1].done and snaps[-1].n_tokens == 4
+    dense = LocalModels(lm.model_cfg, progress=False).get(cfg_of(["quant=rtn_w4", "eval.throughput.kernel=dequant",
+                                                                   "progress=false"]), said.append)
+    assert not any(isinstance(m, Int4WeightOnlyLinear) for m in dense.modules()) and "dense" in said[-1]
