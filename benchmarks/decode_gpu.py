@@ -95,7 +95,7 @@ def time_prefill(model, batch: int, length: int, vocab: int, repeats: int = 3) -
     """Prefill of `batch` prompts of `length` tokens through the static decoder (eager; the first token emitted)."""
     import torch
 
-    from eval.static_decode import fuse_projections, time_decode
+    from eval.static_decode import time_decode
 
     ids = torch.randint(0, vocab, (batch, length), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
     m = time_decode(model, ids, 2, warmup=1, repeats=repeats)
@@ -107,7 +107,7 @@ def run_variant(variant: str, args, env: dict) -> dict:
 
     from backends import roofline as rl
     from backends.roofline import decode_model_bytes
-    from eval.static_decode import time_decode
+    from eval.static_decode import fuse_projections, time_decode
 
     weights, group_size, kernel = VARIANTS[variant]
     torch.cuda.empty_cache()
