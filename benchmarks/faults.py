@@ -288,15 +288,19 @@ def problems_after_rerun(group: Group, ref: Reference, rerun: Run) -> list[str]:
     out = []
     if rerun.rc != 0:
         out.append(f"rerun exit {rerun.rc}: {rerun.log()[-400:]}")
-    names = [p.name for p in group.runs()]
-    want = f"{ref.record['run_id']}.json"
-    if names != [want]:
-        out.append(f"runs/ holds {names}, not [{want}]")
     for sub in ("quantized", "tokens", ""):
         d = group.cache / sub
         left = [p.name for p in d.glob(".*.tmp")] if d.is_dir() else []
         if left:
             out.append(f"temp files left in {d}: {left}")
+    return out + record_problems(group, ref)
+
+
+def record_problems(group: Group, ref: Reference) -> list[str]:
+    """Why the record in runs/ is not the uninterrupted run's (whole, complete, same config and metrics): [] if it is."""
+    names = [p.name for p in group.runs()]
+    want = f"{ref.record['run_id']}.json"
+    out = [] if names == [want] else [f"runs/ holds {names}, not [{want}]"]
     path = group.results / "runs" / want
     if path.exists():
         try:
@@ -376,8 +380,16 @@ class Suite:
             first = run_killed(g, config, stage, delay)
             row["kill_point"] = f"{stage} +{delay:.1f} s of {ref.stage_s[stage]:.1f} s"
             row["last_line_before_kill"] = (first.killed_at or "")[:160]
-            early = [f"a record after a kill during {stage}: {[p.name for p in g.runs()]}"] if any(
-                p.suffix == ".json" for p in g.runs()) else []
+            early = []
+            if any(p.suffix == ".json" for p in g.runs()):
+                # a whole record equal to the reference's means the kill came after the run had written it (a quick
+                # run can finish within the delay drawn from the reference's stage time); any other record is harm
+                wrong = record_problems(g, ref)
+                late = not wrong and (stage == "evaluate" or MARKERS["evaluate"] in first.log())
+                if late:
+                    row["kill_point"] += " (after the record was written)"
+                else:
+                    early = [f"a record after a kill during {stage}: {[p.name for p in g.runs()]} {wrong}"]
         row["killed"] = first.rc == -signal.SIGKILL
         rerun = run(g, config)
         row["problems"] = early + problems_after_rerun(g, ref, rerun) if row["killed"] else []

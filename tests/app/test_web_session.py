@@ -173,7 +173,7 @@ def test_server_mode_stops_the_server_and_its_workers(tmp_path, monkeypatch):
     assert "--cache-max-entry-count 0.4 " in cmd and "--model-format awq" in cmd
     assert f"--session-len {STUB_CONTEXT}" in cmd
     assert rec["context_len"] == STUB_CONTEXT and rec["context_len_from"] == "backend.session_len"
-    assert rec["web"]["title"].startswith("smollm2-135m-instruct · AWQ w4 g64 (search+clip) · via http://127.0.0.1:")
+    assert rec["web"]["title"].startswith("ckpt · AWQ w4 g64 (search+clip) · via http://127.0.0.1:")  # named by its path
     assert f"model.path={d}" in rec["web"]["command"] and "quant=awq_w4" in rec["web"]["command"]
     worker = int((out / "web_session_server.log").read_text().split("worker pid ")[1].split()[0])
     assert not _alive(worker) and _group_gone(srv["pid"]) and _group_gone(rec["web"]["pid"])
