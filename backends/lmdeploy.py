@@ -309,6 +309,10 @@ class LMDeployBackend:
                               "machine has none; use backend=hf here (transformers on the CPU), or run on a GPU machine")
         if (find_spec or importlib.util.find_spec)("lmdeploy") is None:
             raise ConfigError("backend.name: 'lmdeploy' needs the lmdeploy package: pip install -e .[lmdeploy]")
+        if cfg.quant.method != "fp16":  # the engine reads a checkpoint: the method must have a format it loads
+            from quant.export import format_for
+
+            format_for(cfg.quant, CHECKPOINT_FORMATS)
         extra = [n for n in ("word_perplexity", "tasks", "throughput")
                  if getattr(getattr(cfg.eval, n, None), "enabled", False)]
         if extra:
@@ -340,9 +344,9 @@ class LMDeployBackend:
             qtensors_to_host(ctx.qtensors)  # codes on the GPU too (offload=false): beside the weights
             torch.cuda.empty_cache()
             if ctx.qtensors:  # the method's checkpoint format (quant.export.FORMATS)
-                from quant.export import FORMATS
+                from quant.export import format_for
 
-                fmt = FORMATS.get(cfg.quant.method)
+                fmt = format_for(cfg.quant, CHECKPOINT_FORMATS)
                 model_dir = fmt.export(ctx.model, ctx.qtensors, Path(tmp) / fmt.name, tokenizer=ctx.tokenizer)
             else:
                 model_dir = resolve_model_dir(cfg)

@@ -194,14 +194,14 @@ def quantize(cfg: RunConfig, model, prep: Prepared, calib, calib_state: dict,
                                            write_cache=prep.cache_writable)
 
 
-# sources behind every run's numbers, beside the method's (quant.registry.METHOD_SOURCES) and each enabled
+# sources behind every run's numbers, beside the method's (derived from its imports: quant.sources) and each enabled
 # evaluator's (eval.registry.EVALUATOR_SOURCES)
 RUN_SOURCES = ["harness/data.py", "harness/corpus.py", "eval/forward.py"]
 
 
 def code_version_of(cfg: RunConfig) -> dict:
     """The version of the code that determines `cfg`'s numbers, part by part (harness.environment.code_version)."""
-    parts = {"data": RUN_SOURCES, f"quant.{cfg.quant.method}": method_sources(cfg.quant.method),
+    parts = {"data": RUN_SOURCES, f"quant.{cfg.quant.method}": method_sources(cfg.quant),
              f"backends.{cfg.backend.name}": [f"backends/{cfg.backend.name}.py"]}
     if cfg.kv.bits != 16:
         parts["quant.kv_cache"] = ["quant/kv_cache.py"]

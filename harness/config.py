@@ -289,7 +289,8 @@ QUANT_CONFIGS: Registry[type] = Registry("quantization method config (quant.meth
 
 
 def quant_config(name: str):
-    """Register a method's config dataclass under `name` (its `method` default becomes `name`): one decorator."""
+    """Register a method's config dataclass under `name` (its `method` must default to `name`); a method's
+    registration (quant.registry.method) calls it for its config."""
     def deco(cls: type) -> type:
         if not (dataclasses.is_dataclass(cls) and issubclass(cls, QuantConfig)):
             raise TypeError(f"@quant_config({name!r}): {cls.__name__} must be a dataclass subclassing QuantConfig")

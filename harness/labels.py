@@ -1,60 +1,41 @@
-"""A quantization config in the field's words: "FP16", "RTN w4 g64", "AWQ w4 g64 (search+clip) + KV int8". One
-label function per method: its config class's `label_detail` (harness.config), or AWQ's entry in LABELS; the report's rows, the web page's variants and the benchmarks' rows
-all name a config through `config_label`. Works on plain dicts (a record's config), so readers of old records and
-live configs share it."""
+"""A quantization config in the field's words: "FP16", "RTN w4 g64", "AWQ w4 g64 (search+clip) + KV int8". A method's
+name and rank in the report come from its registration (quant.registry.method fills ROWS), the detail after it from
+its config class's `label_detail` (harness.config.QuantConfig); the report's rows, the web page's variants and the
+benchmarks' rows all name a config through `config_label`. Works on plain dicts (a record's config), so readers of old
+records and live configs share it."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
 
-from harness.config import QUANT_CONFIGS, WeightQuantConfig, group_text
+from harness.config import QUANT_CONFIGS, WeightQuantConfig
 from harness.registry import Registry
 
-# detail (group size and variant) and a sort key within the method, from the quant config as a dict: AWQ's here, since
-# its records (and the report) are read without importing quant; every other method's label is its config class's
-# `label_detail` (harness.config.QuantConfig; WeightQuantConfig's "g64" serves RTN and any weight-only method)
-LABELS: Registry[Callable[[dict], tuple[str, tuple]]] = Registry("row label (by quant.method)")
-METHOD_ORDER = ["fp16", "rtn", "awq"]  # rows: FP16 first, then baselines, then methods; others alphabetically after
+
+@dataclasses.dataclass(frozen=True)
+class MethodRow:
+    name: str  # the method in the report's words ("AWQ+GPTQ")
+    order: int  # rows: lower first (FP16 0, then baselines, then methods); equal orders by the method's name
 
 
-@LABELS.register("awq")
-def _label_awq(q):
-    # Lin et al. 2023: scale search (Sec. 3.2) + weight clipping; LMDeploy's `lite auto_awq` default is a fixed
-    # smoothing ratio with neither search nor clipping.
-    search, clip, ratio = q.get("search_scale", True), q.get("clip", True), q.get("smooth_ratio", 0.5)
-    if search:
-        variant, rank = ("search+clip" if clip else "search"), 0 if clip else 1
-    elif not clip and ratio == 0.5:
-        variant, rank = "LMDeploy smoothing", 2
-    else:
-        variant, rank = f"smoothing α={ratio:g}" + ("+clip" if clip else ""), 3
-    if q.get("duo_scaling"):
-        variant += ", duo"
-    if q.get("layer_overrides"):
-        variant += ", overrides"
-    return f"{group_text(q)} ({variant})", (rank,)
+ROWS: Registry[MethodRow] = Registry("report row (by quant.method)")  # filled by each method's registration
+UNREGISTERED_ORDER = 100  # a method no registration describes: its name in capitals, among the later rows
 
 
-@LABELS.register("smoothquant")
-def _label_smoothquant(q):
-    # Xiao et al. 2023: weights and activations both in 8 bits (LMDeploy's `lite smooth_quant`), migration strength α
-    return f"W8A8 {q.get('dtype', 'int8').replace('_', ' ')} (α={q.get('alpha', 0.5):g})", ()
-
-
-NAMES = {"fp16": "FP16", "smoothquant": "SmoothQuant", "awq_gptq": "AWQ+GPTQ"}  # else the method's name in capitals
+def method_rank(method: str) -> tuple[int, str]:
+    """A method's place among the report's rows."""
+    return (ROWS.get(method).order if method in ROWS else UNREGISTERED_ORDER), method
 
 
 def method_name(q: dict) -> str:
     m = q.get("method", "fp16")
-    if m == "recipe":  # a list of steps (quant/recipe.py): its methods in order
-        return "→".join(method_name(s) for s in q.get("steps", [])) or "recipe"
-    return NAMES.get(m, m.upper())
+    own = QUANT_CONFIGS.get(m).label_name(q) if m in QUANT_CONFIGS else None  # e.g. a recipe: its steps' names
+    if own is not None:
+        return own
+    return ROWS.get(m).name if m in ROWS else m.upper()
 
 
 def method_detail(q: dict) -> tuple[str, tuple]:
     m = q.get("method", "fp16")
-    if m in LABELS:
-        return LABELS.get(m)(q)
     return (QUANT_CONFIGS.get(m) if m in QUANT_CONFIGS else WeightQuantConfig).label_detail(q)
 
 

@@ -44,7 +44,7 @@ def quant_key(model_sha: str, cfg: QuantConfig, dtype: str, calib_id: dict | Non
     if is_file_source(calib.get("dataset")):  # a local calibration file counts by its content, not its path
         calib["dataset"] = source_identity(calib["dataset"])
     blob = {"v": CACHE_VERSION, "model": model_sha, "dtype": dtype, "quant": quant,
-            "code": sources_sha(method_sources(cfg.method))}  # the method's sources: new code, new weights
+            "code": sources_sha(method_sources(cfg))}  # the method's sources: new code, new weights
     if calib_id is not None and METHODS.get(cfg.method).needs_calibration:
         blob["calibration"] = calib_id
     if device != "cpu":

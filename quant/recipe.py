@@ -7,8 +7,8 @@ zero point, layer overrides and one draw of calibration tokens; each step's own 
     python -m experiments.run quant=recipe_awq_gptq_w4 +quant.steps.1.grid=mse
     python -m experiments.run quant=recipe quant.steps='[{method: awq, clip: false}, {method: rtn}]'
 
-A method that can run before the rounding step says which of its fields keep it from rounding (PREPARES); one that can
-be the last step is in ROUNDS. `quant=awq_gptq_w4` (quant/gptq/awq_gptq.py) is the same two steps as one method; the
+A method that can run before the rounding step says which of its fields keep it from rounding (its class's `prepares`);
+one that can be the last step says `rounds = True` (quant.registry.Method). `quant=awq_gptq_w4` (quant/gptq/awq_gptq.py) is the same two steps as one method; the
 recipe reproduces its codes bit for bit (tests/quant/test_recipe.py).
 """
 from __future__ import annotations
@@ -17,19 +17,15 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, List
 
-from harness.config import QUANT_CONFIGS, CalibConfig, ConfigError, WeightQuantConfig, _require, quant_config
-from harness.storage_bytes import packed_weight_bytes
-from quant.registry import METHODS, QuantContext, QuantOutcome, method
+from harness.config import QUANT_CONFIGS, CalibConfig, ConfigError, WeightQuantConfig, _require
+from quant.registry import METHODS, Method, QuantOutcome, method
+from quant.setup import Setup
+from quant.sources import module_sources
 
-# methods that can come before the rounding step, with the field values that leave the rounding to a later step
-PREPARES: dict[str, dict[str, Any]] = {"awq": {"round_weights": False}}
-# methods that can be the last step: they round every planned Linear and return its codes
-ROUNDS = ("rtn", "awq", "gptq")
 # fields the steps take from the recipe (a step that sets one is refused: one value for the whole recipe)
 SHARED = ("w_bit", "group_size", "zero_point", "group_fallback", "layer_overrides", "calib")
 
 
-@quant_config("recipe")
 @dataclass
 class RecipeConfig(WeightQuantConfig):
     """Bits, grouping, zero point, overrides and calibration for every step; `steps`: each a method's name and its own
@@ -47,7 +43,7 @@ class RecipeConfig(WeightQuantConfig):
             where, step = f"quant.steps[{i}]", dict(step)
             name = step.pop("method", None)
             last = i == len(self.steps) - 1
-            allowed = ROUNDS if last else tuple(PREPARES)
+            allowed = [n for n in METHODS if (METHODS.get(n).rounds if last else METHODS.get(n).prepares is not None)]
             _require(name in allowed, f"{where}.method", f"{name!r} — {'the last step' if last else 'a step before the last'}"
                      f" must be one of {', '.join(allowed)}")
             cls = QUANT_CONFIGS.get(name)
@@ -60,9 +56,10 @@ class RecipeConfig(WeightQuantConfig):
             _require(not shared, where, f"{', '.join(shared)}: set on the recipe (quant.{', quant.'.join(shared)}), "
                      f"not per step")
             if not last:
-                clash = [f"{k}={step[k]}" for k, v in PREPARES[name].items() if k in step and step[k] != v]
+                prepares = METHODS.get(name).prepares
+                clash = [f"{k}={step[k]}" for k, v in prepares.items() if k in step and step[k] != v]
                 _require(not clash, where, f"{', '.join(clash)}: a step before the last never rounds (leave it out)")
-                step.update(PREPARES[name])
+                step.update(prepares)
             kw = {k: getattr(self, k) for k in SHARED if k in names}
             out.append(cls(**kw, **step))
         return out
@@ -78,6 +75,13 @@ class RecipeConfig(WeightQuantConfig):
                 raise ConfigError(f"quant.steps[{i}] ({cfg.method}): {e}") from None
 
     @classmethod
+    def label_name(cls, q: dict) -> str:
+        """"AWQ→GPTQ": its steps' methods in order."""
+        from harness.labels import method_name
+
+        return "→".join(method_name(s) for s in q.get("steps", [])) or "recipe"
+
+    @classmethod
     def label_detail(cls, q: dict) -> tuple[str, tuple]:
         """"g64 (search+clip) → (mse grid)": each step's own detail, the shared grouping once."""
         from harness.labels import method_detail
@@ -89,21 +93,37 @@ class RecipeConfig(WeightQuantConfig):
         return base + (" " + " → ".join(parts) if parts else ""), ()
 
 
-@method("recipe", needs_calibration=True)
-def recipe(model, cfg: RecipeConfig, ctx: QuantContext) -> QuantOutcome:
-    cfg.validate()
-    steps = cfg.step_configs()
-    samples = ctx.calibration()  # one draw for every step
-    ckpt = ctx.checkpoint_dir
-    outcomes = []
-    for i, scfg in enumerate(steps):
-        sctx = dataclasses.replace(ctx, calibration=lambda: samples,  # each step resumes from its own checkpoints
-                                   checkpoint_dir=None if ckpt is None else ckpt / f"{i}-{scfg.method}")
-        outcomes.append(METHODS.get(scfg.method)(model, scfg, sctx))
-    last = outcomes[-1]
-    summary = {**last.summary, "method": "recipe",
-               "steps": [{k: v for k, v in o.summary.items() if k not in ("block_seconds", "gptq_loss")}
-                         for o in outcomes]}
-    summary.update(packed_weight_bytes(model, last.qtensors))
-    timings = {f"{i}_{s.method}_{k}": v for i, (s, o) in enumerate(zip(steps, outcomes)) for k, v in o.timings_s.items()}
-    return QuantOutcome(summary=summary, timings_s=timings, qtensors=last.qtensors)
+@method
+class Recipe(Method):
+    name, config = "recipe", RecipeConfig
+    needs_calibration = True
+
+    def quantize(self, model, cfg: RecipeConfig, ctx, setup: Setup) -> QuantOutcome:
+        steps = cfg.step_configs()
+        samples = setup.samples  # one draw for every step
+        ckpt = ctx.checkpoint_dir
+        outcomes = []
+        for i, scfg in enumerate(steps):
+            sctx = dataclasses.replace(ctx, calibration=lambda: samples,  # each step resumes from its own checkpoints
+                                       checkpoint_dir=None if ckpt is None else ckpt / f"{i}-{scfg.method}")
+            outcomes.append(METHODS.get(scfg.method)(model, scfg, sctx))
+        last = outcomes[-1]
+        summary = {**last.summary, "method": "recipe",
+                   "steps": [{k: v for k, v in o.summary.items() if k not in ("block_seconds", "gptq_loss")}
+                             for o in outcomes]}
+        summary.update(self.weight_bytes(model, last.qtensors))
+        timings = {f"{i}_{s.method}_{k}": v for i, (s, o) in enumerate(zip(steps, outcomes))
+                   for k, v in o.timings_s.items()}
+        return QuantOutcome(summary=summary, timings_s=timings, qtensors=last.qtensors)
+
+    def export_formats(self, cfg: RecipeConfig) -> tuple[str, ...]:
+        """The rounding step's formats that every step before it can be written in too."""
+        *before, last = cfg.step_configs()
+        return tuple(f for f in METHODS.get(last.method).export_formats(last)
+                     if all(f in METHODS.get(s.method).export_formats(s) for s in before))
+
+    def sources(self, cfg: RecipeConfig | None = None) -> tuple[str, ...]:
+        """Its own and its steps' (without a config: those of every method that can be a step)."""
+        steps = [(METHODS.get(s.method), s) for s in cfg.step_configs()] if cfg is not None else [
+            (METHODS.get(n), None) for n in METHODS if METHODS.get(n).rounds or METHODS.get(n).prepares is not None]
+        return tuple(sorted(set(module_sources(__name__)).union(*(m.sources(s) for m, s in steps))))

@@ -6,15 +6,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from harness.architectures import architecture_for
-from harness.config import WeightQuantConfig, quant_config
-from harness.storage_bytes import packed_weight_bytes
+from harness.config import WeightQuantConfig
 from quant.calibration.runner import BlockResult, run_sequential
-from quant.registry import QuantContext, QuantOutcome, method
-from quant.surgery import plan_layers, quantize_linear_
+from quant.registry import Method, QuantOutcome, method
+from quant.setup import Setup
+from quant.surgery import quantize_linear_
 
 
-@quant_config("rtn")
 @dataclass
 class RTNConfig(WeightQuantConfig):
     """RTN has no knobs of its own: bits, grouping, zero point and per-layer overrides (WeightQuantConfig)."""
@@ -22,7 +20,7 @@ class RTNConfig(WeightQuantConfig):
     method: str = "rtn"
 
 
-class RTN:
+class RTNBlocks:
     """The runner's per-block step: nothing observed, every Linear of the layer map rounded to nearest with its
     planned bits and group size (skipped layers left as they are)."""
 
@@ -41,17 +39,17 @@ class RTN:
         return BlockResult(out)
 
 
-@method("rtn", needs_calibration=False)
-def rtn(model, cfg: RTNConfig, ctx: QuantContext) -> QuantOutcome:
-    t0 = time.perf_counter()
-    plan = plan_layers(model, cfg)  # bad group size or override: fails here, naming the layer
-    arch, place = architecture_for(model), ctx.placement
-    # seconds per model: not worth checkpoints
-    run = run_sequential(model, arch, RTN(plan, arch.blocks, arch.linears), None, place, desc="rtn",
-                         progress=ctx.progress)
-    qtensors = run.qtensors
-    summary = {"method": "rtn", "w_bit": cfg.w_bit, "group_size": cfg.group_size, "zero_point": cfg.zero_point,
-               "layers_quantized": len(qtensors), "group_fallback_layers": plan.fallbacks, **plan.summary(),
-               "placement": {"compute": str(place.compute), "offload": place.offload},
-               **packed_weight_bytes(model, qtensors)}
-    return QuantOutcome(summary=summary, timings_s={"rtn": time.perf_counter() - t0}, qtensors=qtensors)
+@method
+class RTN(Method):
+    name, config = "rtn", RTNConfig
+    formats = ("awq",)
+    rounds = True
+    order = 1  # the baseline: right after FP16
+
+    def quantize(self, model, cfg: RTNConfig, ctx, setup: Setup) -> QuantOutcome:
+        arch = setup.arch
+        # seconds per model: not worth checkpoints
+        run = run_sequential(model, arch, RTNBlocks(setup.plan, arch.blocks, arch.linears), None, setup.placement,
+                             desc="rtn", progress=ctx.progress)
+        return QuantOutcome(summary=self.summary(cfg, setup, model, run.qtensors),
+                            timings_s={"rtn": time.perf_counter() - setup.started_s}, qtensors=run.qtensors)

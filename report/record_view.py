@@ -1,6 +1,6 @@
 """What a run record says, in the report's terms: the row label of its config, its metrics by family (which way is
 better, how each compares to FP16), its model and KV shape. Reads records only (harness/records.py); recomputes
-nothing. Adding a metric family is one entry in METRICS; a method's label is one entry in harness.labels.LABELS.
+nothing. Adding a metric family is one entry in METRICS; a method's label comes with the method (harness.labels).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional
 from harness import storage_bytes
 from harness.confidence import paired_ppl_diff_ci95
 from harness.config import quant_identity_dict
-from harness.labels import METHOD_ORDER, backend_text, kv_text, method_detail, method_name
+from harness.labels import backend_text, kv_text, method_detail, method_name, method_rank
 from harness.registry import Registry
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -338,7 +338,7 @@ def row_label(rec: dict) -> RowLabel:
         kv_bits=kb,
         kv_format=dig(rec, "config", "kv", "format", default="int") or "int",
         backend=backend_text(backend),
-        rank=(METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER), m, -weight_bits(rec),
+        rank=(*method_rank(m), -weight_bits(rec),
               q.get("group_size", 0) if m != "fp16" else 0, rank, backend != "hf", -kb),
     )
 

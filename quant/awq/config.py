@@ -1,14 +1,13 @@
 """AWQ's config (Lin et al. 2023): the scale search, the clipping search and the calibration set. Selected by
-conf/quant/awq*.yaml; its fields are the method's whole interface (quant.awq.method reads them). Its report label
-is harness.labels' "awq" entry (records of it are read without importing quant)."""
+conf/quant/awq*.yaml and registered with the method (quant.awq.method); its fields are the method's whole interface,
+`label_detail` its report rows' variant."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from harness.config import CalibConfig, WeightQuantConfig, _require, quant_config
+from harness.config import CalibConfig, WeightQuantConfig, _require, group_text
 
 
-@quant_config("awq")
 @dataclass
 class AWQConfig(WeightQuantConfig):
     method: str = "awq"
@@ -48,3 +47,20 @@ class AWQConfig(WeightQuantConfig):
         _require(self.propagate in ("auto", "fp16", "quantized"), "quant.propagate",
                  f"{self.propagate!r} is not one of auto, fp16, quantized")
         self.calib.validate()
+
+    @classmethod
+    def label_detail(cls, q: dict) -> tuple[str, tuple]:
+        # Lin et al. 2023: scale search (Sec. 3.2) + weight clipping; LMDeploy's `lite auto_awq` default is a fixed
+        # smoothing ratio with neither search nor clipping.
+        search, clip, ratio = q.get("search_scale", True), q.get("clip", True), q.get("smooth_ratio", 0.5)
+        if search:
+            variant, rank = ("search+clip" if clip else "search"), 0 if clip else 1
+        elif not clip and ratio == 0.5:
+            variant, rank = "LMDeploy smoothing", 2
+        else:
+            variant, rank = f"smoothing α={ratio:g}" + ("+clip" if clip else ""), 3
+        if q.get("duo_scaling"):
+            variant += ", duo"
+        if q.get("layer_overrides"):
+            variant += ", overrides"
+        return f"{group_text(q)} ({variant})", (rank,)

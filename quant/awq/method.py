@@ -26,14 +26,14 @@ from quant.awq.config import AWQConfig
 from quant.awq.fold import apply_scale_
 from quant.awq.observe import AWQInputObserver, InputStats, scaled_gram
 from quant.awq.search import apply_clip_, search_clip, search_scale, smoothing_scale, weight_absmean
-from harness.architectures import Architecture, get_blocks, architecture_for
+from harness.architectures import Architecture
 from quant.calibration.capture import MINIBATCH, block_out as _block_out, slice_batch as _slice_batch
 from quant.calibration.reduce import Reducer
 from quant.calibration.runner import BlockResult, run_sequential
 from quant.primitives import fake_quantize
-from quant.registry import QuantContext, QuantOutcome, method
-from harness.storage_bytes import packed_weight_bytes
-from quant.surgery import plan_layers, quantize_linear_
+from quant.registry import Method, QuantOutcome, method
+from quant.setup import Setup
+from quant.surgery import quantize_linear_
 
 
 def _inspect_fn(block, group, kwargs):
@@ -52,7 +52,7 @@ def _inspect_fn(block, group, kwargs):
     return fwd
 
 
-class AWQ:
+class AWQBlocks:
     """AWQ's per-block step for the sequential runner (quant.calibration.runner.BlockMethod). Of every captured input
     it keeps running sums and a few sequences (quant.awq.observe), never the whole activations."""
 
@@ -90,58 +90,51 @@ class AWQ:
         return BlockResult(qtensors, {"alpha": chosen_alpha, "seconds": t_acc})
 
 
-@method("awq", needs_calibration=True)
-def awq(model, cfg: AWQConfig, ctx: QuantContext) -> QuantOutcome:
-    timings = {}
-    arch = architecture_for(model)  # unsupported architecture: fails here, naming the registry
-    plan = plan_layers(model, cfg)  # bad group size or override: fails here, naming the layer
-    specs = plan.specs
+@method
+class AWQ(Method):
+    name, config = "awq", AWQConfig
+    needs_calibration = True
+    formats = ("awq",)
+    rounds = True
+    prepares = {"round_weights": False}  # scales (and clipping) folded, the rounding left to the recipe's last step
+    order = 2  # after RTN, the baseline it improves on
 
-    samples = ctx.calibration()
-    vocab = model.get_input_embeddings().weight.shape[0]
-    if int(samples.max()) >= vocab:
-        raise ValueError(f"calibration token id {int(samples.max())} is outside the model's vocabulary ({vocab})")
-    place, reduce = ctx.placement, Reducer.current()  # data-parallel when a process group is initialized (#18)
-
-    # clipping scores a seeded random subset of calibration tokens. (llm-awq takes every k-th token; with k a
-    # divisor of seqlen that oversamples the first position of every sequence, whose activations are outliers.)
-    n_tok = samples.numel()
-    clip_idx = None  # clip_tokens 0: every calibration token
-    if 0 < cfg.clip_tokens < n_tok:
-        clip_idx = torch.randperm(n_tok, generator=torch.Generator().manual_seed(cfg.calib.seed))[: cfg.clip_tokens]
-    # token-wise groups may score a random subset of all calibration tokens (more varied text for the same cost)
-    search_idx = None
-    if cfg.search_tokens > 0:
-        search_idx = torch.randperm(n_tok, generator=torch.Generator().manual_seed(cfg.calib.seed + 1))[: cfg.search_tokens]
-        search_idx = search_idx.sort().values
-    # llm-awq / AutoAWQ feed each block the unquantized model's hidden states (fp16 propagation)
-    propagate = "fp16" if cfg.propagate == "auto" else cfg.propagate
-    method_ = AWQ(cfg, arch, specs, search_idx, clip_idx, tuple(samples.shape), reduce)
-    run = run_sequential(model, arch, method_, samples, place, propagate=propagate, checkpoint_dir=ctx.checkpoint_dir,
-                         reduce=reduce,
-                         desc=f"awq w{cfg.w_bit} g{cfg.group_size}", progress=ctx.progress)
-    qtensors = run.qtensors
-    chosen_alpha = {f"{arch.blocks}.{i}.{rel}": a for i, info in enumerate(run.infos) for rel, a in info["alpha"].items()}
-    stage = {k: sum(info["seconds"][k] for info in run.infos) for k in ("search", "clip", "quant")}
-
-    timings.update(calibration_capture=run.timings_s["calibration_capture"], block_forward=run.timings_s["block_forward"],
-                   scale_search=stage["search"], clip_search=stage["clip"], quantize=stage["quant"])
-    if run.resumed_from:
-        timings["resume_replay"] = run.timings_s["resume_replay"]
-    summary = {
-        "method": "awq", "w_bit": cfg.w_bit, "group_size": cfg.group_size, "zero_point": cfg.zero_point,
-        "search_scale": cfg.search_scale, "duo_scaling": cfg.duo_scaling, "clip": cfg.clip, "propagate": propagate,
-        "calibration": {"dataset": cfg.calib.dataset, "n_samples": cfg.calib.n_samples, "seqlen": cfg.calib.seqlen,
-                        "seed": cfg.calib.seed, "search_samples": min(cfg.search_samples, cfg.calib.n_samples),
-                        "search_tokens": min(cfg.search_tokens, cfg.calib.n_samples * cfg.calib.seqlen)},
-        "scale_grid": cfg.scale_grid,
-        "layers_quantized": len(qtensors), "group_fallback_layers": plan.fallbacks, **plan.summary(),
-        "alpha_mean": sum(chosen_alpha.values()) / len(chosen_alpha) if chosen_alpha else None,
-        "block_seconds": run.block_seconds, "resumed_from_block": run.resumed_from,
-        "placement": {"compute": str(place.compute), "offload": place.offload},
-        **packed_weight_bytes(model, qtensors),
-    }
-    return QuantOutcome(summary=summary, timings_s=timings, qtensors=qtensors)
+    def quantize(self, model, cfg: AWQConfig, ctx, setup: Setup) -> QuantOutcome:
+        samples, arch, place = setup.samples, setup.arch, setup.placement
+        reduce = Reducer.current()  # data-parallel when a process group is initialized (#18)
+        # clipping scores a seeded random subset of calibration tokens. (llm-awq takes every k-th token; with k a
+        # divisor of seqlen that oversamples the first position of every sequence, whose activations are outliers.)
+        n_tok = samples.numel()
+        clip_idx = None  # clip_tokens 0: every calibration token
+        if 0 < cfg.clip_tokens < n_tok:
+            clip_idx = torch.randperm(n_tok, generator=torch.Generator().manual_seed(cfg.calib.seed))[: cfg.clip_tokens]
+        # token-wise groups may score a random subset of all calibration tokens (more varied text for the same cost)
+        search_idx = None
+        if cfg.search_tokens > 0:
+            search_idx = torch.randperm(n_tok, generator=torch.Generator().manual_seed(cfg.calib.seed + 1))
+            search_idx = search_idx[: cfg.search_tokens].sort().values
+        # llm-awq / AutoAWQ feed each block the unquantized model's hidden states (fp16 propagation)
+        propagate = "fp16" if cfg.propagate == "auto" else cfg.propagate
+        blocks = AWQBlocks(cfg, arch, setup.plan.specs, search_idx, clip_idx, tuple(samples.shape), reduce)
+        run = run_sequential(model, arch, blocks, samples, place, propagate=propagate,
+                             checkpoint_dir=ctx.checkpoint_dir, reduce=reduce,
+                             desc=f"awq w{cfg.w_bit} g{cfg.group_size}", progress=ctx.progress)
+        qtensors = run.qtensors
+        alpha = {f"{arch.blocks}.{i}.{rel}": a for i, info in enumerate(run.infos) for rel, a in info["alpha"].items()}
+        stage = {k: sum(info["seconds"][k] for info in run.infos) for k in ("search", "clip", "quant")}
+        timings = dict(calibration_capture=run.timings_s["calibration_capture"],
+                       block_forward=run.timings_s["block_forward"], scale_search=stage["search"],
+                       clip_search=stage["clip"], quantize=stage["quant"])
+        if run.resumed_from:
+            timings["resume_replay"] = run.timings_s["resume_replay"]
+        summary = self.summary(
+            cfg, setup, model, qtensors,
+            calibration={"search_samples": min(cfg.search_samples, cfg.calib.n_samples),
+                         "search_tokens": min(cfg.search_tokens, cfg.calib.n_samples * cfg.calib.seqlen)},
+            search_scale=cfg.search_scale, duo_scaling=cfg.duo_scaling, clip=cfg.clip, propagate=propagate,
+            scale_grid=cfg.scale_grid, alpha_mean=sum(alpha.values()) / len(alpha) if alpha else None,
+            block_seconds=run.block_seconds, resumed_from_block=run.resumed_from)
+        return QuantOutcome(summary=summary, timings_s=timings, qtensors=qtensors)
 
 
 def _local(idx: torch.Tensor | None, lo: int, hi: int) -> torch.Tensor | None:

@@ -1,11 +1,13 @@
-"""Checkpoint formats a run's quantized weights are written in, one registry keyed by quant.method: grouped
-integer weight-only codes (RTN, AWQ, and GPTQ with static groups) as an AutoAWQ GEMM checkpoint, which LMDeploy's
-engines load as `model_format='awq'`; SmoothQuant W8A8 in LMDeploy's `smooth_quant` layout (PyTorch engine)."""
+"""Checkpoint formats a run's quantized weights are written in, one registry keyed by the format's name; a method
+says which of them its codes fit (quant.registry.Method.formats): grouped integer weight-only codes (RTN, AWQ, and
+GPTQ with static groups) as an AutoAWQ GEMM checkpoint, which LMDeploy's engines load as `model_format='awq'`;
+SmoothQuant W8A8 in LMDeploy's `smooth_quant` layout (PyTorch engine)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable
 
+from harness.config import user_error
 from harness.registry import Registry
 
 
@@ -27,7 +29,21 @@ def _smoothquant(model, qtensors, out_dir, tokenizer=None):
     return export_smoothquant(model, qtensors, out_dir, tokenizer=tokenizer)
 
 
-FORMATS: Registry[Format] = Registry("checkpoint format (by quant.method)")
-for _m in ("rtn", "awq", "gptq", "awq_gptq", "recipe"):
-    FORMATS.add(_m, Format("awq", _awq))
-FORMATS.add("smoothquant", Format("smooth_quant", _smoothquant))
+FORMATS: Registry[Format] = Registry("checkpoint format")
+FORMATS.add("awq", Format("awq", _awq))
+FORMATS.add("smooth_quant", Format("smooth_quant", _smoothquant))
+
+
+def format_for(quant_cfg, accepted=None) -> Format:
+    """The format a run's weights are written in: the first of its method's formats (for this config) that
+    `accepted` (format names; None: any) holds. A ConfigError before any work when there is none, so a method that
+    cannot be written fails at its preflight, not after quantizing."""
+    from quant import METHODS
+
+    own = METHODS.get(quant_cfg.method).export_formats(quant_cfg)
+    fit = [f for f in own if accepted is None or f in accepted]
+    if not fit:
+        has = f"its formats are {', '.join(own)}" if own else "it has no checkpoint format"
+        raise user_error("quant.method", quant_cfg.method, f"{has}; this needs one of {', '.join(accepted or FORMATS)}",
+                         "choose a method that has one (e.g. quant=awq_w4), or evaluate with backend=hf")
+    return FORMATS.get(fit[0])

@@ -80,11 +80,12 @@ def check_awq_config(cfg, model=None) -> None:
     if cfg.method == "fp16":
         raise AWQExportError("quant.method=fp16: nothing is quantized, so there is no AWQ checkpoint to write; "
                              "choose a 4-bit method, e.g. quant=awq_w4 or quant=rtn_w4")
-    from quant.export import FORMATS
+    from quant import METHODS
 
-    awq_methods = [m for m in FORMATS.names() if FORMATS.get(m).name == "awq"]
-    if cfg.method not in awq_methods:  # e.g. SmoothQuant W8A8: another format (FORMATS), no w_bit/group_size at all
-        other = f"its checkpoint format is {FORMATS.get(cfg.method).name}" if cfg.method in FORMATS else "it has none"
+    own = METHODS.get(cfg.method).export_formats(cfg)
+    if "awq" not in own:  # e.g. SmoothQuant W8A8: another format (its class's formats), no w_bit/group_size at all
+        awq_methods = [m for m in METHODS if "awq" in METHODS.get(m).formats]
+        other = f"its checkpoint format is {', '.join(own)}" if own else "it has none"
         raise AWQExportError(f"quant.method: {cfg.method} — the AWQ GEMM format holds the codes of the weight-only "
                              f"methods ({', '.join(awq_methods)}); {other} — export one of those, e.g. quant=awq_w4")
     if getattr(cfg, "format", "int") != "int":  # FP4 codes: the compressed-tensors layout, not written here yet

@@ -1,10 +1,11 @@
-"""GPTQ's config (Frantar et al. 2022), registered for quant.method=gptq and selected by conf/quant/gptq_*.yaml; the
-AWQ->GPTQ recipe's config adds these knobs to AWQ's (quant/gptq/awq_gptq.py). Its run_id hashes these fields only."""
+"""GPTQ's config (Frantar et al. 2022), registered with the method (quant.gptq.method) and selected by
+conf/quant/gptq_*.yaml; the AWQ->GPTQ recipe's config adds these knobs to AWQ's (quant/gptq/awq_gptq.py). Its run_id
+hashes these fields only."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from harness.config import CalibConfig, WeightQuantConfig, _require, quant_config
+from harness.config import CalibConfig, WeightQuantConfig, _require
 
 
 @dataclass
@@ -37,7 +38,6 @@ class GPTQKnobs:
                  "real-kernel paths do not take — set quant.static_groups=true")
 
 
-@quant_config("gptq")
 @dataclass
 class GPTQConfig(WeightQuantConfig, GPTQKnobs):
     method: str = "gptq"

@@ -15,14 +15,13 @@ import time
 
 import torch
 
-from harness.architectures import Architecture, architecture_for
-from harness.storage_bytes import packed_weight_bytes
+from harness.architectures import Architecture
 from quant.calibration.reduce import Reducer
 from quant.calibration.runner import BlockResult, run_sequential
 from quant.gptq.algorithm import accumulate_hessian, gptq_quantize
 from quant.gptq.config import GPTQConfig
-from quant.registry import QuantContext, QuantOutcome, method
-from quant.surgery import plan_layers
+from quant.registry import Method, QuantContext, QuantOutcome, method
+from quant.setup import Setup
 
 
 class HessianObserver:
@@ -42,7 +41,7 @@ class HessianObserver:
         return reduce.sum(self.H * self.n) / n
 
 
-class GPTQ:
+class GPTQBlocks:
     """GPTQ's per-block step for the sequential runner (quant.calibration.runner.BlockMethod)."""
 
     def __init__(self, cfg, arch: Architecture, specs: dict):
@@ -91,43 +90,33 @@ class GPTQ:
         return BlockResult(done, {"loss": losses, "seconds": time.perf_counter() - t})
 
 
-def run_gptq(model, cfg, ctx: QuantContext, samples: torch.Tensor) -> tuple:
-    """GPTQ over every block of `model` on `samples` (the recipe calls it after AWQ's fold); returns (the runner's
-    RunResult: qtensors, block seconds, the block it resumed from; losses, timings, the layer plan)."""
-    arch = architecture_for(model)
-    plan = plan_layers(model, cfg)
+def run_gptq(model, cfg, ctx: QuantContext, setup: Setup) -> tuple:
+    """GPTQ over every block of `model` on the setup's samples, architecture and plan (AWQ->GPTQ calls it after
+    AWQ's fold); returns (the runner's RunResult: qtensors, block seconds, the block it resumed from; losses, timings)."""
+    arch = setup.arch
     propagate = "quantized" if getattr(cfg, "propagate", "auto") == "auto" else cfg.propagate
-    run = run_sequential(model, arch, GPTQ(cfg, arch, plan.specs), samples, ctx.placement, propagate=propagate,
-                         checkpoint_dir=ctx.checkpoint_dir, reduce=Reducer.current(),
+    run = run_sequential(model, arch, GPTQBlocks(cfg, arch, setup.plan.specs), setup.samples, setup.placement,
+                         propagate=propagate, checkpoint_dir=ctx.checkpoint_dir, reduce=Reducer.current(),
                          desc=f"gptq w{cfg.w_bit} g{cfg.group_size}", progress=ctx.progress)
     losses = {f"{arch.blocks}.{i}.{k}": v for i, info in enumerate(run.infos) for k, v in info["loss"].items()}
     timings = {"calibration_capture": run.timings_s["calibration_capture"],
                "block_forward": run.timings_s["block_forward"],
                "gptq": sum(info["seconds"] for info in run.infos)}
-    return run, losses, timings, plan
+    return run, losses, timings
 
 
-@method("gptq", needs_calibration=True)
-def gptq(model, cfg: GPTQConfig, ctx: QuantContext) -> QuantOutcome:
-    cfg.validate()
-    architecture_for(model)  # unsupported architecture: fails here, naming the registry
-    plan_layers(model, cfg)  # bad group size or override: fails here, naming the layer
-    samples = ctx.calibration()
-    vocab = model.get_input_embeddings().weight.shape[0]
-    if int(samples.max()) >= vocab:
-        raise ValueError(f"calibration token id {int(samples.max())} is outside the model's vocabulary ({vocab})")
-    run, losses, timings, plan = run_gptq(model, cfg, ctx, samples)
-    qtensors, place = run.qtensors, ctx.placement
-    summary = {
-        "method": "gptq", "w_bit": cfg.w_bit, "group_size": cfg.group_size, "zero_point": cfg.zero_point,
-        "damp_percent": cfg.damp_percent, "block_size": cfg.block_size, "act_order": cfg.act_order,
-        "static_groups": cfg.static_groups, "grid": cfg.grid, "propagate": "quantized",
-        "calibration": {"dataset": cfg.calib.dataset, "n_samples": cfg.calib.n_samples, "seqlen": cfg.calib.seqlen,
-                        "seed": cfg.calib.seed},
-        "layers_quantized": len(qtensors), "group_fallback_layers": plan.fallbacks, **plan.summary(),
-        "gptq_loss": losses,  # GPTQ's own error estimate per quantized input group (AutoGPTQ logs it as "avg loss")
-        "block_seconds": run.block_seconds, "resumed_from_block": run.resumed_from,
-        "placement": {"compute": str(place.compute), "offload": place.offload},
-        **packed_weight_bytes(model, qtensors),
-    }
-    return QuantOutcome(summary=summary, timings_s=timings, qtensors=qtensors)
+@method
+class GPTQ(Method):
+    name, config = "gptq", GPTQConfig
+    needs_calibration = True
+    formats = ("awq",)  # static groups keep g_idx = k // g, which the AWQ layout holds
+    rounds = True
+
+    def quantize(self, model, cfg: GPTQConfig, ctx, setup: Setup) -> QuantOutcome:
+        run, losses, timings = run_gptq(model, cfg, ctx, setup)
+        summary = self.summary(
+            cfg, setup, model, run.qtensors, damp_percent=cfg.damp_percent, block_size=cfg.block_size,
+            act_order=cfg.act_order, static_groups=cfg.static_groups, grid=cfg.grid, propagate="quantized",
+            gptq_loss=losses,  # GPTQ's own error estimate per quantized input group (AutoGPTQ logs it as "avg loss")
+            block_seconds=run.block_seconds, resumed_from_block=run.resumed_from)
+        return QuantOutcome(summary=summary, timings_s=timings, qtensors=run.qtensors)

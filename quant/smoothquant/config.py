@@ -1,14 +1,14 @@
-"""SmoothQuant's config (registered for quant.method=smoothquant, selected by conf/quant/smoothquant_*.yaml): what
-determines a W8A8 quantization, and nothing else (its run_id hashes these fields only)."""
+"""SmoothQuant's config (registered with the method, quant.smoothquant.method; selected by
+conf/quant/smoothquant_*.yaml): what determines a W8A8 quantization, and nothing else (its run_id hashes these fields
+only)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from harness.config import CalibConfig, ConfigError, QuantConfig, quant_config
+from harness.config import CalibConfig, ConfigError, QuantConfig
 from quant.smoothquant.numerics import QUANT_DTYPES
 
 
-@quant_config("smoothquant")
 @dataclass
 class SmoothQuantConfig(QuantConfig):
     method: str = "smoothquant"
@@ -24,6 +24,11 @@ class SmoothQuantConfig(QuantConfig):
         if self.dtype not in QUANT_DTYPES:
             raise ConfigError(f"quant.dtype: {self.dtype!r} — not one of {', '.join(QUANT_DTYPES)} — e.g. quant.dtype=int8")
         self.calib.validate()
+
+    @classmethod
+    def label_detail(cls, q: dict) -> tuple[str, tuple]:
+        # Xiao et al. 2023: weights and activations both in 8 bits (LMDeploy's `lite smooth_quant`), migration strength α
+        return f"W8A8 {q.get('dtype', 'int8').replace('_', ' ')} (α={q.get('alpha', 0.5):g})", ()
 
 
 def as_smoothquant_config(cfg) -> SmoothQuantConfig:

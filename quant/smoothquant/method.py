@@ -21,8 +21,9 @@ from quant.awq.observe import AbsMax
 from quant.calibration.reduce import Reducer
 from quant.calibration.runner import BlockResult, run_sequential
 from quant.onload import Placement
-from quant.registry import QuantContext, QuantOutcome, method
-from quant.smoothquant.config import as_smoothquant_config
+from quant.registry import Method, QuantOutcome, method
+from quant.setup import Setup
+from quant.smoothquant.config import SmoothQuantConfig, as_smoothquant_config
 from quant.smoothquant.linear import swap_w8a8_
 from quant.smoothquant.numerics import quant_dtype
 from quant.smoothquant.smooth import smooth_block_
@@ -96,25 +97,22 @@ def smoothquant_(model, cfg, samples, stats: dict | None = None, placement: Plac
     return run.qtensors, m.scales, {"calibration": calib, "smooth_quantize": total - calib}
 
 
-@method("smoothquant", needs_calibration=True, cacheable=False)
-def smoothquant(model, cfg, ctx: QuantContext) -> QuantOutcome:
-    sq = as_smoothquant_config(cfg)
-    t = time.perf_counter()
-    samples = ctx.calibration()
-    vocab = model.get_input_embeddings().weight.shape[0]
-    if int(samples.max()) >= vocab:
-        raise ValueError(f"calibration token id {int(samples.max())} is outside the model's vocabulary ({vocab})")
-    sample_s = time.perf_counter() - t
-    place = ctx.placement
-    qtensors, scales, timings = smoothquant_(model, sq, samples, placement=place, progress=ctx.progress)
-    timings["calibration"] += sample_s
-    summary = {
-        "method": "smoothquant", "alpha": sq.alpha, "dtype": sq.dtype, "w_bit": 8, "a_bit": 8,
-        "weights": "per-output-channel symmetric", "activations": "dynamic per-token symmetric",
-        "calibration": {"dataset": sq.calib.dataset, "n_samples": sq.calib.n_samples, "seqlen": sq.calib.seqlen,
-                        "seed": sq.calib.seed},
-        "layers_quantized": len(qtensors), "groups_smoothed": len(scales),
-        "placement": {"compute": str(place.compute), "offload": place.offload},
-        **weight_bytes(model, qtensors),
-    }
-    return QuantOutcome(summary=summary, timings_s=timings, qtensors=qtensors)
+@method
+class SmoothQuant(Method):
+    name, config = "smoothquant", SmoothQuantConfig
+    needs_calibration = True
+    cacheable = False  # its W8A8 Linears replace the model's: recomputed every run (quant.quantized_cache)
+    formats = ("smooth_quant",)
+    label = "SmoothQuant"
+
+    def quantize(self, model, cfg: SmoothQuantConfig, ctx, setup: Setup) -> QuantOutcome:
+        qtensors, scales, timings = smoothquant_(model, cfg, setup.samples, placement=setup.placement,
+                                                 progress=ctx.progress)
+        timings["calibration"] += setup.samples_s
+        summary = self.summary(cfg, setup, model, qtensors, alpha=cfg.alpha, dtype=cfg.dtype, w_bit=8, a_bit=8,
+                               weights="per-output-channel symmetric", activations="dynamic per-token symmetric",
+                               groups_smoothed=len(scales))
+        return QuantOutcome(summary=summary, timings_s=timings, qtensors=qtensors)
+
+    def weight_bytes(self, model, qtensors: dict) -> dict:
+        return weight_bytes(model, qtensors)

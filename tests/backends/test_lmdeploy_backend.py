@@ -591,13 +591,16 @@ def test_tokenizer_trim_keeps_the_first_ids_and_the_merges_they_need():
 
 
 def test_every_quantization_method_has_a_checkpoint_format_lmdeploy_loads(tmp_path):
-    """backend=lmdeploy writes each method's weights in the format quant.export.FORMATS names for it; a SmoothQuant
-    checkpoint is read back as 'smooth_quant', goes to the engine in fp16 and without an AWQ model_format."""
+    """backend=lmdeploy writes each method's weights in the first of its formats (its class's, quant.export.FORMATS)
+    that LMDeploy loads; a SmoothQuant checkpoint is read back as 'smooth_quant', goes to the engine in fp16 and
+    without an AWQ model_format."""
     from quant import METHODS
-    from quant.export import FORMATS
+    from quant.export import FORMATS, format_for
 
-    assert {m for m in METHODS.names() if m != "fp16"} <= set(FORMATS.names())
-    assert {FORMATS.get(m).name for m in FORMATS.names()} <= set(lb.CHECKPOINT_FORMATS)
+    for option in ("rtn_w4", "awq_w4", "gptq_w4", "awq_gptq_w4", "recipe_awq_gptq_w4", "smoothquant_w8a8"):
+        q = compose([f"quant={option}"]).quant
+        assert format_for(q, lb.CHECKPOINT_FORMATS).name in lb.CHECKPOINT_FORMATS, option
+    assert {f for m in METHODS.names() for f in METHODS.get(m).formats} <= set(FORMATS.names())
     (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "smooth_quant",
                                                                               "quant_dtype": "int8"}}))
     assert lb.checkpoint_format(tmp_path) == "smooth_quant"

@@ -9,16 +9,17 @@ import pytest
 import harness.environment as env
 from eval.registry import EVALUATOR_SOURCES, EVALUATORS
 from harness.assets import REPO_ROOT
-from quant.registry import METHOD_SOURCES, METHODS
+from quant.registry import METHODS, method_sources
 from tests.experiments.test_pipeline import SMALL, cfg_of
 
 
 def test_every_registered_method_and_evaluator_names_its_sources():
     for name in METHODS.names():
-        assert name in METHOD_SOURCES, f"method {name} has no entry in quant.registry.METHOD_SOURCES"
+        own = f"{type(METHODS.get(name)).__module__.replace('.', '/')}.py"
+        assert own in method_sources(name), name  # a method's own file, and what it imports (quant.sources)
     for name in EVALUATORS.names():
         assert name in EVALUATOR_SOURCES, f"evaluator {name} has no entry in eval.registry.EVALUATOR_SOURCES"
-    for paths in [*METHOD_SOURCES.values(), *EVALUATOR_SOURCES.values()]:
+    for paths in [*(method_sources(n) for n in METHODS.names()), *EVALUATOR_SOURCES.values()]:
         for p in paths:
             assert (REPO_ROOT / p).exists(), p
 
@@ -99,45 +100,32 @@ def test_weights_computed_on_a_gpu_have_their_own_cache_key():
     assert quant_key("m", AWQConfig(), "bfloat16", {"text": "x"}, device="cuda") not in (cpu, None)
 
 
-# quant/ modules a method may import without listing them: where blocks compute and rest (results are bit-identical
-# either way: tests/quant/test_onload.py), package entry points, and what runs after quantization (export)
-NOT_RESULT_SOURCES = {"quant/onload.py", "quant/__init__.py", "quant/quantized_cache.py"}
+def test_a_methods_sources_are_what_its_file_imports(tmp_path):
+    """A method's code version is derived from its imports (quant.sources), never listed: every quant module it
+    imports, at the top or inside a function, transitively, and the harness modules those import; not the modules
+    that never change a result (where blocks compute, the quantized cache, configs' schema)."""
+    from quant.sources import NOT_RESULT_SOURCES, file_sources
+
+    for rel, text in {"quant/m.py": "import torch\nfrom quant.a import f\nfrom quant import onload\n",
+                      "quant/a.py": "def f():\n    from quant.b import g\n    import harness.h\n",
+                      "quant/b.py": "from harness.config import QuantConfig\nimport quant.a\n",
+                      "quant/onload.py": "import quant.c\n", "quant/c.py": "", "quant/unused.py": "",
+                      "harness/h.py": "import harness.k\n", "harness/k.py": "", "harness/config.py": ""}.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    assert file_sources("quant/m.py", tmp_path) == ["harness/h.py", "quant/a.py", "quant/b.py", "quant/m.py"]
+    assert "quant/onload.py" in NOT_RESULT_SOURCES and "harness/config.py" in NOT_RESULT_SOURCES
+    # the real methods: GPTQ's Triton column kernel (imported by its algorithm) decides GPTQ's numbers, not RTN's
+    assert "quant/kernels/gptq_columns.py" in method_sources("gptq")
+    assert not any(p.startswith(("quant/awq/", "quant/gptq/")) for p in method_sources("rtn"))
+    assert "harness/architectures.py" in method_sources("awq")
 
 
-def _quant_imports(path) -> set[str]:
-    """Repository files under quant/ that one source file imports (absolute imports of quant.*)."""
-    import ast
+def test_a_recipes_sources_are_those_of_its_steps():
+    from harness.compose import compose
 
-    out = set()
-    for node in ast.walk(ast.parse((REPO_ROOT / path).read_text())):
-        names = []
-        if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-        for n in names:
-            if not n.startswith("quant"):
-                continue
-            rel = n.replace(".", "/")
-            for cand in (f"{rel}.py", f"{rel}/__init__.py"):
-                if (REPO_ROOT / cand).exists():
-                    out.add(cand)
-    return out
-
-
-def test_a_methods_sources_include_every_quant_module_they_import():
-    """A module a method's code imports decides its results too (GPTQ's Triton column kernel, AWQ's streamed
-    statistics): it must be among the method's sources, or a change to it would not mark the method's records stale."""
-    from quant.registry import method_sources
-
-    for name in METHODS:
-        listed = set(method_sources(name))
-        todo, seen = [p for p in listed if p.startswith("quant/")], set()
-        while todo:
-            p = todo.pop()
-            if p in seen:
-                continue
-            seen.add(p)
-            todo.extend(_quant_imports(p))
-        missing = sorted(p for p in seen - listed - NOT_RESULT_SOURCES if not p.endswith("__init__.py"))
-        assert not missing, f"method {name} imports {missing} but quant.registry.METHOD_SOURCES does not list them"
+    cfg = compose(["quant=recipe", "quant.steps=[{method: awq}, {method: rtn}]"]).quant
+    own = set(method_sources(cfg))
+    assert {"quant/recipe.py", "quant/rtn.py", "quant/awq/search.py"} <= own
+    assert "quant/gptq/algorithm.py" not in own  # GPTQ is not one of its steps
+    assert "quant/gptq/algorithm.py" in method_sources(compose(["quant=recipe_awq_gptq_w4"]).quant)

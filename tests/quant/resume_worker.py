@@ -24,7 +24,7 @@ def main(out: Path, propagate: str, hang_at: int | None) -> None:
     from harness.data import calibration_samples, load_text, tokenize_cached
     from harness.models import load_model, load_tokenizer, resolve_model
     from quant import QuantContext, quantized_cache
-    from quant.awq.method import AWQ
+    from quant.awq.method import AWQBlocks
 
     mc = ModelConfig(name="smollm2-135m-instruct", path="embedded:smollm2-135m-instruct", dtype="bfloat16")
     resolved = resolve_model(mc)
@@ -37,7 +37,7 @@ def main(out: Path, propagate: str, hang_at: int | None) -> None:
     samples = calibration_samples(ids, 4, 32, seed=0)
     os.environ["QH_CACHE"] = str(out / "cache")  # the model and text are loaded: from here on, this run's own cache
     if hang_at is not None:
-        real = AWQ.quantize_block
+        real = AWQBlocks.quantize_block
 
         def quantize_block(self, block, index, *args):
             res = real(self, block, index, *args)
@@ -46,7 +46,7 @@ def main(out: Path, propagate: str, hang_at: int | None) -> None:
                 time.sleep(600)
             return res
 
-        AWQ.quantize_block = quantize_block
+        AWQBlocks.quantize_block = quantize_block
     outcome = quantized_cache.quantize_cached(model, cfg, "embedded-smollm2", "bfloat16",
                                               QuantContext(calibration=lambda: samples, progress=True), {})
     tensors = {f"params.{k}": v.clone() for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied

@@ -351,7 +351,7 @@ def test_gptq_killed_in_a_block_resumes_bit_for_bit_through_the_quantized_cache(
     quantize_cached resumes there and ends with the codes and weights of a run never interrupted (so two runs of
     GPTQ on the same data also agree bit for bit)."""
     from quant import quantized_cache
-    from quant.gptq.method import GPTQ
+    from quant.gptq.method import GPTQBlocks
 
     base = _truncated(smollm2_fp32, 2)
     cfg = GPTQConfig(w_bit=4, group_size=64, calib=CalibConfig(n_samples=8, seqlen=256))
@@ -360,7 +360,7 @@ def test_gptq_killed_in_a_block_resumes_bit_for_bit_through_the_quantized_cache(
     ref = METHODS.get("gptq")(ref_model, cfg, QuantContext(lambda: samples, progress=False))
 
     monkeypatch.setenv("QH_CACHE", str(tmp_path))
-    real = GPTQ.quantize_block
+    real = GPTQBlocks.quantize_block
 
     def dies_in_block_1(self, block, index, *args):
         res = real(self, block, index, *args)
@@ -368,14 +368,14 @@ def test_gptq_killed_in_a_block_resumes_bit_for_bit_through_the_quantized_cache(
             raise _Crash
         return res
 
-    monkeypatch.setattr(GPTQ, "quantize_block", dies_in_block_1)
+    monkeypatch.setattr(GPTQBlocks, "quantize_block", dies_in_block_1)
     with pytest.raises(_Crash):
         quantized_cache.quantize_cached(copy.deepcopy(base), cfg, "sha", "float32",
                                         QuantContext(lambda: samples, progress=False), {})
     ckpt = quantized_cache.checkpoint_dir(quantized_cache.quant_key("sha", cfg, "float32"))
     assert sorted(p.name for p in ckpt.glob("block_*.json")) == ["block_0000.json"]
 
-    monkeypatch.setattr(GPTQ, "quantize_block", real)
+    monkeypatch.setattr(GPTQBlocks, "quantize_block", real)
     model = copy.deepcopy(base)
     out = quantized_cache.quantize_cached(model, cfg, "sha", "float32", QuantContext(lambda: samples, progress=False),
                                           {})

@@ -17,7 +17,7 @@ from harness.assets import REPO_ROOT
 from harness.config import CalibConfig
 from quant.awq.config import AWQConfig
 from quant import METHODS, QuantContext, quantized_cache
-from quant.awq.method import AWQ
+from quant.awq.method import AWQBlocks
 from quant.calibration.checkpoint import BlockCheckpoints
 from quant.calibration.runner import BlockResult, Keep, run_sequential
 from quant.surgery import quantize_linear_
@@ -52,7 +52,7 @@ def test_a_run_that_died_resumes_from_its_checkpoints_bit_for_bit(propagate, smo
     ref = METHODS.get("awq")(ref_model, cfg, QuantContext(lambda: samples, progress=False))
 
     monkeypatch.setenv("QH_CACHE", str(tmp_path))
-    real = AWQ.quantize_block
+    real = AWQBlocks.quantize_block
 
     def dies_in_block_2(self, block, index, *args):
         res = real(self, block, index, *args)  # block 2 changed in place, not yet checkpointed
@@ -60,7 +60,7 @@ def test_a_run_that_died_resumes_from_its_checkpoints_bit_for_bit(propagate, smo
             raise _Crash
         return res
 
-    monkeypatch.setattr(AWQ, "quantize_block", dies_in_block_2)
+    monkeypatch.setattr(AWQBlocks, "quantize_block", dies_in_block_2)
     key = quantized_cache.quant_key("sha", cfg, "float32")
     with pytest.raises(_Crash):
         quantized_cache.quantize_cached(copy.deepcopy(base), cfg, "sha", "float32",
@@ -68,7 +68,7 @@ def test_a_run_that_died_resumes_from_its_checkpoints_bit_for_bit(propagate, smo
     ckpt = quantized_cache.checkpoint_dir(key)
     assert sorted(p.name for p in ckpt.glob("block_*.json")) == ["block_0000.json", "block_0001.json"]
 
-    monkeypatch.setattr(AWQ, "quantize_block", real)
+    monkeypatch.setattr(AWQBlocks, "quantize_block", real)
     model = copy.deepcopy(base)  # a fresh process would load the unquantized model again
     out = quantized_cache.quantize_cached(model, cfg, "sha", "float32", QuantContext(lambda: samples, progress=False), {})
     assert out.summary["resumed_from_block"] == 2 and out.summary["propagate"] == propagate
