@@ -288,12 +288,15 @@ def problems_after_rerun(group: Group, ref: Reference, rerun: Run) -> list[str]:
     out = []
     if rerun.rc != 0:
         out.append(f"rerun exit {rerun.rc}: {rerun.log()[-400:]}")
+    record = record_problems(group, ref)
+    names = [p for p in record if p.startswith("runs/ holds")]  # where the record is, then leftovers, then contents
+    out += names
     for sub in ("quantized", "tokens", ""):
         d = group.cache / sub
         left = [p.name for p in d.glob(".*.tmp")] if d.is_dir() else []
         if left:
             out.append(f"temp files left in {d}: {left}")
-    return out + record_problems(group, ref)
+    return out + [p for p in record if p not in names]
 
 
 def record_problems(group: Group, ref: Reference) -> list[str]:
