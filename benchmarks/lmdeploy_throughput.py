@@ -68,6 +68,8 @@ VARIANTS.add("awq_w4a16_kv8", ["quant=awq", "quant.w_bit=4", "quant.group_size=1
 # the same checkpoint through the harness's W4A16 kernels inside the engine (backends/lmdeploy_w4a16.py)
 VARIANTS.add("awq_w4a16_gemlite", ["quant=awq", "quant.w_bit=4", "quant.group_size=128", "kv=fp16",
                                    "backend.w4a16_kernel=gemlite"])
+VARIANTS.add("awq_w4a16_hybrid", ["quant=awq", "quant.w_bit=4", "quant.group_size=128", "kv=fp16",
+                                  "backend.w4a16_kernel=hybrid"])
 VARIANTS.add("awq_w4a16_tinygemm", ["quant=awq", "quant.w_bit=4", "quant.group_size=128", "kv=fp16",
                                     "backend.w4a16_kernel=tinygemm"])
 DEFAULT_VARIANTS = ["fp16", "awq_w4a16", "awq_w4a16_kv8", "awq_w4a16_gemlite"]

@@ -337,8 +337,8 @@ class BackendConfig:
 
     def validate(self) -> None:
         _require(self.name in ("hf", "lmdeploy"), "backend.name", f"{self.name!r} is not one of hf, lmdeploy")
-        _require(self.w4a16_kernel in ("engine", "gemlite", "tinygemm"), "backend.w4a16_kernel",
-                 f"{self.w4a16_kernel!r} is not one of engine, gemlite, tinygemm")
+        _require(self.w4a16_kernel in ("engine", "gemlite", "tinygemm", "hybrid"), "backend.w4a16_kernel",
+                 f"{self.w4a16_kernel!r} is not one of engine, gemlite, tinygemm, hybrid")
         _require(self.engine in ("auto", "pytorch", "turbomind"), "backend.engine", f"{self.engine!r} is not one of auto, pytorch, turbomind")
         _require(0.0 < self.cache_max_entry_count <= 1.0, "backend.cache_max_entry_count", "must be in (0, 1]")
         _require(self.tp >= 1, "backend.tp", "must be >= 1")

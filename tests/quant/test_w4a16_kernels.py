@@ -193,6 +193,48 @@ def test_lmdeploy_builder_swap_is_applied_used_and_undone(qt, fake_lmdeploy):
     assert y.shape == (1, 3, 64) and ((y[0].double() - ref).norm() / ref.norm()) < 1e-2
     lw.install("engine")  # the engine's own kernel again
     assert mod._build_linear_w4a16 is engine_builder and lw.installed_kernel() == "engine"
-    with pytest.raises(ValueError, match="choose one of engine, gemlite, tinygemm"):
+    with pytest.raises(ValueError, match="choose one of engine, gemlite, tinygemm, hybrid"):
         lw.install("marlin")
     assert lw.label("gemlite") == "LMDeploy PyTorch engine + gemlite W4A16"
+
+
+def test_the_hybrid_impl_sends_small_calls_to_the_harness_kernel_and_large_ones_to_the_engines(qt, fake_lmdeploy):
+    """backend.w4a16_kernel=hybrid: calls of at most 8 tokens (decode at small batches) through the harness's kernel,
+    larger ones (prefill, batch 32) through the engine's own implementation, which keeps the tensors it loaded."""
+    from backends import lmdeploy_w4a16 as lw
+    from quant.export.awq import qtensor_to_awq
+
+    class EngineImpl:  # LMDeploy's AwqLinearW4A16Impl as the engine holds it: its forward reads the AWQ tensors
+        def __init__(self):
+            self.loaded = None
+
+        def update_weights(self, qweight, scales, qzeros, bias=None):
+            self.loaded = (qweight.clone(), scales, qzeros)
+            return self.loaded + (bias,)
+
+        def forward(self, x, qweight, scales, qzeros, bias=None, all_reduce=False, group=None):
+            from quant.export.awq import awq_to_qtensor
+
+            w = awq_weight(awq_to_qtensor(qweight, qzeros, scales)).float()
+            return (x.float() @ w.t()).half().reshape(1, -1, w.shape[0])
+
+    spec = types.SimpleNamespace(in_features=128, out_features=64, w_bit=4, group_size=64)
+    engine = EngineImpl()
+    impl = lw.HybridW4A16Impl(engine, spec, small_kernel="tinygemm")  # gemlite needs CUDA: torch's int4 here
+    t = qtensor_to_awq(qt)
+    back = impl.update_weights(t["qweight"], t["scales"], t["qzeros"], None)
+    assert back[0] is engine.loaded[0] and torch.equal(back[0], t["qweight"])  # the engine's own tensors go back
+    ref_w = awq_weight(qt).double()
+    for tokens, side in ((1, "small"), (8, "small"), (9, "engine"), (32, "engine")):
+        x = torch.randn(tokens, 128, dtype=torch.float16)
+        before = dict(impl.calls)
+        y = impl.forward(x, *back[:3])
+        assert impl.calls[side] == before[side] + 1, (tokens, side)
+        ref = x.double() @ ref_w.t()
+        assert y.shape == (1, tokens, 64) and ((y[0].double() - ref).norm() / ref.norm()) < 1e-2
+    # installed: the builder wraps LMDeploy's own builder's impl
+    mod, engine_builder = fake_lmdeploy
+    lw.install("hybrid")
+    built = mod._build_linear_w4a16(spec)
+    assert isinstance(built, lw.HybridW4A16Impl) and built.engine == "engine impl"
+    assert "both packings held" in lw.label("hybrid")
