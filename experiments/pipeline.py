@@ -22,7 +22,6 @@ from harness.data import (TEXT_SOURCES, DataUnavailableError, bos_token_id, cali
                           calibration_provider, eval_windows, load_text, text_sha256, tokenize_cached)
 from harness.labels import config_label
 from harness.limits import check_positions
-from harness.environment import changed_parts, code_version, machine_name
 from harness.hub import require_hub
 from harness.log import logger
 from harness.models import (ModelUnavailableError, check_device, describe_model, load_config, load_model, load_tokenizer,
@@ -33,10 +32,9 @@ from harness.registry import UnknownNameError
 from harness.synthetic import refuse_quality_metrics, without_quality_metrics
 from backends import BACKENDS
 from eval import EvalContext, ordered_names, preflight
-from eval.registry import evaluator_sources
+from eval.code_version import code_version_of, stale_reason  # noqa: F401  (shared with the report)
 from quant import METHODS, QuantContext, QuantOutcome, quantized_cache
 from quant.onload import Placement, peak_memory
-from quant.registry import method_sources
 from quant.surgery import check_group_sizes
 
 
@@ -192,56 +190,6 @@ def quantize(cfg: RunConfig, model, prep: Prepared, calib, calib_state: dict,
                                            QuantContext(calibration=calib, progress=cfg.progress, placement=placement), calib_state,
                                            force=cfg.force, log=log, calib_id=calib_id,
                                            write_cache=prep.cache_writable)
-
-
-# sources behind every run's numbers, beside the method's (derived from its imports: quant.sources) and each enabled
-# evaluator's (eval.registry.EVALUATOR_SOURCES)
-RUN_SOURCES = ["harness/data.py", "harness/corpus.py", "eval/forward.py"]
-
-
-def code_version_of(cfg: RunConfig) -> dict:
-    """The version of the code that determines `cfg`'s numbers, part by part (harness.environment.code_version)."""
-    parts = {"data": RUN_SOURCES, f"quant.{cfg.quant.method}": method_sources(cfg.quant),
-             f"backends.{cfg.backend.name}": [f"backends/{cfg.backend.name}.py"]}
-    if cfg.kv.bits != 16:
-        parts["quant.kv_cache"] = ["quant/kv_cache.py"]
-    for name in ordered_names():
-        section = getattr(cfg.eval, name, None)
-        if section is None or getattr(section, "enabled", True):
-            parts[f"eval.{name}"] = evaluator_sources(name)
-    return code_version(parts)
-
-
-def local_model_sha(cfg: RunConfig) -> str | None:
-    """The weights' identity of a model given by a local path (a checkpoint directory or a .gguf file), or None for
-    the embedded models (checked against their conversion), synthetic ones and hub ids. Cheap: each file's sha256 is
-    remembered by its stamp (harness.assets.file_sha256), hashed again only after an edit."""
-    path = cfg.model.path
-    p = Path(path).expanduser()
-    if path.startswith(("embedded:", "synthetic:")) or not ((p.is_dir() and (p / "config.json").exists()) or
-                                                             (p.is_file() and path.endswith(".gguf"))):
-        return None
-    return resolve_model(cfg.model).model_sha
-
-
-def stale_reason(rec: dict, cfg: RunConfig) -> str | None:
-    """Why an existing complete record cannot stand for `cfg` now, or None: other code made it, other weights at the
-    same local model.path (its run_id names the path, not the bytes), or (for a record with throughput) another
-    machine measured it."""
-    now = code_version_of(cfg)
-    old = rec.get("code_version")
-    if not old:
-        return "made before records carried a code_version"
-    if old.get("hash") != now["hash"]:
-        return f"made by other code ({', '.join(changed_parts(old, now))} changed)"
-    sha, then = local_model_sha(cfg), (rec.get("provenance") or {}).get("model_sha")
-    if sha is not None and sha != then:
-        return f"made from other weights at {cfg.model.path} (model_sha {then} then, {sha} now)"
-    if (rec.get("metrics") or {}).get("throughput") is not None:
-        here, there = machine_name(), (rec.get("provenance") or {}).get("machine")
-        if there != here:
-            return f"throughput measured on another machine ({there}; this is {here})"
-    return None
 
 
 def run(cfg: RunConfig) -> dict:

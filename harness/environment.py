@@ -31,15 +31,55 @@ def package_versions(packages=PACKAGES) -> dict:
     return {k: v for k, v in out.items() if v is not None}
 
 
-def git_sha() -> str | None:
-    """HEAD of this checkout, with "-dirty" when tracked files differ from it."""
+# what the harness itself writes inside the repository: records, tables, figures, executed notebooks and benchmark
+# results (results/, the default results_dir), Hydra's run folders, and README.md's generated table excerpt
+# (report.readme_excerpt). A change there is an output, not other code: it never makes a record "-dirty".
+HARNESS_OUTPUTS = ("results/", "outputs/", "multirun/", "README.md")
+MAX_CHANGED_FILES = 20  # a record names at most this many changed files (and says how many there were)
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5,
+                          check=True).stdout
+
+
+def is_harness_output(path: str) -> bool:
+    return any(path == o or (o.endswith("/") and path.startswith(o)) for o in HARNESS_OUTPUTS)
+
+
+def changed_sources() -> list[str] | None:
+    """The files of this checkout that differ from HEAD (tracked files edited, staged, added or deleted; files git
+    does not track and does not ignore, marked " (untracked)"), less the harness's own outputs (HARNESS_OUTPUTS);
+    None when this is not a git checkout."""
     try:
-        run = lambda *a: subprocess.run(["git", *a], cwd=REPO_ROOT, capture_output=True, text=True,  # noqa: E731
-                                        timeout=5).stdout.strip()
-        sha = run("rev-parse", "HEAD")
-        return (sha + ("-dirty" if run("status", "--porcelain", "--untracked-files=no") else "")) or None
-    except Exception:
+        tracked = _git("diff", "HEAD", "--name-only", "-z").split("\0")
+        untracked = _git("ls-files", "--others", "--exclude-standard", "-z").split("\0")
+    except Exception:  # no git, not a checkout, no HEAD yet
         return None
+    return sorted({p for p in tracked if p and not is_harness_output(p)}) + \
+        sorted(f"{p} (untracked)" for p in untracked if p and not is_harness_output(p))
+
+
+def git_state() -> dict:
+    """{"git_sha": HEAD, with "-dirty" when source files differ from it (changed_sources: the harness's own outputs
+    do not count), "git_changed": the first MAX_CHANGED_FILES of those files (only when dirty), "git_changed_count":
+    how many there were (only when more)}; {"git_sha": None} outside a git checkout."""
+    try:
+        sha = _git("rev-parse", "HEAD").strip()
+    except Exception:
+        return {"git_sha": None}
+    changed = changed_sources() or []
+    out = {"git_sha": sha + ("-dirty" if changed else "")}
+    if changed:
+        out["git_changed"] = changed[:MAX_CHANGED_FILES]
+        if len(changed) > MAX_CHANGED_FILES:
+            out["git_changed_count"] = len(changed)
+    return out
+
+
+def git_sha() -> str | None:
+    """HEAD of this checkout, with "-dirty" when source files differ from it (git_state)."""
+    return git_state()["git_sha"]
 
 
 def sources_sha(paths) -> str:
@@ -74,6 +114,23 @@ def machine_name(hw: dict | None = None) -> str:
     return hw.get("gpu") or hw.get("cpu_model") or hw.get("processor") or "unknown"
 
 
+# what tells two machines apart (provenance.hardware): a throughput ratio is formed only between records that agree on
+# every one of these (machine_differences); "hostname" is left out of the comparison where a record predates it
+MACHINE_KEYS = ("hostname", "cpu_model", "cpu_count", "gpu", "gpu_count")
+
+
+def machine_fingerprint(hw: dict | None) -> dict:
+    """{field: value} of MACHINE_KEYS that a hardware description (hardware(), provenance.hardware) holds."""
+    return {k: (hw or {})[k] for k in MACHINE_KEYS if (hw or {}).get(k) is not None}
+
+
+def machine_differences(a: dict | None, b: dict | None) -> list[str]:
+    """The MACHINE_KEYS in which two hardware descriptions differ ([]: the same machine as far as both say). A GPU
+    or CPU field missing on one side is a difference; the hostname only counts where both recorded one."""
+    fa, fb = machine_fingerprint(a), machine_fingerprint(b)
+    return [k for k in MACHINE_KEYS if fa.get(k) != fb.get(k) and (k != "hostname" or (k in fa and k in fb))]
+
+
 def gpu() -> dict:
     """The first CUDA device and the driver (empty without one)."""
     import torch
@@ -102,7 +159,8 @@ def gpu() -> dict:
 def hardware() -> dict:
     import torch
 
-    hw = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+    hw = {"hostname": platform.node() or None, "platform": platform.platform(),
+          "processor": platform.processor() or platform.machine(),
           "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -123,8 +181,9 @@ def environment() -> dict:
 
     env = {"python": platform.python_version(), **package_versions(), "torch": torch.__version__,
            "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-           "machine": platform.processor() or platform.machine(), "load_average_1m": os.getloadavg()[0],
-           "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git_sha": git_sha()}
+           "machine": platform.processor() or platform.machine(), "hostname": platform.node() or None,
+           "load_average_1m": os.getloadavg()[0],
+           "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **git_state()}
     hw = hardware()
     if "cpu_model" in hw:
         env["cpu_model"] = hw["cpu_model"]

@@ -13,7 +13,7 @@ from typing import Any, Callable
 from harness.assets import atomic_file, probe_write, remove_stale_tmp
 from harness.config import (LATE_FIELDS, NON_IDENTITY_FIELDS, QuantConfig, RunConfig, quant_identity_dict, user_error,
                             without_late_defaults)
-from harness.environment import git_sha, hardware, machine_name, package_versions
+from harness.environment import git_state, hardware, machine_name, package_versions
 from harness.log import logger
 from harness.record_schema import RECORD_VERSION  # the schema owns the version it reads
 from harness.text_files import is_file_source
@@ -116,8 +116,10 @@ def check_results_dir(results_dir: str | Path) -> None:
 
 
 def provenance(extra: dict | None = None) -> dict:
+    """What a record's numbers were made with: the commit (git_sha, "-dirty" with the changed source files in
+    git_changed), package versions, the machine (hardware: host, CPU, GPU), when."""
     hw = hardware()
-    p = {"git_sha": git_sha(), "versions": package_versions(), "hardware": hw, "machine": machine_name(hw),
+    p = {**git_state(), "versions": package_versions(), "hardware": hw, "machine": machine_name(hw),
          "python": platform.python_version(), "created_unix": time.time(),
          "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if extra:
@@ -128,7 +130,7 @@ def provenance(extra: dict | None = None) -> dict:
 def make_record(cfg: RunConfig, metrics: dict, prov: dict, timings_s: dict, status: str = "complete",
                 code_version: dict | None = None) -> dict:
     """`code_version`: harness.environment.code_version of the sources that determine the numbers; a record is
-    reused only while it matches (experiments.pipeline.stale_reason)."""
+    reused only while it matches, and the report marks a row whose record does not (eval.code_version)."""
     return {
         "record_version": RECORD_VERSION,
         "run_id": run_id(cfg),
