@@ -270,7 +270,14 @@ class WeightQuantConfig(QuantConfig):
     # what to do when group_size does not divide a layer's in_features: error | per_channel
     group_fallback: str = "error"
     layer_overrides: list[LayerOverride] = field(default_factory=list)
-    late_fields: ClassVar[tuple[str, ...]] = ("layer_overrides",)
+    # the grid the weights are rounded to: int (the integer grid of quant/primitives.py) | nvfp4 | mxfp4 (e2m1 values
+    # under the format's block scales, quant/formats/fp4.py; the block is the group: 16 / 32, symmetric)
+    format: str = "int"
+    # `format` came after records existed: left out of the identity at int, so they keep their run_id
+    late_fields: ClassVar[tuple[str, ...]] = ("layer_overrides", "format")
+    # the formats this method's rounding reads from the LayerSpec (quant.surgery); a method that rounds on its own
+    # integer grid (AWQ's pseudo-quantize) keeps int only, so an FP4 config never runs as integer under an FP4 label
+    weight_formats: ClassVar[tuple[str, ...]] = ("int",)
 
     def validate(self) -> None:
         _require(2 <= self.w_bit <= 8, "quant.w_bit", f"must be in 2..8, got {self.w_bit}")
@@ -278,10 +285,50 @@ class WeightQuantConfig(QuantConfig):
         _require(self.group_fallback in ("error", "per_channel"), "quant.group_fallback", f"{self.group_fallback!r} is not one of error, per_channel")
         for i, o in enumerate(self.layer_overrides):
             o.validate(f"quant.layer_overrides[{i}]")
+        self.validate_format()
+
+    def validate_format(self) -> None:
+        """FP4 has one shape: 4-bit e2m1 codes, the format's block as the group, no zero point; every other value is
+        refused (not silently replaced), so one result has one run_id."""
+        fmt = self.format
+        if fmt not in WEIGHT_FORMATS:
+            raise user_error("quant.format", repr(fmt), f"not one of {', '.join(WEIGHT_FORMATS)}",
+                             "use quant.format=int, or a preset such as quant=rtn_nvfp4")
+        if fmt == "int":
+            return
+        if fmt not in self.weight_formats:
+            raise user_error("quant.format", fmt, f"{self.method} rounds to {', '.join(self.weight_formats)} only",
+                             f"round with RTN or GPTQ (quant=rtn_{fmt}, quant=gptq_{fmt})")
+        block = WEIGHT_FORMATS[fmt]
+        if self.w_bit != 4:
+            raise user_error("quant.w_bit", self.w_bit, f"quant.format={fmt} stores 4-bit e2m1 codes",
+                             "set quant.w_bit=4")
+        if self.group_size != block:
+            raise user_error("quant.group_size", self.group_size, f"quant.format={fmt} takes blocks of {block} "
+                             f"(its scale per block is the group)", f"set quant.group_size={block} (the "
+                             f"conf/quant/*_{fmt}.yaml presets do)")
+        if self.zero_point:
+            raise user_error("quant.zero_point", self.zero_point, f"quant.format={fmt} is symmetric (e2m1 values "
+                             "under a block scale, no zero point)", "set quant.zero_point=false")
+        if self.group_fallback != "error":
+            raise user_error("quant.group_fallback", self.group_fallback, f"quant.format={fmt} has no per-channel "
+                             "form", "leave it at error, and skip a layer whose in_features the block does not "
+                             "divide (quant.layer_overrides with skip: true)")
+        for i, o in enumerate(self.layer_overrides):
+            if o.w_bit is not None or o.group_size is not None:
+                raise user_error(f"quant.layer_overrides[{i}]", o.pattern, f"w_bit / group_size do not apply with "
+                                 f"quant.format={fmt} (one shape per format)", "give it skip: true only")
 
     @classmethod
     def label_detail(cls, q: dict) -> tuple[str, tuple]:
-        return group_text(q) + (" +overrides" if q.get("layer_overrides") else ""), ()
+        fmt = q.get("format", "int")
+        base = group_text(q) if fmt == "int" else fmt.upper()  # "NVFP4": its block and symmetry are the format's
+        return base + (" +overrides" if q.get("layer_overrides") else ""), ()
+
+
+# quant.format -> its block along in_features (None: the integer grid, grouped by quant.group_size); the FP4
+# numerics are quant/formats/fp4.py's (FP4_FORMATS holds the same blocks)
+WEIGHT_FORMATS: dict[str, Optional[int]] = {"int": None, "nvfp4": 16, "mxfp4": 32}
 
 
 # method name -> its config dataclass; filled by each method's registration (quant.registry.method, via quant_config)

@@ -10,19 +10,21 @@ from harness.config import WeightQuantConfig
 from quant.calibration.runner import BlockResult, run_sequential
 from quant.registry import Method, QuantOutcome, method
 from quant.setup import Setup
-from quant.surgery import quantize_linear_
+from quant.surgery import format_export_formats, format_summary, quantize_linear_
 
 
 @dataclass
 class RTNConfig(WeightQuantConfig):
-    """RTN has no knobs of its own: bits, grouping, zero point and per-layer overrides (WeightQuantConfig)."""
+    """RTN has no knobs of its own: bits, grouping, zero point, weight format and per-layer overrides
+    (WeightQuantConfig)."""
 
     method: str = "rtn"
+    weight_formats = ("int", "nvfp4", "mxfp4")
 
 
 class RTNBlocks:
     """The runner's per-block step: nothing observed, every Linear of the layer map rounded to nearest with its
-    planned bits and group size (skipped layers left as they are)."""
+    planned bits and group size, or in its planned FP4 format (skipped layers left as they are)."""
 
     def __init__(self, plan, prefix: str, linears):
         self.plan, self.prefix, self.linears = plan, prefix, linears
@@ -35,7 +37,8 @@ class RTNBlocks:
         for rel in self.linears:
             spec = self.plan.specs[f"{self.prefix}.{index}.{rel}"]
             if not spec.skip:
-                out[rel] = quantize_linear_(block.get_submodule(rel), spec.w_bit, spec.group_size, spec.zero_point)
+                out[rel] = quantize_linear_(block.get_submodule(rel), spec.w_bit, spec.group_size, spec.zero_point,
+                                           spec.format)
         return BlockResult(out)
 
 
@@ -51,5 +54,8 @@ class RTN(Method):
         # seconds per model: not worth checkpoints
         run = run_sequential(model, arch, RTNBlocks(setup.plan, arch.blocks, arch.linears), None, setup.placement,
                              desc="rtn", progress=ctx.progress)
-        return QuantOutcome(summary=self.summary(cfg, setup, model, run.qtensors),
+        return QuantOutcome(summary=self.summary(cfg, setup, model, run.qtensors, **format_summary(cfg)),
                             timings_s={"rtn": time.perf_counter() - setup.started_s}, qtensors=run.qtensors)
+
+    def export_formats(self, cfg: RTNConfig) -> tuple[str, ...]:
+        return format_export_formats(cfg, self.formats)

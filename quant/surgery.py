@@ -1,6 +1,6 @@
-"""Model surgery shared by the methods: find the Linears to quantize, settle each one's spec (bits, group size, or
-skipped, with the config's per-layer overrides: `plan_layers`, before any long work), and replace a Linear's weight
-by its quantize-dequantize image while keeping the integer codes."""
+"""Model surgery shared by the methods: find the Linears to quantize, settle each one's spec (bits, group size, weight
+format, or skipped, with the config's per-layer overrides: `plan_layers`, before any long work), and replace a Linear's
+weight by its quantize-dequantize image while keeping the codes (integer, or FP4: quant/formats/fp4.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from harness.architectures import ARCHITECTURES, Architecture, architecture_for, get_blocks
 from harness.config import ConfigError, WeightQuantConfig, user_error
+from quant.formats.fp4 import FP4Tensor, check_blocks, quantize_fp4
 from quant.primitives import QTensor, check_group_size, quantize_tensor
 
 
@@ -26,7 +27,8 @@ def quantizable_linears(model, arch: Architecture | None = None) -> dict[str, nn
 @dataclass(frozen=True)
 class LayerSpec:
     """How one Linear is quantized: the method's w_bit / group size / zero point, or a layer override's; `skip`
-    keeps it unquantized (no codes, no export packing, FP16 in the bytes)."""
+    keeps it unquantized (no codes, no export packing, FP16 in the bytes). `format`: the grid a rounding step rounds
+    to (int, or nvfp4 / mxfp4 with group_size the format's block and no zero point: WeightQuantConfig.validate)."""
 
     w_bit: int
     group_size: int
@@ -34,6 +36,7 @@ class LayerSpec:
     skip: bool = False
     override: int | None = None  # index into quant.layer_overrides of the entry that decided, if any
     fell_back: bool = False  # the group size asked for did not divide in_features: per channel (group_fallback)
+    format: str = "int"
 
 
 @dataclass
@@ -75,7 +78,11 @@ def layer_spec(name: str, in_features: int, cfg: WeightQuantConfig) -> LayerSpec
     w_bit = cfg.w_bit if o is None or o.w_bit is None else o.w_bit
     g = cfg.group_size if o is None or o.group_size is None else o.group_size
     if o is not None and o.skip:  # never quantized; a group size that fits still serves AWQ's per-group statistics
-        return LayerSpec(w_bit, g if g == -1 or in_features % g == 0 else -1, cfg.zero_point, skip=True, override=i)
+        return LayerSpec(w_bit, g if g == -1 or in_features % g == 0 else -1, cfg.zero_point, skip=True, override=i,
+                         format=cfg.format)
+    if cfg.format != "int":  # the block is the format's: a layer it does not divide is refused (no fallback)
+        check_blocks(in_features, cfg.format, name)
+        return LayerSpec(w_bit, g, cfg.zero_point, override=i, format=cfg.format)
     used = group_size_for(in_features, cfg, name, g)
     return LayerSpec(w_bit, used, cfg.zero_point, override=i, fell_back=used != g)
 
@@ -133,8 +140,26 @@ def check_group_sizes(cfg: WeightQuantConfig, hf_config: dict) -> None:
 
 
 @torch.no_grad()
-def quantize_linear_(linear: nn.Linear, w_bit: int, group_size: int, zero_point: bool) -> QTensor:
-    """Quantize a Linear's weight in place to its dequantized image; return the codes."""
-    qt = quantize_tensor(linear.weight.data, w_bit, group_size, zero_point)
+def quantize_linear_(linear: nn.Linear, w_bit: int, group_size: int, zero_point: bool,
+                     fmt: str = "int") -> QTensor | FP4Tensor:
+    """Quantize a Linear's weight in place to its dequantized image, rounded to nearest on the integer grid or in an
+    FP4 format (`fmt`: a LayerSpec's format; w_bit, group_size and zero_point are then the format's); return the
+    codes."""
+    if fmt == "int":
+        qt = quantize_tensor(linear.weight.data, w_bit, group_size, zero_point)
+    else:
+        qt = quantize_fp4(linear.weight.data, fmt)
     linear.weight.data.copy_(qt.dequantize(linear.weight.dtype))
     return qt
+
+
+def format_summary(cfg: WeightQuantConfig) -> dict:
+    """The summary's entry for a weight format other than the integer grid (none for int: summaries as before)."""
+    return {} if cfg.format == "int" else {"format": cfg.format}
+
+
+def format_export_formats(cfg: WeightQuantConfig, formats: tuple[str, ...]) -> tuple[str, ...]:
+    """A rounding method's checkpoint formats for this config: every one writes integer codes, so an FP4 config has
+    none (export refuses it at its preflight, quant.export.format_for) until an FP4 layout (compressed-tensors'
+    nvfp4-pack-quantized) is written."""
+    return formats if cfg.format == "int" else ()

@@ -32,7 +32,7 @@ from typing import Optional
 
 import torch
 
-from harness.config import ConfigError
+from harness.config import WEIGHT_FORMATS, ConfigError
 from quant.primitives import pack_int4_pairs, unpack_int4_pairs
 
 E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # by code & 7; code bit 3 is the sign
@@ -42,7 +42,7 @@ _MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)  # between consecutive magn
 FP8_E4M3_MAX = 448.0
 FP8_E4M3_EPS = 0.125  # compressed-tensors' stand-in for a zero fp8 block scale (helpers._get_dtype_eps)
 E8M0_BIAS, E8M0_MIN_EXP, E8M0_MAX_EXP = 127, -127, 127  # 0xFF is NaN, never produced
-FP4_FORMATS = {"nvfp4": 16, "mxfp4": 32}  # format -> block size along in_features
+FP4_FORMATS = {f: b for f, b in WEIGHT_FORMATS.items() if b}  # format -> block size along in_features: 16, 32
 
 
 def e2m1_codes(x: torch.Tensor) -> torch.Tensor:
@@ -171,15 +171,20 @@ class FP4Tensor:
         return quantized_weight_bytes(self.q.numel(), self.scales.numel(), 4, False, layout=self.format)
 
 
-def quantize_fp4(w: torch.Tensor, fmt: str) -> FP4Tensor:
-    """A weight [out, in] in `fmt` (nvfp4 | mxfp4), round to nearest."""
+def fp4_scales(w: torch.Tensor, fmt: str) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(block scales [out, in // block], NVFP4's global scale [1] or None) of a weight [out, in]: what the codes are
+    chosen under, by RTN here and column by column by GPTQ (quant/gptq/algorithm.py)."""
     if fmt == "nvfp4":
         g = nvfp4_global_scale(w)
-        scales = nvfp4_block_scales(w, g)
-    elif fmt == "mxfp4":
-        g, scales = None, mxfp4_scale_exponents(w)
-    else:
-        raise ValueError(f"unknown FP4 format {fmt!r} ({', '.join(FP4_FORMATS)})")
+        return nvfp4_block_scales(w, g), g
+    if fmt == "mxfp4":
+        return mxfp4_scale_exponents(w), None
+    raise ValueError(f"unknown FP4 format {fmt!r} ({', '.join(FP4_FORMATS)})")
+
+
+def quantize_fp4(w: torch.Tensor, fmt: str) -> FP4Tensor:
+    """A weight [out, in] in `fmt` (nvfp4 | mxfp4), round to nearest."""
+    scales, g = fp4_scales(w, fmt)
     return FP4Tensor(quantize_blocks(w, block_scales(scales, g, fmt), fmt), scales, g, fmt)
 
 

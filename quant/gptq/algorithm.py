@@ -15,6 +15,12 @@ updated so far (dynamic groups: the paper's and AutoGPTQ's default; AutoGPTQ rea
 in-block updates of the current block, here they are read after them, which is what the column-by-column algorithm
 computes), or all at once on the original weights before reordering (static groups: AutoGPTQ `static_groups`,
 llm-compressor's actorder="static"), which keeps the checkpoint's g_idx the trivial k // group_size.
+
+FP4 formats (quant/formats/fp4.py; llm-compressor's and GPTQModel's NVFP4/MXFP4 GPTQ): every block's scale (and
+NVFP4's per-tensor global scale) is computed from the original weights before the column loop, as static groups are,
+by the format's own definition (the scales RTN would use); each column's updated values are then rounded onto the
+e2m1 grid under its block's factor, and the error spread as for integers. Stacked Linears (q/k/v) keep one global
+scale each (`segments`).
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ from typing import Optional
 
 import torch
 
+from quant.formats.fp4 import FP4_FORMATS, FP4Tensor, block_scales, dequantize_blocks, e2m1_codes, e2m1_values, fp4_scales
 from quant.kernels import gptq_columns
 from quant.primitives import (QTensor, _grouped, check_group_size, dequantize, effective_group_size, quant_params, quantize,
                               range_params)
@@ -87,8 +94,15 @@ class GPTQResult:
     group_size: int
     perm: Optional[torch.Tensor]
     loss: torch.Tensor  # GPTQ's own error estimate, sum of (w - q)^2 / Hinv_kk^2 / 2 (AutoGPTQ logs it as "avg loss")
+    # an FP4 result (format nvfp4 | mxfp4): q holds e2m1 codes, scales the format's block scales (fp8 e4m3 / e8m0
+    # exponents) and global_scale NVFP4's per-tensor scale repeated per row [out, 1] (stacked tensors: each its own)
+    format: str = "int"
+    global_scale: Optional[torch.Tensor] = None
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        if self.format != "int":
+            return dequantize_blocks(self.q, block_scales(self.scales, self.global_scale, self.format),
+                                     self.format).to(dtype)
         g = self.g_idx.long()
         qf = self.q.float()
         if self.zeros is not None:
@@ -99,8 +113,17 @@ class GPTQResult:
         cols = self.q.shape[1]
         return torch.equal(self.g_idx.long(), torch.arange(cols, device=self.g_idx.device) // self.group_size)
 
-    def to_qtensor(self, rows: slice = slice(None)) -> QTensor:
-        """The rows' codes as the QTensor RTN and AWQ produce (needs the trivial g_idx: static groups)."""
+    def to_qtensor(self, rows: slice = slice(None)) -> QTensor | FP4Tensor:
+        """The rows' codes as the QTensor RTN and AWQ produce (needs the trivial g_idx: static groups), or, for an FP4
+        result, as the FP4Tensor RTN produces (the rows of one stacked tensor: one global scale)."""
+        if self.format != "int":
+            g = None
+            if self.global_scale is not None:
+                g = self.global_scale[rows]
+                if not torch.equal(g, g[:1].expand_as(g)):
+                    raise ValueError("rows of more than one NVFP4 tensor (their global scales differ)")
+                g = g[0].clone().reshape(1)
+            return FP4Tensor(self.q[rows].clone(), self.scales[rows].clone(), g, self.format)
         if not self.trivial_g_idx():
             raise ValueError("GPTQ result with a permuted g_idx (act_order with dynamic groups) has no QTensor form")
         z = None if self.zeros is None else self.zeros[rows].clone()  # clones: a row slice owns its storage
@@ -201,6 +224,41 @@ USE_CUDA_GRAPHS = True  # tests turn it off to compare with the eager loop
 USE_KERNEL = True  # the Triton kernel (quant/kernels/gptq_columns.py) where it runs; tests turn it off
 
 
+def _fp4_block(Wt1, F1, Hinv1, inv_d):
+    """Codes [block, rows] (float32) and scaled errors of one block of columns rounded onto the e2m1 grid under the
+    fixed factors F1 [block, rows] (each column's block scale / global scale, or 2^e); Wt1 is not changed. The eager
+    loop on every device (the Triton kernel and the CUDA graphs hold the integer grid)."""
+    Wt1 = Wt1.clone()
+    Qt1 = torch.zeros(Wt1.shape, dtype=torch.float32, device=Wt1.device)
+    Errt1 = torch.zeros_like(Wt1)
+    with _one_cpu_thread(Wt1.device):
+        for i in range(Wt1.shape[0]):
+            w = Wt1[i]
+            c = e2m1_codes(w.float() / F1[i])  # quant.formats.fp4.quantize_blocks on one column
+            err = (w - (e2m1_values(c) * F1[i]).to(Wt1.dtype)) * inv_d[i]
+            Wt1[i:].addr_(Hinv1[i, i:], err, alpha=-1)
+            Qt1[i], Errt1[i] = c.float(), err
+    return Qt1, Errt1
+
+
+def fp4_grid(W: torch.Tensor, fmt: str, segments: Optional[list[int]] = None):
+    """(block scales [out, in // block], global scale per row [out, 1] or None, factors [out, in // block]) of W in
+    `fmt`, each of the stacked tensors of `segments` rows (default: W is one) with its own NVFP4 global scale."""
+    segments = segments or [W.shape[0]]
+    if sum(segments) != W.shape[0]:
+        raise ValueError(f"segments {segments} do not add up to the {W.shape[0]} rows")
+    scales, globals_, r0 = [], [], 0
+    for n in segments:
+        sc, g = fp4_scales(W[r0 : r0 + n], fmt)
+        scales.append(sc)
+        if g is not None:
+            globals_.append(g.reshape(1, 1).expand(n, 1))
+        r0 += n
+    scales = torch.cat(scales)
+    g = torch.cat(globals_) if globals_ else None
+    return scales, g, block_scales(scales, g, fmt)
+
+
 def _static_block(Wt1, S1, Z1, Hinv1, inv_d, lo, hi):
     """Codes [block, rows] (float32) and scaled errors of one block of columns with fixed grids; Wt1 is not changed.
     On a GPU: one Triton kernel per block (float32, the method's precision), else one replayed CUDA graph; on the
@@ -224,10 +282,19 @@ def _static_block(Wt1, S1, Z1, Hinv1, inv_d, lo, hi):
 @torch.no_grad()
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, w_bit: int, group_size: int, zero_point: bool = True,
                   damp_percent: float = 0.01, block_size: int = 128, act_order: bool = True,
-                  static_groups: bool = True, grid: str = "minmax") -> GPTQResult:
+                  static_groups: bool = True, grid: str = "minmax", fmt: str = "int",
+                  segments: Optional[list[int]] = None) -> GPTQResult:
     """GPTQ codes for the weight W [out, in] of a Linear whose inputs have the Hessian H [in, in] (from
-    `accumulate_hessian`). Computes in H's dtype (float32 upstream) on W's device; W and H are left unchanged."""
+    `accumulate_hessian`). Computes in H's dtype (float32 upstream) on W's device; W and H are left unchanged.
+    `fmt` nvfp4 / mxfp4: e2m1 codes under the format's block scales (group_size must be its block, static groups,
+    the min/max grid: the format defines the scales); `segments`: row counts of the tensors stacked in W (each its
+    own NVFP4 global scale)."""
     rows, cols = W.shape
+    if fmt != "int":
+        if group_size != FP4_FORMATS[fmt] or zero_point or not static_groups or grid != "minmax":
+            raise ValueError(f"GPTQ in {fmt} takes group_size={FP4_FORMATS[fmt]}, no zero point, static groups and "
+                             f"the format's own scales (grid=minmax); got group_size={group_size}, "
+                             f"zero_point={zero_point}, static_groups={static_groups}, grid={grid}")
     check_group_size(cols, group_size)
     g = effective_group_size(cols, group_size)
     dev, dt = W.device, H.dtype
@@ -238,7 +305,11 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, w_bit: int, group_size: int,
     W[:, dead] = 0
 
     n_groups = cols // g
-    if static_groups:  # every group's grid from the original weights, in the original column order
+    global_scale = None
+    if fmt != "int":  # the format's scales from the original weights, as static groups (factors: the loop's grid)
+        scales, global_scale, factors = fp4_grid(W, fmt, segments)
+        zeros = None
+    elif static_groups:  # every group's grid from the original weights, in the original column order
         scales, zeros = group_grid(W, w_bit, g, zero_point, grid)
     else:
         scales = torch.zeros(rows, n_groups, dtype=torch.float32, device=dev)
@@ -258,7 +329,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, w_bit: int, group_size: int,
     # dequantize: (q - z) * s; in float32; symmetric: z = 0), which saves the per-call reshapes of a column loop that
     # runs once per input channel; tests/quant/test_gptq.py checks the codes against a reference that calls them.
     Wt = W.t().contiguous()
-    st = scales.t().contiguous()
+    st = (factors if fmt != "int" else scales).t().contiguous()
     zt = zeros.t().contiguous() if zeros is not None else torch.zeros_like(st)
     lo, hi = (0, 2**w_bit - 1) if zero_point else (-(2 ** (w_bit - 1)), 2 ** (w_bit - 1) - 1)
     Qt = torch.zeros(cols, rows, dtype=torch.float32, device=dev)
@@ -268,7 +339,9 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, w_bit: int, group_size: int,
         i2 = min(i1 + block_size, cols)
         Hinv1 = Hinv[i1:i2, i1:i2]
         inv_d = 1.0 / torch.diagonal(Hinv1)
-        if static_groups:  # every column's grid is known: the block's loop is one fixed sequence of ops
+        if fmt != "int":
+            Qt[i1:i2], Errt1 = _fp4_block(Wt[i1:i2], st[gid_t[i1:i2]], Hinv1, inv_d)
+        elif static_groups:  # every column's grid is known: the block's loop is one fixed sequence of ops
             S1, Z1 = st[gid_t[i1:i2]], zt[gid_t[i1:i2]]
             Qt[i1:i2], Errt1 = _static_block(Wt[i1:i2], S1, Z1, Hinv1, inv_d, lo, hi)
         else:
@@ -287,8 +360,9 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, w_bit: int, group_size: int,
         loss += Errt1.pow(2).sum() / 2
         Wt[i2:].sub_(Hinv[i1:i2, i2:].t() @ Errt1)
 
-    Q = Qt.t().to(torch.uint8 if zero_point else torch.int8).contiguous()
-    scales = st.t().contiguous()
+    Q = Qt.t().to(torch.uint8 if zero_point or fmt != "int" else torch.int8).contiguous()
+    if fmt == "int":
+        scales = st.t().contiguous()
     zeros = zt.t().contiguous() if zeros is not None else None
     g_idx = torch.arange(cols, device=dev, dtype=torch.int32) // g
     if perm is not None:
@@ -296,4 +370,4 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, w_bit: int, group_size: int,
         Q = Q[:, invperm]
         if not static_groups:
             g_idx = g_idx[invperm]  # original column perm[j] was quantized with position j's group
-    return GPTQResult(Q, scales, zeros, g_idx, w_bit, g, perm, loss)
+    return GPTQResult(Q, scales, zeros, g_idx, w_bit, g, perm, loss, fmt, global_scale)

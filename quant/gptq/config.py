@@ -43,6 +43,7 @@ class GPTQConfig(WeightQuantConfig, GPTQKnobs):
     method: str = "gptq"
     calib: CalibConfig = field(default_factory=CalibConfig)
     late_fields = WeightQuantConfig.late_fields + ("grid",)
+    weight_formats = ("int", "nvfp4", "mxfp4")  # FP4: the format's block scales, static (quant.gptq.algorithm)
 
     @classmethod
     def label_detail(cls, q: dict) -> tuple[str, tuple]:
@@ -52,5 +53,10 @@ class GPTQConfig(WeightQuantConfig, GPTQKnobs):
     def validate(self) -> "GPTQConfig":
         super().validate()
         self.validate_gptq()
+        if self.format != "int":  # the format defines every block's scale, before the column loop
+            _require(self.static_groups, "quant.static_groups", f"False — quant.format={self.format} computes every "
+                     f"block's scale from the original weights (static) — set quant.static_groups=true")
+            _require(self.grid == "minmax", "quant.grid", f"{self.grid} — quant.format={self.format} takes the "
+                     f"format's own block scales, not a searched grid — leave quant.grid at minmax")
         self.calib.validate()
         return self

@@ -4,8 +4,9 @@ sequential pipeline runs it:
 for each decoder block, with the block's inputs from the already quantized blocks before it (propagate=quantized):
   1. run the block on this rank's calibration sequences, accumulating the Hessian H = 2/n sum x x^T of every distinct
      Linear input (q/k/v share one, gate/up share one: the layer map's scaling groups), all-reduced over ranks;
-  2. quantize every Linear with GPTQ (quant/gptq/algorithm.py); Linears that share an input are quantized as one
-     matrix (their rows stacked: GPTQ treats rows independently given H, so the codes are the same);
+  2. quantize every Linear with GPTQ (quant/gptq/algorithm.py) to its LayerSpec (bits and group size on the integer
+     grid, or an FP4 format); Linears that share an input are quantized as one matrix (their rows stacked: GPTQ treats
+     rows independently given H, so the codes are the same; an NVFP4 global scale stays per Linear);
   3. the runner runs the quantized block to get the next block's inputs (llm-compressor propagates through the
      quantized block; AutoGPTQ does too). Finished blocks are checkpointed, so a killed run resumes inside itself.
 """
@@ -22,6 +23,7 @@ from quant.gptq.algorithm import accumulate_hessian, gptq_quantize
 from quant.gptq.config import GPTQConfig
 from quant.registry import Method, QuantContext, QuantOutcome, method
 from quant.setup import Setup
+from quant.surgery import format_export_formats, format_summary
 
 
 class HessianObserver:
@@ -67,17 +69,17 @@ class GPTQBlocks:
             rels = [r for r in rels if not self.specs[f"{prefix}.{r}"].skip]
             if not rels:
                 continue
-            specs = {(self.specs[f"{prefix}.{r}"].w_bit, self.specs[f"{prefix}.{r}"].group_size,
-                      self.specs[f"{prefix}.{r}"].zero_point) for r in rels}
-            groups = [[r for r in rels if (self.specs[f"{prefix}.{r}"].w_bit, self.specs[f"{prefix}.{r}"].group_size,
-                                           self.specs[f"{prefix}.{r}"].zero_point) == s] for s in sorted(specs)]
-            for members in groups:  # Linears of one input with the same bits and group size: one stacked matrix
+            shape = lambda r: (self.specs[f"{prefix}.{r}"].w_bit, self.specs[f"{prefix}.{r}"].group_size,  # noqa: E731
+                               self.specs[f"{prefix}.{r}"].zero_point, self.specs[f"{prefix}.{r}"].format)
+            groups = [[r for r in rels if shape(r) == s] for s in sorted({shape(r) for r in rels})]
+            for members in groups:  # Linears of one input with the same bits, grouping, format: one stacked matrix
                 sp = self.specs[f"{prefix}.{members[0]}"]
                 lins = [block.get_submodule(r) for r in members]
                 W = torch.cat([lin.weight for lin in lins])
                 try:
                     res = gptq_quantize(W, H.clone(), sp.w_bit, sp.group_size, sp.zero_point, g.damp_percent,
-                                        g.block_size, g.act_order, g.static_groups, g.grid)
+                                        g.block_size, g.act_order, g.static_groups, g.grid, fmt=sp.format,
+                                        segments=[lin.out_features for lin in lins])
                 except FloatingPointError as e:
                     raise FloatingPointError(f"{prefix}.{key}: {e}") from None
                 losses[f"{key}:{'+'.join(members)}"] = float(res.loss)
@@ -97,7 +99,8 @@ def run_gptq(model, cfg, ctx: QuantContext, setup: Setup) -> tuple:
     propagate = "quantized" if getattr(cfg, "propagate", "auto") == "auto" else cfg.propagate
     run = run_sequential(model, arch, GPTQBlocks(cfg, arch, setup.plan.specs), setup.samples, setup.placement,
                          propagate=propagate, checkpoint_dir=ctx.checkpoint_dir, reduce=Reducer.current(),
-                         desc=f"gptq w{cfg.w_bit} g{cfg.group_size}", progress=ctx.progress)
+                         desc=f"gptq {cfg.format if cfg.format != 'int' else f'w{cfg.w_bit} g{cfg.group_size}'}",
+                         progress=ctx.progress)
     losses = {f"{arch.blocks}.{i}.{k}": v for i, info in enumerate(run.infos) for k, v in info["loss"].items()}
     timings = {"calibration_capture": run.timings_s["calibration_capture"],
                "block_forward": run.timings_s["block_forward"],
@@ -118,5 +121,8 @@ class GPTQ(Method):
             cfg, setup, model, run.qtensors, damp_percent=cfg.damp_percent, block_size=cfg.block_size,
             act_order=cfg.act_order, static_groups=cfg.static_groups, grid=cfg.grid, propagate="quantized",
             gptq_loss=losses,  # GPTQ's own error estimate per quantized input group (AutoGPTQ logs it as "avg loss")
-            block_seconds=run.block_seconds, resumed_from_block=run.resumed_from)
+            block_seconds=run.block_seconds, resumed_from_block=run.resumed_from, **format_summary(cfg))
         return QuantOutcome(summary=summary, timings_s=timings, qtensors=run.qtensors)
+
+    def export_formats(self, cfg: GPTQConfig) -> tuple[str, ...]:
+        return format_export_formats(cfg, self.formats)
