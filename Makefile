@@ -1,5 +1,6 @@
 # Two commands do all set-up on a fresh machine:
-#   make demo   - main job: the default sweep on the embedded model, then tables, figures and the executed notebook
+#   make demo   - main job: the default sweep on the embedded model, then tables, figures, the executed notebook and
+#                 the README's table excerpt (report/readme_excerpt.py)
 #   make test   - the test suite
 # Both create/refresh the virtualenv in $(VENV). Where no NVIDIA GPU is visible, torch is pinned to the CPU build
 # (torch==2.13.0); set TORCH_SPEC / TORCH_INDEX_URL to choose another build or index.
@@ -11,7 +12,7 @@ TORCH_SPEC ?= $(if $(HAS_GPU),torch>=2.4,torch==2.13.0)
 TORCH_INDEX_URL ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test report bench clean-results
+.PHONY: setup demo test report readme bench clean-results
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +26,11 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/python -m experiments.run -m +sweep=demo
 	$(BIN)/python -m report
+	$(BIN)/python -m report.readme_excerpt
+
+# the README's excerpt of results/tables/table1.md, rewritten from the committed table
+readme: setup
+	$(BIN)/python -m report.readme_excerpt
 
 report: setup
 	$(BIN)/python -m report
