@@ -46,7 +46,7 @@ def block(table_md: str, rows: int = ROWS, source: str = "results/tables/table1.
     shown = data[:rows]
     caption = f"{heading}: " if heading else ""
     more = f"first {len(shown)} of {len(data)} rows" if len(data) > len(shown) else f"all {len(data)} rows"
-    return "\n".join([f"*{caption}{more}; the whole table, its notes and the CSV/LaTeX versions are in `{source}`.*",
+    return "\n".join([f"*{caption}{more} of `{source}` (the notes are there; also as `.csv` and `.tex`).*",
                       "", *lines[:2], *shown])
 
 
