@@ -272,3 +272,39 @@ def test_readme_is_a_front_door():
         body = path.read_text(encoding="utf-8")
         assert "../shared" not in body and "TARGETS.md" not in body, path
         assert not re.search(r"\bissue \d+|#\d+\b", body, re.I), f"{path}: names an issue number"
+
+
+# ---- links and paths --------------------------------------------------------------------------------------------
+
+TOP_DIRS = ("harness/", "quant/", "eval/", "backends/", "report/", "experiments/", "app/", "benchmarks/", "conf/",
+            "results/", "tests/", "notebooks/", "docs/", ".ci/")
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _anchors(path: Path) -> set[str]:
+    return {_slug(m.group(1)) for m in re.finditer(r"^#+\s+(.*)$", path.read_text(encoding="utf-8"), re.M)}
+
+
+@pytest.mark.parametrize("path", DOCS, ids=[str(p.relative_to(REPO)) for p in DOCS])
+def test_links_and_paths_exist(path: Path):
+    """Every relative link (and its #anchor) and every repository path named in backticks exists."""
+    text = path.read_text(encoding="utf-8")
+    broken = []
+    for m in re.finditer(r"\]\(([^)\s]+)\)", text):
+        target, _, anchor = m.group(1).partition("#")
+        if "://" in target:
+            continue
+        dest = (path.parent / target).resolve() if target else path
+        if not dest.exists():
+            broken.append(m.group(1))
+        elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
+            broken.append(m.group(1))
+    for m in re.finditer(r"`([\w./-]+)`", text):
+        name = m.group(1).split("::")[0]
+        if name.startswith(TOP_DIRS) and not (REPO / name).exists():
+            broken.append(name)
+    assert not broken, f"{path.relative_to(REPO)}: {broken}"
