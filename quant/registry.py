@@ -1,4 +1,4 @@
-"""The quantization-method registry. A method is one class in one file (README "Adding a method"): a subclass of
+"""The quantization-method registry. A method is one class in one file (docs/methods.md, "Adding a method"): a subclass of
 `Method` that declares, as class attributes, everything the harness knows about it, registered with `@method`; its
 `quantize` changes the model in place and returns a QuantOutcome. `import quant` imports every file under quant/ that
 registers one, so a new method is its file, its conf/quant/*.yaml and its test."""

@@ -1,4 +1,4 @@
-"""The layout's one rule: a lower layer never imports a higher one (README, "Layout"). Every import in every module,
+"""The layout's one rule: a lower layer never imports a higher one (docs/layout.md). Every import in every module,
 also those inside functions, is read from the source with `ast`; an import of a higher layer fails the test, naming
 the file and line."""
 from __future__ import annotations
