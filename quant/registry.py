@@ -1,7 +1,7 @@
-"""The quantization-method registry. A method is one class in one file (docs/methods.md, "Adding a method"): a subclass of
-`Method` that declares, as class attributes, everything the harness knows about it, registered with `@method`; its
-`quantize` changes the model in place and returns a QuantOutcome. `import quant` imports every file under quant/ that
-registers one, so a new method is its file, its conf/quant/*.yaml and its test."""
+"""The quantization-method registry. A method is one class in one file (docs/methods.md, "Adding a method"): a
+subclass of `Method` that declares, as class attributes, everything the harness knows about it, registered with
+`@method`; its `quantize` changes the model in place and returns a QuantOutcome. `import quant` imports every file
+under quant/ that registers one, so a new method is its file, its conf/quant/*.yaml and its test."""
 from __future__ import annotations
 
 import dataclasses
