@@ -62,8 +62,9 @@ def fp16_param_bytes(model) -> int:
 
 
 def packed_weight_bytes(model, qtensors: dict) -> dict:
-    """Bytes of the weights as deployed: packed codes + fp16 scales/zeros (AWQ layout) for the quantized Linears,
-    fp16 for every other parameter (tied parameters counted once)."""
+    """Bytes of the weights as deployed: each quantized Linear's codes in its own layout (`nbytes_packed`: an integer
+    QTensor's packed codes + fp16 scales/zeros, the AWQ layout; an FP4Tensor's nvfp4 / mxfp4 layout), fp16 for every
+    other parameter (tied parameters counted once)."""
     total_fp16 = fp16_param_bytes(model)
     q_bytes = sum(q.nbytes_packed() for q in qtensors.values())
     rest = total_fp16 - sum(model.get_submodule(n).weight.numel() for n in qtensors) * FP16_BYTES
