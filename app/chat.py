@@ -71,14 +71,16 @@ def _hf(cfg, opts) -> Callable[[Messages], Iterator[str]]:
 
 @CHAT_BACKENDS.register("lmdeploy")
 def _lmdeploy(cfg, opts) -> Callable[[Messages], Iterator[str]]:
-    from lmdeploy import GenerationConfig
-
+    from app.serve import serving_dir
     from backends import lmdeploy as lb
     from harness import synthetic
 
-    model_dir = lb.resolve_model_dir(cfg, opts.synthetic_root, opts.tokenizer)
+    # the folder app.serve would serve: a weight quant's exported AWQ checkpoint, never the FP16 folder under its name
+    model_dir, _ = serving_dir(cfg, opts.synthetic_root, opts.tokenizer)
     synthetic.check_tokenizer_fits(model_dir)
     pipe, engine, _ = lb.make_pipeline(cfg, model_dir)
+    from lmdeploy import GenerationConfig
+
     print(f"[chat] LMDeploy {engine} engine on {model_dir}", file=sys.stderr)
     gen = GenerationConfig(max_new_tokens=opts.max_new_tokens, temperature=max(opts.temperature, 1e-5),
                            do_sample=opts.temperature > 0, top_p=0.9)

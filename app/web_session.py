@@ -328,7 +328,9 @@ def make_plan(a: argparse.Namespace, server_log: Path) -> Plan:
         import quant  # noqa: F401  (registers every method's config, which conf/quant/ selects)
 
         cfg = compose(["backend=lmdeploy", *a.overrides])
-        model_dir = lb.resolve_model_dir(cfg, a.synthetic_root, a.tokenizer)
+        from app.serve import serving_dir
+
+        model_dir, _ = serving_dir(cfg, a.synthetic_root, a.tokenizer)  # a weight quant: its exported AWQ checkpoint
         synthetic.check_tokenizer_fits(model_dir)
         checkpoint = check_checkpoint(cfg, Path(model_dir))
         engine, reason = lb.choose_engine(cfg)

@@ -76,3 +76,30 @@ def test_a_method_lmdeploy_cannot_load_from_an_awq_export_is_refused_in_one_line
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("error: quant.method: smoothquant — the AWQ GEMM format holds")
     assert len(err.strip().splitlines()) == 1
+
+
+def test_chat_through_lmdeploy_talks_to_the_exported_quantized_weights(tiny_dir, monkeypatch):
+    """app.chat's LMDeploy backend starts the engine on the folder app.serve would serve (the AWQ export of a weight
+    quant), never on the FP16 folder under the quant's name."""
+    import argparse
+
+    from app import chat
+
+    seen = {}
+
+    class Started(Exception):
+        pass
+
+    def fake_pipeline(cfg, model_dir):
+        seen["dir"] = model_dir
+        raise Started
+
+    monkeypatch.setattr(lb, "make_pipeline", fake_pipeline)
+    opts = argparse.Namespace(synthetic_root=None, tokenizer=None, max_new_tokens=8, temperature=0.0)
+    cfg = compose(["backend=lmdeploy", f"model.path={tiny_dir}", "quant=rtn_w4", "progress=false"])
+    with pytest.raises(Started):
+        chat.CHAT_BACKENDS.get("lmdeploy")(cfg, opts)
+    assert seen["dir"] != tiny_dir and lb.checkpoint_format(seen["dir"]) == "awq"
+    with pytest.raises(Started):
+        chat.CHAT_BACKENDS.get("lmdeploy")(compose(["backend=lmdeploy", f"model.path={tiny_dir}"]), opts)
+    assert seen["dir"] == tiny_dir  # FP16: the model's own folder
