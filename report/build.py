@@ -75,12 +75,14 @@ def no_valid_record(results_dir: Path, bad: list[BadRecord]) -> str:
 
 
 def write_tables(tables: list[T.Table], records: list[dict], out_dir: Path, bad: list[BadRecord] = ()) -> list[Path]:
+    """table<N>.{md,tex,csv} and records.csv; each markdown table opens with the warnings (bad records, stale
+    records) that concern the report."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for old in out_dir.iterdir():  # tables of an older report (fewer groups then) must not linger
         if re.fullmatch(r"table\d+\.(md|csv|tex)", old.name):
             old.unlink()
     paths = []
-    warning = render.bad_records_markdown(bad)
+    warning = render.bad_records_markdown(bad) + render.stale_markdown(tables)
     for t in tables:
         for ext, text in (("md", warning + render.to_markdown(t)), ("tex", render.to_latex(t))):
             p = out_dir / f"table{t.index}.{ext}"
@@ -144,7 +146,11 @@ def report(results_dir: Path, strict: bool = False, figures: bool = True, notebo
     for t in tables:  # also in the table's notes; said here so a reader of the console sees it too
         for d in t.dropped:
             print(f"note: table {t.index}: {d}", file=sys.stderr)
-    md = render.bad_records_markdown(loaded.bad) + "\n".join(render.to_markdown(t) for t in tables)
+    stale = render.stale_summary(tables)
+    if stale:  # also above the tables and in their notes; said here so a reader of the console sees it too
+        print(f"note: stale: {stale}", file=sys.stderr)
+    md = render.bad_records_markdown(loaded.bad) + render.stale_markdown(tables) + \
+        "\n".join(render.to_markdown(t) for t in tables)
     print(md, file=out or sys.stdout)
     table_paths = write_tables(tables, records, results_dir / "tables", loaded.bad)
     fig_paths = []

@@ -127,8 +127,8 @@ def ppl_vs_bits(t: Table, mid) -> Optional[object]:
                 continue
             if r.reference:
                 ax.axhline(v, color="0.4", lw=1, ls=":", zorder=0)
-                ax.plot([16], [v], label="FP16 (reference; dotted line = its PPL)", color=REFERENCE_COLOR, marker="s",
-                        ls="none", ms=7)
+                ax.plot([16], [v], label=t.legend_label(r, mid, "FP16 (reference; dotted line = its PPL)"),
+                        color=REFERENCE_COLOR, marker="s", ls="none", ms=7)
                 _error_bar(ax, t, r, mid, col, 16, v, REFERENCE_COLOR)
                 bits_seen.add(16)
                 continue
@@ -139,7 +139,9 @@ def ppl_vs_bits(t: Table, mid) -> Optional[object]:
             st = _style(t, pts[0][2])
             ax.plot([b * _kv_dodge(r) for b, _, r in pts], [v for _, v, _ in pts], color=st["color"],
                     linestyle=st["linestyle"])
-            ax.plot([], [], label=name, ms=7, **{**st, "marker": "o"})  # legend entry: line + fill style
+            stale = next((r for _, _, r in pts if t.is_stale(r, mid)), None)  # a point of it made by other code
+            ax.plot([], [], label=t.legend_label(stale, mid, name) if stale else name, ms=7,
+                    **{**st, "marker": "o"})  # legend entry: line + fill style
             for b, v, r in pts:
                 ax.plot([b * _kv_dodge(r)], [v], ls="none", ms=8, **{k: x for k, x in _style(t, r).items() if k != "linestyle"})
                 _error_bar(ax, t, r, mid, col, b * _kv_dodge(r), v, _style(t, r)["color"])
@@ -185,7 +187,8 @@ def quality_vs_memory(t: Table, mid, metric: str = "token_ppl") -> Optional[obje
             x = t.value(r, mid, wcol) / div
             pts.append((x, v))
             # hollow (KV-quantized) markers are larger and drawn first, so a filled twin at the same spot shows inside
-            ax.plot([x], [v], ls="none", ms=12 if r.label.kv else 8, zorder=2 if r.label.kv else 3, label=r.text,
+            ax.plot([x], [v], ls="none", ms=12 if r.label.kv else 8, zorder=2 if r.label.kv else 3,
+                    label=t.legend_label(r, mid),
                     **{k: s for k, s in _style(t, r).items() if k != "linestyle"})
             _error_bar(ax, t, r, mid, col, x, v, _style(t, r)["color"])
         front = _pareto(pts)
@@ -219,7 +222,9 @@ def decode_throughput(t: Table, mid) -> Optional[object]:
         vals = [t.value(r, mid, c) or 0.0 for c in cols]
         # a quantized config the int4 kernel could not run (e.g. 3 bits) was timed on dequantized bf16 weights: say so
         fallback = (r.records[mid].get("metrics", {}).get("throughput") or {}).get("int4_kernel_fallback")
-        label = r.text + (" · dequantized bf16 weights" if fallback else "")
+        loaded = next((t.unfit[(r.key, mid, c)] for c in cols if (r.key, mid, c) in t.unfit), None)
+        label = t.legend_label(r, mid) + (" · dequantized bf16 weights" if fallback else "") + (
+            f" · {loaded}" if loaded else "")  # a speed measured under load says so where it is drawn
         ax.bar(xs, vals, width, label=label, color=_bar_color(t, r), edgecolor="black", lw=0.5,
                hatch="//" if r.label.kv else None)
     ax.set_xticks(range(len(cols)))
@@ -250,7 +255,8 @@ def kv_memory_vs_context(t: Table, mid) -> Optional[object]:
                 ("C1" if bits == 8 else "C2"), label=f"KV {'fp16' if bits == 16 else f'int{bits}'} ({bpt:,} B/token)")
     # weights for scale: where the cache of one sequence outgrows the model
     wcol = Column("weight_bytes", "")
-    ws = sorted({(t.value(r, mid, wcol), r.label.text) for r in t.rows if t.value(r, mid, wcol) is not None
+    ws = sorted({(t.value(r, mid, wcol), t.legend_label(r, mid, r.label.text)) for r in t.rows
+                 if t.value(r, mid, wcol) is not None
                  and not r.label.kv}, key=lambda x: -x[0])
     shown = [ws[0], ws[-1]] if len(ws) > 1 else ws
     for (w, name), c in zip(shown, ("0.3", "0.6")):

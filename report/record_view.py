@@ -145,6 +145,10 @@ class Metric:
     ci95: Optional[Callable[[dict], dict]] = None  # record -> {key: (lo, hi)} of the value
     stderr: Optional[Callable[[dict], dict]] = None  # record -> {key: standard error of the value}
     paired: Optional[Callable[[dict, dict], dict]] = None  # (record, FP16 record) -> {key: (lo, hi)} of the difference
+    # a measurement of the machine (speed): why its value is not the machine's own (record -> reason or None), and why
+    # no ratio to FP16 may be formed ((record, FP16 record) -> reason or None); such cells show the value, no ratio
+    own_problem: Optional[Callable[[dict], Optional[str]]] = None
+    ratio_refusal: Optional[Callable[[dict, dict], Optional[str]]] = None
 
 
 METRICS: Registry[Metric] = Registry("report metric")
@@ -250,26 +254,58 @@ def _kv_bpt(rec):
     return {"": v} if v is not None else {}
 
 
-LOADED_FACTOR = 1.5  # a CPU throughput run whose 1-min load average passed this many times the cores shared them
-
-
-def throughput_loaded(rec: dict) -> Optional[str]:
-    """Why a record's CPU decode figures are not this machine's speed (other work held the cores while they were
-    measured, by the load average the throughput evaluator kept), or None. GPU runs and records that kept no load
-    average are taken as they are."""
+def throughput_load(rec: dict) -> tuple[Optional[float], Optional[int]]:
+    """(the highest 1-min load average eval/throughput.py kept, before and after its measurement; the machine's
+    cores), each None where the record kept none (records from before it did)."""
     tp = dig(rec, "metrics", "throughput", default={}) or {}
     loads, cpus = tp.get("load_average_1m"), tp.get("cpu_count")
-    if str(tp.get("device", "cpu")).startswith("cuda") or not isinstance(loads, list) or not cpus:
-        return None
-    peak = max((x for x in loads if finite(x) is not None), default=None)
-    if peak is None or peak <= LOADED_FACTOR * cpus:
-        return None
-    return f"1-min load average {peak:.1f} on {cpus} cores while it was measured"
+    peak = max((finite(x) for x in loads if finite(x) is not None), default=None) if isinstance(loads, list) else None
+    return peak, cpus if isinstance(cpus, int) and not isinstance(cpus, bool) and cpus > 0 else None
+
+
+def load_problem(rec: dict) -> Optional[str]:
+    """Why a record's decode figures may not be its machine's own speed, or None: its 1-min load average exceeded
+    the core count before or after the measurement (more runnable threads than cores: other work competed; the
+    measurement's own threads, at most one per core, do not exceed it), or it kept no load average."""
+    peak, cpus = throughput_load(rec)
+    if peak is None or cpus is None:
+        return "no load average recorded for the run"
+    return f"load {peak:.1f} on {cpus} cores during the run" if peak > cpus else None
+
+
+def machine_text(rec: dict) -> str:
+    """The machine of a record, in words: its GPU or CPU and cores, and the host where it was recorded."""
+    host = dig(rec, "provenance", "hardware", "hostname")
+    return hardware_name(rec) + (f", host {host}" if host else "")
+
+
+def decode_ratio_refusal(rec: dict, ref: dict) -> Optional[str]:
+    """Every reason no decode ratio may be formed between `rec` and its FP16 record `ref`, or None: a ratio is two
+    measurements of one machine under comparable load, so the two must share the machine's fingerprint (host, CPU,
+    GPU: harness.environment.machine_differences) and neither run's load may exceed the core count (load_problem)."""
+    from harness.environment import machine_differences
+
+    hw = [dig(r, "provenance", "hardware", default={}) or {} for r in (rec, ref)]
+    other = machine_differences(*hw) and f"FP16 measured on another machine ({machine_text(ref)}; this run: " \
+                                         f"{machine_text(rec)})"
+    why = [other, load_problem(rec), load_problem(ref) and f"FP16's run: {load_problem(ref)}"]
+    return "; ".join(w for w in why if w) or None
+
+
+def code_change(rec: dict) -> Optional[str]:
+    """Why `rec` was not made by the code that computes its config now ("made by other code (quant.awq changed)"),
+    or None: eval.code_version.code_change, the check the pipeline reuses records by."""
+    from eval.code_version import code_change as change_of
+    from harness.config import to_run_config
+
+    try:
+        cfg = to_run_config(rec.get("config") or {})
+    except Exception as e:  # noqa: BLE001  (a config this code no longer loads: say so, whatever the error)
+        return f"made by other code (its config does not load now: {type(e).__name__})"
+    return change_of(rec, cfg)
 
 
 def _decode(rec):
-    if throughput_loaded(rec):
-        return {}
     dev = throughput_device(rec)
     return {(b, dev): v for b, v in sorted(decode_by_batch(dig(rec, "metrics", "throughput", default={})).items())}
 
@@ -288,7 +324,8 @@ for _m in [
     Metric("weight_bytes", "weights ({unit})", lambda r: {"": weight_bytes(r)} if weight_bytes(r) else {}, "lower", "ratio",
            1, quality=False),
     Metric("kv_bytes_per_token", "KV B/token", _kv_bpt, "lower", "ratio", 0, quality=False),
-    Metric("decode_tok_s", "decode tok/s b{key}", _decode, "higher", "ratio", 1, quality=False),
+    Metric("decode_tok_s", "decode tok/s b{key}", _decode, "higher", "ratio", 1, quality=False,
+           own_problem=load_problem, ratio_refusal=decode_ratio_refusal),
 ]:
     METRICS.add(_m.name, _m)
 

@@ -6,7 +6,7 @@ import re
 from typing import Callable
 
 from report.record_view import METRICS, Metric, dig, hardware_name, is_reference, is_synthetic
-from report.tables import Column, Row, Table
+from report.tables import NO_RATIO_MARK, STALE_MARK, Column, Row, Table
 
 # --------------------------------------------------------------------------------------------------------------------
 # words around a table
@@ -22,6 +22,29 @@ def bad_records_markdown(bad) -> str:
              f"{'them' if len(bad) > 1 else 'it'}.", ">"]
     lines += [f"> - `{b.path}`: {'; '.join(b.reasons)}" for b in bad]
     return "\n".join(lines) + "\n\n"
+
+
+def stale_records(tables: list[Table]) -> list[str]:
+    """"<run_id> (<row>, <model>): made by other code (<parts> changed)" for every record shown that this checkout's
+    code did not make (Table.stale), table by table."""
+    return [f"{r.records[mid].get('run_id')} ({r.text}, {t.model_name(mid)}): {t.stale[(r.key, mid)]}"
+            for t in tables for r in t.rows for mid in r.records if (r.key, mid) in t.stale]
+
+
+def stale_summary(tables: list[Table]) -> str:
+    """The one line that lists the stale records of a report ("" when there is none)."""
+    stale = stale_records(tables)
+    if not stale:
+        return ""
+    n = sum(len(r.records) for t in tables for r in t.rows)
+    return (f"{len(stale)} of {n} records shown were made by other code than this checkout's (rows marked "
+            f"{STALE_MARK}; recompute them to refresh): " + "; ".join(stale))
+
+
+def stale_markdown(tables: list[Table]) -> str:
+    """The stale summary as a note above the tables, or ""."""
+    line = stale_summary(tables)
+    return f"> **Stale:** {line}\n\n" if line else ""
 
 
 def title(t: Table) -> str:
@@ -86,8 +109,9 @@ def notes(t: Table) -> list[str]:
         out.append(f"Decode tok/s at batch b (prompt {s.get('eval.throughput.prompt_len')}, "
                    f"{s.get('eval.throughput.gen_len')} new tokens) on {'; '.join(devs)}"
                    + (f"; quantized weights ran as: {'; '.join(paths)}." if paths else "."))
-    out.append("↓ lower is better, ↑ higher is better; bold = best among the quantized configs; (+x) = difference to "
-               "FP16 of the same model, (0.42×) = ratio to FP16; – = not measured.")
+    out.append("↓ lower is better, ↑ higher is better; bold = best among the quantized configs (of this code, speeds "
+               "measured without excess load); (+x) = difference to FP16 of the same model, (0.42×) = ratio to FP16; "
+               "– = not measured.")
     cells = [(r, mid, c) for r in t.rows for mid, c in t.columns]
     if any(t.interval(*k) for k in cells):
         out.append(f"[lo, hi] = 95% interval of token PPL: {_ci_method(t)}.")
@@ -97,7 +121,36 @@ def notes(t: Table) -> list[str]:
         out.append("† = difference to FP16 not significant at 95% (its interval contains 0: token PPL paired over the "
                    "same windows, bootstrap; accuracy paired over the same items where both records kept per-item scores, else "
                    "from both standard errors; normal approximation).")
+    out.extend(stale_notes(t))
+    out.extend(no_ratio_notes(t))
     out.extend(t.dropped)
+    return out
+
+
+def stale_notes(t: Table) -> list[str]:
+    """One line per record of the table made by other code than this checkout's (Table.stale)."""
+    out = []
+    for r in t.rows:
+        for mid, rec in r.records.items():
+            why = t.stale.get((r.key, mid))
+            if why:
+                out.append(f"{STALE_MARK} {r.text} ({t.model_name(mid)}): record {rec.get('run_id')} "
+                           f"({dig(rec, 'provenance', 'created', default='?')}) was {why}, so its numbers are not what "
+                           f"this code computes; run its config again (experiments.run) to replace it.")
+    return out
+
+
+def no_ratio_notes(t: Table) -> list[str]:
+    """One line per row, model and reason of a speed shown without its ratio to FP16 (Table.no_ratio)."""
+    seen: dict = {}
+    for (key, mid, col), why in t.no_ratio.items():
+        row = next(r for r in t.rows if r.key == key)
+        seen.setdefault((row.text, t.model_name(mid), why, row.reference), []).append(col)
+    out = []
+    for (text, model, why, ref), cols in seen.items():
+        what = ", ".join(dict.fromkeys(c.header(t.weight_unit[0]) for c in cols))
+        out.append(f"{NO_RATIO_MARK} {what} of {text} ({model}): {why}, so "
+                   + ("no ratio to it is formed." if ref else "no ratio to FP16 is formed."))
     return out
 
 
@@ -135,6 +188,8 @@ def cell(t: Table, row: Row, mid, col: Column, bold: Callable[[str], str]) -> st
         s += f" [{ci[0]:,.{max(m.digits - 1, 0)}f}, {ci[1]:,.{max(m.digits - 1, 0)}f}]"
     elif se is not None:
         s += f" ± {se:,.{m.digits}f}"
+    if (row.key, mid, col) in t.no_ratio:  # a speed shown alone: the note under the table says why
+        return s + f" {NO_RATIO_MARK}"
     d = t.delta(row, mid, col)
     if d is not None and m.delta == "ratio" and abs(d - 1) >= 0.005:  # an unchanged quantity needs no "1.00×"
         s += f" ({d:.2f}×)"
@@ -152,7 +207,7 @@ def to_markdown(t: Table) -> str:
     lines = [f"### {title(t)}", "", "| " + " | ".join(hs) + " |", "|" + "|".join([":---"] + ["---:"] * (len(hs) - 1)) + "|"]
     for r in t.rows:
         cells = [cell(t, r, mid, c, lambda s: f"**{s}**") for mid, c in t.columns]
-        lines.append("| " + " | ".join([r.text] + cells) + " |")
+        lines.append("| " + " | ".join([t.label(r)] + cells) + " |")
     lines.append("")
     lines.extend(f"- {n}" for n in notes(t))
     return "\n".join(lines) + "\n"
@@ -181,6 +236,11 @@ def to_csv_frame(t: Table):
                 if any(t.delta_interval(x, mid, c) for x in t.rows):
                     ci = t.delta_interval(r, mid, c)
                     d[f"{h} vs FP16 ci95 lo"], d[f"{h} vs FP16 ci95 hi"] = ci if ci else (None, None)
+            if any(k[1:] == (mid, c) for k in t.no_ratio):
+                d[f"{h} no ratio, why"] = t.no_ratio.get((r.key, mid, c))
+        if t.stale:
+            d["made by other code"] = "; ".join(f"{mid[0]}: {t.stale[(r.key, mid)]}" for mid in r.records
+                                                if (r.key, mid) in t.stale) or None
         d["run_ids"] = " ".join(rec.get("run_id", "") for rec in r.records.values())
         data.append(d)
     return pd.DataFrame(data)
@@ -189,7 +249,7 @@ def to_csv_frame(t: Table):
 _TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
         "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "↓": r"$\downarrow$", "↑": r"$\uparrow$",
         "×": r"$\times$", "⁶": r"$^{6}$", "⁹": r"$^{9}$", "‖": r"$\|$", "α": r"$\alpha$", "–": "--",
-        "±": r"$\pm$", "†": r"$^\dagger$"}
+        "±": r"$\pm$", "†": r"$^\dagger$", "‡": r"$^\ddagger$", "§": r"\S{}"}
 
 
 def tex_escape(s: str) -> str:
@@ -221,7 +281,7 @@ def to_latex(t: Table) -> str:
             s = tex_escape(s).replace("\0B", r"\textbf{").replace("\0E", "}")
             s = re.sub(r" \((.*)\)$", r" {\\scriptsize(\1)}", s).replace("(-", "($-$")
             cells.append(s)
-        lines.append(tex_escape(r.text) + " & " + " & ".join(cells) + r" \\")
+        lines.append(tex_escape(t.label(r)) + " & " + " & ".join(cells) + r" \\")
         if r.reference:
             lines.append(r"\midrule")
     lines += [r"\bottomrule", r"\end{tabular}",

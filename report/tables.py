@@ -12,8 +12,11 @@ from typing import Any, Optional
 
 from harness.confidence import diff_ci95_from_stderr, excludes_zero
 from harness.config import without_late_defaults
-from report.record_view import (METRICS, TABLE_ORDER, RowLabel, dig, is_reference, is_synthetic, kv_bits, throughput_loaded,
-                                     hardware_name, model_id, relevant_quant, row_label, weight_bits)
+from report.record_view import (METRICS, TABLE_ORDER, RowLabel, code_change, dig, is_reference, is_synthetic, kv_bits,
+                                hardware_name, model_id, relevant_quant, row_label, weight_bits)
+
+STALE_MARK = "‡"  # a row with a record made by other code than this checkout's (Table.stale)
+NO_RATIO_MARK = "§"  # a speed shown without its ratio to FP16, and why (Table.no_ratio)
 
 # --------------------------------------------------------------------------------------------------------------------
 # eval settings: what must match for two numbers to share a column
@@ -111,6 +114,24 @@ class Table:
     weight_unit: tuple = ("MB", 1e6)
     intervals: dict = field(default_factory=dict)  # (row key, model id, Column) -> raw (lo, hi) 95% interval
     stderrs: dict = field(default_factory=dict)  # (row key, model id, Column) -> raw standard error
+    # (row key, model id) -> why the record was not made by this checkout's code (eval.code_version.code_change)
+    stale: dict = field(default_factory=dict)
+    # (row key, model id, Column) -> why a speed is shown without its ratio to FP16 (Metric.ratio_refusal)
+    no_ratio: dict = field(default_factory=dict)
+    # (row key, model id, Column) -> why a speed is not its machine's own (Metric.own_problem): never "best"
+    unfit: dict = field(default_factory=dict)
+
+    # ---- marks ----
+    def is_stale(self, row: Row, mid=None) -> bool:
+        return any((row.key, m) in self.stale for m in (row.records if mid is None else [mid]))
+
+    def label(self, row: Row) -> str:
+        """The row's label as the tables show it: marked ‡ when a record of it was made by other code."""
+        return f"{row.text} {STALE_MARK}" if self.is_stale(row) else row.text
+
+    def legend_label(self, row: Row, mid, text: Optional[str] = None) -> str:
+        """A figure's legend entry for one model's point of the row (or for `text`, e.g. a series of rows)."""
+        return (text or row.text) + (f" {STALE_MARK} made by other code" if self.is_stale(row, mid) else "")
 
     # ---- lookups ----
     def value(self, row: Row, mid, col: Column) -> Optional[float]:
@@ -130,7 +151,7 @@ class Table:
         m = METRICS.get(col.metric)
         ref = self.reference_row(mid)
         v = self.value(row, mid, col)
-        if m.delta is None or ref is None or ref is row or v is None:
+        if m.delta is None or ref is None or ref is row or v is None or (row.key, mid, col) in self.no_ratio:
             return None
         r = self.value(ref, mid, col)
         if r is None:
@@ -173,7 +194,8 @@ class Table:
         """Row keys holding the best value of a column among the non-reference rows (ties all marked); empty when
         fewer than two rows compete."""
         m = METRICS.get(col.metric)
-        cands = [(r.key, self.value(r, mid, col)) for r in self.rows if not r.reference]
+        cands = [(r.key, self.value(r, mid, col)) for r in self.rows if not r.reference and not self.is_stale(r, mid)
+                 and (r.key, mid, col) not in self.unfit]
         cands = [(t, v) for t, v in cands if v is not None]
         if m.better is None or len(cands) < 2:
             return set()
@@ -277,11 +299,7 @@ def build_table(records: list[dict], index: int = 1) -> Table:
         row.records[mid] = rec
     rows = sorted(rows_by_id.values(), key=lambda r: r.label.rank)
     _disambiguate(rows)
-    for row in rows:
-        for mid, rec in row.records.items():
-            why = throughput_loaded(rec)
-            if why:
-                dropped.append(f"Decode tok/s of {row.text} ({mid[0]}) left out: {why}.")
+    stale = {(row.key, mid): why for row in rows for mid, rec in row.records.items() if (why := code_change(rec))}
 
     cols: dict = {}  # (mid, Column) -> None, an ordered set
     values, intervals, stderrs = {}, {}, {}
@@ -308,8 +326,33 @@ def build_table(records: list[dict], index: int = 1) -> Table:
     columns = sorted(cols, key=lambda mc: (models.index(mc[0]), TABLE_ORDER.index(mc[1].metric), _key_sort(mc[1].key)))
     wmax = max((v for (t, mid, c), v in values.items() if c.metric == "weight_bytes"), default=0)
     unit = ("GB", 1e9) if wmax >= 1e9 else ("MB", 1e6)
-    return Table(index=index, settings=merged_settings(records), models=models, rows=rows, columns=columns,
-                 values=values, dropped=dropped, weight_unit=unit, intervals=intervals, stderrs=stderrs)
+    t = Table(index=index, settings=merged_settings(records), models=models, rows=rows, columns=columns,
+              values=values, dropped=dropped, weight_unit=unit, intervals=intervals, stderrs=stderrs, stale=stale)
+    _refuse_ratios(t)
+    return t
+
+
+def _refuse_ratios(t: Table) -> None:
+    """Speeds (Metric.own_problem / ratio_refusal): a value measured under load is kept out of "best", and a ratio to
+    FP16 is formed only from two measurements of one machine under comparable load; otherwise the cell shows the
+    value alone and the table says why (Table.no_ratio)."""
+    for mid, col in t.columns:
+        m = METRICS.get(col.metric)
+        if m.ratio_refusal is None:
+            continue
+        ref = t.reference_row(mid)
+        ref_rec = ref.records[mid] if ref is not None else None
+        for row in t.rows:
+            if t.value(row, mid, col) is None:
+                continue
+            rec, cell = row.records[mid], (row.key, mid, col)
+            own = m.own_problem(rec) if m.own_problem else None
+            if own:
+                t.unfit[cell] = t.no_ratio[cell] = own
+            if row is not ref and ref_rec is not None and m.extract(ref_rec):  # FP16 measured it: a ratio was possible
+                why = m.ratio_refusal(rec, ref_rec)
+                if why:
+                    t.no_ratio[cell] = why
 
 
 def _key_sort(key):
@@ -357,7 +400,8 @@ def records_frame(records: list[dict]):
              "seqlen": dig(rec, "config", "eval", "perplexity", "seqlen"),
              "max_windows": dig(rec, "config", "eval", "perplexity", "max_windows"),
              "hardware": hardware_name(rec), "created": dig(rec, "provenance", "created"),
-             "quantize_s": dig(rec, "timings_s", "quantize"), "total_s": dig(rec, "timings_s", "total")}
+             "quantize_s": dig(rec, "timings_s", "quantize"), "total_s": dig(rec, "timings_s", "total"),
+             "made_by_other_code": code_change(rec)}
         for name in METRICS.names():
             for key, v in METRICS.get(name).extract(rec).items():
                 k = f"b{key[0]}" if isinstance(key, tuple) else key
