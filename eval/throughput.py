@@ -161,8 +161,9 @@ def evaluate_throughput(ctx: EvalContext) -> dict | None:
            "weight_bytes": packed_bytes(model), "device": ctx.cfg.model.device, "threads": torch.get_num_threads(),
            "prompt_len": tc.prompt_len, "gen_len": tc.gen_len, "warmup": tc.warmup, "repeats": tc.repeats,
            "batch": {}}
-    # what else ran: a CPU figure measured while other work held the cores is not this machine's speed (the report
-    # leaves such cells out and says why)
+    # what else ran: the 1-min load average before and after the measurement, and the cores. A figure measured
+    # while more threads were runnable than there are cores is not this machine's speed: the report forms no ratio
+    # to FP16 from it, nor across machines (report.record_view.decode_ratio_refusal), and says why
     out["cpu_count"], load_before = os.cpu_count(), _load_1m()
     dense = kernel not in (None, "dequant")  # a real kernel ran: time the dense weights too, in this run
     bar = tqdm(total=len(tc.batch_sizes) * tc.repeats * (1 + dense), desc="throughput", disable=not ctx.progress,

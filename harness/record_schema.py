@@ -110,12 +110,44 @@ class Bytes:
                 if v is not None and v <= 0]
 
 
+@dataclass(frozen=True)
+class ThroughputRun:
+    """What the report reads of eval/throughput.py's section beside the figures: where and under what load they were
+    measured (a ratio to FP16 is formed only between runs of one machine under a load within its cores)."""
+
+    device: Optional[str] = None
+    threads: Optional[int] = None
+    cpu_count: Optional[int] = None
+    load_average_1m: Optional[list[Optional[float]]] = None  # before and after the measurement
+
+    def problems(self, where: str) -> list[str]:
+        out = [] if self.cpu_count is None or self.cpu_count >= 1 else [f"{where}.cpu_count {self.cpu_count!r} is not "
+                                                                       f"positive"]
+        return out + [f"{where}.load_average_1m {x!r} is negative" for x in self.load_average_1m or []
+                      if x is not None and x < 0]
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """What the report and the pipeline read of a record's provenance (harness.records.provenance)."""
+
+    git_sha: Optional[str] = None  # HEAD, "-dirty" when source files differed from it
+    git_changed: Optional[list[str]] = None  # those files (the first harness.environment.MAX_CHANGED_FILES)
+    git_changed_count: Optional[int] = None  # how many, where more than listed
+    hardware: Optional[dict] = None  # host, CPU, GPU: harness.environment.machine_fingerprint reads it
+    machine: Optional[str] = None
+    created_unix: Optional[float] = None
+
+    def problems(self, where: str) -> list[str]:
+        return []
+
+
 # metric section -> the type of each of its entries (split or task); the other sections (throughput, kv_cache, and
 # what SUMMARIES leaves) are kept as they are written, in Record.data
 SECTIONS: dict[str, type] = {"perplexity": PerplexitySplit, "word_perplexity": WordPerplexitySplit,
                              "fidelity": FidelitySplit, "tasks": TaskScore}
 # metric section that is one object -> the type of the fields the report reads from it
-SUMMARIES: dict[str, type] = {"quant": Bytes, "memory": Bytes}
+SUMMARIES: dict[str, type] = {"quant": Bytes, "memory": Bytes, "throughput": ThroughputRun}
 
 
 @dataclass(frozen=True)
@@ -264,6 +296,8 @@ def parse_record(d: Any, path: str | Path | None = None, check_run_id: bool = Tr
     for key in ("provenance", "timings_s", "code_version"):
         if d.get(key) is not None:
             reasons += _type_problems(d[key], dict, key)
+    if isinstance(d.get("provenance"), dict):
+        reasons += _parse_entry(Provenance, d["provenance"], "provenance")[1]
     if isinstance(d.get("run_id"), str) and not RUN_ID.fullmatch(d["run_id"]):
         reasons.append(f"run_id {d['run_id'][:40]!r} is not 16 hex digits")
     metrics = d.get("metrics") if isinstance(d.get("metrics"), dict) else {}

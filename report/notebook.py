@@ -73,6 +73,11 @@ How to read them:
 - **(+x)** after a value is its difference to the FP16 row of the same model (PPL points, accuracy points);
   **(0.42×)** is a ratio to FP16 (memory, throughput). **Bold** marks the best quantized configuration per column.
   `–` means the run did not measure that metric.
+- **‡** after a row's label: a record of that row was made by other code than this checkout's (its `code_version`
+  differs from what the code computes for its config now; the note under the table names the parts that changed).
+  Its numbers are shown, never bold; run its config again to replace it.
+- **§** after a decode figure: no ratio to FP16 is formed, because the two runs were measured on different machines
+  (host, CPU or GPU) or one run's load average exceeded the machine's cores (or it kept none); the note says which.
 - A table holds only runs with the same evaluation settings (data and its hashes, seqlen, number of windows, ...);
   runs with other settings get their own table, never a shared column.
 - The notes under each table say what data and protocol the numbers come from, and what "FP16" is for that model:
@@ -81,6 +86,8 @@ How to read them:
     ("code", """tables = T.build_tables(records)
 if len(tables) > 1:
     print(T.split_message(T.group_records(records)))
+if render.stale_markdown(tables):  # records made by other code than this checkout's, listed once
+    display(Markdown(render.stale_markdown(tables)))
 for t in tables:
     display(Markdown(render.to_markdown(t)))"""),
     ("md", """## Figures
@@ -116,7 +123,8 @@ Seconds per run from the record's `timings_s`: `quantize` (calibration and searc
   covers only the first windows of each split, so compare numbers only within one table.
 - On the embedded corpus, the calibration text (`shakespeare_calib`) and the evaluation splits share no text (both
   editions of a play stay on one side), so AWQ's gains there are not memorised calibration data.
-- Throughput depends on the hardware and backend named under its table; compare it only within one table.
+- Throughput depends on the hardware and backend named under its table; compare it only within one table. A ratio
+  to FP16 is printed only for two runs of one machine under a load within its cores.
   Numbers from the LMDeploy GPU benchmarks live in `results/gpu/`."""),
 ]
 

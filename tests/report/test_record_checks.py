@@ -51,6 +51,10 @@ def _corrupt(rec: dict, how: str) -> dict:
         rec["config"]["quant"]["w_bit"] = 3  # a w3 config filed under the w4 run's id
     elif how == "no_metrics":
         rec["metrics"] = {}
+    elif how == "changed_files_not_a_list":
+        rec["provenance"]["git_changed"] = "harness/x.py"
+    elif how == "load_as_text":  # a throughput section whose load the report could not compare
+        rec["metrics"]["throughput"] = {"cpu_count": 2, "load_average_1m": "3.9"}
     return rec
 
 
@@ -59,7 +63,9 @@ REASONS = {"future_version": f"record_version {RECORD_VERSION + 1} is newer than
            "string_ppl": "metrics.perplexity.milton.token_ppl is a string",
            "nan_ppl": "metrics.perplexity.milton.token_ppl is nan",
            "run_id_not_hash": "run_id {run_id} is not the hash of its config",
-           "no_metrics": "no metrics"}
+           "no_metrics": "no metrics",
+           "changed_files_not_a_list": "provenance.git_changed is a string ('harness/x.py'), not a list",
+           "load_as_text": "metrics.throughput.load_average_1m is a string ('3.9'), not a list"}
 
 
 def test_the_pipelines_own_records_pass(pipeline_records):
