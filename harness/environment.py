@@ -1,5 +1,6 @@
-"""What a number was measured on: package versions, the CPU or GPU, the driver, the code's git commit. One capture,
-used by run records (harness.records.provenance), benchmarks and GPU scripts alike."""
+"""What a number was measured on: package versions, the host, the CPU or GPU, the driver, the code's git commit (and
+the source files that differed from it). One capture, used by run records (harness.records.provenance), benchmarks
+and GPU scripts alike."""
 from __future__ import annotations
 
 import hashlib
@@ -36,6 +37,9 @@ def package_versions(packages=PACKAGES) -> dict:
 # (report.readme_excerpt). A change there is an output, not other code: it never makes a record "-dirty".
 HARNESS_OUTPUTS = ("results/", "outputs/", "multirun/", "README.md")
 MAX_CHANGED_FILES = 20  # a record names at most this many changed files (and says how many there were)
+# a file git does not track counts only if it is code or config (a new module or preset changes what runs); records,
+# tables and figures written to a results_dir elsewhere in the checkout do not
+SOURCE_SUFFIXES = (".py", ".yaml", ".yml", ".toml", ".cfg", ".sh")
 
 
 def _git(*args: str) -> str:
@@ -48,16 +52,16 @@ def is_harness_output(path: str) -> bool:
 
 
 def changed_sources() -> list[str] | None:
-    """The files of this checkout that differ from HEAD (tracked files edited, staged, added or deleted; files git
-    does not track and does not ignore, marked " (untracked)"), less the harness's own outputs (HARNESS_OUTPUTS);
-    None when this is not a git checkout."""
+    """The files of this checkout that differ from HEAD (tracked files edited, staged, added or deleted; code and
+    config files git does not track and does not ignore, marked " (untracked)"), less the harness's own outputs
+    (HARNESS_OUTPUTS); None when this is not a git checkout."""
     try:
         tracked = _git("diff", "HEAD", "--name-only", "-z").split("\0")
         untracked = _git("ls-files", "--others", "--exclude-standard", "-z").split("\0")
     except Exception:  # no git, not a checkout, no HEAD yet
         return None
     return sorted({p for p in tracked if p and not is_harness_output(p)}) + \
-        sorted(f"{p} (untracked)" for p in untracked if p and not is_harness_output(p))
+        sorted(f"{p} (untracked)" for p in untracked if p.endswith(SOURCE_SUFFIXES) and not is_harness_output(p))
 
 
 def git_state() -> dict:

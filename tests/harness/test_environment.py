@@ -49,6 +49,8 @@ def test_changed_sources_are_named(checkout):
     (checkout / "conf/c.yaml").unlink()
     (checkout / "harness/new.py").write_text("")  # not yet added: it still changes what runs
     (checkout / "results/runs/r.json").write_text('{"new": 1}\n')
+    (checkout / "elsewhere/runs").mkdir(parents=True)  # a run with results_dir=elsewhere: records, not code
+    (checkout / "elsewhere/runs/s.json").write_text("{}\n")
     state = env.git_state()
     assert state["git_sha"].endswith("-dirty")
     assert state["git_changed"] == ["conf/c.yaml", "harness/x.py", "harness/new.py (untracked)"]
