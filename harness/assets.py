@@ -184,7 +184,11 @@ def _writer_gone(name: str, now: float, mtime: float) -> bool:
     parts = name[: -len(TMP_SUFFIX)].rsplit(".", 1)[-1].split("-")
     if len(parts) != 3 or not parts[1].isdigit():
         return False
-    host, pid = parts[0], int(parts[1])
+    return _process_gone(parts[0], int(parts[1]))
+
+
+def _process_gone(host: str, pid: int) -> bool:
+    """Whether the writer `host`-`pid` (a _writer_tag) is known to have ended: on this host and no longer running."""
     if host != _writer_tag().rsplit("-", 1)[0] or pid == os.getpid():
         return False
     try:
@@ -194,6 +198,67 @@ def _writer_gone(name: str, now: float, mtime: float) -> bool:
     except PermissionError:  # alive, another user's
         return False
     return False
+
+
+OLD_SUFFIX = ".old"
+
+
+def _dir_leftover(path: Path):
+    """The regex that names atomic_directory's siblings of `path`: (host, pid, suffix)."""
+    import re
+
+    return re.compile(rf"^\.{re.escape(path.name)}\.([A-Za-z0-9_]+)-(\d+)-[0-9a-f]{{12}}(\.tmp|\.old)$")
+
+
+def recover_directory(path: Path) -> list[str]:
+    """Clean up after an atomic_directory writer that was killed: its half-written `.tmp` sibling of `path` is
+    removed, and its `.old` sibling (the previous directory, moved aside just before the swap) is put back when
+    `path` is missing, else removed. Only siblings named by this harness's pattern, written on this host by a process
+    that no longer runs, are touched; anything else (a live writer's, another host's, the user's) stays. What was
+    done, in words."""
+    path = Path(path)
+    done, pattern = [], _dir_leftover(path)
+    try:
+        siblings = sorted(path.parent.iterdir())
+    except OSError:
+        return done
+    for p in siblings:
+        m = pattern.match(p.name)
+        if not m or p.is_symlink() or not p.is_dir() or not _process_gone(m.group(1), int(m.group(2))):
+            continue
+        if m.group(3) == OLD_SUFFIX and not (path.exists() or path.is_symlink()):
+            os.replace(p, path)
+            done.append(f"restored {path} from {p.name} (a writer was killed while swapping it)")
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+            done.append(f"removed {p.name} (left by a killed writer)")
+    return done
+
+
+@contextmanager
+def atomic_directory(path: Path):
+    """Yield an empty temp directory beside `path` to fill; on success it takes `path`'s place (an existing `path` is
+    moved aside first and removed after, so `path` is always the old directory or the new one, never half of one);
+    on failure it is removed. Leftovers of killed writers are handled first (recover_directory). The caller decides
+    whether `path` may be replaced (harness.outputs.replaceable)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    recover_directory(path)
+    tag = f".{path.name}.{_writer_tag()}-"
+    tmp = path.with_name(f"{tag}{uuid.uuid4().hex[:12]}{TMP_SUFFIX}")
+    tmp.mkdir()
+    try:
+        yield tmp
+        old = None
+        if path.exists() or path.is_symlink():
+            old = path.with_name(f"{tag}{uuid.uuid4().hex[:12]}{OLD_SUFFIX}")
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def remove_stale_tmp(folder: Path) -> list[Path]:

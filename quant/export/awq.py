@@ -14,10 +14,7 @@ Dequantization: w[n, k] = (q[k, n] - z[k // g, n]) * s[k // g, n]. LMDeploy unpa
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -286,10 +283,9 @@ def _write_dir(out_dir, tensors: dict, config: dict, meta: dict, model: nn.Modul
     (Shared with quant/export/gptq.py.)"""
     from safetensors.torch import save_file
 
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    from harness.assets import atomic_directory
+
+    with atomic_directory(out_dir) as tmp:  # a killed writer leaves nothing at out_dir (and is cleaned up next time)
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for fname, obj in (extra_json or {}).items():
@@ -304,17 +300,7 @@ def _write_dir(out_dir, tensors: dict, config: dict, meta: dict, model: nn.Modul
             from harness.outputs import write_manifest
 
             write_manifest(tmp, manifest)
-        old = None
-        if out_dir.exists():  # swap in: the old directory is moved aside first, so out_dir is never half-written
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, old / out_dir.name)
-        os.replace(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return Path(out_dir)
 
 
 # ---------------------------------------------------------------------------------------------------------------

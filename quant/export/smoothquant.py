@@ -17,9 +17,6 @@ What the engine reads (InternLM/lmdeploy@1263d5cd; function names):
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -90,25 +87,16 @@ def export_smoothquant(model: nn.Module, qtensors: dict[str, QTensor], out_dir, 
     tensors = checkpoint_tensors(model, qtensors)
     config = model.config.to_dict()
     config["quantization_config"] = quantization_config(next(iter(qtensors.values())).q.dtype)
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    from harness.assets import atomic_directory
+
+    with atomic_directory(out_dir) as tmp:  # a killed writer leaves nothing at out_dir (and is cleaned up next time)
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, old / out_dir.name)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return Path(out_dir)
 
 
 def load_smoothquant_qtensors(directory) -> dict[str, QTensor]:
