@@ -269,7 +269,7 @@ def load_problem(rec: dict) -> Optional[str]:
     measurement's own threads, at most one per core, do not exceed it), or it kept no load average."""
     peak, cpus = throughput_load(rec)
     if peak is None or cpus is None:
-        return "no load average recorded for the run"
+        return "no load average recorded"
     return f"load {peak:.1f} on {cpus} cores during the run" if peak > cpus else None
 
 
@@ -288,7 +288,9 @@ def decode_ratio_refusal(rec: dict, ref: dict) -> Optional[str]:
     hw = [dig(r, "provenance", "hardware", default={}) or {} for r in (rec, ref)]
     other = machine_differences(*hw) and f"FP16 measured on another machine ({machine_text(ref)}; this run: " \
                                          f"{machine_text(rec)})"
-    why = [other, load_problem(rec), load_problem(ref) and f"FP16's run: {load_problem(ref)}"]
+    own, theirs = load_problem(rec), load_problem(ref)
+    why = [other, f"{own} (this run and FP16's)"] if own and own == theirs else \
+        [other, own, theirs and f"FP16's run: {theirs}"]
     return "; ".join(w for w in why if w) or None
 
 

@@ -143,9 +143,11 @@ def stale_notes(t: Table) -> list[str]:
 def no_ratio_notes(t: Table) -> list[str]:
     """One line per row, model and reason of a speed shown without its ratio to FP16 (Table.no_ratio)."""
     seen: dict = {}
-    for (key, mid, col), why in t.no_ratio.items():
-        row = next(r for r in t.rows if r.key == key)
-        seen.setdefault((row.text, t.model_name(mid), why, row.reference), []).append(col)
+    for row in t.rows:
+        for mid, col in t.columns:
+            why = t.no_ratio.get((row.key, mid, col))
+            if why:
+                seen.setdefault((row.text, t.model_name(mid), why, row.reference), []).append(col)
     out = []
     for (text, model, why, ref), cols in seen.items():
         what = ", ".join(dict.fromkeys(c.header(t.weight_unit[0]) for c in cols))
