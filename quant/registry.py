@@ -15,6 +15,7 @@ from harness.config import QUANT_CONFIGS, ConfigError, QuantConfig, WeightQuantC
 from harness.labels import ROWS, UNREGISTERED_ORDER, MethodRow
 from harness.registry import Registry
 from harness.storage_bytes import packed_weight_bytes
+from quant.moe.coverage import expert_summary
 from quant.onload import Placement
 from quant.setup import Setup, setup
 from quant.sources import module_sources
@@ -109,6 +110,7 @@ class Method:
             out.update(setup.plan.summary())
         out["placement"] = {"compute": str(setup.placement.compute), "offload": setup.placement.offload}
         out.update(self.weight_bytes(model, qtensors))
+        out.update(expert_summary(model, setup.arch, qtensors))  # a mixture of experts' "moe" entry; {} when dense
         return out
 
 

@@ -29,6 +29,7 @@ from harness.log import logger
 from quant.calibration.capture import capture_block_inputs, forward_block
 from quant.calibration.checkpoint import BlockCheckpoints
 from quant.calibration.reduce import Reducer
+from quant.moe.coverage import BlockCoverage, ExpertCalibration, mark
 from quant.onload import Placement
 from quant.primitives import QTensor
 
@@ -93,12 +94,17 @@ def _sha(samples: torch.Tensor | None) -> str | None:
 @torch.no_grad()
 def run_sequential(model: nn.Module, arch: Architecture, method: BlockMethod, samples: torch.Tensor | None,
                    placement: Placement = Placement(), *, propagate: str = "fp16", checkpoint_dir: Path | None = None,
-                   reduce: Reducer = Reducer(), desc: str = "", progress: bool = True) -> RunResult:
+                   reduce: Reducer = Reducer(), desc: str = "", progress: bool = True,
+                   experts: ExpertCalibration = ExpertCalibration()) -> RunResult:
     """Run `method` over the decoder blocks of `model` in order. `samples`: [n, seqlen] token ids, all of them on
     every rank (each rank calibrates on reduce.shard(n)); None for a method without calibration data.
-    `checkpoint_dir`: keep each finished block there and resume from the blocks found (None: no checkpoints)."""
+    `checkpoint_dir`: keep each finished block there and resume from the blocks found (None: no checkpoints).
+    A mixture of experts (arch.moe) with data: every expert's routed tokens are counted, and experts with too few get
+    `experts`' fallback (quant.moe.coverage); the counts go into each block's info ("expert_coverage")."""
     if propagate not in PROPAGATE:
         raise ValueError(f"propagate={propagate!r} is not one of {', '.join(PROPAGATE)}")
+    if arch.moe is not None:
+        experts.validate()
     blocks = get_blocks(model, arch)
     n, timings = len(blocks), {"calibration_capture": 0.0, "block_forward": 0.0, "resume_replay": 0.0}
     x = block_kwargs = None
@@ -109,8 +115,11 @@ def run_sequential(model: nn.Module, arch: Architecture, method: BlockMethod, sa
         timings["calibration_capture"] = time.perf_counter() - t
     ckpt = None
     if checkpoint_dir is not None:
-        ckpt = BlockCheckpoints(checkpoint_dir, {"samples_sha256": _sha(samples), "blocks": n, "propagate": propagate,
-                                                 "world": reduce.world})
+        identity = {"samples_sha256": _sha(samples), "blocks": n, "propagate": propagate, "world": reduce.world}
+        if arch.moe is not None:  # the expert fallback changes the statistics (a dense identity is unchanged)
+            identity["experts"] = {"min_share": experts.min_share,
+                                   "calibrate_all_experts": experts.calibrate_all_experts}
+        ckpt = BlockCheckpoints(checkpoint_dir, identity)
     qtensors: dict[str, QTensor] = {}
     infos: list[dict] = []
     block_s: list[float] = []
@@ -125,10 +134,18 @@ def run_sequential(model: nn.Module, arch: Architecture, method: BlockMethod, sa
         block, t_block = blocks[i], time.perf_counter()
         with placement.block(block):
             obs = method.observers(block, i)
-            y = None
+            y = coverage = None
             if x is not None:
                 t = time.perf_counter()
-                y = forward_block(block, x, block_kwargs[i], {name: o.add for name, o in obs.items()})
+                cov = BlockCoverage(block, arch, experts) if arch.moe is not None else None
+                try:
+                    seen = obs if cov is None else cov.routed_observed(obs)
+                    y = forward_block(block, x, block_kwargs[i], {name: o.add for name, o in seen.items()})
+                finally:
+                    if cov is not None:
+                        cov.remove()
+                if cov is not None:  # counts over ranks; experts with too few tokens get fresh, all-token observers
+                    coverage = cov.finish(method, block, i, obs, reduce)
                 timings["block_forward"] += time.perf_counter() - t
             elif obs:
                 raise ValueError("a method that observes inputs needs calibration samples")
@@ -136,6 +153,9 @@ def run_sequential(model: nn.Module, arch: Architecture, method: BlockMethod, sa
             del obs
             res = method.quantize_block(block, i, stats, None if x is None else block_kwargs[i], reduce)
             del stats
+            if coverage is not None:
+                res.info["expert_coverage"] = coverage
+                mark(block, arch, coverage)
             if x is not None and propagate == "quantized":
                 t = time.perf_counter()
                 y = forward_block(block, x, block_kwargs[i])
@@ -176,6 +196,8 @@ def _resume(ckpt, blocks, x, block_kwargs, placement, propagate, reduce, arch, q
             placement.to_host(got[0])
         qtensors.update({f"{arch.blocks}.{j}.{name}": q for name, q in got[0].items()})
         infos.append(got[1])
+        if arch.moe is not None and "expert_coverage" in got[1]:
+            mark(blocks[j], arch, got[1]["expert_coverage"])
         block_s.append(got[2])
         x = y
     return k, x
