@@ -301,10 +301,9 @@ def code_change(rec: dict) -> Optional[str]:
     from harness.config import to_run_config
 
     try:
-        cfg = to_run_config(rec.get("config") or {})
-    except Exception as e:  # noqa: BLE001  (a config this code no longer loads: say so, whatever the error)
+        return change_of(rec, to_run_config(rec.get("config") or {}))
+    except Exception as e:  # noqa: BLE001  (a config this code no longer loads or versions: say so, whatever the error)
         return f"made by other code (its config does not load now: {type(e).__name__})"
-    return change_of(rec, cfg)
 
 
 def _decode(rec):
