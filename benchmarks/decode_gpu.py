@@ -126,7 +126,7 @@ def run_variant(variant: str, args, env: dict) -> dict:
         prompt = torch.randint(0, cfg.vocab_size, (b, args.prompt_len), device="cuda",
                                generator=torch.Generator("cuda").manual_seed(b))
         torch.cuda.reset_peak_memory_stats()
-        m = time_decode(model, prompt, args.gen_len, warmup=1, repeats=args.repeats)
+        m = time_decode(model, prompt, args.gen_len, warmup=1, repeats=args.repeats, compile_step=args.compile)
         roof = rl.decode_roofline_tok_s(mb, b, context, bw)
         rows.append({"batch": b, "decode_tok_s": m["decode_tok_s"], "decode_ms_per_step": m["decode_ms_per_step"],
                      "roofline_tok_s": roof, "roofline_fraction": m["decode_tok_s"] / roof,
@@ -138,7 +138,7 @@ def run_variant(variant: str, args, env: dict) -> dict:
     for p in prefill:
         p["floor_s"] = rl.prefill_floor_s(mb, p["batch"] * p["tokens"], env.get("peak_fp16_flops") or float("inf"), bw)
     out = {"variant": variant, "weights": weights, "group_size": group_size, **info, "build_s": build_s,
-           "fused_projections": fused,
+           "fused_projections": fused, "compiled_step": args.compile,
            "weight_read_bytes": mb.weight_read_bytes, "kv_bytes_per_token": mb.kv_bytes_per_token,
            "batches": rows, "prefill": prefill}
     del model
@@ -188,6 +188,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-fuse", dest="fuse", action="store_false",
                     help="keep q/k/v and gate/up as separate products (transformers' layout)")
+    ap.add_argument("--compile", action="store_true",
+                    help="the decode step through torch.compile before the CUDA graph records it (fuses the small "
+                         "ops between the projections)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--report", type=Path)
     args = ap.parse_args(argv)

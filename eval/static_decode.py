@@ -85,7 +85,8 @@ class StaticDecoder:
     logits [B, vocab] after each call (a buffer too). use_cuda_graph: None = on when the model is on CUDA."""
 
     @torch.no_grad()
-    def __init__(self, model, batch_size: int, max_len: int, use_cuda_graph: bool | None = None):
+    def __init__(self, model, batch_size: int, max_len: int, use_cuda_graph: bool | None = None,
+                 compile_step: bool = False):
         self.arch, rotary = check_supported(model, max_len)
         self.model, self.batch_size, self.max_len = model, batch_size, max_len
         d = config_dims(model.config.to_dict())
@@ -102,6 +103,11 @@ class StaticDecoder:
         if use_cuda_graph and self.device.type != "cuda":
             raise ValueError(f"use_cuda_graph=True needs a model on CUDA, this one is on {self.device}")
         self.use_cuda_graph, self._graph = use_cuda_graph, None
+        # compile_step: the decode step through torch.compile (Inductor fuses the norms, RoPE, residual adds and
+        # the attention's small ops that are left between the projections; the projections' own kernels are
+        # called as they are), then recorded in the CUDA graph like the eager step
+        self.compile_step = compile_step
+        self._step_fn = torch.compile(self._decode_step, dynamic=False) if compile_step else self._decode_step
         shape = (batch_size, self.n_kv, max_len, self.head_dim)
         self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.blocks]
         self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.blocks]
@@ -208,11 +214,11 @@ class StaticDecoder:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up off the capture stream (cuBLAS handles, allocator, autotuning)
             for _ in range(min(3, self.max_len)):
-                self._decode_step()
+                self._step_fn()
         torch.cuda.current_stream().wait_stream(side)
         self._graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self._graph):  # records without running: `pos` stays where the warm-up left it
-            self._graph_logits = self._decode_step()
+            self._graph_logits = self._step_fn()
         self._host_pos = None
 
     @torch.no_grad()
@@ -224,7 +230,7 @@ class StaticDecoder:
             self._graph.replay()
             self.logits = self._graph_logits
         else:
-            self.logits = self._decode_step()
+            self.logits = self._step_fn()
         self._host_pos += 1
         return self.next_ids
 
@@ -253,14 +259,14 @@ def _seconds(start, end) -> float:
 
 
 def time_decode(model, prompt_ids: torch.Tensor, gen_len: int, warmup: int = 1, repeats: int = 3,
-                use_cuda_graph: bool | None = None) -> dict:
+                use_cuda_graph: bool | None = None, compile_step: bool = False) -> dict:
     """Median prefill and decode times of `repeats` greedy runs after `warmup` untimed ones (the CUDA graph is
     captured before any of them). Conventions of eval/throughput.py: the prefill emits the first token, the decode
     is the gen_len - 1 steps after it. CUDA events on CUDA; perf_counter on the CPU."""
     b, p = prompt_ids.shape
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
-    dec = StaticDecoder(model, b, p + gen_len, use_cuda_graph)
+    dec = StaticDecoder(model, b, p + gen_len, use_cuda_graph, compile_step)
     cuda = dec.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(dec.device)
@@ -287,7 +293,7 @@ def time_decode(model, prompt_ids: torch.Tensor, gen_len: int, warmup: int = 1, 
             "decode_ms_per_step": 1e3 * decode_s / steps if steps else None,
             "decode_tok_s": b * steps / decode_s if steps else None, "prefill_tok_s": b * p / prefill_s,
             "peak_memory_bytes": torch.cuda.max_memory_allocated(dec.device) if cuda else None,
-            "cuda_graph": dec.use_cuda_graph, "repeats_s": [list(r) for r in runs], "ids": ids}
+            "cuda_graph": dec.use_cuda_graph, "compiled": dec.compile_step, "repeats_s": [list(r) for r in runs], "ids": ids}
 
 
 # Projections that read the same input, and the module that replaces them (their weights concatenated along the

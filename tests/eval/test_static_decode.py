@@ -8,7 +8,7 @@ import torch.nn as nn
 import transformers
 
 from backends.roofline import decode_model_bytes
-from eval.static_decode import StaticDecoder, time_decode
+from eval.static_decode import StaticDecoder, fuse_projections, time_decode
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=256, max_position_embeddings=128)
@@ -229,3 +229,16 @@ def test_fused_projections_give_the_same_logits():
     for a, b in zip(got, ref_logits):
         assert torch.allclose(a, b, rtol=0, atol=1e-12)
     assert decode_model_bytes(model) == before
+
+
+def test_a_compiled_step_decodes_the_same_tokens():
+    """compile_step=True: the decode step through torch.compile (fusing the small ops between the projections, the
+    lever measured on the H100: about 1.7 ms of a 7B step outside the linears) gives the eager step's tokens and
+    logits to float tolerance, fused projections included."""
+    model = tiny("llama", torch.float32)
+    fuse_projections(model)
+    ids = prompts(2, 5)
+    ref = decode_logits(StaticDecoder(model, 2, max_len=12), ids, 6)
+    got = decode_logits(StaticDecoder(model, 2, max_len=12, compile_step=True), ids, 6)
+    assert all(torch.allclose(a, b, atol=1e-4, rtol=1e-4) for a, b in zip(got, ref))
+    assert all(torch.equal(a.argmax(-1), b.argmax(-1)) for a, b in zip(got, ref))
