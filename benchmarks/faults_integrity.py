@@ -429,6 +429,32 @@ def serve_without_a_gpu(suite) -> dict:
     return out
 
 
+def quantize_only_without_a_tokenizer(suite) -> dict:
+    """The documented quantize-only command on a fresh machine (issue 27, finding 10): random weights at SmolLM2's
+    shape, quantized with nothing converted in the cache (no tokenizer anywhere), on this CPU. It must finish with a
+    record of the quantization, calibrated on seeded random ids, and write no tokenizer it did not have."""
+    t0 = time.monotonic()
+    g = suite.group("quantize-only-fresh-cache")
+    fresh = g.root / "fresh-cache"  # nothing linked from the suite's cache: no converted model, no tokenizer
+    r = F.run_argv(g, ["experiments.run", "model=smollm2_135m_synthetic", "model.device=cpu", "model.dtype=float32",
+                       "quant=rtn_w4", "eval=none", "progress=false", f"results_dir={g.results}",
+                       f"hydra.run.dir={g.root / 'hydra'}"], {"QH_CACHE": str(fresh)})
+    problems, recs = [], records_in(g)
+    if r.rc != 0 or "Traceback" in r.log():
+        problems.append(f"exit {r.rc}: {F.error_line(r)[:200]!r}")
+    if len(recs) != 1:
+        problems.append(f"records: {[p.name for p in recs]}")
+    else:
+        rec = json.loads(recs[0].read_text())
+        if rec.get("status") != "complete" or not rec.get("metrics", {}).get("quant", {}).get("layers_quantized"):
+            problems.append("the record holds no quantization")
+    if any(fresh.rglob("tokenizer*")):
+        problems.append("a tokenizer appeared in the fresh cache")
+    return row("quantize-only run on random weights in a fresh cache (no tokenizer anywhere)",
+               "model=smollm2_135m_synthetic quant=rtn_w4 eval=none", t0, problems,
+               records_lost_or_wrong=bool(problems))
+
+
 def bad_records_in_report(suite) -> dict:
     """The tiny RTN run's record beside corrupted copies (a future record_version, a PPL outside its interval, a
     string PPL, NaN, a run_id that is not its config's hash, no metrics): `python -m report` shows the good one and
@@ -485,5 +511,6 @@ SCENARIOS = {
     "oc_env_override": oc_env_override,
     "blank_credentials": blank_credentials,
     "serve_without_a_gpu": serve_without_a_gpu,
+    "quantize_only_without_a_tokenizer": quantize_only_without_a_tokenizer,
     "bad_records_in_report": bad_records_in_report,
 }
