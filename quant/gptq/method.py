@@ -97,8 +97,11 @@ def run_gptq(model, cfg, ctx: QuantContext, setup: Setup) -> tuple:
     AWQ's fold); returns (the runner's RunResult: qtensors, block seconds, the block it resumed from; losses, timings)."""
     arch = setup.arch
     propagate = "quantized" if getattr(cfg, "propagate", "auto") == "auto" else cfg.propagate
+    # the block checkpoints (quant.calibration.checkpoint) read codes back as integer QTensors, without an FP4
+    # format or NVFP4's global scale: an FP4 run keeps none (it is not resumable) rather than resume with wrong codes
+    ckpt = ctx.checkpoint_dir if cfg.format == "int" else None
     run = run_sequential(model, arch, GPTQBlocks(cfg, arch, setup.plan.specs), setup.samples, setup.placement,
-                         propagate=propagate, checkpoint_dir=ctx.checkpoint_dir, reduce=Reducer.current(),
+                         propagate=propagate, checkpoint_dir=ckpt, reduce=Reducer.current(),
                          desc=f"gptq {cfg.format if cfg.format != 'int' else f'w{cfg.w_bit} g{cfg.group_size}'}",
                          progress=ctx.progress)
     losses = {f"{arch.blocks}.{i}.{k}": v for i, info in enumerate(run.infos) for k, v in info["loss"].items()}

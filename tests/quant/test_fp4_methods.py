@@ -120,9 +120,10 @@ def test_gptq_fp4_lowers_the_layer_output_error_against_rtn_fp4(smollm2_fp32_sha
 
 
 @torch.no_grad()
-def test_gptq_method_in_nvfp4_stores_fp4_codes_and_beats_rtn_nvfp4(smollm2_fp32, calib_ids, milton_ids):
+def test_gptq_method_in_nvfp4_stores_fp4_codes_and_beats_rtn_nvfp4(smollm2_fp32, calib_ids, milton_ids, tmp_path):
     """The method on two real blocks: FP4Tensors whose dequantized weights the model holds, an NVFP4 global scale per
-    Linear (q/k/v stacked in the column loop), hidden-state error on held-out Milton below RTN NVFP4's."""
+    Linear (q/k/v stacked in the column loop), hidden-state error on held-out Milton below RTN NVFP4's; no block
+    checkpoints (they would resume FP4 codes as integer ones)."""
     base = _truncated(smollm2_fp32, 2)
     held = milton_ids[: 4 * 128].view(4, 128)
     ref = base.model(held).last_hidden_state.double()
@@ -131,7 +132,9 @@ def test_gptq_method_in_nvfp4_stores_fp4_codes_and_beats_rtn_nvfp4(smollm2_fp32,
                       ("gptq", GPTQConfig(format="nvfp4", group_size=16, zero_point=False,
                                           calib=CalibConfig(n_samples=16, seqlen=128)))):
         m = copy.deepcopy(base)
-        out = METHODS.get(name)(m, cfg, QuantContext(calibration=lambda: _calib(calib_ids, 16, 128), progress=False))
+        out = METHODS.get(name)(m, cfg, QuantContext(calibration=lambda: _calib(calib_ids, 16, 128), progress=False,
+                                                     checkpoint_dir=tmp_path / name))
+        assert not (tmp_path / name).exists()
         errs[name] = (m.model(held).last_hidden_state.double() - ref).pow(2).mean().item()
         assert len(out.qtensors) == 14 and out.summary["format"] == "nvfp4"
         for n, qt in out.qtensors.items():
