@@ -1,7 +1,7 @@
 """Every conf/ preset composes to the config it composed to when tests/harness/conf_snapshot.json was taken: the
 resolved config (every field, interpolations resolved) and its run_id (harness.records.run_id). So conf/ can be
 rewritten (presets inheriting from presets, defaults the dataclasses hold left out) without renaming a committed
-record. The cases: every option of quant, kv, eval, data, model, experiment, web; every job of every sweep.
+record. The cases: every option of quant, kv, eval, data, model, backend, experiment, web; every job of every sweep.
 
 A preset changed on purpose (a new result): write the snapshot again and commit it with the change,
     .venv/bin/python -m tests.harness.test_conf_presets --write
@@ -19,7 +19,7 @@ import pytest
 
 SNAPSHOT = Path(__file__).with_name("conf_snapshot.json")
 CONF = Path(__file__).resolve().parents[2] / "conf"
-GROUPS = ("quant", "kv", "eval", "data", "model", "experiment")
+GROUPS = ("quant", "kv", "eval", "data", "model", "backend", "experiment")
 # presets other work was writing when the snapshot was taken (FP4 formats, AutoRound, MoE models): left to it
 NOT_SNAPSHOTTED = ("quant/*fp4*", "quant/autoround*", "model/*moe*")
 
