@@ -30,7 +30,8 @@ from typing import Optional
 
 import torch
 
-from quant.formats.fp4 import FP4_FORMATS, FP4Tensor, block_scales, dequantize_blocks, e2m1_codes, e2m1_values, fp4_scales
+from quant.formats.fp4 import (FP4_FORMATS, FP4Tensor, block_scales, dequantize_blocks, e2m1_codes, e2m1_values,
+                               fp4_scales)
 from quant.kernels import gptq_columns
 from quant.primitives import (QTensor, _grouped, check_group_size, dequantize, effective_group_size, quant_params, quantize,
                               range_params)

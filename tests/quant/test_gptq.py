@@ -120,6 +120,51 @@ def test_dead_inputs_get_zero_weights_and_the_hessian_is_left_unchanged():
     assert res.dequantize()[:, 5].abs().max() < res.scales[:, 0].max()  # within one step of 0 (the grid's nearest)
 
 
+def reference_gptq_fp4(W, X, fmt, damp=0.01, act_order=False):
+    """Column-by-column GPTQ in float64 onto the e2m1 grid (brute force, tests/quant/test_fp4.py) under the format's
+    block factors from the original weights (RTN's: quant.formats.fp4, itself checked against float64 there)."""
+    from quant.formats.fp4 import FP4_FORMATS, block_scales, fp4_scales
+    from tests.quant.test_fp4 import e2m1_ref, grid_values
+
+    W = W.double().clone()
+    H = 2 * X.double().t() @ X.double() / X.shape[0]
+    cols, b = W.shape[1], FP4_FORMATS[fmt]
+    factors = block_scales(*fp4_scales(W.float(), fmt), fmt).double()
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols)
+    W, H = W[:, perm], H[perm][:, perm]
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(cols, dtype=torch.float64)
+    Hinv = torch.linalg.inv(H)
+    Q = torch.zeros(W.shape, dtype=torch.uint8)
+    for j in range(cols):
+        f = factors[:, int(perm[j]) // b]
+        Q[:, j] = e2m1_ref(W[:, j] / f)
+        err = (W[:, j] - grid_values(Q[:, j]) * f) / Hinv[j, j]
+        W[:, j:] -= err[:, None] * Hinv[j, j:][None, :]
+        Hinv[j:, j:] -= Hinv[j:, j : j + 1] @ Hinv[j : j + 1, j:] / Hinv[j, j]
+    return Q[:, torch.argsort(perm)]
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("act_order,block_size", [(False, 64), (True, 48)])
+def test_lazy_batch_gptq_in_fp4_gives_the_column_by_column_codes(fmt, act_order, block_size):
+    """quant.format=nvfp4 / mxfp4 (quant.gptq.algorithm's FP4 path): the lazy-batch codes against the plain float64
+    column-by-column GPTQ on the e2m1 grid; the scales are RTN's."""
+    from quant.formats.fp4 import FP4_FORMATS, quantize_fp4
+
+    w, x = _problem(seed=4)
+    H, _ = accumulate_hessian(None, 0, x, dtype=torch.float64)
+    res = gptq_quantize(w, H, 4, FP4_FORMATS[fmt], zero_point=False, block_size=block_size, act_order=act_order,
+                        fmt=fmt)
+    ref = reference_gptq_fp4(w, x, fmt, act_order=act_order)
+    diffs = int((res.q != ref).sum())
+    assert diffs <= MAX_CODE_DIFFS, diffs
+    rtn = quantize_fp4(w.float(), fmt)
+    assert torch.equal(res.scales, rtn.scales)
+    assert (res.global_scale is None) == (fmt == "mxfp4")
+    with pytest.raises(ValueError, match="static groups"):
+        gptq_quantize(w, H, 4, FP4_FORMATS[fmt], zero_point=False, act_order=False, static_groups=False, fmt=fmt)
+
+
 # --- the method, on real blocks of the embedded model ---------------------------------------------------------------
 
 import copy  # noqa: E402
