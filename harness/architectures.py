@@ -29,6 +29,13 @@ class ScaleGroup:
     when: Optional[Callable[[nn.Module], bool]] = None
     # the inspected module is the attention, which needs the block's kwargs (position embeddings, mask)
     inspect_takes_block_kwargs: bool = False
+    # the module whose input is the group's input, when the Linears see only part of it (a mixture of experts: each
+    # expert's gate/up see their routed tokens, the MoE block all of them); None: the first Linear's input. Such a
+    # group does not make its Linears share an observed input (input_keys)
+    input: Optional[str] = None
+    # modules that read the same input but are not quantized (an MoE's router): their input columns are scaled too,
+    # so the FP output stays unchanged
+    also_scaled: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -81,6 +88,7 @@ class MoE:
     Quantized by default: the experts (and the shared expert). Kept in the model dtype: the router and the shared
     expert's sigmoid gate (tiny, and a rounding error there changes which experts run)."""
 
+    block: str = "mlp"  # the sparse MoE module: the router and every expert read its input
     router: str = "mlp.gate"  # weight [E, h]: softmax over all experts, top-k (transformers' *TopKRouter)
     experts: str = "mlp.experts"
     expert_linears: tuple[tuple[str, str], ...] = (("gate_proj", "expert_gate"), ("up_proj", "expert_up"),
@@ -152,8 +160,13 @@ class Architecture:
         for e in range(n):
             roles += [(f"{m.experts}.{e}.{rel}", role) for rel, role in m.expert_linears]
         experts = [m.expert_names(e) for e in range(n)]
+        # the MLP's norm feeds the router and every expert: one scale for all of them, searched on the MoE block's
+        # output over every token (AutoAWQ's Mixtral group), folded into the norm, the router's columns scaled too
+        shared = tuple(n for n, r in self.linear_roles if r in ("shared_gate_proj", "shared_up_proj"))
+        norm_group = ScaleGroup(self.block_norms[1], tuple(n for ex in experts for n in ex[:2]) + shared, m.block,
+                                self.groups[0].prev_kind, input=m.block, also_scaled=m.kept())
         # an expert's up_proj -> down_proj: its own scale, folded inside the expert (exact, as for a dense MLP)
-        groups = self.groups + tuple(ScaleGroup(ex[1], (ex[2],), None, "linear") for ex in experts)
+        groups = self.groups + (norm_group,) + tuple(ScaleGroup(ex[1], (ex[2],), None, "linear") for ex in experts)
         return dataclasses.replace(self, linear_roles=tuple(roles), groups=groups,
                                    shared_inputs=self.shared_inputs + tuple(ex[:2] for ex in experts),
                                    moe=dataclasses.replace(m, n_experts=n, top_k=k))
@@ -171,8 +184,9 @@ class Architecture:
             for n in names:
                 keys[n] = names[0]
         for g in self.groups:
-            for n in g.linears:
-                keys[n] = g.linears[0]
+            if g.input is None:
+                for n in g.linears:
+                    keys[n] = g.linears[0]
         return keys
 
     def _kept_roles(self) -> tuple[tuple[str, str], ...]:

@@ -67,9 +67,10 @@ class AWQBlocks:
         self.search_idx, self.clip_idx = (_local(idx, shard.start * seqlen, shard.stop * seqlen)
                                           for idx in (search_idx, clip_idx))
         self.keys = arch.input_keys()
-        self.capture = sorted(set(self.keys.values()))
+        # a group with its own input (a mixture of experts' MoE block) is observed there
+        self.capture = sorted(set(self.keys.values()) | {g.input for g in arch.groups if g.input})
         # inputs whose group is scored token by token (no block kwargs) when search_tokens > 0
-        self.tokenwise = {g.linears[0] for g in arch.groups if not g.inspect_takes_block_kwargs}
+        self.tokenwise = {g.input or g.linears[0] for g in arch.groups if not g.inspect_takes_block_kwargs}
 
     def observers(self, block, index: int) -> dict[str, AWQInputObserver]:
         prefix = f"{self.arch.blocks}.{index}"
@@ -171,13 +172,14 @@ def _awq_block(block, i, stats: dict[str, InputStats], kwargs, arch, cfg, specs,
         lins = [block.get_submodule(n) for n in grp.linears]
         spec = [specs[f"{prefix}.{n}"] for n in grp.linears]  # per layer (quant.surgery.plan_layers)
         gsz = [sp.group_size for sp in spec]
-        st = stats[keys[grp.linears[0]]]
+        key = grp.input or keys[grp.linears[0]]
+        st = stats[key]
         if cfg.search_scale:
             def qw(w, j, spec=spec):  # a skipped Linear stays FP16: no quantization error to weigh
                 return w if spec[j].skip else fake_quantize(w, spec[j].w_bit, spec[j].group_size, spec[j].zero_point)
             w_mean = weight_absmean([lin.weight for lin in lins], gsz[0]) if cfg.duo_scaling else None
             # this rank's part of the first search_samples sequences, or of the random tokens (one pseudo-sequence)
-            s, alpha, _ = search_scale(_inspect_fn(block, grp, kwargs), st.search, lins, x_means[keys[grp.linears[0]]],
+            s, alpha, _ = search_scale(_inspect_fn(block, grp, kwargs), st.search, lins, x_means[key],
                                        qw, cfg.n_grid, w_mean, cfg.scale_grid, reduce)
             chosen_alpha[grp.linears[0]] = alpha
         else:
@@ -185,9 +187,10 @@ def _awq_block(block, i, stats: dict[str, InputStats], kwargs, arch, cfg, specs,
                                 cfg.smooth_ratio)
         plans.append((grp, s))
     for grp, s in plans:
-        apply_scale_(block, grp.prev_op, grp.prev_kind, grp.linears, s)
-        st = stats[keys[grp.linears[0]]]  # the clip search sees the scaled inputs x / s
-        st.grams = {g: scaled_gram(h, s) for g, h in st.grams.items()}
+        apply_scale_(block, grp.prev_op, grp.prev_kind, grp.linears + grp.also_scaled, s)
+        for key in dict.fromkeys(keys[n] for n in grp.linears):  # the clip search sees the scaled inputs x / s
+            st = stats[key]  # (one input per group, or each expert's own)
+            st.grams = {g: scaled_gram(h, s) for g, h in st.grams.items()}
     t_search += time.perf_counter() - t
 
     # 4. clipping search on the scaled weights and inputs (one Gram matrix per input and group size)

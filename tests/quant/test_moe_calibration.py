@@ -117,7 +117,7 @@ def test_expert_without_tokens_gets_the_stated_fallback():
 
 
 @pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
-@pytest.mark.parametrize("method_name", ["rtn", "gptq"])
+@pytest.mark.parametrize("method_name", ["rtn", "gptq", "awq"])
 def test_tiny_moe_quantizes_end_to_end(kind, method_name):
     from harness.config import QUANT_CONFIGS
     from quant.registry import METHODS, QuantContext
@@ -127,7 +127,7 @@ def test_tiny_moe_quantizes_end_to_end(kind, method_name):
     starve(model, 3)  # expert 3 of every block gets no token: the fallback must still quantize it
     arch = architecture_for(model)
     cfg = QUANT_CONFIGS.get(method_name)(group_size=16)
-    if method_name == "gptq":
+    if method_name != "rtn":
         cfg.calib.n_samples, cfg.calib.seqlen = 4, 16
     samples = torch.randint(0, 128, (4, 16))
     out = METHODS.get(method_name)(model, cfg, QuantContext(calibration=lambda: samples, progress=False))
@@ -140,9 +140,39 @@ def test_tiny_moe_quantizes_end_to_end(kind, method_name):
     for name in names:  # the weights are their codes' dequantized image
         w = model.get_submodule(name).weight
         torch.testing.assert_close(out.qtensors[name].dequantize(w.dtype), w)
-    if method_name == "gptq":
+    if method_name != "rtn":
         cal = moe["calibration"]
         assert cal["expert_tokens_min"] == 0 and "model.layers.0.mlp.experts.3" in cal["experts_below_threshold"]
         assert cal["fallback"] == FALLBACK
     else:
         assert moe["calibration"] is None
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
+def test_awq_scales_every_expert_from_the_norm_and_keeps_outputs(kind):
+    """AWQ's MoE group: one scale searched on the MoE block's output over all tokens, folded into the post-attention
+    norm and every expert's gate/up (and the shared expert's), the router's columns scaled too: without rounding and
+    clipping the model's outputs are unchanged, and the experts' weights did change."""
+    from harness.config import QUANT_CONFIGS
+    from quant.registry import METHODS, QuantContext
+
+    model = tiny_moe(kind)
+    unfuse_experts(model)
+    arch = architecture_for(model)
+    grp = next(g for g in arch.groups if g.input == "mlp")
+    assert grp.prev_op == "post_attention_layernorm" and "mlp.gate" in grp.also_scaled
+    assert {"mlp.experts.0.gate_proj", "mlp.experts.3.up_proj"} <= set(grp.linears)
+    samples = torch.randint(0, 128, (4, 16))
+    ids = torch.randint(0, 128, (2, 16))
+    with torch.no_grad():
+        ref = model(ids).logits
+    w0 = model.model.layers[0].mlp.experts[1].gate_proj.weight.clone()
+    router0 = model.model.layers[0].mlp.gate.weight.clone()
+    cfg = QUANT_CONFIGS.get("awq")(group_size=16, round_weights=False, clip=False)
+    cfg.calib.n_samples, cfg.calib.seqlen = 4, 16
+    out = METHODS.get("awq")(model, cfg, QuantContext(calibration=lambda: samples, progress=False))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref, rtol=1e-4, atol=1e-4)
+    assert not torch.equal(model.model.layers[0].mlp.experts[1].gate_proj.weight, w0)
+    assert not torch.equal(model.model.layers[0].mlp.gate.weight, router0)  # the router follows the scale
+    assert out.summary["moe"]["calibration"]["expert_tokens_min"] >= 0
