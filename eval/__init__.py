@@ -24,6 +24,8 @@ def preflight(cfg, model_config=None) -> None:
         if ev.word_perplexity.enabled:
             memory.check_fits(model_config, ev.word_perplexity.batch_size, ev.word_perplexity.max_length, cfg.kv.bits,
                               "eval.word_perplexity.batch_size", device=cfg.model.device)
-        if METHODS.get(cfg.quant.method).needs_calibration:  # the calibration is checked here too: it needs memory
-            memory.check_calibration_fits(model_config, cfg.quant.calib, cfg.model.device,
-                                          torch.finfo(DTYPES[cfg.model.dtype]).bits // 8)
+        method = METHODS.get(cfg.quant.method)
+        if method.needs_calibration:  # the calibration is checked here too: it needs memory
+            act_bytes = torch.finfo(DTYPES[cfg.model.dtype]).bits // 8
+            memory.check_calibration_fits(model_config, cfg.quant.calib, cfg.model.device, act_bytes,
+                                          method.extra_calibration_bytes(model_config, cfg.quant, act_bytes))

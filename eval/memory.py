@@ -130,18 +130,20 @@ def calibration_bytes(config, n_samples: int, seqlen: int, act_bytes: int = 2) -
     return n_samples * seqlen * (5 * text.hidden_size + inter) * act_bytes
 
 
-def check_calibration_fits(config, calib, device: str = "cpu", act_bytes: int = 2) -> None:
+def check_calibration_fits(config, calib, device: str = "cpu", act_bytes: int = 2, extra_bytes: int = 0) -> None:
     """ConfigError naming quant.calib.n_samples when the calibration activations clearly do not fit in free memory
-    (checked before the model loads; `calib` is a CalibConfig)."""
+    (checked before the model loads; `calib` is a CalibConfig). `extra_bytes`: what the method holds beyond them,
+    independent of n_samples (quant.registry.Method.extra_calibration_bytes: AutoRound's backward pass)."""
     from harness.config import user_error
 
-    need = calibration_bytes(config, calib.n_samples, calib.seqlen, act_bytes)
+    need = calibration_bytes(config, calib.n_samples, calib.seqlen, act_bytes) + extra_bytes
     free = available_bytes(device)
     if need > 0.9 * free:
-        fit = int(0.9 * free / calibration_bytes(config, 1, calib.seqlen, act_bytes))
+        fit = int((0.9 * free - extra_bytes) / calibration_bytes(config, 1, calib.seqlen, act_bytes))
+        own = f" ({extra_bytes / 2**30:.1f} GiB of it the method's backward pass)" if extra_bytes else ""
         raise user_error("quant.calib.n_samples", calib.n_samples,
                          f"{calib.n_samples} x {calib.seqlen} calibration tokens need about {need / 2**30:.1f} GiB of "
-                         f"activations but {free / 2**30:.1f} GiB is free on {device}",
+                         f"activations{own} but {free / 2**30:.1f} GiB is free on {device}",
                          f"use at most quant.calib.n_samples={fit}" if fit >= 1 else "use a shorter quant.calib.seqlen")
 
 

@@ -122,6 +122,11 @@ class Recipe(Method):
         return tuple(f for f in METHODS.get(last.method).export_formats(last)
                      if all(f in METHODS.get(s.method).export_formats(s) for s in before))
 
+    def extra_calibration_bytes(self, model_config, cfg: RecipeConfig, act_bytes: int = 2) -> int:
+        """The most any step needs (the steps run one after another)."""
+        return max(METHODS.get(s.method).extra_calibration_bytes(model_config, s, act_bytes)
+                   for s in cfg.step_configs())
+
     def sources(self, cfg: RecipeConfig | None = None) -> tuple[str, ...]:
         """Its own and its steps' (without a config: those of every method that can be a step)."""
         steps = [(METHODS.get(s.method), s) for s in cfg.step_configs()] if cfg is not None else [

@@ -85,6 +85,12 @@ class Method:
         """The checkpoint formats this run's codes can be written in (a config may narrow them)."""
         return self.formats
 
+    def extra_calibration_bytes(self, model_config, cfg, act_bytes: int = 2) -> int:
+        """Memory its calibration holds beyond the runner's activations (eval.memory.calibration_bytes), for the
+        preflight before the model loads (`model_config`: the transformers config): a method with a backward pass
+        (AutoRound) counts its autograd graph. 0: none."""
+        return 0
+
     def sources(self, cfg=None) -> tuple[str, ...]:
         """The files that decide this method's numbers (its code version), derived from its module's imports."""
         return module_sources(type(self).__module__)
