@@ -175,6 +175,8 @@ def test_presets_compose_validate_and_are_labelled(option, label):
     (["quant=awq_w4", "quant.format=nvfp4"], r"^quant\.format: nvfp4 — awq rounds to int only — .*quant=gptq_nvfp4"),
     (["quant=awq_gptq_w4", "quant.format=nvfp4", "quant.group_size=16", "quant.zero_point=false"],
      r"^quant\.format: nvfp4 — awq_gptq rounds to int only"),
+    (["quant=recipe_awq_gptq_w4", "quant.format=mxfp4", "quant.group_size=32", "quant.zero_point=false"],
+     r"^quant\.format: mxfp4 — recipe rounds to int only"),  # its steps take no format from it yet
     (["quant=gptq_nvfp4", "quant.grid=mse"], r"^quant\.grid: mse — quant\.format=nvfp4 takes the format's own"),
     (["quant=gptq_nvfp4", "quant.static_groups=false", "quant.act_order=false"],
      r"^quant\.static_groups: False — quant\.format=nvfp4 computes every block's scale"),
