@@ -6,9 +6,14 @@ record. The cases: every option of quant, kv, eval, data, model, backend, experi
 A preset changed on purpose (a new result): write the snapshot again and commit it with the change,
     .venv/bin/python -m tests.harness.test_conf_presets --write
 A preset added after the snapshot is not compared (it has no earlier config); a field added to a config dataclass
-after it is not either (a late field keeps the run_id; harness.config.LATE_FIELDS)."""
+after it is not either (a late field keeps the run_id; harness.config.LATE_FIELDS).
+
+And conf/ states each value once: a preset writes only what differs from its parent (its dataclass's defaults, or the
+preset it inherits), no two quant presets write the same calibration block, and presets one or two fields apart are
+written one as the other plus those fields (awq_w3 = awq_w4 + w_bit: 3)."""
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import json
 import sys
@@ -144,3 +149,134 @@ if __name__ == "__main__":
     if sys.argv[1:] != ["--write"]:
         sys.exit(__doc__)
     write_snapshot()
+
+
+# ---- no restatement: a preset writes only what differs from its parent ---------------------------------------------
+# (conf/quant: the schema's dataclass or the preset it inherits; one value lives in one file). `name` and `method` say
+# which option a file is and stay written. Presets other work owns (NOT_SNAPSHOTTED) are left to it.
+RESTATE_GROUPS = ("quant", "kv", "eval", "data", "model", "backend")
+NAMING = ("name", "method")
+# groups whose near-duplicate presets must inherit from each other; kv, data, model and backend options are two to
+# four fields that each describe a different thing (int8 and fp8_e4m3 share bits: 8, and neither is the other plus a
+# field), so only restating a default is refused there
+INHERITING_GROUPS = ("quant", "eval")
+
+
+def _raw(group: str, option: str) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.load(CONF / group / f"{option}.yaml")) or {}
+
+
+def _parents(group: str, option: str) -> list[str]:
+    """The presets of the same group this one inherits (its `defaults` entries that name a sibling option)."""
+    return [d for d in _raw(group, option).get("defaults", []) if isinstance(d, str) and d != "_self_"
+            and not d.startswith("/")]
+
+
+def _ancestors(group: str, option: str) -> set[str]:
+    out = set()
+    for p in _parents(group, option):
+        out |= {p} | _ancestors(group, p)
+    return out
+
+
+def _schema_defaults(group: str, option: str) -> dict:
+    """What a preset with no parent preset starts from: its dataclass at its defaults."""
+    from omegaconf import OmegaConf
+
+    import quant  # noqa: F401
+    from harness.config import QUANT_CONFIGS, RunConfig
+
+    if group == "quant":
+        schema = next(d["/quant_schema@_here_"] for d in _raw(group, option)["defaults"]
+                      if isinstance(d, dict) and "/quant_schema@_here_" in d)
+        node = OmegaConf.structured(QUANT_CONFIGS.get(schema))
+    else:
+        node = OmegaConf.structured(RunConfig)[group]
+    return OmegaConf.to_container(node)
+
+
+@lru_cache(maxsize=None)
+def _composed(group: str, option: str) -> dict:
+    return resolved("config", [f"{group}={option}"])["config"][group]
+
+
+def _leaves(d: dict, path: tuple = ()) -> dict[tuple, object]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_leaves(v, path + (k,)))
+        else:
+            out[path + (k,)] = v
+    return out
+
+
+@pytest.mark.parametrize("group", RESTATE_GROUPS)
+def test_no_preset_restates_what_its_parent_gives(group):
+    restated = []
+    for option in _options(group):
+        raw = {k: v for k, v in _raw(group, option).items() if k != "defaults"}
+        parents = _parents(group, option)
+        base = _composed(group, parents[-1]) if parents else _schema_defaults(group, option)
+        given = _leaves(base)
+        for path, value in _leaves(raw).items():
+            if path[0] in NAMING:
+                continue
+            if path in given and given[path] == value and type(given[path]) is type(value):
+                where = f"conf/{group}/{parents[-1]}.yaml" if parents else "its dataclass's default"
+                restated.append(f"conf/{group}/{option}.yaml: {'.'.join(path)}: {value!r} is already {where}")
+    assert not restated, "\n".join(restated)
+
+
+def test_no_two_quant_presets_write_the_same_calibration_block():
+    """The calibration set is CalibConfig's (harness/config.py) unless a preset says otherwise, in one file that the
+    others with the same set inherit (awq_w4_pileval)."""
+    from harness.config import CalibConfig
+
+    blocks = {o: _raw("quant", o)["calib"] for o in _options("quant") if "calib" in _raw("quant", o)}
+    default = dataclasses.asdict(CalibConfig())
+    assert not [o for o, b in blocks.items() if all(default.get(k) == v for k, v in b.items())], blocks
+    same = [(a, b) for a in blocks for b in blocks if a < b and blocks[a] == blocks[b]]
+    assert not same, f"the same calib block in conf/quant/{same[0][0]}.yaml and {same[0][1]}.yaml: inherit one"
+
+
+@pytest.mark.parametrize("group", INHERITING_GROUPS)
+def test_presets_one_or_two_fields_apart_inherit(group):
+    """Two presets whose configs differ in at most two fields are one written as the other plus those fields: one
+    inherits the other, or both inherit the preset they share, or one is its dataclass's defaults (then the other,
+    written against the dataclass, is already only its difference)."""
+    options = _options(group)
+    apart = []
+    for i, a in enumerate(options):
+        for b in options[i + 1:]:
+            la, lb = _leaves(_composed(group, a)), _leaves(_composed(group, b))
+            if la.get(("method",)) != lb.get(("method",)):
+                continue  # another method: another schema
+            diff = [p for p in set(la) | set(lb) if p[0] not in NAMING and la.get(p, ...) != lb.get(p, ...)]
+            if len(diff) > 2:
+                continue
+            anc_a, anc_b = _ancestors(group, a), _ancestors(group, b)
+            bare = [o for o in (a, b) if not _parents(group, o)
+                    and not [k for k in _raw(group, o) if k not in NAMING + ("defaults",)]]
+            if a in anc_b or b in anc_a or anc_a & anc_b or bare:
+                continue
+            apart.append(f"conf/{group}/{a}.yaml and {b}.yaml differ only in "
+                         f"{', '.join('.'.join(p) for p in sorted(diff))}: write one as the other plus that")
+    assert not apart, "\n".join(apart)
+
+
+def test_the_three_bit_presets_are_the_four_bit_ones_at_three_bits():
+    for w3, w4 in (("awq_w3", "awq_w4"), ("rtn_w3", "rtn_w4")):
+        assert _parents("quant", w3) == [w4]
+        assert {k: v for k, v in _raw("quant", w3).items() if k != "defaults"} == {"w_bit": 3}
+
+
+def test_the_awq_search_written_twice_is_awq_w4s():
+    """AWQ->GPTQ's own schema cannot inherit awq_w4 (one schema per option), so its AWQ search is written out; it is
+    awq_w4's, in the method preset and in the recipe's AWQ step alike."""
+    awq = _composed("quant", "awq_w4")
+    knobs = [k for k in _raw("quant", "awq_gptq_w4") if k not in NAMING + ("defaults",)]
+    assert knobs and {k: _composed("quant", "awq_gptq_w4")[k] for k in knobs} == {k: awq[k] for k in knobs}
+    step = _composed("quant", "recipe_awq_gptq_w4")["steps"][0]
+    assert {k: v for k, v in step.items() if k != "method"} == {k: awq[k] for k in step if k != "method"}
