@@ -4,6 +4,10 @@
 # (../shared/device/prepare-lmdeploy.sh + the gemlite, hydra-core, omegaconf, antlr4, psutil wheels and the SmolLM2
 # tokenizer files in .device/tokenizers/smollm2-135m-instruct/). Stages: tests kernels decode engine (any subset);
 # T_TESTS, T_KERNELS, T_DECODE, T_ENGINE bound each stage in seconds.
+# A full pass in three device calls (each under 10 minutes):
+#   KERNEL_ARGS="--models llama2_7b llama2_13b" bash results/gpu/w4a16_on_gpu.sh tests kernels
+#   DECODE_ARGS="--batches 1 4 8 32 --compile" bash results/gpu/w4a16_on_gpu.sh decode
+#   ENGINE_ARGS="--variants fp16 awq_w4a16 awq_w4a16_gemlite awq_w4a16_hybrid" bash results/gpu/w4a16_on_gpu.sh engine
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .device/whl/*.whl 2>&1 | tail -1
 export PYTHONPATH=$PWD:$PWD/.device/lmdeploy:/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 QH_CACHE=/tmp/qhcache
