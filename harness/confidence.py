@@ -10,6 +10,7 @@ reproducible from its `window_nll_mean`.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
@@ -74,3 +75,29 @@ def excludes_zero(ci: Optional[tuple[float, float]]) -> Optional[bool]:
     if ci is None:
         return None
     return ci[0] > 0 or ci[1] < 0
+
+
+@dataclass(frozen=True)
+class PairedDiff:
+    """PPL(a) - PPL(b) over the same windows: the estimate, its paired bootstrap 95% interval, the windows."""
+
+    estimate: float
+    ci95: tuple[float, float]
+    n_windows: int
+
+    @property
+    def beyond_noise(self) -> bool:
+        """The interval lies on one side of 0: the two runs differ at 95%."""
+        return bool(excludes_zero(self.ci95))
+
+
+def paired_ppl_diff(nll_a: Sequence[float], nll_b: Sequence[float], n_resamples: int = N_RESAMPLES,
+                    seed: int = SEED) -> Optional[PairedDiff]:
+    """Any two runs scored on the same windows (two methods, or a method and FP16): PPL(a) - PPL(b) with
+    exp(mean window NLL) as each PPL, and the paired interval of paired_ppl_diff_ci95 (the same resamples). None
+    unless both have the same number (>= 2) of windows."""
+    ci = paired_ppl_diff_ci95(nll_a, nll_b, n_resamples, seed)
+    if ci is None:
+        return None
+    a, b = np.asarray(nll_a, dtype=np.float64), np.asarray(nll_b, dtype=np.float64)
+    return PairedDiff(float(np.exp(a.mean()) - np.exp(b.mean())), ci, int(a.size))

@@ -7,8 +7,9 @@ wrong types, NaN, an estimate outside its interval, a run_id that is not the has
 out and listed with its path and reason on stderr and in a warning above the tables; with no valid record the
 report stops with one line (exit 2).
 
-Writes <results>/tables/table<N>.{md,csv,tex} (one table per set of comparable eval settings) and records.csv (one
-row per run, every metric), <results>/figures/*.{png,pdf}, and <results>/notebooks/results.executed.ipynb (the
+Writes <results>/tables/table<N>.{md,csv,tex} (one table per set of comparable eval settings), records.csv (one
+row per run, every metric), the paper table paper.{md,csv,tex} with paper_pairs.csv and paper_accuracy.csv
+(report/paper_table.py: methods by model x weight setting), <results>/figures/*.{png,pdf}, and <results>/notebooks/results.executed.ipynb (the
 notebook notebooks/results.ipynb run top to bottom on these records). Reads records only; it never recomputes.
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from harness.assets import REPO_ROOT
 from harness.record_schema import BadRecord, read_records
-from report import render
+from report import paper_render, render
 from report import tables as T
 
 NOTEBOOK = REPO_ROOT / "notebooks" / "results.ipynb"
@@ -125,7 +126,8 @@ def execute_notebook(results_dir: Path, out: Path, src: Path = NOTEBOOK, timeout
 
 def report(results_dir: Path, strict: bool = False, figures: bool = True, notebook: bool = True,
            out=None) -> dict:
-    """Build everything; returns {"tables": [...], "figures": [...], "notebook": path or None, "markdown": str}."""
+    """Build everything; returns {"tables": [...], "paper": [...], "figures": [...], "notebook": path or None,
+    "markdown": str}."""
     results_dir = Path(results_dir)
     loaded = load_checked(results_dir)
     records, skipped = loaded.records, loaded.skipped
@@ -153,6 +155,8 @@ def report(results_dir: Path, strict: bool = False, figures: bool = True, notebo
         "\n".join(render.to_markdown(t) for t in tables)
     print(md, file=out or sys.stdout)
     table_paths = write_tables(tables, records, results_dir / "tables", loaded.bad)
+    # the paper's layout (methods x KV blocks by model x setting), beside the per-settings tables
+    paper_paths, _ = paper_render.write(records, results_dir / "tables", render.bad_records_markdown(loaded.bad))
     fig_paths = []
     if figures:
         from report.plots import save_figures
@@ -168,7 +172,7 @@ def report(results_dir: Path, strict: bool = False, figures: bool = True, notebo
     nb_path = None
     if notebook:
         nb_path = execute_notebook(results_dir, results_dir / "notebooks" / "results.executed.ipynb")
-    return {"tables": table_paths, "figures": fig_paths, "notebook": nb_path, "markdown": md}
+    return {"tables": table_paths, "paper": paper_paths, "figures": fig_paths, "notebook": nb_path, "markdown": md}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     rel = lambda p: os.path.relpath(p) if not os.path.relpath(p).startswith("..") else str(p)  # noqa: E731
     print("Report written:")
     print(f"  tables:   {', '.join(rel(p) for p in out['tables'])}")
+    print(f"  paper:    {', '.join(rel(p) for p in out['paper'])}")
     figs = sorted({rel(p) for p in out["figures"] if str(p).endswith(".png")})
     print(f"  figures:  {', '.join(figs) if figs else '(none)'}{' (+ .pdf of each)' if figs else ''}")
     print(f"  notebook: {rel(out['notebook']) if out['notebook'] else '(skipped)'}")

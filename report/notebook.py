@@ -90,6 +90,21 @@ if render.stale_markdown(tables):  # records made by other code than this checko
     display(Markdown(render.stale_markdown(tables)))
 for t in tables:
     display(Markdown(render.to_markdown(t)))"""),
+    ("md", """## The paper table
+
+The layout of the AWQ and GPTQ papers (`report/paper_table.py`, written as `results/tables/paper.*`): rows are
+methods, one block of rows per KV-cache option; columns are model × weight setting (w4 g128, w4 g64, w3 g64, ...).
+A cell is token PPL on the first data split, its 95% interval and its difference to FP16 over the same windows
+(paired). Under it: for every column, the lowest PPL against the runner-up and against RTN with the paired 95%
+interval of the difference (is it beyond noise?), and the same rows for task accuracy, KL / top-1 agreement to FP16
+and weight bytes."""),
+    ("code", """from report import paper_render
+from report.paper_table import build_paper_table
+
+if records:
+    display(Markdown(paper_render.to_markdown(build_paper_table(records))))
+else:
+    print("(no records)")"""),
     ("md", """## Figures
 
 Each figure shows one model of one table, so all its points share the same evaluation settings.
