@@ -131,7 +131,7 @@ class BlockTuner:
             w = block.get_submodule(rel).weight.detach()
             n_groups = w.shape[1] // effective_group_size(w.shape[1], sp.group_size)
             pdtype = torch.float64 if w.dtype == torch.float64 else torch.float32  # the package's params are fp32
-            self.w[rel] = w.to(pdtype)
+            self.w[rel] = w.to(pdtype, copy=True)  # never the module's own tensor: `finish` writes that one
             self.v[rel] = torch.zeros(w.shape, dtype=pdtype, device=w.device, requires_grad=True)
             if enable_minmax_tuning:
                 self.alpha[rel] = torch.ones(w.shape[0], n_groups, dtype=pdtype, device=w.device, requires_grad=True)

@@ -126,6 +126,7 @@ def test_at_init_signround_is_rtns_grid(zero_point):
 CALIB = CalibConfig(n_samples=16, seqlen=128)
 
 
+@pytest.mark.slow  # 40 SignSGD steps of 8 x 128 tokens through a real block: ~1.5 min on 2 busy cores
 def test_autoround_beats_rtn_on_real_blocks_and_its_codes_are_the_weights(smollm2_fp32, calib_ids):
     """One real block of SmolLM2, w3 g64, 16 x 128 calibration tokens: AutoRound's block-output error on the
     calibration sequences is below RTN's (and below its own at no steps, which are RTN's codes bit for bit); the model
@@ -182,6 +183,14 @@ def test_autoround_is_a_recipes_rounding_step_after_awq(smollm2_fp32, calib_ids)
         torch.testing.assert_close(m.get_submodule(n).weight, qt.dequantize(), rtol=0, atol=0)
     assert [s["method"] for s in out.summary["steps"]] == ["awq", "autoround"]
     assert METHODS.get("recipe").export_formats(cfg) == ("awq",)
+    # with steps, SignRound tunes every block of the AWQ-scaled model; the model still holds exactly its codes
+    tuned = dataclasses.replace(cfg, steps=[{"method": "awq", **knobs}, {"method": "autoround", "iters": 3}])
+    m = copy.deepcopy(base)
+    out = METHODS.get("recipe")(m, tuned, ctx)
+    losses = out.summary["steps"][1]["autoround_loss"]
+    assert len(losses) == 2 and all(v["loss_init"] > 0 and v["loss_best"] <= v["loss_init"] for v in losses.values())
+    for n, qt in out.qtensors.items():
+        torch.testing.assert_close(m.get_submodule(n).weight, qt.dequantize(), rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------------------------------- config, preflight
