@@ -28,6 +28,9 @@ from report.tables import _distinct_fields, _flatten, _row_identity, dropped_mes
 # what a record is in the paper's layout: its column group, weight setting, KV block and row
 
 
+PAPER_GROUP_SIZES = (128, 64)  # the AWQ/GPTQ papers' groups: a model whose shape refuses one is named in the notes
+
+
 def ppl_settings(rec: dict) -> dict:
     """The eval settings that decide which windows token PPL is scored on (data and its hashes, dtype, BOS, seqlen,
     windows): two records with equal ones were scored on the same windows, so their PPLs pair window by window."""
@@ -448,6 +451,12 @@ def _setting_notes(groups: list[Group], settings: dict, rows: list[PaperRow]) ->
             shape = f": hidden_size {hidden} is not a multiple of {s.group_size}, so {s.text} needs " \
                     f"quant.group_fallback=per_channel" if hidden and s.group_size and hidden % s.group_size else ""
             out.append(f"{g.name}: no record at {s.text}{shape}.")
+        said = {s.group_size for s in settings[gi].values()} | {s.group_size for s in missing}
+        for gs in PAPER_GROUP_SIZES:  # the papers' groups this model's shape does not divide, said even unrun
+            if hidden and hidden % gs and gs not in said:
+                out.append(f"{g.name}: hidden_size {hidden} is not a multiple of {gs}, so a g{gs} setting keeps "
+                           f"per-channel scales on the Linears that read the hidden state (quant.group_fallback="
+                           f"per_channel; the default, error, refuses it); no record here has one.")
     for gi, g in enumerate(groups):
         same = [h for h in groups if h.model == g.model]
         if len(same) > 1 and same[0] is not g:
