@@ -176,3 +176,31 @@ def test_awq_scales_every_expert_from_the_norm_and_keeps_outputs(kind):
     assert not torch.equal(model.model.layers[0].mlp.experts[1].gate_proj.weight, w0)
     assert not torch.equal(model.model.layers[0].mlp.gate.weight, router0)  # the router follows the scale
     assert out.summary["moe"]["calibration"]["expert_tokens_min"] >= 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quant", ["rtn_w4", "gptq_w4"])
+def test_upcycled_moe_through_the_pipeline(tmp_path, quant):
+    """python -m experiments.run model=smollm2_135m_moe4 quant=<quant> at toy sizes: every expert Linear of the 30
+    blocks quantized, the router kept, and (GPTQ) the per-expert token counts and the fallback in the record."""
+    from experiments import pipeline
+    from tests.experiments.test_pipeline import SMALL, cfg_of
+
+    calib = ["quant.calib.n_samples=4", "quant.calib.seqlen=64"] if quant != "rtn_w4" else []
+    rec = pipeline.run(cfg_of(SMALL + ["model=smollm2_135m_moe4", f"quant={quant}", "eval.perplexity.max_windows=1",
+                                       f"results_dir={tmp_path}"] + calib))
+    assert "built here, not a released model" in rec["provenance"]["model_origin"]
+    q = rec["metrics"]["quant"]
+    moe = q["moe"]
+    assert moe["experts"] == 4 and moe["top_k"] == 2 and moe["kept_in_model_dtype"] == ["mlp.gate"]
+    assert moe["expert_linears_quantized"] == moe["expert_linears"] == 30 * 4 * 3
+    assert q["layers_quantized"] == 30 * (4 + 4 * 3)
+    if quant == "rtn_w4":
+        assert moe["calibration"] is None
+        return
+    cal = moe["calibration"]
+    assert len(cal["expert_tokens"]) == 30 and all(sum(b) == 4 * 64 * 2 for b in cal["expert_tokens"])
+    assert cal["expert_tokens_min"] <= cal["expert_tokens_median"]
+    assert isinstance(cal["experts_below_threshold"], dict) and "fallback" in cal and cal["min_share"] == 0.1
+    assert all(n in cal["experts_below_threshold"] for n in [f"model.layers.{i}.mlp.experts.{e}"
+               for i, b in enumerate(cal["expert_tokens"]) for e, t in enumerate(b) if t < cal["threshold_tokens"][i]])
