@@ -53,6 +53,8 @@ def config_label(quant, kv_bits: int = 16, backend: str = "hf", kv_format: str =
     """`quant`: a QuantConfig or its dict. The text of a report row for that config (a KV cache of `kv_bits` in
     `kv_format`: int, fp8_e4m3, fp8_e5m2)."""
     q = dataclasses.asdict(quant) if dataclasses.is_dataclass(quant) else dict(quant)
-    bits = "" if q.get("method", "fp16") == "fp16" or q.get("w_bit") is None else f" w{q.get('w_bit')}"
+    # a float format's name carries its bits ("RTN NVFP4"); an integer grid says them ("RTN w4 g64")
+    fp_format = q.get("format", "int") not in (None, "int")
+    bits = "" if q.get("method", "fp16") == "fp16" or q.get("w_bit") is None or fp_format else f" w{q.get('w_bit')}"
     detail = method_detail(q)[0]
     return f"{method_name(q)}{bits}{(' ' + detail) if detail else ''}{kv_text(kv_bits, kv_format)}{backend_text(backend)}"

@@ -79,15 +79,15 @@ def check_awq_config(cfg, model=None) -> None:
                              "choose a 4-bit method, e.g. quant=awq_w4 or quant=rtn_w4")
     from quant import METHODS
 
+    if getattr(cfg, "format", "int") != "int":  # FP4 codes: the compressed-tensors layout, not written here yet
+        raise AWQExportError(f"quant.format: {cfg.format} — the AWQ GEMM format holds integer codes only, and the "
+                             f"harness writes no FP4 checkpoint yet — export quant.format=int (e.g. quant=rtn_w4)")
     own = METHODS.get(cfg.method).export_formats(cfg)
     if "awq" not in own:  # e.g. SmoothQuant W8A8: another format (its class's formats), no w_bit/group_size at all
         awq_methods = [m for m in METHODS if "awq" in METHODS.get(m).formats]
         other = f"its checkpoint format is {', '.join(own)}" if own else "it has none"
         raise AWQExportError(f"quant.method: {cfg.method} — the AWQ GEMM format holds the codes of the weight-only "
                              f"methods ({', '.join(awq_methods)}); {other} — export one of those, e.g. quant=awq_w4")
-    if getattr(cfg, "format", "int") != "int":  # FP4 codes: the compressed-tensors layout, not written here yet
-        raise AWQExportError(f"quant.format: {cfg.format} — the AWQ GEMM format holds integer codes only, and the "
-                             f"harness writes no FP4 checkpoint yet — export quant.format=int (e.g. quant=rtn_w4)")
     _check_bits_and_zero_point(cfg.w_bit, cfg.zero_point, "")
     if cfg.group_size == -1:
         raise AWQExportError("quant.group_size=-1 (per channel): AWQ's quantization_config holds one group size; "

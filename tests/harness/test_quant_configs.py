@@ -94,7 +94,7 @@ def test_registering_a_config_checks_its_method_name():
 
 @pytest.mark.parametrize("overrides, message", [
     (["quant=rtn_w4", "+quant.n_grid=3"], r"^quant\.n_grid: 3 — not a field of quant \(method rtn\); known: method, "
-                                          r"w_bit, group_size, zero_point, group_fallback, layer_overrides — n_grid is "
+                                          r"w_bit, group_size, zero_point, group_fallback, layer_overrides, format — n_grid is "
                                           r"a field of awq"),
     (["+quant.wbit=3"], r"^quant\.wbit: 3 — not a field of quant \(method fp16\); known: method — w_bit is a field "
                         r"of ([a-z_]+, )*rtn"),

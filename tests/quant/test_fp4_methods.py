@@ -156,8 +156,8 @@ def test_run_ids_of_integer_configs_are_unchanged_by_the_format_field():
     assert run_id(cfg_of(["quant=rtn_nvfp4"])) != run_id(cfg_of(["quant=rtn_mxfp4"]))
 
 
-@pytest.mark.parametrize("option, label", [("rtn_nvfp4", "RTN w4 NVFP4"), ("rtn_mxfp4", "RTN w4 MXFP4"),
-                                           ("gptq_nvfp4", "GPTQ w4 NVFP4"), ("gptq_mxfp4", "GPTQ w4 MXFP4")])
+@pytest.mark.parametrize("option, label", [("rtn_nvfp4", "RTN NVFP4"), ("rtn_mxfp4", "RTN MXFP4"),
+                                           ("gptq_nvfp4", "GPTQ NVFP4"), ("gptq_mxfp4", "GPTQ MXFP4")])
 def test_presets_compose_validate_and_are_labelled(option, label):
     q = cfg_of([f"quant={option}"]).quant
     fmt = option.split("_")[1]
@@ -200,7 +200,7 @@ def test_export_refuses_fp4_at_its_preflight():
         assert METHODS.get(q.method).export_formats(q) == ()
         with pytest.raises(ConfigError, match=rf"^quant\.method: {q.method} — it has no checkpoint format"):
             format_for(q)
-        with pytest.raises(AWQExportError, match=rf"quant\.(method: {q.method}|format: {q.format})"):
+        with pytest.raises(AWQExportError, match=rf"^quant\.format: {q.format} — "):
             check_awq_config(q)
     assert METHODS.get("rtn").export_formats(cfg_of(["quant=rtn_w4"]).quant) == ("awq",)
 
@@ -221,7 +221,7 @@ def test_pipeline_run_in_nvfp4_writes_a_record_with_its_label_and_bytes(tmp_path
     rec = pipeline.run(cfg)
     assert rec["status"] == "complete" and rec["run_id"] == run_id(cfg)
     assert rec["config"]["quant"]["format"] == "nvfp4"
-    assert config_label(rec["config"]["quant"]) == "RTN w4 NVFP4"
+    assert config_label(rec["config"]["quant"]) == "RTN NVFP4"
     s = rec["metrics"]["quant"]
     assert s["format"] == "nvfp4" and s["layers_quantized"] == 30 * 7
     # bytes by hand: per Linear 4 bits a weight, one fp8 scale per 16, one fp32 global scale; the rest at fp16
