@@ -28,7 +28,7 @@ demo: setup
 	$(BIN)/python -m report
 	$(BIN)/python -m report.readme_excerpt
 
-# the README's excerpt of results/tables/table1.md, rewritten from the committed table
+# the README's excerpt of results/tables/paper.md, rewritten from the committed table
 readme: setup
 	$(BIN)/python -m report.readme_excerpt
 

@@ -1,4 +1,4 @@
-"""README.md's results excerpt, generated: the header and first rows of results/tables/table1.md written between two
+"""README.md's results excerpt, generated: the header and first rows of the paper table (results/tables/paper.md) written between two
 marker lines of README.md, so the front page shows what the committed table says, never a pasted copy.
 
     python -m report.readme_excerpt            # rewrite the block (make demo runs it after the report)
@@ -14,9 +14,9 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 README = REPO_ROOT / "README.md"
-TABLE = REPO_ROOT / "results" / "tables" / "table1.md"
-BEGIN = "<!-- table1-excerpt: written by `python -m report.readme_excerpt` from results/tables/table1.md; do not edit -->"
-END = "<!-- /table1-excerpt -->"
+TABLE = REPO_ROOT / "results" / "tables" / "paper.md"
+BEGIN = "<!-- paper-excerpt: written by `python -m report.readme_excerpt` from results/tables/paper.md; do not edit -->"
+END = "<!-- /paper-excerpt -->"
 ROWS = 6
 
 
@@ -39,7 +39,7 @@ def first_table(table_md: str) -> tuple[str | None, list[str]]:
     return heading, lines
 
 
-def block(table_md: str, rows: int = ROWS, source: str = "results/tables/table1.md") -> str:
+def block(table_md: str, rows: int = ROWS, source: str = "results/tables/paper.md") -> str:
     """The lines between the markers: a caption, the table's header and rule, its first `rows` data rows."""
     heading, lines = first_table(table_md)
     data = lines[2:]

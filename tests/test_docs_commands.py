@@ -237,7 +237,7 @@ def test_command(cmd: Command, monkeypatch):
 
 
 def test_readme_excerpt_is_generated_from_the_committed_table():
-    """The README's table excerpt is what `python -m report.readme_excerpt` writes from results/tables/table1.md."""
+    """The README's table excerpt is what `python -m report.readme_excerpt` writes from results/tables/paper.md."""
     from report.readme_excerpt import BEGIN, END, README, TABLE, rewrite
 
     text = README.read_text(encoding="utf-8")
