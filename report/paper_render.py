@@ -8,7 +8,7 @@ from typing import Callable
 
 from report.paper_table import PaperRow, PaperTable, SubColumn, build_paper_table
 from report.record_view import dig, hardware_name, is_synthetic
-from report.render import tex_escape
+from report.render import stale_sentence, tex_escape
 from report.tables import STALE_MARK
 
 FILES = ("paper.md", "paper.tex", "paper.csv", "paper_pairs.csv", "paper_accuracy.csv")
@@ -116,15 +116,9 @@ def legend(t: PaperTable) -> list[str]:
 
 
 def stale_notes(t: PaperTable) -> list[str]:
-    out = []
-    for r in t.rows:
-        for (gi, s), rec in r.records.items():
-            why = t.stale.get(rec.get("run_id"))
-            if why:
-                out.append(f"{STALE_MARK} {r.text} ({r.block.text}; {t.group_name(gi)}{', ' + s if s else ''}): record "
-                           f"{rec.get('run_id')} ({dig(rec, 'provenance', 'created', default='?')}) was {why}; run its "
-                           f"config again (experiments.run) to replace it.")
-    return out
+    return [stale_sentence(f"{r.text} ({r.block.text}; {t.group_name(gi)}{', ' + s if s else ''})", rec,
+                           t.stale[rec.get("run_id")])
+            for r in t.rows for (gi, s), rec in r.records.items() if t.stale.get(rec.get("run_id"))]
 
 
 def ppl_notes(t: PaperTable) -> list[str]:

@@ -127,17 +127,17 @@ def notes(t: Table) -> list[str]:
     return out
 
 
+def stale_sentence(what: str, rec: dict, why: str) -> str:
+    """The note under a table for one record made by other code than this checkout's (`what`: its row and column)."""
+    return (f"{STALE_MARK} {what}: record {rec.get('run_id')} ({dig(rec, 'provenance', 'created', default='?')}) was "
+            f"{why}, so its numbers are not what this code computes; run its config again (experiments.run) to "
+            f"replace it.")
+
+
 def stale_notes(t: Table) -> list[str]:
     """One line per record of the table made by other code than this checkout's (Table.stale)."""
-    out = []
-    for r in t.rows:
-        for mid, rec in r.records.items():
-            why = t.stale.get((r.key, mid))
-            if why:
-                out.append(f"{STALE_MARK} {r.text} ({t.model_name(mid)}): record {rec.get('run_id')} "
-                           f"({dig(rec, 'provenance', 'created', default='?')}) was {why}, so its numbers are not what "
-                           f"this code computes; run its config again (experiments.run) to replace it.")
-    return out
+    return [stale_sentence(f"{r.text} ({t.model_name(mid)})", rec, t.stale[(r.key, mid)])
+            for r in t.rows for mid, rec in r.records.items() if t.stale.get((r.key, mid))]
 
 
 def no_ratio_notes(t: Table) -> list[str]:
