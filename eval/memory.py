@@ -6,6 +6,7 @@ Weight bytes, two layouts of the same int4 codes:
   packed at w_bit bits (QTensor.nbytes_packed);
 - `int4_kernel`: what the CPU int4 kernel holds in memory (quant/kernels/int4_linear.py): codes at 4 bits, and a bf16
   (scale, float zero) pair per group.
+Weights in an FP4 format (quant.format=nvfp4 / mxfp4) are counted in that format's own layout, under its name.
 Everything not quantized (embeddings, tied lm_head, norms) counts at 2 bytes per value (fp16/bf16), tied parameters
 once. The FP16 baseline is every parameter at 2 bytes.
 """
@@ -27,6 +28,9 @@ def weight_memory(model: torch.nn.Module, qtensors: dict) -> dict:
     quantized_params = sum(model.get_submodule(name).weight.numel() for name in qtensors)
     # parameters left in fp16: everything else (a quantized Linear's bias stays fp16 too)
     rest = fp16_total - quantized_params * FP16_BYTES
+    formats = {getattr(qt, "format", "int") for qt in qtensors.values()}
+    if formats - {"int"}:  # FP4 codes: their own layout (harness.storage_bytes nvfp4 / mxfp4), no AWQ or int4 kernel
+        return _float_format_memory(qtensors, sorted(formats), fp16_total, quantized_params, rest)
     codes = sum(qt.q.numel() * qt.w_bit // 8 for qt in qtensors.values())
     awq_meta = sum(qt.nbytes_packed() for qt in qtensors.values()) - codes
     kernel_meta = sum(quantized_weight_bytes(qt.q.numel(), qt.scales.numel(), qt.w_bit, layout="int4_kernel")
@@ -43,6 +47,19 @@ def weight_memory(model: torch.nn.Module, qtensors: dict) -> dict:
             out[layout] = {"total_bytes": total, "codes_bytes": codes, "scales_zeros_bytes": meta,
                            "ratio_to_fp16": total / fp16_total}
     return out
+
+
+def _float_format_memory(qtensors: dict, formats: list[str], fp16_total: int, quantized_params: int,
+                         rest: int) -> dict:
+    """Weights in an FP4 format's layout (FP4Tensor.nbytes_packed: e2m1 codes two a byte, a 1-byte scale per block,
+    NVFP4's fp32 global scale), under the format's name; every remaining parameter at 2 bytes."""
+    codes = quantized_params // 2
+    stored = sum(qt.nbytes_packed() for qt in qtensors.values())
+    total = rest + stored
+    return {"fp16_bytes": fp16_total, "n_quantized_linears": len(qtensors), "quantized_params": quantized_params,
+            "unquantized_fp16_bytes": rest,
+            "+".join(formats): {"total_bytes": total, "codes_bytes": codes, "scales_bytes": stored - codes,
+                                "ratio_to_fp16": total / fp16_total}}
 
 
 def _w8a8_memory(model: torch.nn.Module, qtensors: dict) -> dict:

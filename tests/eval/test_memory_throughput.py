@@ -72,6 +72,29 @@ def test_weight_bytes_by_hand(rtn_bf16, int4_under_test):
     assert packed_bytes(swapped)["total_bytes"] == m["int4_kernel"]["total_bytes"]
 
 
+def test_fp4_weight_bytes_by_hand(smollm2_resolved):
+    """RTN NVFP4 / MXFP4: the format's own layout by hand (codes two a byte, a 1-byte scale per block of 16 / 32,
+    NVFP4's fp32 global scale per Linear), under the format's name; no AWQ or int4-kernel layout is claimed."""
+    from harness.config import ModelConfig
+    from harness.models import load_model
+    from quant import METHODS, QuantContext
+    from quant.rtn import RTNConfig
+
+    for fmt, block in (("nvfp4", 16), ("mxfp4", 32)):
+        model = load_model(smollm2_resolved, ModelConfig(name="x", path="embedded:smollm2-135m-instruct",
+                                                         dtype="bfloat16"))
+        model.model.layers = model.model.layers[:1]
+        qts = METHODS.get("rtn")(model, RTNConfig(w_bit=4, group_size=block, zero_point=False, format=fmt),
+                                 QuantContext(None, False)).qtensors
+        L, H, I, kvh, hd, V = _shape(model.config)
+        linear = 1 * (H * H * 2 + H * kvh * hd * 2 + 3 * H * I)
+        other = V * H + 3 * H
+        m = weight_memory(model, qts)
+        want = linear // 2 + linear // block + (4 * len(qts) if fmt == "nvfp4" else 0) + 2 * other
+        assert len(qts) == 7 and m[fmt]["total_bytes"] == want and m["fp16_bytes"] == 2 * (linear + other)
+        assert "awq_packed" not in m and "int4_kernel" not in m
+
+
 @torch.no_grad()
 def test_throughput_runs_int4_kernel_and_matches_dequantized(rtn_bf16, int4_under_test, milton_ids, monkeypatch):
     from quant.kernels import int4_linear
