@@ -29,6 +29,16 @@ def _problem(out=32, inn=256, n=2048, seed=0):
     return w, x
 
 
+def _ordered_inverse(W, H, damp, act_order):
+    """The references' shared start: columns in activation order (or as they are), H dampened by `damp` of its mean
+    diagonal and inverted. Returns (W permuted, H^-1, the permutation)."""
+    cols = W.shape[1]
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols)
+    W, H = W[:, perm], H[perm][:, perm]
+    H = H + damp * torch.mean(torch.diag(H)) * torch.eye(cols, dtype=torch.float64)
+    return W, torch.linalg.inv(H), perm
+
+
 def reference_gptq(W, X, w_bit, group_size, damp=0.01, act_order=False, static_groups=False):
     """Column-by-column GPTQ in float64, written plainly: codes [out, in] in the original column order."""
     W = W.double().clone()
@@ -39,10 +49,7 @@ def reference_gptq(W, X, w_bit, group_size, damp=0.01, act_order=False, static_g
     cols = W.shape[1]
     g = cols if group_size == -1 else group_size
     static = quant_params(W, w_bit, g) if static_groups else None
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols)
-    W, H = W[:, perm], H[perm][:, perm]
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(cols, dtype=torch.float64)
-    Hinv = torch.linalg.inv(H)
+    W, Hinv, perm = _ordered_inverse(W, H, damp, act_order)
     Q = torch.zeros(W.shape, dtype=torch.uint8)
     for j in range(cols):
         if static is not None:
@@ -130,10 +137,7 @@ def reference_gptq_fp4(W, X, fmt, damp=0.01, act_order=False):
     H = 2 * X.double().t() @ X.double() / X.shape[0]
     cols, b = W.shape[1], FP4_FORMATS[fmt]
     factors = block_scales(*fp4_scales(W.float(), fmt), fmt).double()
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols)
-    W, H = W[:, perm], H[perm][:, perm]
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(cols, dtype=torch.float64)
-    Hinv = torch.linalg.inv(H)
+    W, Hinv, perm = _ordered_inverse(W, H, damp, act_order)
     Q = torch.zeros(W.shape, dtype=torch.uint8)
     for j in range(cols):
         f = factors[:, int(perm[j]) // b]
