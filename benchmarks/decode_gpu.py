@@ -11,6 +11,11 @@ does not depend on which method chose the codes (the quality through the same ke
 
     python -m benchmarks.decode_gpu --out results/gpu/decode_gpu
     python -m benchmarks.decode_gpu --variants fp16 w4a16_g128_gemlite --batches 1 32
+    python -m benchmarks.decode_gpu --variants fp16 fp16:compiled w4a16_g128_gemlite:compiled --batches 1 8
+
+A variant named with the suffix `:compiled` decodes through torch.compile (Inductor fuses the norms, RoPE and residual
+adds between the projections) before the CUDA graph records the step: eager and compiled rows in one run, one machine.
+`--compile` compiles every variant.
     python -m benchmarks.decode_gpu --report results/gpu/decode_gpu
 """
 from __future__ import annotations
@@ -34,6 +39,16 @@ VARIANTS = {
 }
 DEFAULT_VARIANTS = ["fp16", "w4a16_g128_gemlite", "w4a16_g128_tinygemm", "w4a16_g64_gemlite", "w8a8_fp8"]
 BATCHES = (1, 4, 8, 32)
+COMPILED = ":compiled"  # variant suffix: the step through torch.compile
+
+
+def parse_variant(name: str) -> tuple[str, bool]:
+    """(variant, compiled) of a `--variants` entry: `fp16` or `fp16:compiled`; an unknown name is an error."""
+    base, sep, mode = name.partition(":")
+    if base not in VARIANTS or (sep and sep + mode != COMPILED):
+        raise argparse.ArgumentTypeError(f"unknown variant {name!r}: one of {', '.join(VARIANTS)}, each optionally "
+                                         f"with {COMPILED}")
+    return base, bool(sep)
 
 
 def build_model(arch_name: str, seed: int, device, layers: int | None = None):
@@ -109,6 +124,9 @@ def run_variant(variant: str, args, env: dict) -> dict:
     from backends.roofline import decode_model_bytes
     from eval.static_decode import fuse_projections, time_decode
 
+    name = variant
+    variant, compiled = parse_variant(variant)
+    compiled = compiled or args.compile
     weights, group_size, kernel = VARIANTS[variant]
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -126,19 +144,19 @@ def run_variant(variant: str, args, env: dict) -> dict:
         prompt = torch.randint(0, cfg.vocab_size, (b, args.prompt_len), device="cuda",
                                generator=torch.Generator("cuda").manual_seed(b))
         torch.cuda.reset_peak_memory_stats()
-        m = time_decode(model, prompt, args.gen_len, warmup=1, repeats=args.repeats, compile_step=args.compile)
+        m = time_decode(model, prompt, args.gen_len, warmup=1, repeats=args.repeats, compile_step=compiled)
         roof = rl.decode_roofline_tok_s(mb, b, context, bw)
         rows.append({"batch": b, "decode_tok_s": m["decode_tok_s"], "decode_ms_per_step": m["decode_ms_per_step"],
                      "roofline_tok_s": roof, "roofline_fraction": m["decode_tok_s"] / roof,
                      "step_floor_ms": 1000 * rl.step_time_floor_s(mb, b, context, bw),
                      "peak_gpu_bytes": m.get("peak_memory_bytes"), "ids_head": m["ids"][0, :8].tolist()})
-        print(f"{variant:22s} batch {b:3d}: {m['decode_tok_s']:9.1f} tok/s, {m['decode_ms_per_step']:.3f} ms/step "
+        print(f"{name:31s} batch {b:3d}: {m['decode_tok_s']:9.1f} tok/s, {m['decode_ms_per_step']:.3f} ms/step "
               f"({100 * rows[-1]['roofline_fraction']:.0f}% of {roof:,.0f})", flush=True)
     prefill = [time_prefill(model, pb, args.prefill_len, cfg.vocab_size) for pb in dict.fromkeys((1, args.prefill_batch))]
     for p in prefill:
         p["floor_s"] = rl.prefill_floor_s(mb, p["batch"] * p["tokens"], env.get("peak_fp16_flops") or float("inf"), bw)
-    out = {"variant": variant, "weights": weights, "group_size": group_size, **info, "build_s": build_s,
-           "fused_projections": fused, "compiled_step": args.compile,
+    out = {"variant": name, "weights": weights, "group_size": group_size, **info, "build_s": build_s,
+           "fused_projections": fused, "compiled_step": compiled,
            "weight_read_bytes": mb.weight_read_bytes, "kv_bytes_per_token": mb.kv_bytes_per_token,
            "batches": rows, "prefill": prefill}
     del model
@@ -148,8 +166,9 @@ def run_variant(variant: str, args, env: dict) -> dict:
 
 def table(res: dict) -> str:
     vs = res["variants"]
-    fp16 = next((v for v in vs if v["variant"] == "fp16"), None)
-    base = {r["batch"]: r["decode_tok_s"] for r in fp16["batches"]} if fp16 else {}
+    # each row against the harness's FP16 decoded the same way (compiled rows against compiled FP16)
+    bases = {v["variant"]: {r["batch"]: r["decode_tok_s"] for r in v["batches"]} for v in vs
+             if parse_variant(v["variant"])[0] == "fp16"}
     batches = sorted({r["batch"] for v in vs for r in v["batches"]})
     lines = [f"Decode, {res['arch']} shape (random fp16 weights; {res['gpu']}; prompt {res['prompt_len']}, "
              f"{res['gen_len']} new tokens, static KV cache + one CUDA graph per step): tok/s "
@@ -158,13 +177,15 @@ def table(res: dict) -> str:
              f" | prefill {res['prefill_len']} tok/s (b=1 / b={res['prefill_batch']}) |",
              "|---|---|---|" + "---|" * len(batches) + "---|"]
     for v in vs:
+        fp16 = "fp16" + COMPILED if v.get("compiled_step") else "fp16"
+        base = bases.get(fp16, {}) if v["variant"] != fp16 else {}
         cells = []
         for b in batches:
             r = next((r for r in v["batches"] if r["batch"] == b), None)
             if r is None:
                 cells.append("–")
                 continue
-            ratio = f", {r['decode_tok_s'] / base[b]:.2f}×" if b in base and v is not fp16 else ""
+            ratio = f", {r['decode_tok_s'] / base[b]:.2f}×" if b in base else ""
             cells.append(f"{r['decode_tok_s']:,.0f} ({100 * r['roofline_fraction']:.0f}%{ratio})")
         pre = " / ".join(f"{p['prefill_tok_s']:,.0f}" for p in v["prefill"])
         lines.append(f"| {v['variant']} | {v['kernel']} | {v['weight_read_bytes'] / 1e9:.2f} | " + " | ".join(cells) +
@@ -177,7 +198,8 @@ def table(res: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("results/gpu") / NAME)
-    ap.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
+    ap.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS,
+                    help=f"of {', '.join(VARIANTS)}; each may end in {COMPILED}")
     ap.add_argument("--batches", nargs="+", type=int, default=list(BATCHES))
     ap.add_argument("--arch", default="llama2-7b")
     ap.add_argument("--layers", type=int, default=None, help="fewer decoder layers (a quick look)")
@@ -194,6 +216,11 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--report", type=Path)
     args = ap.parse_args(argv)
+    for v in args.variants:  # a misspelt variant fails here, before a model is built
+        try:
+            parse_variant(v)
+        except argparse.ArgumentTypeError as e:
+            ap.error(str(e))
     if args.report:
         print(table(json.loads((args.report / f"{NAME}.json").read_text())))
         return 0
