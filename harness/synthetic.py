@@ -152,26 +152,73 @@ def parameter_count(arch: Arch) -> dict:
 # ----------------------------------------------------------------------------------------------- writing
 
 
+GENERATOR = "per-tensor-sha256-v1"  # how values follow from the seed (synthetic.json's "generator")
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """The generator seed of one tensor: from (checkpoint seed, tensor name), and the name holds the block index
+    (model.layers.<i>.mlp.up_proj), so any block's tensors can be made alone, in any order, equal to the file's."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+def spec_tensors(t: TensorSpec, fmt: WeightFormat, device: str, seed: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """The stored tensors of one TensorSpec, each drawn from its own generator (tensor_seed). Values chosen so that
+    activations stay finite through every layer in fp16 (std 0.02, the usual init), which keeps the engine's sampling
+    well defined; their meaning is nil. The same device gives the same values (CPU and CUDA generators differ)."""
+    def gen(name):
+        g = torch.Generator(device=device)
+        g.manual_seed(tensor_seed(seed, name))
+        return g
+
+    if t.kind == "norm":
+        yield t.name, torch.ones(t.shape, dtype=torch.float16, device=device)
+    elif t.kind == "linear" and fmt.name == "awq":
+        shapes = awq_shapes(*t.shape, fmt)
+        for part in ("qweight", "qzeros"):
+            # every 32-bit pattern is 8 valid int4 codes
+            name = f"{t.name}.{part}"
+            yield name, torch.randint(-2**31, 2**31 - 1, shapes[part][0], generator=gen(name), dtype=torch.int32,
+                                      device=device)
+        # codes and zeros uniform on 0..15: (q - z) has std ~6.5, so this scale gives weights of std ~0.02
+        name = f"{t.name}.scales"
+        yield name, torch.empty(shapes["scales"][0], dtype=torch.float16, device=device).uniform_(
+            0.002, 0.004, generator=gen(name))
+    else:
+        name = t.name if t.name.endswith(".weight") else t.name + ".weight"
+        yield name, torch.randn(t.shape, dtype=torch.float16, device=device, generator=gen(name)).mul_(0.02)
+
+
 def _random_tensors(arch: Arch, fmt: WeightFormat, device: str, seed: int) -> Iterator[tuple[str, torch.Tensor]]:
-    """Values chosen so that activations stay finite through every layer in fp16 (std 0.02, the usual init),
-    which keeps the engine's sampling well defined; their meaning is nil."""
-    g = torch.Generator(device=device)
-    g.manual_seed(seed)
     for t in arch.tensors():
-        if t.kind == "norm":
-            yield t.name, torch.ones(t.shape, dtype=torch.float16, device=device)
-        elif t.kind == "linear" and fmt.name == "awq":
-            shapes = awq_shapes(*t.shape, fmt)
-            for part in ("qweight", "qzeros"):
-                # every 32-bit pattern is 8 valid int4 codes
-                yield f"{t.name}.{part}", torch.randint(-2**31, 2**31 - 1, shapes[part][0], generator=g,
-                                                          dtype=torch.int32, device=device)
-            # codes and zeros uniform on 0..15: (q - z) has std ~6.5, so this scale gives weights of std ~0.02
-            s = torch.empty(shapes["scales"][0], dtype=torch.float16, device=device).uniform_(0.002, 0.004, generator=g)
-            yield f"{t.name}.scales", s
+        yield from spec_tensors(t, fmt, device, seed)
+
+
+def block_specs(arch: Arch) -> tuple[list[TensorSpec], list[list[TensorSpec]]]:
+    """The TensorSpecs outside the decoder blocks (embedding, final norm, LM head) and those of each block, in order."""
+    prefix = FAMILIES.get(arch.layout).blocks + "."
+    outside: list[TensorSpec] = []
+    blocks: list[list[TensorSpec]] = [[] for _ in range(arch.num_layers)]
+    for t in arch.tensors():
+        if t.name.startswith(prefix):
+            blocks[int(t.name[len(prefix):].split(".", 1)[0])].append(t)
         else:
-            name = t.name if t.name.endswith(".weight") else t.name + ".weight"
-            yield name, torch.randn(t.shape, dtype=torch.float16, device=device, generator=g).mul_(0.02)
+            outside.append(t)
+    return outside, blocks
+
+
+def block_tensors(arch: Arch, index: int, *, device: str = "cpu", seed: int = 0,
+                  fmt: WeightFormat = WeightFormat()) -> dict[str, torch.Tensor]:
+    """Decoder block `index`'s tensors (full names), made alone from the seed: equal to those write_checkpoint puts
+    in the file (same device), so a shape larger than the disk can be quantized without a file (quant.streaming)."""
+    return {n: v for t in block_specs(arch)[1][index] for n, v in spec_tensors(t, fmt, device, seed)}
+
+
+def outside_tensors(arch: Arch, *, device: str = "cpu", seed: int = 0,
+                    fmt: WeightFormat = WeightFormat()) -> dict[str, torch.Tensor]:
+    """The tensors outside the decoder blocks (embedding, final norm, LM head), as block_tensors makes a block's."""
+    return {n: v for t in block_specs(arch)[0] for n, v in spec_tensors(t, fmt, device, seed)}
 
 
 def _hf_config(arch: Arch, fmt: WeightFormat) -> dict:
@@ -226,7 +273,8 @@ def write_checkpoint(arch: Arch, out_dir: Path, fmt: WeightFormat, *, device: st
         {"bos_token_id": c.get("bos_token_id"), "eos_token_id": c.get("eos_token_id"), "do_sample": False}))
     marker = {"synthetic": True, "note": NOTE, "arch": arch.name, "arch_source": arch.source, "format": fmt.label,
               "w_bit": fmt.w_bit if fmt.name == "awq" else 16, "group_size": fmt.group_size if fmt.name == "awq" else None,
-              "seed": seed, "weight_bytes": weight_bytes(arch, fmt), "parameters": parameter_count(arch),
+              "seed": seed, "generator": GENERATOR, "generated_on": torch.device(device).type,
+              "weight_bytes": weight_bytes(arch, fmt), "parameters": parameter_count(arch),
               "file_bytes": total, "tokenizer_source": str(tokenizer_dir) if tokenizer_dir else None,
               "tokenizer_vocab": tok_vocab, "write_s": round(time.perf_counter() - t0, 2)}
     (out_dir / MARKER).write_text(json.dumps(marker, indent=2))
@@ -292,13 +340,13 @@ def materialize(cfg: RunConfig, root: Path, tokenizer_dir: Optional[Path] = None
                          f"(needs path {PREFIX}<arch> and weights: random)")
     arch, fmt = load_arch(name), weight_format(cfg)
     out = Path(root) / checkpoint_dirname(arch, fmt, cfg.seed)
-    if (out / COMPLETE).exists():
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if (out / COMPLETE).exists():  # (one written before GENERATOR holds other random values: same shapes, same use)
         if code_is_ours(arch, out):
             return out
         print(f"[synthetic] warning: {out} holds Python files other than the repository's own "
               f"({', '.join(arch.remote_code) or 'none'}); writing it again", file=sys.stderr, flush=True)
     tokenizer_dir = tokenizer_dir or default_tokenizer_dir()
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     print(f"[synthetic] writing {out.name} on {device} ...", file=sys.stderr, flush=True)
     write_checkpoint(arch, out, fmt, device=device, seed=cfg.seed, tokenizer_dir=tokenizer_dir)
     if device == "cuda":

@@ -28,6 +28,7 @@ HOST = torch.device("cpu")
 class Placement:
     compute: torch.device = HOST  # where blocks compute
     offload: bool = False  # weights rest on the host between their turns (only meaningful off the host)
+    streaming = False  # blocks read from the checkpoint for their turn (quant.streaming.StreamingPlacement)
 
     @classmethod
     def of(cls, device: str | torch.device, offload: bool) -> "Placement":
@@ -62,6 +63,10 @@ class Placement:
             yield
         finally:
             _move_outside(model, inside, HOST)
+
+    def describe(self) -> dict:
+        """The record's words for this placement (the quant summary's `placement`)."""
+        return {"compute": str(self.compute), "offload": self.offload}
 
     def to_host(self, qtensors: dict) -> None:
         """Integer codes of a finished block rest where its weights rest."""
@@ -200,6 +205,75 @@ def _move_outside(model: nn.Module, inside: set[int], device: torch.device) -> N
         for name, b in mod._buffers.items():
             if b is not None and b.device != device:
                 mod._buffers[name] = b.to(device)
+
+
+class HostPeak:
+    """Peak resident host memory (RSS) of this process over a window, e.g. one quantization (`with HostPeak() as m:
+    ...; m.summary()`).
+
+    Two readings, because neither alone is right: the kernel's high-water mark (getrusage ru_maxrss) is exact but
+    covers the process's whole life (a model loaded before the window, a peak from an earlier run in the same
+    process), and it cannot be reset without side effects on every other reader; a thread reading /proc/self/statm
+    every `interval_s` sees the window only, but can miss a spike shorter than the interval. So: when ru_maxrss rose
+    during the window, the window set the process's peak and that exact value is reported ("ru_maxrss"); otherwise the
+    window stayed below an earlier peak and the sampled maximum is reported ("sampled"). The start RSS is reported
+    beside it, so the growth during the window is known too."""
+
+    def __init__(self, interval_s: float = 0.005):
+        self.interval_s = interval_s
+        self.start = self.sampled = self.max_before = self.max_after = 0
+        self._stop = None
+
+    @staticmethod
+    def rss_bytes() -> int | None:
+        """Resident set size now (Linux /proc/self/statm; None elsewhere)."""
+        import os
+
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            return None
+
+    @staticmethod
+    def maxrss_bytes() -> int:
+        import resource
+        import sys
+
+        r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return r if sys.platform == "darwin" else r * 1024  # bytes on macOS, KiB on Linux
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sampled = max(self.sampled, self.rss_bytes() or 0)
+
+    def __enter__(self) -> "HostPeak":
+        import threading
+
+        self.max_before = self.maxrss_bytes()
+        self.start = self.sampled = self.rss_bytes() or 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, name="host-peak", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sampled = max(self.sampled, self.rss_bytes() or 0)
+        self.max_after = self.maxrss_bytes()
+
+    @property
+    def exact(self) -> bool:
+        return self.max_after > self.max_before
+
+    @property
+    def peak(self) -> int:
+        return self.max_after if self.exact else self.sampled
+
+    def summary(self) -> dict:
+        return {"host_peak_rss_bytes": self.peak, "host_rss_start_bytes": self.start,
+                "host_peak_growth_bytes": self.peak - self.start, "how": "ru_maxrss" if self.exact else "sampled"}
 
 
 def peak_memory(device: torch.device) -> dict:

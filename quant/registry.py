@@ -16,7 +16,7 @@ from harness.labels import ROWS, UNREGISTERED_ORDER, MethodRow
 from harness.registry import Registry
 from harness.storage_bytes import packed_weight_bytes
 from quant.moe.coverage import expert_summary
-from quant.onload import Placement
+from quant.onload import HostPeak, Placement
 from quant.setup import Setup, setup
 from quant.sources import module_sources
 
@@ -45,7 +45,8 @@ class Method:
     name               its quant.method, the schema its conf/quant/*.yaml options select
     config             its config dataclass (a QuantConfig, or WeightQuantConfig for bits/grouping/overrides): only its
                        fields exist under `quant.`, `validate()` runs before any work, `label_detail` names its rows
-    needs_calibration  it draws calibration tokens (config.calib: a CalibConfig)
+    needs_calibration  it draws calibration tokens (config.calib: a CalibConfig) and calibrates routed experts as
+                       config.moe says (a MoEConfig; the shared setup passes it on as setup.moe)
     cacheable          its result is the model's own parameters plus codes (quant.quantized_cache restores them); a
                        method that swaps modules for others (SmoothQuant's W8A8 Linears) is recomputed every run
     formats            checkpoint formats its codes can be written in, preferred first (quant.export.FORMATS); () none.
@@ -56,6 +57,8 @@ class Method:
                        field of the config and the LayerSpec that the rounding primitives read
     prepares           it can come before a recipe's rounding step, with these field values (those that keep it from
                        rounding: {"round_weights": False}; {} for a step that never rounds); None: it cannot
+    streams            it passes over the decoder blocks once, in order, touching no block outside its turn, so its
+                       blocks can be read from the checkpoint one at a time (quant.streaming); False: it refuses there
     label, order       its name in the report (default: `name` in capitals) and its rows' rank (harness.labels.ROWS)
 
     and `quantize(model, cfg, ctx, setup)`, which starts from the shared preamble (quant.setup: validated config,
@@ -69,6 +72,7 @@ class Method:
     formats: ClassVar[tuple[str, ...]] = ()
     rounds: ClassVar[bool] = False
     prepares: ClassVar[Optional[dict[str, Any]]] = None
+    streams: ClassVar[bool] = False
     label: ClassVar[Optional[str]] = None
     order: ClassVar[int] = UNREGISTERED_ORDER
 
@@ -76,7 +80,14 @@ class Method:
         if not isinstance(cfg, self.config):  # another method's config never runs as this one
             raise ConfigError(f"quant.method: {getattr(cfg, 'method', cfg)!r} — {self.name} needs its own config "
                               f"({self.config.__name__}) — use a conf/quant preset of {self.name}")
-        return self.quantize(model, cfg, ctx, setup(model, cfg, ctx, self.needs_calibration))
+        if getattr(ctx.placement, "streaming", False):  # before any work: a method that cannot stream says so
+            from quant.streaming import check_streamable
+
+            check_streamable(self, cfg, checkpoint_dir=ctx.checkpoint_dir)
+        with HostPeak() as host:  # every run's host memory peak (quant.onload.HostPeak says how it is measured)
+            out = self.quantize(model, cfg, ctx, setup(model, cfg, ctx, self.needs_calibration))
+        out.summary["host_memory"] = host.summary()
+        return out
 
     def quantize(self, model, cfg, ctx: QuantContext, setup: Setup) -> QuantOutcome:
         raise NotImplementedError
@@ -84,6 +95,15 @@ class Method:
     def export_formats(self, cfg) -> tuple[str, ...]:
         """The checkpoint formats this run's codes can be written in (a config may narrow them)."""
         return self.formats
+
+    def caches(self, cfg) -> bool:
+        """Whether quant.quantized_cache may keep this run's result and restore it into a fresh model (`cacheable`;
+        a recipe: every step's)."""
+        return self.cacheable
+
+    def check_followers(self, cfg, later: list) -> None:
+        """As a recipe step: ConfigError, before any work, when a step after it (`later`: their configs) cannot
+        follow it (a rotation with online parts refuses a step that folds scales across them). Default: any can."""
 
     def extra_calibration_bytes(self, model_config, cfg, act_bytes: int = 2) -> int:
         """Memory its calibration holds beyond the runner's activations (eval.memory.calibration_bytes), for the
@@ -114,7 +134,7 @@ class Method:
         if setup.plan is not None:
             out["group_fallback_layers"] = setup.plan.fallbacks
             out.update(setup.plan.summary())
-        out["placement"] = {"compute": str(setup.placement.compute), "offload": setup.placement.offload}
+        out["placement"] = setup.placement.describe()
         out.update(self.weight_bytes(model, qtensors))
         out.update(expert_summary(model, setup.arch, qtensors))  # a mixture of experts' "moe" entry; {} when dense
         return out
@@ -134,6 +154,8 @@ def method(cls: type) -> type:
     fields = {f.name for f in dataclasses.fields(cfg)}
     if cls.needs_calibration and "calib" not in fields:
         raise TypeError(f"@method {cls.name}: it calibrates, so {cfg.__name__} needs a `calib: CalibConfig` field")
+    if cls.needs_calibration and "moe" not in fields:  # the runner's routed-expert calibration (quant.setup)
+        raise TypeError(f"@method {cls.name}: it calibrates, so {cfg.__name__} needs a `moe: MoEConfig` field")
     if cls.prepares is not None and not set(cls.prepares) <= fields:
         raise TypeError(f"@method {cls.name}: prepares sets {sorted(set(cls.prepares) - fields)}, not fields of "
                         f"{cfg.__name__}")

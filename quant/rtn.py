@@ -47,6 +47,7 @@ class RTN(Method):
     name, config = "rtn", RTNConfig
     formats = ("awq",)
     rounds = True
+    streams = True  # one pass over the blocks in order (quant.streaming)
     order = 1  # the baseline: right after FP16
 
     def quantize(self, model, cfg: RTNConfig, ctx, setup: Setup) -> QuantOutcome:

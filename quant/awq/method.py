@@ -97,6 +97,7 @@ class AWQ(Method):
     needs_calibration = True
     formats = ("awq",)
     rounds = True
+    streams = True  # one pass over the blocks in order (quant.streaming)
     prepares = {"round_weights": False}  # scales (and clipping) folded, the rounding left to the recipe's last step
     order = 2  # after RTN, the baseline it improves on
 
@@ -119,7 +120,7 @@ class AWQ(Method):
         blocks = AWQBlocks(cfg, arch, setup.plan.specs, search_idx, clip_idx, tuple(samples.shape), reduce)
         run = run_sequential(model, arch, blocks, samples, place, propagate=propagate,
                              checkpoint_dir=ctx.checkpoint_dir, reduce=reduce,
-                             desc=f"awq w{cfg.w_bit} g{cfg.group_size}", progress=ctx.progress)
+                             desc=f"awq w{cfg.w_bit} g{cfg.group_size}", progress=ctx.progress, experts=setup.moe)
         qtensors = run.qtensors
         alpha = {f"{arch.blocks}.{i}.{rel}": a for i, info in enumerate(run.infos) for rel, a in info["alpha"].items()}
         stage = {k: sum(info["seconds"][k] for info in run.infos) for k in ("search", "clip", "quant")}

@@ -103,7 +103,7 @@ def run_gptq(model, cfg, ctx: QuantContext, setup: Setup) -> tuple:
     run = run_sequential(model, arch, GPTQBlocks(cfg, arch, setup.plan.specs), setup.samples, setup.placement,
                          propagate=propagate, checkpoint_dir=ckpt, reduce=Reducer.current(),
                          desc=f"gptq {cfg.format if cfg.format != 'int' else f'w{cfg.w_bit} g{cfg.group_size}'}",
-                         progress=ctx.progress)
+                         progress=ctx.progress, experts=setup.moe)
     losses = {f"{arch.blocks}.{i}.{k}": v for i, info in enumerate(run.infos) for k, v in info["loss"].items()}
     timings = {"calibration_capture": run.timings_s["calibration_capture"],
                "block_forward": run.timings_s["block_forward"],
@@ -117,6 +117,7 @@ class GPTQ(Method):
     needs_calibration = True
     formats = ("awq",)  # static groups keep g_idx = k // g, which the AWQ layout holds
     rounds = True
+    streams = True  # one pass over the blocks in order (quant.streaming)
 
     def quantize(self, model, cfg: GPTQConfig, ctx, setup: Setup) -> QuantOutcome:
         run, losses, timings = run_gptq(model, cfg, ctx, setup)
