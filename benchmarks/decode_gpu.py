@@ -144,12 +144,19 @@ def run_variant(variant: str, args, env: dict) -> dict:
         prompt = torch.randint(0, cfg.vocab_size, (b, args.prompt_len), device="cuda",
                                generator=torch.Generator("cuda").manual_seed(b))
         torch.cuda.reset_peak_memory_stats()
-        m = time_decode(model, prompt, args.gen_len, warmup=1, repeats=args.repeats, compile_step=compiled)
+        m = time_decode(model, prompt, args.gen_len, warmup=1, repeats=args.repeats, compile_step=compiled,
+                        profile=args.profile_steps if b == args.batches[0] else 0)
         roof = rl.decode_roofline_tok_s(mb, b, context, bw)
         rows.append({"batch": b, "decode_tok_s": m["decode_tok_s"], "decode_ms_per_step": m["decode_ms_per_step"],
                      "roofline_tok_s": roof, "roofline_fraction": m["decode_tok_s"] / roof,
                      "step_floor_ms": 1000 * rl.step_time_floor_s(mb, b, context, bw),
-                     "peak_gpu_bytes": m.get("peak_memory_bytes"), "ids_head": m["ids"][0, :8].tolist()})
+                     "peak_gpu_bytes": m.get("peak_memory_bytes"), "ids_head": m["ids"][0, :8].tolist(),
+                     **({"profile": m["profile"]} if "profile" in m else {})})
+        if "profile" in m:  # where the step's time goes: kernels by device time, and the gaps between them
+            pr = m["profile"]
+            print(f"  profile (batch {b}): {pr['kernel_ms_per_step']:.3f} ms of kernels in a {pr['wall_ms_per_step']:.3f} "
+                  f"ms step, {pr['kernels_per_step']:.0f} kernels; top: " +
+                  "; ".join(f"{t['name'][:40]} {t['ms_per_step']:.3f}" for t in pr["top"][:5]), flush=True)
         print(f"{name:31s} batch {b:3d}: {m['decode_tok_s']:9.1f} tok/s, {m['decode_ms_per_step']:.3f} ms/step "
               f"({100 * rows[-1]['roofline_fraction']:.0f}% of {roof:,.0f})", flush=True)
     prefill = [time_prefill(model, pb, args.prefill_len, cfg.vocab_size) for pb in dict.fromkeys((1, args.prefill_batch))]
@@ -213,6 +220,9 @@ def main(argv=None) -> int:
     ap.add_argument("--compile", action="store_true",
                     help="the decode step through torch.compile before the CUDA graph records it (fuses the small "
                          "ops between the projections)")
+    ap.add_argument("--profile-steps", type=int, default=0,
+                    help="at the first batch size, this many more steps under torch.profiler: each kernel's device "
+                         "time per step and the gap to the step's wall time (where a missed target's time goes)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--report", type=Path)
     args = ap.parse_args(argv)

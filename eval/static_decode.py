@@ -258,11 +258,54 @@ def _seconds(start, end) -> float:
     return end - start if isinstance(start, float) else start.elapsed_time(end) / 1e3
 
 
+def profile_steps(dec: "StaticDecoder", prompt_ids: torch.Tensor, steps: int, top: int = 12) -> dict:
+    """Where a decode step's time goes: `steps` steps (as `step()` runs them: the CUDA graph's replay on CUDA) under
+    torch.profiler after a prefill; the device time of each kernel per step, largest first, their sum, and the wall
+    time per step, so that the time between kernels (launch gaps, host work) is their difference. On the CPU the
+    operators' own times stand in for kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = dec.device.type == "cuda"
+    steps = max(1, min(steps, dec.max_len - prompt_ids.shape[1]))
+    dec.prefill(prompt_ids.to(dec.device))
+    if cuda:
+        torch.cuda.synchronize(dec.device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+
+    def run(step) -> tuple[dict, float]:
+        with profile(activities=activities) as prof:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step()
+            if cuda:
+                torch.cuda.synchronize(dec.device)
+            wall = time.perf_counter() - t0
+        per = {}
+        for e in prof.key_averages():
+            us = e.self_device_time_total if cuda else e.self_cpu_time_total
+            if us > 0 and (not cuda or e.device_type == torch.autograd.DeviceType.CUDA):
+                per[e.key] = (per.get(e.key, (0.0, 0))[0] + us, per.get(e.key, (0.0, 0))[1] + e.count)
+        return per, wall
+
+    per, wall = run(dec.step)
+    graph_hidden = cuda and dec.use_cuda_graph and not per
+    if graph_hidden:  # this profiler sees no kernels inside a graph's replay: the same step, launched eagerly
+        dec.prefill(prompt_ids.to(dec.device))
+        per, _ = run(dec._step_fn)
+    ranked = sorted(per.items(), key=lambda kv: -kv[1][0])
+    total_us = sum(us for us, _ in per.values())
+    return {"steps": steps, "wall_ms_per_step": 1e3 * wall / steps, "kernels_from_eager_step": graph_hidden, "kernel_ms_per_step": total_us / 1e3 / steps,
+            "kernels_per_step": sum(n for _, n in per.values()) / steps,
+            "top": [{"name": k[:120], "ms_per_step": us / 1e3 / steps, "calls_per_step": n / steps,
+                     "share": us / total_us if total_us else None} for k, (us, n) in ranked[:top]]}
+
+
 def time_decode(model, prompt_ids: torch.Tensor, gen_len: int, warmup: int = 1, repeats: int = 3,
-                use_cuda_graph: bool | None = None, compile_step: bool = False) -> dict:
+                use_cuda_graph: bool | None = None, compile_step: bool = False, profile: int = 0) -> dict:
     """Median prefill and decode times of `repeats` greedy runs after `warmup` untimed ones (the CUDA graph is
     captured before any of them). Conventions of eval/throughput.py: the prefill emits the first token, the decode
-    is the gen_len - 1 steps after it. CUDA events on CUDA; perf_counter on the CPU."""
+    is the gen_len - 1 steps after it. CUDA events on CUDA; perf_counter on the CPU. `profile` > 0: that many more
+    steps under the profiler afterwards (profile_steps), in the result's "profile"."""
     b, p = prompt_ids.shape
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
@@ -286,6 +329,7 @@ def time_decode(model, prompt_ids: torch.Tensor, gen_len: int, warmup: int = 1, 
             torch.cuda.synchronize(dec.device)
         runs.append((_seconds(t0, t1), _seconds(t1, t2)))
         ids = dec.tokens[:, p:p + gen_len].cpu()
+    prof = profile_steps(dec, prompt_ids, profile) if profile else None  # after the timed runs: never timed
     prefill_s = statistics.median(r[0] for r in runs)
     decode_s = statistics.median(r[1] for r in runs)
     steps = gen_len - 1
@@ -293,7 +337,8 @@ def time_decode(model, prompt_ids: torch.Tensor, gen_len: int, warmup: int = 1, 
             "decode_ms_per_step": 1e3 * decode_s / steps if steps else None,
             "decode_tok_s": b * steps / decode_s if steps else None, "prefill_tok_s": b * p / prefill_s,
             "peak_memory_bytes": torch.cuda.max_memory_allocated(dec.device) if cuda else None,
-            "cuda_graph": dec.use_cuda_graph, "compiled": dec.compile_step, "repeats_s": [list(r) for r in runs], "ids": ids}
+            "cuda_graph": dec.use_cuda_graph, "compiled": dec.compile_step, "repeats_s": [list(r) for r in runs], "ids": ids,
+            **({"profile": prof} if prof else {})}
 
 
 # Projections that read the same input, and the module that replaces them (their weights concatenated along the

@@ -242,3 +242,19 @@ def test_a_compiled_step_decodes_the_same_tokens():
     got = decode_logits(StaticDecoder(model, 2, max_len=12, compile_step=True), ids, 6)
     assert all(torch.allclose(a, b, atol=1e-4, rtol=1e-4) for a, b in zip(got, ref))
     assert all(torch.equal(a.argmax(-1), b.argmax(-1)) for a, b in zip(got, ref))
+
+
+def test_a_profiled_decode_names_where_the_step_time_goes_and_changes_no_token():
+    """profile=N: N more steps under torch.profiler after the timed runs; on the CPU the operators' own times stand in
+    for kernels. The matrix products of the blocks must be among the largest entries, the shares sum to at most 1,
+    and the decoded tokens are those of an unprofiled run."""
+    model = tiny("llama", torch.float32)
+    ids = prompts(2, 5)
+    plain = time_decode(model, ids, gen_len=6, warmup=0, repeats=1)
+    out = time_decode(model, ids, gen_len=6, warmup=0, repeats=1, profile=4)
+    assert torch.equal(out["ids"], plain["ids"]) and "profile" not in plain
+    pr = out["profile"]
+    assert pr["steps"] == 4 and pr["kernel_ms_per_step"] > 0 and pr["wall_ms_per_step"] > 0
+    names = [t["name"] for t in pr["top"]]
+    assert any(n in ("aten::addmm", "aten::mm", "aten::linear", "aten::matmul") for n in names), names
+    assert 0 < sum(t["share"] for t in pr["top"]) <= 1 + 1e-9
