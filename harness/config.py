@@ -194,6 +194,35 @@ class CalibConfig:
         _require(self.seqlen >= 2, "quant.calib.seqlen", "must be >= 2")
 
 
+# quant.moe.fallback -> what an expert with too few calibration tokens is calibrated on (quant/moe/coverage.py applies
+# it; the record names it). One fallback so far: RTN or an MSE grid for such experts would need each method to round
+# a few Linears its own way, which none does yet
+EXPERT_FALLBACKS = {
+    "all_tokens": "statistics from every calibration token entering the block's MoE (the expert run on all of them; "
+                  "the block's output stays the routed one)",
+}
+
+
+@dataclass
+class MoEConfig:
+    """How a calibrated method calibrates the routed experts of a mixture of experts (quant/moe/coverage.py, in the
+    shared runner). An expert is under-covered when it receives no token or fewer than `min_share` of an even share
+    (all routed token slots / experts); it gets `fallback`. A dense model takes the defaults only (quant.setup)."""
+
+    min_share: float = 0.1  # 0: only experts with no token fall back
+    calibrate_all_experts: bool = False  # every expert gets the fallback (llm-compressor's moe_calibrate_all_experts)
+    fallback: str = "all_tokens"  # a key of EXPERT_FALLBACKS
+
+    def validate(self) -> None:
+        _require(0 <= self.min_share <= 1, "quant.moe.min_share", f"must be in [0, 1], got {self.min_share}")
+        if self.fallback not in EXPERT_FALLBACKS:
+            raise user_error("quant.moe.fallback", repr(self.fallback), f"not one of {', '.join(EXPERT_FALLBACKS)}",
+                             "use quant.moe.fallback=all_tokens")
+
+    def is_default(self) -> bool:
+        return self == MoEConfig()
+
+
 @dataclass
 class QuantConfig:
     """The base of every method's config (torchao style: a typed config per method is the method's whole API). A
@@ -478,7 +507,10 @@ def quant_identity_dict(q: dict, schema: type | None = None) -> dict:
         schema = QUANT_CONFIGS.get(m) if m in QUANT_CONFIGS else WeightQuantConfig
     names = {f.name for f in dataclasses.fields(schema)}
     for k in schema.late_fields:
-        if k in q and q[k] == field_default(schema, k):
+        default = field_default(schema, k)
+        if dataclasses.is_dataclass(default):  # a late section (quant.moe) compares as the dict a config gives
+            default = dataclasses.asdict(default)
+        if k in q and q[k] == default:
             del q[k]
     if m in LEGACY_QUANT_METHODS:
         # a record written before the split also carries the other methods' fields; they never changed its result

@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from harness.config import CalibConfig, WeightQuantConfig, _require
+from harness.config import CalibConfig, MoEConfig, WeightQuantConfig, _require
 from quant.calibration.capture import MINIBATCH, block_out, forward_block, slice_batch
 from quant.calibration.reduce import Reducer
 from quant.calibration.runner import PROPAGATE, BlockResult, Keep, run_sequential
@@ -58,6 +58,8 @@ class AutoRoundConfig(WeightQuantConfig):
     propagate: str = "quantized"
     seed: int = 0  # the minibatch draws (each block its own generator: seed, block index)
     calib: CalibConfig = field(default_factory=CalibConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)  # routed experts' calibration (a mixture of experts only)
+    late_fields = WeightQuantConfig.late_fields + ("moe",)
 
     @property
     def round_lr(self) -> float:
@@ -85,6 +87,7 @@ class AutoRoundConfig(WeightQuantConfig):
         _require(self.propagate in PROPAGATE, "quant.propagate",
                  f"{self.propagate!r} is not one of {', '.join(PROPAGATE)}")
         self.calib.validate()
+        self.moe.validate()
         return self
 
 
@@ -292,7 +295,7 @@ def autograd_bytes(model_config, cfg: AutoRoundConfig, act_bytes: int = 2) -> in
 class AutoRound(Method):
     name, config = "autoround", AutoRoundConfig
     needs_calibration = True
-    formats = ("awq",)  # integer codes, scales and zeros per group: RTN's layout
+    formats = ("awq", "compressed-tensors")  # integer codes, scales and zeros per group: RTN's layout
     rounds = True
     label, order = "AutoRound", 110
 
@@ -302,7 +305,7 @@ class AutoRound(Method):
                              setup.samples, setup.placement, propagate=cfg.propagate,
                              checkpoint_dir=ctx.checkpoint_dir, reduce=Reducer.current(),
                              desc=f"autoround w{cfg.w_bit} g{cfg.group_size} ({cfg.iters} iters)",
-                             progress=ctx.progress)
+                             progress=ctx.progress, experts=setup.moe)
         losses = {f"{arch.blocks}.{i}": {k: info[k] for k in ("loss_init", "loss_best", "best_iter")}
                   for i, info in enumerate(run.infos)}
         summary = self.summary(cfg, setup, model, run.qtensors, iters=cfg.iters, lr=cfg.round_lr,

@@ -17,13 +17,13 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, List
 
-from harness.config import QUANT_CONFIGS, CalibConfig, ConfigError, WeightQuantConfig, _require
+from harness.config import QUANT_CONFIGS, CalibConfig, ConfigError, MoEConfig, WeightQuantConfig, _require
 from quant.registry import METHODS, Method, QuantOutcome, method
 from quant.setup import Setup
 from quant.sources import module_sources
 
 # fields the steps take from the recipe (a step that sets one is refused: one value for the whole recipe)
-SHARED = ("w_bit", "group_size", "zero_point", "group_fallback", "layer_overrides", "calib")
+SHARED = ("w_bit", "group_size", "zero_point", "group_fallback", "layer_overrides", "calib", "moe")
 
 
 @dataclass
@@ -34,6 +34,8 @@ class RecipeConfig(WeightQuantConfig):
     method: str = "recipe"
     steps: List[Dict[str, Any]] = field(default_factory=list)
     calib: CalibConfig = field(default_factory=CalibConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)  # routed experts' calibration, for every step that calibrates
+    late_fields = WeightQuantConfig.late_fields + ("moe",)
 
     def step_configs(self) -> list:
         """Each step's own config (its method's dataclass), the recipe's shared fields filled in; ConfigError naming
@@ -67,10 +69,13 @@ class RecipeConfig(WeightQuantConfig):
     def validate(self) -> None:
         super().validate()
         self.calib.validate()
+        self.moe.validate()
         _require(len(self.steps) >= 1, "quant.steps", "is empty: give at least the rounding step ({method: rtn})")
-        for i, cfg in enumerate(self.step_configs()):
+        steps = self.step_configs()
+        for i, cfg in enumerate(steps):
             try:
                 cfg.validate()
+                METHODS.get(cfg.method).check_followers(cfg, steps[i + 1:])
             except ConfigError as e:
                 raise ConfigError(f"quant.steps[{i}] ({cfg.method}): {e}") from None
 
@@ -121,6 +126,9 @@ class Recipe(Method):
         *before, last = cfg.step_configs()
         return tuple(f for f in METHODS.get(last.method).export_formats(last)
                      if all(f in METHODS.get(s.method).export_formats(s) for s in before))
+
+    def caches(self, cfg: RecipeConfig) -> bool:
+        return all(METHODS.get(s.method).caches(s) for s in cfg.step_configs())
 
     def extra_calibration_bytes(self, model_config, cfg: RecipeConfig, act_bytes: int = 2) -> int:
         """The most any step needs (the steps run one after another)."""

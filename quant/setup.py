@@ -4,13 +4,14 @@ fails before any long work; and the summary every method's record carries (layer
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
 from harness.architectures import Architecture, architecture_for
-from harness.config import QuantConfig, WeightQuantConfig
+from harness.config import MoEConfig, QuantConfig, WeightQuantConfig
+from quant.moe.coverage import expert_calibration
 from quant.onload import Placement
 from quant.surgery import LayerPlan, plan_layers
 
@@ -25,6 +26,8 @@ class Setup:
     placement: Placement  # where blocks compute and weights rest (quant.onload)
     started_s: float  # time.perf_counter() when the setup began: the method's total time counts from here
     samples_s: float = 0.0  # seconds spent drawing the calibration samples
+    # how the calibration runner treats routed experts (the config's quant.moe; the defaults for a method without one)
+    moe: MoEConfig = field(default_factory=MoEConfig)
 
 
 def setup(model, cfg: QuantConfig, ctx, needs_calibration: bool) -> Setup:
@@ -32,11 +35,12 @@ def setup(model, cfg: QuantConfig, ctx, needs_calibration: bool) -> Setup:
     cfg.validate()
     arch = architecture_for(model)  # unsupported architecture: fails here, naming the registry
     plan = plan_layers(model, cfg) if isinstance(cfg, WeightQuantConfig) else None  # bad group size or override
+    moe = expert_calibration(cfg, arch)  # quant.moe other than its defaults on a dense model: refused
     samples, t = None, time.perf_counter()
     if needs_calibration:
         samples = ctx.calibration()
         check_token_ids(samples, model)
-    return Setup(arch, plan, samples, ctx.placement, started, time.perf_counter() - t)
+    return Setup(arch, plan, samples, ctx.placement, started, time.perf_counter() - t, moe)
 
 
 def check_token_ids(samples: torch.Tensor, model) -> None:

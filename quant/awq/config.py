@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from harness.config import CalibConfig, WeightQuantConfig, _require, group_text
+from harness.config import CalibConfig, MoEConfig, WeightQuantConfig, _require, group_text
 
 
 @dataclass
@@ -33,7 +33,8 @@ class AWQConfig(WeightQuantConfig):
     # false: search and fold the scales (and clip) but leave the rounding to a later step (the awq_gptq recipe)
     round_weights: bool = True
     calib: CalibConfig = field(default_factory=CalibConfig)
-    late_fields = WeightQuantConfig.late_fields + ("propagate", "round_weights")
+    moe: MoEConfig = field(default_factory=MoEConfig)  # routed experts' calibration (a mixture of experts only)
+    late_fields = WeightQuantConfig.late_fields + ("propagate", "round_weights", "moe")
 
     def validate(self) -> None:
         super().validate()
@@ -47,6 +48,7 @@ class AWQConfig(WeightQuantConfig):
         _require(self.propagate in ("auto", "fp16", "quantized"), "quant.propagate",
                  f"{self.propagate!r} is not one of auto, fp16, quantized")
         self.calib.validate()
+        self.moe.validate()
 
     @classmethod
     def label_detail(cls, q: dict) -> tuple[str, tuple]:

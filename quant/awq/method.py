@@ -95,7 +95,7 @@ class AWQBlocks:
 class AWQ(Method):
     name, config = "awq", AWQConfig
     needs_calibration = True
-    formats = ("awq",)
+    formats = ("awq", "compressed-tensors")
     rounds = True
     streams = True  # one pass over the blocks in order (quant.streaming)
     prepares = {"round_weights": False}  # scales (and clipping) folded, the rounding left to the recipe's last step

@@ -14,6 +14,7 @@ A method is an object with two functions (BlockMethod); names of Linears are rel
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from dataclasses import dataclass, field
@@ -25,11 +26,12 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from harness.architectures import Architecture, get_blocks
+from harness.config import MoEConfig
 from harness.log import logger
 from quant.calibration.capture import capture_block_inputs, forward_block
 from quant.calibration.checkpoint import BlockCheckpoints
 from quant.calibration.reduce import Reducer
-from quant.moe.coverage import BlockCoverage, ExpertCalibration, mark
+from quant.moe.coverage import BlockCoverage, mark
 from quant.onload import Placement
 from quant.primitives import QTensor
 
@@ -95,12 +97,13 @@ def _sha(samples: torch.Tensor | None) -> str | None:
 def run_sequential(model: nn.Module, arch: Architecture, method: BlockMethod, samples: torch.Tensor | None,
                    placement: Placement = Placement(), *, propagate: str = "fp16", checkpoint_dir: Path | None = None,
                    reduce: Reducer = Reducer(), desc: str = "", progress: bool = True,
-                   experts: ExpertCalibration = ExpertCalibration()) -> RunResult:
+                   experts: MoEConfig = MoEConfig()) -> RunResult:
     """Run `method` over the decoder blocks of `model` in order. `samples`: [n, seqlen] token ids, all of them on
     every rank (each rank calibrates on reduce.shard(n)); None for a method without calibration data.
     `checkpoint_dir`: keep each finished block there and resume from the blocks found (None: no checkpoints).
     A mixture of experts (arch.moe) with data: every expert's routed tokens are counted, and experts with too few get
-    `experts`' fallback (quant.moe.coverage); the counts go into each block's info ("expert_coverage")."""
+    `experts`' fallback (quant.moe.coverage; a method passes its quant.moe, quant.setup's `setup.moe`); the counts go
+    into each block's info ("expert_coverage")."""
     if propagate not in PROPAGATE:
         raise ValueError(f"propagate={propagate!r} is not one of {', '.join(PROPAGATE)}")
     if arch.moe is not None:
@@ -117,8 +120,7 @@ def run_sequential(model: nn.Module, arch: Architecture, method: BlockMethod, sa
     if checkpoint_dir is not None:
         identity = {"samples_sha256": _sha(samples), "blocks": n, "propagate": propagate, "world": reduce.world}
         if arch.moe is not None:  # the expert fallback changes the statistics (a dense identity is unchanged)
-            identity["experts"] = {"min_share": experts.min_share,
-                                   "calibrate_all_experts": experts.calibrate_all_experts}
+            identity["experts"] = dataclasses.asdict(experts)
         ckpt = BlockCheckpoints(checkpoint_dir, identity)
     qtensors: dict[str, QTensor] = {}
     infos: list[dict] = []

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from harness.config import CalibConfig, WeightQuantConfig, _require
+from harness.config import CalibConfig, MoEConfig, WeightQuantConfig, _require
 
 
 @dataclass
@@ -42,7 +42,8 @@ class GPTQKnobs:
 class GPTQConfig(WeightQuantConfig, GPTQKnobs):
     method: str = "gptq"
     calib: CalibConfig = field(default_factory=CalibConfig)
-    late_fields = WeightQuantConfig.late_fields + ("grid",)
+    moe: MoEConfig = field(default_factory=MoEConfig)  # routed experts' calibration (a mixture of experts only)
+    late_fields = WeightQuantConfig.late_fields + ("grid", "moe")
     weight_formats = ("int", "nvfp4", "mxfp4")  # FP4: the format's block scales, static (quant.gptq.algorithm)
 
     @classmethod
@@ -59,4 +60,5 @@ class GPTQConfig(WeightQuantConfig, GPTQKnobs):
             _require(self.grid == "minmax", "quant.grid", f"{self.grid} — quant.format={self.format} takes the "
                      f"format's own block scales, not a searched grid — leave quant.grid at minmax")
         self.calib.validate()
+        self.moe.validate()
         return self

@@ -115,7 +115,7 @@ def run_gptq(model, cfg, ctx: QuantContext, setup: Setup) -> tuple:
 class GPTQ(Method):
     name, config = "gptq", GPTQConfig
     needs_calibration = True
-    formats = ("awq",)  # static groups keep g_idx = k // g, which the AWQ layout holds
+    formats = ("awq", "compressed-tensors")  # static groups: g_idx = k // g, which both layouts imply
     rounds = True
     streams = True  # one pass over the blocks in order (quant.streaming)
 

@@ -4,7 +4,7 @@ A routed expert's Linears see only the tokens routed to it (harness.moe_unfuse: 
 tokens), so with a small calibration set some experts get few tokens or none, and their statistics (GPTQ's Hessian,
 AWQ's mean |x|) are noise or missing: the failures the peers' trackers report (llm-compressor #2826, #2167; GPTQModel
 #2271). During each block's forward the runner counts the tokens every expert receives; an expert below the
-threshold gets the stated fallback, for every calibrated method alike:
+threshold gets the stated fallback (quant.moe.fallback, harness.config.MoEConfig), for every calibrated method alike:
 
   fallback "all_tokens": its observers are replaced by fresh ones that see every calibration token entering the MoE
   (the expert run on all of them, its output discarded): llm-compressor's `moe_calibrate_all_experts`, for that expert
@@ -12,40 +12,40 @@ threshold gets the stated fallback, for every calibrated method alike:
 
 `calibrate_all_experts` applies it to every expert. The counts, the threshold and the experts that fell back are kept
 per block (in the runner's per-block info, so a resumed run keeps them) and go into the record's quant summary
-(`expert_summary`), never a silent skip.
+(`expert_summary`), never a silent skip. A method's config carries the choice as `quant.moe` (every calibrated method
+has it); the shared setup checks it against the model (`expert_calibration`) and hands it to the runner.
 """
 from __future__ import annotations
 
+import dataclasses
 import statistics
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
 from harness.architectures import Architecture
+from harness.config import EXPERT_FALLBACKS, MoEConfig, user_error
 
-FALLBACK = ("statistics from every calibration token entering the block's MoE (the expert run on all of them; the "
-            "block's output stays the routed one)")
 MINIBATCH_TOKENS = 4096  # tokens per expert forward in the fallback pass
 
 
-@dataclass(frozen=True)
-class ExpertCalibration:
-    """How the runner calibrates routed experts. An expert is under-covered when it receives fewer tokens than
-    `min_share` of the uniform share (all routed token slots / experts) or none at all."""
-
-    min_share: float = 0.1
-    calibrate_all_experts: bool = False  # every expert's statistics from every token (llm-compressor's option)
-
-    def validate(self) -> None:
-        if not 0 <= self.min_share <= 1:
-            raise ValueError(f"moe.min_share: {self.min_share} must be in [0, 1]")
+def expert_calibration(cfg, arch: Architecture) -> MoEConfig:
+    """The run's routed-expert calibration: the method config's `quant.moe` (the defaults for a method without one).
+    On a dense model anything but the defaults is refused: it would change the run_id and nothing else."""
+    moe = getattr(cfg, "moe", None) or MoEConfig()
+    moe.validate()
+    if arch.moe is None and not moe.is_default():
+        changed = ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(moe).items()
+                            if v != getattr(MoEConfig(), k))
+        raise user_error("quant.moe", changed, f"the model ({arch.family}) has no routed experts, so the option "
+                         f"would change the run_id and nothing else", "leave quant.moe at its defaults")
+    return moe
 
 
 class BlockCoverage:
     """One block's routed-token counts and MoE inputs, recorded by hooks during the runner's forward."""
 
-    def __init__(self, block: nn.Module, arch: Architecture, cal: ExpertCalibration):
+    def __init__(self, block: nn.Module, arch: Architecture, cal: MoEConfig):
         self.arch, self.cal, m = arch, cal, arch.moe
         self.experts = block.get_submodule(m.experts)
         self.counts = torch.zeros(m.n_experts, dtype=torch.float64)
@@ -109,7 +109,7 @@ class BlockCoverage:
         self.inputs = []
         return {"tokens": [int(c) for c in counts.tolist()], "threshold_tokens": threshold, "below": below,
                 "all_tokens": low, "calibrate_all_experts": self.cal.calibrate_all_experts,
-                "min_share": self.cal.min_share}
+                "min_share": self.cal.min_share, "fallback": self.cal.fallback}
 
 
 def mark(block: nn.Module, arch: Architecture, coverage: dict) -> None:
@@ -137,6 +137,7 @@ def expert_summary(model: nn.Module, arch: Architecture, qtensors: dict) -> dict
     tokens = [t for c in cov if c for t in c["tokens"]]
     below = {f"{arch.blocks}.{i}.{m.experts}.{e}": c["tokens"][e] for i, c in enumerate(cov) if c for e in c["below"]}
     all_experts = any(c["calibrate_all_experts"] for c in cov if c)
+    fallback = next((c.get("fallback", "all_tokens") for c in cov if c), "all_tokens")
     out["calibration"] = {
         "expert_tokens": [c["tokens"] if c else None for c in cov],  # per block, per expert: routed token slots
         "expert_tokens_min": min(tokens), "expert_tokens_median": statistics.median(tokens),
@@ -144,8 +145,11 @@ def expert_summary(model: nn.Module, arch: Architecture, qtensors: dict) -> dict
         "threshold_tokens": [round(c["threshold_tokens"], 1) if c else None for c in cov],
         "experts_below_threshold": below,  # qualified expert -> its routed tokens
         "calibrate_all_experts": all_experts,
-        # what the experts below the threshold (every expert under calibrate_all_experts) were calibrated on
-        "fallback": FALLBACK if below or all_experts else None,
+        # what the experts below the threshold (every expert under calibrate_all_experts) were calibrated on: the
+        # fallback's name (quant.moe.fallback; blocks resumed from checkpoints older than the field: all_tokens) and
+        # what it means
+        "fallback": fallback if below or all_experts else None,
+        "fallback_means": EXPERT_FALLBACKS[fallback] if below or all_experts else None,
         "experts_fallen_back": sum(len(c["all_tokens"]) for c in cov if c),
     }
     return {"moe": out}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from harness.config import CalibConfig, ConfigError, QuantConfig
+from harness.config import CalibConfig, ConfigError, MoEConfig, QuantConfig
 from quant.smoothquant.numerics import QUANT_DTYPES
 
 
@@ -17,6 +17,9 @@ class SmoothQuantConfig(QuantConfig):
     # weights and activations share one dtype, as LMDeploy's kernels take both operands in it (`quant_dtype`)
     dtype: str = "int8"  # int8 | fp8_e4m3 | fp8_e5m2
     calib: CalibConfig = field(default_factory=CalibConfig)
+    # every calibrated method has it (quant.registry); SmoothQuant refuses a mixture of experts, so only the defaults
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    late_fields = ("moe",)
 
     def validate(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
@@ -24,6 +27,7 @@ class SmoothQuantConfig(QuantConfig):
         if self.dtype not in QUANT_DTYPES:
             raise ConfigError(f"quant.dtype: {self.dtype!r} — not one of {', '.join(QUANT_DTYPES)} — e.g. quant.dtype=int8")
         self.calib.validate()
+        self.moe.validate()
 
     @classmethod
     def label_detail(cls, q: dict) -> tuple[str, tuple]:

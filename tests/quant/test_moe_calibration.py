@@ -10,7 +10,8 @@ import torch
 from harness.architectures import architecture_for
 from harness.moe_unfuse import unfuse_experts
 from quant.calibration.runner import BlockResult, run_sequential
-from quant.moe.coverage import FALLBACK, ExpertCalibration, expert_summary
+from harness.config import EXPERT_FALLBACKS, MoEConfig
+from quant.moe.coverage import expert_summary
 from tests.quant.test_moe import tiny_moe
 
 
@@ -71,7 +72,7 @@ def test_expert_statistics_routed_or_all_tokens_against_float64(all_experts):
     ref_out = model(samples).logits
     method = Observe(arch)
     run_sequential(model, arch, method, samples, progress=False,
-                   experts=ExpertCalibration(min_share=0.0, calibrate_all_experts=all_experts))
+                   experts=MoEConfig(min_share=0.0, calibrate_all_experts=all_experts))
     torch.testing.assert_close(model(samples).logits, ref_out)  # observing changes nothing
     for e in range(4):
         st = method.seen[0][f"mlp.experts.{e}.gate_proj"]
@@ -113,7 +114,7 @@ def test_expert_without_tokens_gets_the_stated_fallback():
         assert method.seen[i]["mlp.experts.0.gate_proj"].n == cov["tokens"][0]  # the others: their routed ones
     rec = expert_summary(model, arch, {})["moe"]["calibration"]
     assert rec["expert_tokens_min"] == min(t for b in rec["expert_tokens"] for t in b)
-    assert rec["experts_below_threshold"] and rec["fallback"] == FALLBACK
+    assert rec["experts_below_threshold"] and rec["fallback"] == "all_tokens" and rec["fallback_means"] == EXPERT_FALLBACKS["all_tokens"]
 
 
 @pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
@@ -143,7 +144,7 @@ def test_tiny_moe_quantizes_end_to_end(kind, method_name):
     if method_name != "rtn":
         cal = moe["calibration"]
         assert cal["expert_tokens_min"] == 0 and "model.layers.0.mlp.experts.3" in cal["experts_below_threshold"]
-        assert cal["fallback"] == FALLBACK
+        assert cal["fallback"] == "all_tokens"
     else:
         assert moe["calibration"] is None
 
