@@ -39,6 +39,20 @@ class ScaleGroup:
 
 
 @dataclass(frozen=True)
+class RotationPoints:
+    """Where a QuaRot rotation (quant/rotation) goes, as roles of the block's Linears (linear_roles). The norms that
+    feed the residual stream's readers are the scaling groups' norms (`groups`, prev_kind norm | norm_plus_one) and
+    the final norm before the LM head; every other Linear of the block must write the residual stream."""
+
+    # None: the residual stream can be rotated exactly (norms fused into their readers, embedding and writers rotated);
+    # else why not, and the rotation keeps to the per-head and online rotations, exact on every architecture here
+    residual_inexact: Optional[str] = None
+    writers: tuple[str, ...] = ("o", "down")  # roles whose output is added to the residual stream
+    heads: tuple[str, str] = ("v", "o")  # R2, per attention head: the values' rows, the output's input columns
+    online: tuple[str, ...] = ("down",)  # R4: roles whose input gets a Hadamard online (absorbed by their weight)
+
+
+@dataclass(frozen=True)
 class TensorSpec:
     name: str  # for a linear layer: the module name, without .weight
     shape: tuple[int, ...]  # linear: (out_features, in_features), as in nn.Linear
@@ -141,6 +155,7 @@ class Architecture:
     # every expert, so no single expert's scale can be folded into it); first of each: the observed one
     shared_inputs: tuple[tuple[str, ...], ...] = ()
     moe: Optional[MoE] = None  # a sparse MoE MLP; unbound (n_experts 0) in the registry, bound by `bind`
+    rotation: Optional[RotationPoints] = None  # where quant/rotation rotates; None: it refuses this architecture
 
     def bind(self, hf_config) -> "Architecture":
         """This architecture for one model's config: itself for a dense model; for a mixture of experts, the layer
@@ -236,7 +251,8 @@ def _same_shape(a: str, b: str) -> Callable[[nn.Module], bool]:
     return lambda block: block.get_submodule(a).weight.shape == block.get_submodule(b).weight.shape
 
 
-def _llama_like(family: str, mlp_norm: str = "post_attention_layernorm", norm_kind: str = "norm") -> Architecture:
+def _llama_like(family: str, mlp_norm: str = "post_attention_layernorm", norm_kind: str = "norm",
+                rotation: Optional[RotationPoints] = RotationPoints()) -> Architecture:
     return Architecture(
         family=family,
         linear_roles=(("self_attn.q_proj", "q"), ("self_attn.k_proj", "k"), ("self_attn.v_proj", "v"),
@@ -251,6 +267,7 @@ def _llama_like(family: str, mlp_norm: str = "post_attention_layernorm", norm_ki
             ScaleGroup("mlp.up_proj", ("mlp.down_proj",), None, "linear"),
         ),
         no_clip=("self_attn.q_proj", "self_attn.k_proj"),
+        rotation=rotation,
     )
 
 
@@ -259,7 +276,11 @@ for _t in ("llama", "mistral", "qwen2", "qwen3"):
     ARCHITECTURES.add(_t, LLAMA)
 # Gemma's RMSNorm multiplies by (1 + weight); Gemma 2/3 put the MLP input norm in pre_feedforward_layernorm
 ARCHITECTURES.add("gemma", FAMILIES.add("gemma", _llama_like("gemma", "post_attention_layernorm", "norm_plus_one")))
-_GEMMA2 = FAMILIES.add("gemma2", _llama_like("gemma2", "pre_feedforward_layernorm", "norm_plus_one"))
+# Gemma 2/3's sandwich norms scale each branch's output by (1 + w) before it joins the residual stream: a rotation
+# of the stream would have to commute with that diagonal, which no dense orthogonal matrix does
+_GEMMA2 = FAMILIES.add("gemma2", _llama_like("gemma2", "pre_feedforward_layernorm", "norm_plus_one", RotationPoints(
+    residual_inexact="sandwich norms (post_attention_layernorm, post_feedforward_layernorm) scale each branch's "
+                     "output by (1 + w) before the residual add; no rotation of the stream commutes with them")))
 for _t in ("gemma2", "gemma3_text"):
     ARCHITECTURES.add(_t, _GEMMA2)
 
@@ -294,7 +315,8 @@ def _moe_like(family: str, moe: MoE) -> Architecture:
                   (f"{se}.down_proj", "shared_down_proj"))
         groups += (ScaleGroup(f"{se}.up_proj", (f"{se}.down_proj",), None, "linear"),)
         shared = ((f"{se}.gate_proj", f"{se}.up_proj"),)
-    return dataclasses.replace(dense, linear_roles=roles, groups=groups, shared_inputs=shared, moe=moe)
+    # no rotation points yet: the router and every expert would need theirs
+    return dataclasses.replace(dense, linear_roles=roles, groups=groups, shared_inputs=shared, moe=moe, rotation=None)
 
 
 # Mixtral: softmax over the experts, top-2, renormalised; every expert's intermediate size is intermediate_size

@@ -174,7 +174,7 @@ def quantize_cached(model, cfg: QuantConfig, model_sha: str, dtype: str, ctx: Qu
     `calib_state` is the calibration provider's state (harness.data.calibration_provider): its samples' hash goes
     into the summary when the method drew them; `calib_id` (what they are made of) goes into the key."""
     method = METHODS.get(cfg.method)
-    if cfg.method == "fp16" or not getattr(method, "cacheable", True):
+    if cfg.method == "fp16" or not method.caches(cfg):
         return method(model, cfg, ctx)
     key = quant_key(model_sha, cfg, dtype, calib_id, device=ctx.placement.compute.type)
     cached = None if force else load_into(key, model)

@@ -111,7 +111,11 @@ def swap_w4a16_linears(model: nn.Module, qtensors: dict[str, QTensor], kernel: s
     for name, qt in qtensors.items():
         parent_name, _, child = name.rpartition(".")
         parent = modules[parent_name] if parent_name else model
-        setattr(parent, child, k.build(qt, modules[name].bias, dtype, device, name))
+        new = k.build(qt, modules[name].bias, dtype, device, name)
+        # what transforms the Linear's input stays with it (an online rotation: quant/rotation/surgery.py)
+        new._forward_pre_hooks.update(modules[name]._forward_pre_hooks)
+        new._forward_pre_hooks_with_kwargs.update(modules[name]._forward_pre_hooks_with_kwargs)
+        setattr(parent, child, new)
     return {"kernel": k.name, "description": k.description, "exact": k.exact, "skipped": skipped,
             "n_linears": len(qtensors)}
 
