@@ -45,7 +45,7 @@ class RTNBlocks:
 @method
 class RTN(Method):
     name, config = "rtn", RTNConfig
-    formats = ("awq",)
+    formats = ("awq", "compressed-tensors")  # AWQ first: what LMDeploy loads and exports wrote before
     rounds = True
     streams = True  # one pass over the blocks in order (quant.streaming)
     order = 1  # the baseline: right after FP16

@@ -159,7 +159,8 @@ def format_summary(cfg: WeightQuantConfig) -> dict:
 
 
 def format_export_formats(cfg: WeightQuantConfig, formats: tuple[str, ...]) -> tuple[str, ...]:
-    """A rounding method's checkpoint formats for this config: every one writes integer codes, so an FP4 config has
-    none (export refuses it at its preflight, quant.export.format_for) until an FP4 layout (compressed-tensors'
-    nvfp4-pack-quantized) is written."""
-    return formats if cfg.format == "int" else ()
+    """A rounding method's checkpoint formats for this config: those whose layout holds its weight grid
+    (quant.export.Format.weight_formats: AWQ GEMM integer codes only, compressed-tensors integer and FP4 codes)."""
+    from quant.export import FORMATS
+
+    return tuple(f for f in formats if cfg.format in FORMATS.get(f).weight_formats)

@@ -1,11 +1,12 @@
 """Checkpoint formats a run's quantized weights are written in, one registry keyed by the format's name; a method
-says which of them its codes fit (quant.registry.Method.formats): grouped integer weight-only codes (RTN, AWQ, and
-GPTQ with static groups) as an AutoAWQ GEMM checkpoint, which LMDeploy's engines load as `model_format='awq'`;
-SmoothQuant W8A8 in LMDeploy's `smooth_quant` layout (PyTorch engine)."""
+says which of them its codes fit (quant.registry.Method.formats): grouped integer weight-only codes (RTN, AWQ,
+GPTQ with static groups, AutoRound, recipes) as an AutoAWQ GEMM checkpoint, which LMDeploy's engines load as
+`model_format='awq'`, or in the compressed-tensors layout (vLLM, llm-compressor, transformers), which also holds FP4
+codes (NVFP4, MXFP4); SmoothQuant W8A8 in LMDeploy's `smooth_quant` layout (PyTorch engine)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 from harness.config import user_error
 from harness.registry import Registry
@@ -14,13 +15,37 @@ from harness.registry import Registry
 @dataclass(frozen=True)
 class Format:
     name: str  # quantization_config.quant_method of the written checkpoint
-    export: Callable  # (model, qtensors, out_dir, tokenizer=None) -> Path
+    export: Callable  # (model, qtensors, out_dir, tokenizer=None, **kw) -> Path; kw: quant_meta, manifest (not all)
+    # the weight grids (quant.format: harness.config.WEIGHT_FORMATS) its layout holds; a method's formats narrow to
+    # these per config (quant.surgery.format_export_formats)
+    weight_formats: tuple[str, ...] = ("int",)
+    # (quant_cfg, model=None) -> None: refuses, before any weight is read, a config (and with `model`, any module
+    # tree with the real shapes) the layout cannot hold; None: the format checks when it writes
+    check: Optional[Callable] = None
 
 
-def _awq(model, qtensors, out_dir, tokenizer=None):
+def _awq(model, qtensors, out_dir, tokenizer=None, **kw):
     from quant.export.awq import export_awq
 
-    return export_awq(model, qtensors, out_dir, tokenizer=tokenizer)
+    return export_awq(model, qtensors, out_dir, tokenizer=tokenizer, **kw)
+
+
+def _check_awq(quant_cfg, model=None):
+    from quant.export.awq import check_awq_config
+
+    check_awq_config(quant_cfg, model)
+
+
+def _compressed_tensors(model, qtensors, out_dir, tokenizer=None, **kw):
+    from quant.export.compressed_tensors import export_compressed_tensors
+
+    return export_compressed_tensors(model, qtensors, out_dir, tokenizer=tokenizer, **kw)
+
+
+def _check_compressed_tensors(quant_cfg, model=None):
+    from quant.export.compressed_tensors import check_compressed_tensors_config
+
+    check_compressed_tensors_config(quant_cfg, model)
 
 
 def _smoothquant(model, qtensors, out_dir, tokenizer=None):
@@ -30,7 +55,9 @@ def _smoothquant(model, qtensors, out_dir, tokenizer=None):
 
 
 FORMATS: Registry[Format] = Registry("checkpoint format")
-FORMATS.add("awq", Format("awq", _awq))
+FORMATS.add("awq", Format("awq", _awq, check=_check_awq))
+FORMATS.add("compressed-tensors", Format("compressed-tensors", _compressed_tensors, ("int", "nvfp4", "mxfp4"),
+                                         _check_compressed_tensors))
 FORMATS.add("smooth_quant", Format("smooth_quant", _smoothquant))
 
 

@@ -10,6 +10,8 @@ Layout per quantized Linear `<name>` (out_features N, in_features K, G = K / gro
   `<name>.scales`  fp16  [G, N].
 Dequantization: w[n, k] = (q[k, n] - z[k // g, n]) * s[k // g, n]. LMDeploy unpacks with the inverse order
 (lmdeploy/turbomind/weight_format.py `_unpack_awq_gemm`, AutoAWQ awq/utils/packing_utils.py `reverse_awq_order`).
+Tensor names are the architecture's checkpoint names (quant/export/names.py): a mixture of experts' routed experts
+one Linear each, e.g. Mixtral `block_sparse_moe.experts.<e>.w1.qweight`, Qwen3-MoE `mlp.experts.<e>.gate_proj.qweight`.
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from harness.moe_unfuse import unfuse_experts
+from quant.export.names import CheckpointNames
 from quant.primitives import QTensor, pack_int4_pairs, unpack_int4_pairs
 
 if sys.byteorder != "little":  # the int32 words are built from bytes below
@@ -79,9 +83,9 @@ def check_awq_config(cfg, model=None) -> None:
                              "choose a 4-bit method, e.g. quant=awq_w4 or quant=rtn_w4")
     from quant import METHODS
 
-    if getattr(cfg, "format", "int") != "int":  # FP4 codes: the compressed-tensors layout, not written here yet
-        raise AWQExportError(f"quant.format: {cfg.format} — the AWQ GEMM format holds integer codes only, and the "
-                             f"harness writes no FP4 checkpoint yet — export quant.format=int (e.g. quant=rtn_w4)")
+    if getattr(cfg, "format", "int") != "int":  # FP4 codes: quant/export/compressed_tensors.py
+        raise AWQExportError(f"quant.format: {cfg.format} — the AWQ GEMM format holds integer codes only — export "
+                             f"FP4 codes in the compressed-tensors format, or quant.format=int (e.g. quant=rtn_w4)")
     own = METHODS.get(cfg.method).export_formats(cfg)
     if "awq" not in own:  # e.g. SmoothQuant W8A8: another format (its class's formats), no w_bit/group_size at all
         awq_methods = [m for m in METHODS if "awq" in METHODS.get(m).formats]
@@ -207,6 +211,18 @@ def _check_model(model: nn.Module, qtensors: dict[str, QTensor], check_qt, check
     return modules, out_emb, tied
 
 
+def unquantized_linears(model: nn.Module, qtensors: dict) -> list[str]:
+    """Every Linear-like module left in the model dtype, by module name: unquantized nn.Linears (lm_head, skipped
+    layers) and a mixture of experts' routers and shared-expert gates (harness.architectures MoE.kept), which
+    transformers 5 builds as other modules. (Shared with quant/export/compressed_tensors.py.)"""
+    from harness.architectures import ARCHITECTURES, architecture_for
+
+    out = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in qtensors}
+    if getattr(model.config, "model_type", None) in ARCHITECTURES and (arch := architecture_for(model)).moe is not None:
+        out |= {f"{arch.blocks}.{i}.{k}" for i in range(len(model.get_submodule(arch.blocks))) for k in arch.moe.kept()}
+    return sorted(out)
+
+
 def _quantization_config(qtensors: dict[str, QTensor], skipped: list[str]) -> dict:
     group_sizes = {qt.group_size for qt in qtensors.values()}
     if len(group_sizes) != 1:
@@ -225,14 +241,14 @@ def export_awq(model: nn.Module, qtensors: dict[str, QTensor], out_dir, tokenize
     """Write an AWQ GEMM checkpoint to out_dir (replacing it if present: the caller decides whether it may,
     harness.outputs), atomically; with `manifest`, harness.outputs.MANIFEST is written in it too. Returns out_dir."""
     modules, out_emb, tied = _check_model(model, qtensors, check_awq_gemm, check_weights, AWQExportError)
+    names = CheckpointNames(model)  # the architecture's checkpoint names (an MoE's experts: quant/export/names.py)
 
-    tensors = _plain_tensors(model, qtensors)
+    tensors = {names(k): t for k, t in _plain_tensors(model, qtensors).items()}
     for name, qt in qtensors.items():
         for suffix, t in qtensor_to_awq(qt).items():
-            tensors[f"{name}.{suffix}"] = t
+            tensors[f"{names.module(name)}.{suffix}"] = t
 
-    skipped = sorted(n for n, m in modules.items() if isinstance(m, nn.Linear) and n not in qtensors
-                     and m is not out_emb)
+    skipped = sorted(names.module(n) for n in unquantized_linears(model, qtensors) if modules.get(n) is not out_emb)
     qcfg = _quantization_config(qtensors, skipped)
     config = model.config.to_dict()
     config["quantization_config"] = qcfg
@@ -344,6 +360,7 @@ def _module_name(model: nn.Module, module: nn.Module) -> str:
 
 
 def load_awq_qtensors(directory) -> dict[str, QTensor]:
+    """The codes of every quantized Linear, keyed by its checkpoint name (a Mixtral expert: `...experts.<e>.w1`)."""
     tensors, config = _read(directory)
     return _split(tensors, int(config["quantization_config"]["group_size"]))[0]
 
@@ -362,9 +379,11 @@ def load_awq_dequantized(directory, dtype: torch.dtype = torch.float32):
     with no_init_weights():  # every parameter is overwritten below; random init would cost seconds
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     model.tie_weights()
-    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in plain.items()}
+    unfuse_experts(model)  # a mixture of experts: per-expert Linears, as the checkpoint stores them
+    key = CheckpointNames(model).inverse(model)  # checkpoint name -> the model's own
+    state = {key.get(k, k): v.to(dtype) if v.is_floating_point() else v for k, v in plain.items()}
     for name, qt in qtensors.items():
-        state[f"{name}.weight"] = qt.dequantize(torch.float32).to(dtype)
+        state[f"{key.get(name, name)}.weight"] = qt.dequantize(torch.float32).to(dtype)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected:
         raise AWQExportError(f"{directory}: tensors the model does not have: {unexpected[:5]}")

@@ -182,7 +182,7 @@ def test_autoround_is_a_recipes_rounding_step_after_awq(smollm2_fp32, calib_ids)
         assert torch.equal(qt.q, ref.qtensors[n].q) and torch.equal(qt.scales, ref.qtensors[n].scales), n
         torch.testing.assert_close(m.get_submodule(n).weight, qt.dequantize(), rtol=0, atol=0)
     assert [s["method"] for s in out.summary["steps"]] == ["awq", "autoround"]
-    assert METHODS.get("recipe").export_formats(cfg) == ("awq",)
+    assert METHODS.get("recipe").export_formats(cfg) == ("awq", "compressed-tensors")
     # with steps, SignRound tunes every block of the AWQ-scaled model; the model still holds exactly its codes
     tuned = dataclasses.replace(cfg, steps=[{"method": "awq", **knobs}, {"method": "autoround", "iters": 3}])
     m = copy.deepcopy(base)

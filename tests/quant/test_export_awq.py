@@ -15,6 +15,7 @@ from quant.export.awq import (
 from quant.primitives import QTensor, dequantize, quantize_tensor
 
 W_BIT, GROUP = 4, 64
+TINY_H = 64  # tests.quant.test_moe.TINY hidden_size
 
 
 def _autoawq_pack(intweight: torch.Tensor) -> torch.Tensor:
@@ -144,3 +145,44 @@ def test_export_checks_qtensors_and_is_atomic(smollm2_fp32, tmp_path):
 
     export_awq(model, qtensors, tmp_path / "awq")  # replacing an export works and leaves nothing behind
     assert sorted(p.name for p in tmp_path.iterdir()) == ["awq"]
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
+@torch.no_grad()
+def test_moe_export_uses_the_architecture_names_and_loads_back(kind, tmp_path):
+    """A mixture of experts (fused experts unfused at load, harness.moe_unfuse) is written one AWQ Linear per expert
+    under the names transformers' save_pretrained writes for the FP16 model (Mixtral: block_sparse_moe.experts.N.w1 /
+    w3 / w2, not the unfused gate_proj / up_proj / down_proj); the routers stay fp16 and unconverted; the checkpoint
+    reads back to the quantized model's weights and logits exactly."""
+    from harness.moe_unfuse import unfuse_experts
+    from tests.quant.test_moe import tiny_moe
+
+    model = tiny_moe(kind)
+    unfuse_experts(model)
+    qtensors = {n: quantize_linear_(lin, W_BIT, 16, True) for n, lin in quantizable_linears(model).items()}
+    assert any(".experts.3.up_proj" in n for n in qtensors)
+    out = export_awq(model, qtensors, tmp_path / "awq")
+
+    tiny_moe(kind).save_pretrained(tmp_path / "fp16")
+    saved = set(load_file(str(tmp_path / "fp16" / "model.safetensors")))
+    sd = load_file(str(out / "model.safetensors"))
+    packed = {k.rsplit(".", 1)[0] for k in sd if k.endswith(".qweight")}
+    assert {k for k in sd if k.rsplit(".", 1)[0] not in packed} | {f"{p}.weight" for p in packed} == saved
+    block = "block_sparse_moe" if kind == "mixtral" else "mlp"
+    expert = f"model.layers.1.{block}.experts.3.{'w3' if kind == 'mixtral' else 'up_proj'}"
+    assert expert in packed and sd[f"{expert}.qweight"].shape == (TINY_H, 96 // 8 if kind == "mixtral" else 48 // 8)
+    router = f"model.layers.1.{block}.gate"
+    qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert router in qcfg["modules_to_not_convert"] and sd[f"{router}.weight"].dtype == torch.float16
+
+    loaded = load_awq_dequantized(out, torch.float32)
+    for name, qt in qtensors.items():  # the in-memory model with the scales as stored (fp16)
+        model.get_submodule(name).weight.copy_(dequantize(qt.q, qt.scales.half().float(), qt.zeros, 16))
+    got, want = loaded.state_dict(), model.state_dict()
+    assert got.keys() == want.keys()
+    for k in want:  # every other tensor went through fp16
+        assert torch.equal(got[k], want[k] if k in {f"{n}.weight" for n in qtensors} else want[k].half().float()), k
+    ids = torch.arange(1, 33)[None]
+    for k, v in want.items():
+        v.copy_(got[k])
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
