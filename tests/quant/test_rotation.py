@@ -220,3 +220,26 @@ def test_rotation_presets_run_end_to_end_and_write_a_record(tmp_path, smollm2_re
     assert q["layers_quantized"] == 14 and "cache_key" not in q  # not cached: a fresh model lacks the hook
     assert 0 < rec["metrics"]["perplexity"]["milton"]["token_ppl"] < float("inf")
     assert rec["status"] == "complete" and list((tmp_path / "results").rglob(f"{rec['run_id']}.json"))
+
+
+@torch.no_grad()
+def test_without_online_rotation_the_awq_checkpoint_gives_the_rotated_models_logits(tmp_path):
+    """online: false puts every rotation in the weights (the LM head untied, config.tie_word_embeddings false): the
+    exported AWQ checkpoint, read back by transformers, computes the harness's logits. With the online Hadamard the
+    same checkpoint would not (which is why that run has no export format)."""
+    from quant.export.awq import export_awq, load_awq_dequantized
+
+    logits = {}
+    for online in (False, True):
+        model = _tiny("llama").float()
+        samples = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(2))
+        out = METHODS.get("recipe")(model, _recipe("rtn", online=online), QuantContext(lambda: samples, progress=False))
+        ours = model(IDS).logits
+        export_awq(model, out.qtensors, tmp_path / str(online))
+        back = load_awq_dequantized(tmp_path / str(online)).eval()
+        assert not back.config.tie_word_embeddings
+        logits[online] = (ours, back(IDS).logits)
+    ours, theirs = logits[False]
+    assert torch.allclose(theirs, ours, atol=2e-3 * ours.abs().max(), rtol=0)
+    ours, theirs = logits[True]
+    assert not torch.allclose(theirs, ours, atol=0.05 * ours.abs().max(), rtol=0)

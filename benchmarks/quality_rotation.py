@@ -1,0 +1,165 @@
+"""Hadamard rotation (quant/rotation/) before RTN and GPTQ on the embedded SmolLM2, beside plain RTN and GPTQ: held-out
+token PPL at w4 g64 and w3 g64, same run, same machine, same calibration draw (quality_gptq's setting: shakespeare_calib
+seed 0, Milton 40x512, bf16; the calibration size is a flag, 32x512 by default here: see the README of the result).
+
+    python -m benchmarks.quality_rotation [--variants fp16_rotated,rtn_w4,rotation_rtn_w4,...] [--n-samples 32]
+    python -m benchmarks.quality_rotation --pack DIR        # the same setting as files (model, windows, calibration)
+    python -m benchmarks.quality_rotation --payload DIR --device cuda --n-samples 128   # there, e.g. on a GPU machine
+
+Writes results/benchmarks/rotation/quality_rotation.json (a row after every variant). Rotation rows are the presets
+rotation_{rtn,gptq}_w{4,3} (conf/quant/): R1 residual + R2 heads + R4 online Hadamard before down_proj, seed 0.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import add_quality_args, add_threads_arg, apply_threads, quality_setting, write_result
+from harness.config import CalibConfig
+from harness.data import calibration_samples
+from harness.records import provenance
+from quant import METHODS, QuantContext
+from quant.gptq.config import GPTQConfig
+from quant.onload import Placement
+from quant.recipe import RecipeConfig
+from quant.rotation.method import RotationConfig
+from quant.rtn import RTNConfig
+
+
+def _rotated(last: str, w_bit: int, calib: CalibConfig) -> RecipeConfig:
+    return RecipeConfig(w_bit=w_bit, group_size=64, calib=calib, steps=[{"method": "rotation"}, {"method": last}])
+
+
+# the quantizations compared (g64 asymmetric; one calibration set for all)
+VARIANTS = {
+    # the rotation alone, no rounding: the FP model in bf16 after rotating (its weights rounded to bf16 again)
+    "fp16_rotated": lambda c: RotationConfig(),
+    "rtn_w4": lambda c: RTNConfig(w_bit=4, group_size=64),
+    "rotation_rtn_w4": lambda c: _rotated("rtn", 4, c),
+    "gptq_w4": lambda c: GPTQConfig(w_bit=4, group_size=64, calib=c),
+    "rotation_gptq_w4": lambda c: _rotated("gptq", 4, c),
+    "rtn_w3": lambda c: RTNConfig(w_bit=3, group_size=64),
+    "rotation_rtn_w3": lambda c: _rotated("rtn", 3, c),
+    "gptq_w3": lambda c: GPTQConfig(w_bit=3, group_size=64, calib=c),
+    "rotation_gptq_w3": lambda c: _rotated("gptq", 3, c),
+}
+
+
+def quantize(name: str, model, calib: CalibConfig, samples: torch.Tensor, device: str) -> tuple[dict, dict]:
+    """Quantize `model` in place as the variant says; (its config as a dict, the method's timings)."""
+    ctx = QuantContext(calibration=lambda: samples, progress=False, placement=Placement.of(device, False))
+    q = VARIANTS[name](calib)
+    out = METHODS.get(q.method)(model, q, ctx)
+    return {"method": q.method, **dataclasses.asdict(q)}, out.timings_s
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_quality_args(ap)
+    ap.set_defaults(n_samples=32)
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of: {', '.join(VARIANTS)}")
+    ap.add_argument("--out", default="results/benchmarks/rotation/quality_rotation.json")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--pack", default=None, help="write the model, windows and calibration text's token ids to DIR, "
+                    "for --payload on a machine without the embedded assets")
+    ap.add_argument("--payload", default=None, help="read them from DIR (written by --pack)")
+    add_threads_arg(ap)
+    args = ap.parse_args()
+    apply_threads(args)
+    names = args.variants.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variants {unknown} (known: {', '.join(VARIANTS)})")
+
+    calib = CalibConfig(n_samples=args.n_samples, seqlen=args.seqlen)
+    if args.pack:
+        return pack(Path(args.pack), args.eval_split, args.eval_windows, calib)
+    if args.payload:
+        base, samples, ppl_s = from_payload(Path(args.payload), calib, args.device)
+    else:
+        base, calib_ids, ppl_s = quality_setting(args.eval_split, args.eval_windows)
+        samples = calibration_samples(calib_ids, calib.n_samples, calib.seqlen, calib.seed)
+    t = time.perf_counter()
+    rows = {"fp16": {"token_ppl": ppl_s(base)[0], "eval_s": time.perf_counter() - t}}
+    print(f"fp16: PPL {rows['fp16']['token_ppl']:.2f}", flush=True)
+    for name in names:
+        model = copy.deepcopy(base)
+        t0 = time.perf_counter()
+        config, stages = quantize(name, model, calib, samples, args.device)
+        secs = time.perf_counter() - t0
+        t = time.perf_counter()
+        rows[name] = {"quantize_s": secs, "stages_s": stages, "token_ppl": ppl_s(model)[0],
+                      "eval_s": time.perf_counter() - t, "config": config}
+        print(f"{name}: {secs:.1f} s, PPL {rows[name]['token_ppl']:.2f}", flush=True)
+        del model
+        write(rows, names, args, ppl_s)
+    write(rows, names, args, ppl_s)
+
+
+def pack(d: Path, eval_split: str, n_windows: int, calib: CalibConfig) -> None:
+    """The setting as plain files: the bf16 model (save_pretrained), the evaluation windows and the calibration
+    samples, each as quality_setting and the CPU run make them."""
+    from benchmarks.common import load_embedded
+    from harness.data import eval_windows, load_text, tokenize_cached
+
+    model, tok = load_embedded("bfloat16")
+    windows = eval_windows(tokenize_cached(tok, load_text(eval_split)), 512, n_windows)
+    calib_ids = tokenize_cached(tok, load_text("shakespeare_calib"))
+    d.mkdir(parents=True, exist_ok=True)
+    model.config.quantization_config = None
+    model.hf_quantizer = None  # a GGUF-loaded model refuses to save otherwise (shared CPU.md)
+    model.save_pretrained(d / "model")
+    samples = calibration_samples(calib_ids, calib.n_samples, calib.seqlen, calib.seed)
+    torch.save({"windows": windows.int(), "samples": samples.int(), "calib": dataclasses.asdict(calib)}, d / "tokens.pt")
+
+
+def from_payload(d: Path, calib: CalibConfig, device: str):
+    """(model on `device`, calibration samples, ppl) from a --pack directory."""
+    from transformers import AutoModelForCausalLM
+
+    from eval.perplexity import ppl_metrics, window_nll
+
+    model = AutoModelForCausalLM.from_pretrained(d / "model", dtype=torch.bfloat16).to(device).eval()
+    tokens = torch.load(d / "tokens.pt")
+    windows = tokens["windows"].long()
+    if tokens["calib"] != dataclasses.asdict(calib):
+        raise SystemExit(f"the payload's calibration is {tokens['calib']}, not {dataclasses.asdict(calib)}")
+
+    def ppl(m) -> tuple[float, float]:
+        nll, secs = window_nll(m, windows, 8, progress=False)
+        return ppl_metrics(nll, secs, windows.shape[1])["token_ppl"], secs
+
+    ppl.windows = int(windows.shape[0])
+    return model, tokens["samples"].long(), ppl
+
+
+def write(rows: dict, names: list[str], args, ppl_s) -> dict:
+    fp = rows["fp16"]["token_ppl"]
+    gaps = {}
+    for w in ("w4", "w3"):
+        if f"rtn_{w}" in rows:
+            rtn_gap = rows[f"rtn_{w}"]["token_ppl"] - fp
+            gaps.update({k: (rows[k]["token_ppl"] - fp) / rtn_gap for k in rows if k.endswith(w) and k != f"rtn_{w}"})
+    result = {
+        "benchmark": "quality_rotation",
+        "setting": {"model": "embedded SmolLM2-135M-Instruct (Q4_1 GGUF dequantized)", "group_size": 64,
+                    "zero_point": True, "calibration": f"{args.n_samples}x{args.seqlen} shakespeare_calib seed 0",
+                    "eval": f"{args.eval_split}, {ppl_s.windows}x512 tokens, bf16", "rotation_seed": 0,
+                    "threads": torch.get_num_threads(), "device": args.device,
+                    "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
+        "rows": rows,
+        "gap_over_rtn_gap": gaps,
+        "complete": all(k in rows for k in names),
+        "provenance": provenance(),
+    }
+    write_result(Path(args.out), result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
