@@ -10,7 +10,7 @@ from harness.config import WeightQuantConfig
 from quant.calibration.runner import BlockResult, run_sequential
 from quant.registry import Method, QuantOutcome, method
 from quant.setup import Setup
-from quant.surgery import format_export_formats, format_summary, quantize_linear_
+from quant.surgery import format_summary, quantize_linear_
 
 
 @dataclass
@@ -57,6 +57,3 @@ class RTN(Method):
                              desc="rtn", progress=ctx.progress)
         return QuantOutcome(summary=self.summary(cfg, setup, model, run.qtensors, **format_summary(cfg)),
                             timings_s={"rtn": time.perf_counter() - setup.started_s}, qtensors=run.qtensors)
-
-    def export_formats(self, cfg: RTNConfig) -> tuple[str, ...]:
-        return format_export_formats(cfg, self.formats)

@@ -156,11 +156,3 @@ def quantize_linear_(linear: nn.Linear, w_bit: int, group_size: int, zero_point:
 def format_summary(cfg: WeightQuantConfig) -> dict:
     """The summary's entry for a weight format other than the integer grid (none for int: summaries as before)."""
     return {} if cfg.format == "int" else {"format": cfg.format}
-
-
-def format_export_formats(cfg: WeightQuantConfig, formats: tuple[str, ...]) -> tuple[str, ...]:
-    """A rounding method's checkpoint formats for this config: those whose layout holds its weight grid
-    (quant.export.Format.weight_formats: AWQ GEMM integer codes only, compressed-tensors integer and FP4 codes)."""
-    from quant.export import FORMATS
-
-    return tuple(f for f in formats if cfg.format in FORMATS.get(f).weight_formats)

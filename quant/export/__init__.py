@@ -16,8 +16,8 @@ from harness.registry import Registry
 class Format:
     name: str  # quantization_config.quant_method of the written checkpoint
     export: Callable  # (model, qtensors, out_dir, tokenizer=None, **kw) -> Path; kw: quant_meta, manifest (not all)
-    # the weight grids (quant.format: harness.config.WEIGHT_FORMATS) its layout holds; a method's formats narrow to
-    # these per config (quant.surgery.format_export_formats)
+    # the weight grids (quant.format: harness.config.WEIGHT_FORMATS) its layout holds: a method's formats narrow to
+    # these per config (formats_of)
     weight_formats: tuple[str, ...] = ("int",)
     # (quant_cfg, model=None) -> None: refuses, before any weight is read, a config (and with `model`, any module
     # tree with the real shapes) the layout cannot hold; None: the format checks when it writes
@@ -61,13 +61,21 @@ FORMATS.add("compressed-tensors", Format("compressed-tensors", _compressed_tenso
 FORMATS.add("smooth_quant", Format("smooth_quant", _smoothquant))
 
 
-def format_for(quant_cfg, accepted=None) -> Format:
-    """The format a run's weights are written in: the first of its method's formats (for this config) that
-    `accepted` (format names; None: any) holds. A ConfigError before any work when there is none, so a method that
-    cannot be written fails at its preflight, not after quantizing."""
+def formats_of(quant_cfg) -> tuple[str, ...]:
+    """The formats a run's codes can be written in, preferred first: its method's (for this config) whose layout holds
+    the config's weight grid (an FP4 config: compressed-tensors only)."""
     from quant import METHODS
 
-    own = METHODS.get(quant_cfg.method).export_formats(quant_cfg)
+    grid = getattr(quant_cfg, "format", "int")
+    return tuple(f for f in METHODS.get(quant_cfg.method).export_formats(quant_cfg)
+                 if grid in FORMATS.get(f).weight_formats)
+
+
+def format_for(quant_cfg, accepted=None) -> Format:
+    """The format a run's weights are written in: the first of its formats (formats_of) that `accepted` (format
+    names; None: any) holds. A ConfigError before any work when there is none, so a method that cannot be written
+    fails at its preflight, not after quantizing."""
+    own = formats_of(quant_cfg)
     fit = [f for f in own if accepted is None or f in accepted]
     if not fit:
         has = f"its formats are {', '.join(own)}" if own else "it has no checkpoint format"

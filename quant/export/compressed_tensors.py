@@ -137,11 +137,12 @@ def check_compressed_tensors_config(cfg, model=None) -> None:
     """Whether a run's quant config can be written in this layout, before any quantization (`model`: any module tree
     with the real shapes, e.g. on the meta device, to check every planned layer too)."""
     from quant import METHODS
+    from quant.export import formats_of
 
     if cfg.method == "fp16":
         raise CompressedTensorsExportError("quant.method=fp16: nothing is quantized, so there is no compressed-tensors "
                                            "checkpoint to write; choose a weight-only method, e.g. quant=rtn_w4")
-    own = METHODS.get(cfg.method).export_formats(cfg)
+    own = formats_of(cfg)
     if FORMAT_NAME not in own:
         fmt = getattr(cfg, "format", "int")
         has = [m for m in METHODS if FORMAT_NAME in METHODS.get(m).formats]

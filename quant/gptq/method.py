@@ -23,7 +23,7 @@ from quant.gptq.algorithm import accumulate_hessian, gptq_quantize
 from quant.gptq.config import GPTQConfig
 from quant.registry import Method, QuantContext, QuantOutcome, method
 from quant.setup import Setup
-from quant.surgery import format_export_formats, format_summary
+from quant.surgery import format_summary
 
 
 class HessianObserver:
@@ -127,6 +127,3 @@ class GPTQ(Method):
             gptq_loss=losses,  # GPTQ's own error estimate per quantized input group (AutoGPTQ logs it as "avg loss")
             block_seconds=run.block_seconds, resumed_from_block=run.resumed_from, **format_summary(cfg))
         return QuantOutcome(summary=summary, timings_s=timings, qtensors=run.qtensors)
-
-    def export_formats(self, cfg: GPTQConfig) -> tuple[str, ...]:
-        return format_export_formats(cfg, self.formats)

@@ -243,8 +243,7 @@ def test_which_methods_write_the_format():
     compressed-tensors only, which LMDeploy's backend does not take; SmoothQuant and fp16 are refused."""
     from harness.compose import compose
     from harness.config import ConfigError
-    from quant import METHODS
-    from quant.export import format_for
+    from quant.export import format_for, formats_of
     from quant.export.compressed_tensors import check_compressed_tensors_config
 
     for option in ("rtn_w4", "awq_w4", "gptq_w4", "autoround_w4", "recipe_awq_gptq_w4", "awq_w3"):
@@ -254,7 +253,7 @@ def test_which_methods_write_the_format():
         check_compressed_tensors_config(q)
     for option in ("rtn_nvfp4", "gptq_nvfp4", "rtn_mxfp4", "gptq_mxfp4"):
         q = compose([f"quant={option}"]).quant
-        assert METHODS.get(q.method).export_formats(q) == ("compressed-tensors",), option
+        assert formats_of(q) == ("compressed-tensors",), option
         check_compressed_tensors_config(q)
         with pytest.raises(ConfigError, match=r"its formats are compressed-tensors; this needs one of awq"):
             format_for(q, ("awq", "smooth_quant"))
@@ -263,6 +262,11 @@ def test_which_methods_write_the_format():
         check_compressed_tensors_config(compose(["quant=smoothquant_w8a8"]).quant)
     with pytest.raises(CompressedTensorsExportError, match=r"^quant\.method=fp16"):
         check_compressed_tensors_config(compose(["quant=fp16"]).quant)
+    with torch.device("meta"):  # against the shapes, before any weight: 64 does not divide down_proj's 96 inputs
+        skeleton = tiny_llama().to("meta")
+    check_compressed_tensors_config(compose(["quant=rtn_w4", "quant.group_size=32"]).quant, skeleton)
+    with pytest.raises(CompressedTensorsExportError, match=r"quant\.group_size=64 does not divide in_features=96"):
+        check_compressed_tensors_config(compose(["quant=rtn_w4"]).quant, skeleton)
 
 
 @torch.no_grad()

@@ -192,19 +192,19 @@ def test_fp4_configs_are_refused_at_load_with_the_field_and_the_fix(overrides, m
 def test_fp4_is_exported_only_as_compressed_tensors():
     """FP4 codes have one checkpoint format, compressed-tensors (quant/export/compressed_tensors.py): the AWQ export
     and the LMDeploy backend's format choice refuse them before any model loads."""
-    from quant.export import format_for
+    from quant.export import format_for, formats_of
     from quant.export.awq import AWQExportError, check_awq_config
 
     for option in ("rtn_nvfp4", "rtn_mxfp4", "gptq_nvfp4", "gptq_mxfp4"):
         q = cfg_of([f"quant={option}"]).quant
-        assert METHODS.get(q.method).export_formats(q) == ("compressed-tensors",)
+        assert formats_of(q) == ("compressed-tensors",)
         assert format_for(q).name == "compressed-tensors"
         with pytest.raises(ConfigError, match=rf"^quant\.method: {q.method} — its formats are compressed-tensors; "
                                               rf"this needs one of awq, smooth_quant"):
             format_for(q, ("awq", "smooth_quant"))
         with pytest.raises(AWQExportError, match=rf"^quant\.format: {q.format} — "):
             check_awq_config(q)
-    assert METHODS.get("rtn").export_formats(cfg_of(["quant=rtn_w4"]).quant) == ("awq", "compressed-tensors")
+    assert formats_of(cfg_of(["quant=rtn_w4"]).quant) == ("awq", "compressed-tensors")
 
 
 def test_a_layer_the_block_does_not_divide_is_named_before_any_work():
