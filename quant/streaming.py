@@ -173,6 +173,14 @@ def _check_finite(name: str, t: torch.Tensor) -> None:
             raise FloatingPointError(f"checkpoint tensor {name} holds NaN/Inf values; weights must be finite")
 
 
+def _own(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """`t` on `device` in `dtype`, in memory of its own: a tensor read from a memory-mapped file may share the mapping
+    (copy-on-write), and a method writing the weights in place would turn the mapped file pages into private ones that
+    stay with the mapping (measured: one block's bytes per block)."""
+    out = t.to(device=device, dtype=dtype)
+    return out.clone() if out.data_ptr() == t.data_ptr() else out
+
+
 def _fill(module: nn.Module, prefix: str, tensors: dict[str, torch.Tensor], device: torch.device, what: str) -> None:
     """Every meta parameter of `module` (full names `prefix` + its own) from `tensors`, in its own dtype on `device`;
     a parameter the source lacks fails, naming it."""
@@ -183,13 +191,14 @@ def _fill(module: nn.Module, prefix: str, tensors: dict[str, torch.Tensor], devi
                              f"streaming reads tensors by the model's own names, and this checkpoint names them "
                              f"otherwise (a layout transformers converts at load): load it without streaming")
     for n, p in wanted.items():
-        t = tensors[prefix + n]
+        t = tensors.pop(prefix + n)  # the read copy goes as soon as its cast is made
         if tuple(t.shape) != tuple(p.shape):
             raise StreamingError(f"{what}: checkpoint tensor {prefix + n} has shape {tuple(t.shape)}, the model "
                                  f"{tuple(p.shape)}")
-        t = t.to(device=device, dtype=p.dtype)
+        t = _own(t, device, p.dtype)
         _check_finite(prefix + n, t)
         _put(module, n, t)
+        del t
 
 
 def load_outside(model: nn.Module, source: BlockSource) -> None:
@@ -221,7 +230,7 @@ def _fill_one(model, name, p, tensors):
     t = tensors[name]
     if tuple(t.shape) != tuple(p.shape):
         raise StreamingError(f"checkpoint tensor {name} has shape {tuple(t.shape)}, the model {tuple(p.shape)}")
-    t = t.to(dtype=p.dtype)
+    t = _own(t, HOST, p.dtype)
     _check_finite(name, t)
     _put(model, name, t)
 
@@ -290,9 +299,9 @@ class StreamingPlacement(Placement):
         try:
             yield block
         finally:
-            self._release(block, st["taken"])
             for qtensors in st["shells"]:
                 _shell(qtensors)
+            self._release(block, st["taken"])
             st["done"].add(i)
             st["current"], st["taken"], st["shells"] = None, set(), []
 
@@ -307,6 +316,8 @@ class StreamingPlacement(Placement):
             for name, b in mod._buffers.items():
                 if b is not None and b.device != HOST:
                     mod._buffers[name] = b.to(HOST)
+        _trim_host_heap()
+
 
     @contextmanager
     def capture(self, model: nn.Module, blocks: nn.ModuleList):
@@ -330,6 +341,27 @@ class StreamingPlacement(Placement):
             st["shells"].append(qtensors)
         else:
             qtensors_to_host(qtensors, _transfer(self.compute) if self.compute.type == "cuda" else None)
+
+
+def _trim_host_heap() -> None:
+    """Give the freed block's host memory back to the system. glibc's malloc keeps freed chunks below its mmap
+    threshold (up to 32 MiB) in the heap, where the next block's differently sized tensors fragment it: measured on a
+    12-block model with 4-16 MB tensors, the resident set grew by about one block per block without this, and by only
+    the codes with it. malloc_trim(0) costs milliseconds; elsewhere than glibc it is skipped."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim  # noqa: B018  (present in glibc only)
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
 
 
 def _shell(qtensors: dict) -> None:
