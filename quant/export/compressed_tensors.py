@@ -122,15 +122,16 @@ def check_qtensor(qt, where: str = "") -> None:
     at = f" ({where})" if where else ""
     if isinstance(qt, FP4Tensor):
         if qt.format not in FP4_SCHEMES:
-            raise CompressedTensorsExportError(f"quant.format={qt.format}{at}: compressed-tensors {COMPRESSED_TENSORS_VERSION} "
-                                               f"writes {', '.join(FP4_SCHEMES)} as FP4")
+            raise CompressedTensorsExportError(f"quant.format={qt.format}{at}: compressed-tensors "
+                                               f"{COMPRESSED_TENSORS_VERSION} writes {', '.join(FP4_SCHEMES)} as FP4")
         return
     if not isinstance(qt, QTensor):
         raise CompressedTensorsExportError(f"{type(qt).__name__}{at}: not integer or FP4 weight codes")
     if qt.w_bit not in PACK_BITS:
         raise CompressedTensorsExportError(f"quant.w_bit={qt.w_bit}{at}: compressed-tensors packs 1..8 bits")
     if qt.q.shape[1] % qt.group_size:
-        raise CompressedTensorsExportError(f"group size {qt.group_size}{at} does not divide in_features={qt.q.shape[1]}")
+        raise CompressedTensorsExportError(f"group size {qt.group_size}{at} does not divide "
+                                           f"in_features={qt.q.shape[1]}")
 
 
 def check_compressed_tensors_config(cfg, model=None) -> None:
