@@ -131,6 +131,16 @@ def test_gemma3_270m_logits_unchanged_and_its_residual_refused():
     assert (new - ref).abs().max() < 2e-3 * ref.abs().max(), (new - ref).abs().max()
 
 
+def test_the_rotation_files_are_its_code_version():
+    from quant.registry import method_sources
+
+    rot = {"quant/rotation/hadamard.py", "quant/rotation/surgery.py", "quant/rotation/method.py",
+           "harness/architectures.py"}
+    assert rot <= set(method_sources("rotation"))
+    assert rot <= set(method_sources(RecipeConfig(steps=[{"method": "rotation"}, {"method": "gptq"}])))
+    assert not rot & set(method_sources(RecipeConfig(steps=[{"method": "gptq"}]))) - {"harness/architectures.py"}
+
+
 def test_an_architecture_without_rotation_points_is_refused():
     assert ARCHITECTURES.get("internlm2").rotation is None and ARCHITECTURES.get("mixtral").rotation is None
     assert ARCHITECTURES.get("gemma3_text").rotation.residual_inexact and not ARCHITECTURES.get("qwen2").rotation.residual_inexact
@@ -139,11 +149,11 @@ def test_an_architecture_without_rotation_points_is_refused():
         _rotate(model)
 
 
-def _recipe(last: str, **rot) -> RecipeConfig:
+def _recipe(last: str, last_knobs: dict | None = None, **rot) -> RecipeConfig:
     from harness.config import CalibConfig
 
     return RecipeConfig(w_bit=4, group_size=16, calib=CalibConfig(n_samples=4, seqlen=16),
-                        steps=[{"method": "rotation", **rot}, {"method": last}])
+                        steps=[{"method": "rotation", **rot}, {"method": last, **(last_knobs or {})}])
 
 
 def test_export_cache_and_scale_folding_after_an_online_rotation_are_refused():
@@ -163,15 +173,16 @@ def test_export_cache_and_scale_folding_after_an_online_rotation_are_refused():
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("last", ["rtn", "gptq"])
-def test_rotation_then_rounding_quantizes_the_rotated_weights(last):
+@pytest.mark.parametrize("last, knobs", [("rtn", {}), ("gptq", {}), ("autoround", {"iters": 3, "batch_size": 2})],
+                         ids=["rtn", "gptq", "autoround"])
+def test_rotation_then_rounding_quantizes_the_rotated_weights(last, knobs):
     """The rounding step rounds the rotated weights (down_proj's with the online Hadamard absorbed; GPTQ's Hessian
     from its rotated input): every Linear holds its codes' dequantization, the online Hadamard stays in place, and
     the logits stay near the FP model's."""
     model = _tiny("llama")
     ref = model(IDS).logits
     samples = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(2))
-    out = METHODS.get("recipe")(model, _recipe(last), QuantContext(lambda: samples, progress=False))
+    out = METHODS.get("recipe")(model, _recipe(last, knobs), QuantContext(lambda: samples, progress=False))
     assert [s["method"] for s in out.summary["steps"]] == ["rotation", last] and len(out.qtensors) == 14
     assert out.summary["steps"][0]["needs_online_rotation"]
     for name, qt in out.qtensors.items():
