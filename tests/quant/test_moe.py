@@ -14,8 +14,9 @@ TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_atten
             vocab_size=128, num_experts_per_tok=2, eos_token_id=1, bos_token_id=0, pad_token_id=None)
 
 
-def tiny_moe(kind: str, n_experts: int = 4, seed: int = 0):
-    """A tiny random model of each MoE layout transformers 5 builds (fused 3-D expert tensors)."""
+def tiny_moe(kind: str, n_experts: int = 4, seed: int = 0, **config):
+    """A tiny random model of each MoE layout transformers 5 builds (fused 3-D expert tensors); `config` overrides
+    TINY's fields (vocab_size)."""
     import transformers as tf
 
     cfgs = {"mixtral": (tf.MixtralConfig, tf.MixtralForCausalLM, dict(num_local_experts=n_experts)),
@@ -26,7 +27,7 @@ def tiny_moe(kind: str, n_experts: int = 4, seed: int = 0):
             "olmoe": (tf.OlmoeConfig, tf.OlmoeForCausalLM, dict(num_experts=n_experts))}
     C, M, extra = cfgs[kind]
     torch.manual_seed(seed)
-    m = M(C(**TINY, **extra)).eval()
+    m = M(C(**{**TINY, **config}, **extra)).eval()
     with torch.no_grad():
         for p in m.parameters():
             p.normal_(0, 0.1)

@@ -105,8 +105,14 @@ def test_expert_without_tokens_gets_the_stated_fallback():
     arch = architecture_for(model)
     samples = torch.randint(0, 128, (2, 16))
     starve(model, 3)
+    x0, idx0 = _moe_inputs_and_routing(model, samples, 0)  # float64 reference of block 0 (its input: the embeddings)
+    assert not (idx0 == 3).any()
     method = Observe(arch)
     run_sequential(model, arch, method, samples, progress=False)
+    # the fallback's statistics are those of every token entering the MoE, the others' those of their routed tokens
+    torch.testing.assert_close(method.seen[0]["mlp.experts.3.gate_proj"].g, x0.T @ x0, rtol=1e-5, atol=1e-5)
+    x1 = x0[(idx0 == 1).any(-1)]
+    torch.testing.assert_close(method.seen[0]["mlp.experts.1.gate_proj"].g, x1.T @ x1, rtol=1e-5, atol=1e-5)
     for i in range(2):
         cov = model.model.layers[i].mlp.experts.calibration_coverage
         assert cov["tokens"][3] == 0 and cov["below"] == [3] == cov["all_tokens"]
