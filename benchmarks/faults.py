@@ -60,7 +60,8 @@ CONFIGS = {
 }
 MARKERS = {"quantize": "[run] quantizing:", "evaluate": "[run] evaluating", "wrote": "[run] wrote "}
 PHASES = ("open", "write", "replace", "replaced")  # benchmarks/fault_inject.py QH_FAULT_KILL
-MEASURED = {"tokens_per_s", "seconds", "peak_memory_quantize", "measured", "block_seconds", "from_cache", "throughput"}
+MEASURED = {"tokens_per_s", "seconds", "peak_memory_quantize", "host_memory", "measured", "block_seconds", "from_cache",
+            "throughput"}
 FAULTS = ("results_full", "results_readonly", "cache_full", "cache_readonly", "corrupt_files")
 SHARED_CACHE = ("downloads", "unpacked", "models")  # big and read-only for a run: linked, not copied
 RUN_TIMEOUT_S = 600

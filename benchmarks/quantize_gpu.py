@@ -3,6 +3,11 @@ AWQ->GPTQ recipe and, with the GPU's memory capped below the model's size, AWQ a
 `lite auto_awq` (default: smoothing only; optionally `--search-scale`), on the same synthetic Llama-2-7B checkpoint
 and the same calibration tokens, in one run.
 
+The `_stream` variants never hold the model in host memory (quant/streaming.py): the model is built without weights,
+each decoder block is read from the checkpoint's safetensors (memory-mapped) for its turn on the GPU, its codes are
+packed and written straight to the AWQ GEMM export, and its weights released; `_stream_synthetic` generates each
+block's random weights on the GPU from the seed instead of reading a file (for shapes larger than the disk).
+
 Each variant runs in a process of its own (fresh peak-memory counters): wall seconds end to end (load, quantize,
 export of the AWQ GEMM checkpoint), seconds per decoder block, peak GPU memory (torch's allocator) and peak host
 memory (resident set). The harness keeps the weights in host memory and moves one decoder block at a time to the
@@ -12,6 +17,7 @@ Random weights: time and memory only, never quality.
 
     python -m benchmarks.quantize_gpu --out $OUT --tokenizer .device/tokenizers/smollm2-135m-instruct
     python -m benchmarks.quantize_gpu --variants lmdeploy_search --out $OUT ...
+    python -m benchmarks.quantize_gpu --variants harness_awq harness_awq_stream harness_gptq_stream --out $OUT
     python -m benchmarks.quantize_gpu --report results/gpu        # the table again from the saved JSON
 """
 from __future__ import annotations
@@ -28,7 +34,14 @@ from harness.log import logger
 NAME = "quantize_gpu"
 # the harness's variants and the conf/quant option each runs (group size from --group-size)
 HARNESS = {"harness_awq": "awq_w4", "harness_rtn": "rtn_w4", "harness_gptq": "gptq_w4",
-           "harness_awq_gptq": "awq_gptq_w4", "harness_awq_capped": "awq_w4", "harness_gptq_capped": "gptq_w4"}
+           "harness_awq_gptq": "awq_gptq_w4", "harness_awq_capped": "awq_w4", "harness_gptq_capped": "gptq_w4",
+           "harness_awq_stream": "awq_w4", "harness_gptq_stream": "gptq_w4", "harness_rtn_stream": "rtn_w4",
+           "harness_awq_stream_synthetic": "awq_w4", "harness_gptq_stream_synthetic": "gptq_w4",
+           "harness_rtn_stream_synthetic": "rtn_w4"}
+# streamed variants: where each block's weights come from (quant.streaming): the checkpoint file, or the seed
+STREAM = {"harness_awq_stream": "file", "harness_gptq_stream": "file", "harness_rtn_stream": "file",
+          "harness_awq_stream_synthetic": "synthetic", "harness_gptq_stream_synthetic": "synthetic",
+          "harness_rtn_stream_synthetic": "synthetic"}
 VARIANTS = [*HARNESS, "lmdeploy_default", "lmdeploy_search"]
 DEFAULT_VARIANTS = ["harness_awq", "harness_rtn", "harness_gptq", "harness_awq_capped", "lmdeploy_default"]
 N_SAMPLES, SEQLEN, VOCAB = 128, 512, 32000
@@ -77,23 +90,45 @@ def run_harness(variant: str, model_dir: Path, work: Path, model: list[str], dev
     cfg = compose([model[0], f"quant={HARNESS[variant]}", *model[1:]])
     samples = calibration_tokens(*calib)
     t0 = time.perf_counter()
-    model = load_model(ResolvedModel(str(model_dir), None, "synthetic", "synthetic"), cfg.model, device="cpu")
+    if variant in STREAM:
+        model, place, finish = _open_streamed(STREAM[variant], cfg, model_dir, work, device)
+    else:
+        model = load_model(ResolvedModel(str(model_dir), None, "synthetic", "synthetic"), cfg.model, device="cpu")
+        place = Placement.of(device, True)
+        finish = lambda m, q: export_awq(m, q, work / "awq", check_weights=False)  # noqa: E731
     t_load = time.perf_counter() - t0
-    ctx = QuantContext(calibration=lambda: samples, progress=False, placement=Placement.of(device, True))
+    ctx = QuantContext(calibration=lambda: samples, progress=False, placement=place)
     t = time.perf_counter()
     out = METHODS.get(cfg.quant.method)(model, cfg.quant, ctx)
     if device == "cuda":
         torch.cuda.synchronize()
     t_quant = time.perf_counter() - t
     t = time.perf_counter()
-    export_awq(model, out.qtensors, work / "awq", check_weights=False)
+    finish(model, out.qtensors)
     t_export = time.perf_counter() - t
     blocks = out.summary.get("block_seconds") or []
     return {"seconds": {"load": t_load, "quantize": t_quant, "export": t_export, "total": time.perf_counter() - t0},
             "block_seconds_median": sorted(blocks)[len(blocks) // 2] if blocks else None, "n_blocks": len(blocks),
             "stage_seconds": {k: v for k, v in out.timings_s.items() if isinstance(v, (int, float))},
             "memory": _peak(torch), "gpu_cap_bytes": cap_bytes if capped else None,
+            "quantize_host_memory": out.summary.get("host_memory"), "placement": out.summary.get("placement"),
+            "model_fp16_bytes": out.summary.get("weight_bytes_fp16"),
             "quant": {k: cfg.quant.__dict__[k] for k in ("method", "w_bit", "group_size")}}
+
+
+def _open_streamed(source: str, cfg, model_dir: Path, work: Path, device: str):
+    """(model skeleton, streaming placement, finish(model, qtensors)) for a streamed variant: blocks from the
+    checkpoint file or generated from the seed, codes straight to an AWQ GEMM export under `work`."""
+    from harness import synthetic
+    from harness.models import DTYPES
+    from quant.export.awq_shards import AWQShardWriter
+    from quant.streaming import open_streamed
+
+    sink = AWQShardWriter(work / "awq")
+    where = ({"model_dir": model_dir} if source == "file" else
+             {"synthetic_arch": synthetic.load_arch(synthetic.arch_name(cfg.model.path)), "seed": cfg.seed})
+    model, place = open_streamed(device=device, dtype=DTYPES[cfg.model.dtype], sink=sink, **where)
+    return model, place, lambda m, q: sink.finish(m, q)
 
 
 def run_lmdeploy(variant: str, model_dir: Path, work: Path, model: list[str], device: str, cap_bytes: int = 0,
@@ -133,17 +168,20 @@ def table(results: list[dict]) -> str:
     ok = [r for r in results if "error" not in r]
     base = {r["variant"]: r["seconds"]["total"] for r in ok}
     lines = ["| variant | total s | load / quantize / export s | s per block (median) | peak GPU GiB | peak host GiB |"
-             " vs LMDeploy default |", "|---|---|---|---|---|---|---|"]
+             " host / fp16 weights | vs LMDeploy default |", "|---|---|---|---|---|---|---|---|"]
+    fp16 = next((r["model_fp16_bytes"] for r in ok if r.get("model_fp16_bytes")), None)
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['variant']} | failed: {r['error'][:80]} | | | | | |")
+            lines.append(f"| {r['variant']} | failed: {r['error'][:80]} | | | | | | |")
             continue
         s, m = r["seconds"], r["memory"]
         parts = " / ".join(f"{s[k]:.1f}" for k in ("load", "quantize", "export") if k in s) or "–"
         ratio = base.get("lmdeploy_default", 0) / s["total"] if base.get("lmdeploy_default") else None
+        host = f"{m['host_peak_rss_bytes'] / fp16:.2f}x" if fp16 else "–"
         lines.append(f"| {r['variant']}{' (GPU capped at ' + gib(r['gpu_cap_bytes']) + ' GiB)' if r.get('gpu_cap_bytes') else ''}"
                      f" | {s['total']:.1f} | {parts} | {r.get('block_seconds_median') or 0:.2f} | "
                      f"{gib(m['gpu_peak_allocated_bytes'])} | {gib(m['host_peak_rss_bytes'])} | "
+                     f"{host} | "
                      f"{f'{ratio:.1f}x faster' if ratio else '–'} |")
     env = next((r["environment"] for r in ok if r["environment"].get("lmdeploy")),
                next((r["environment"] for r in ok), {}))  # the LMDeploy version from a row that ran it
@@ -198,8 +236,10 @@ def main(argv=None) -> int:
     import quant  # noqa: F401  (registers every method's config, which conf/quant/ selects)
 
     t = time.perf_counter()
-    model_dir = synthetic.materialize(compose([model[0], "quant=fp16"]), a.synthetic_root, a.tokenizer)
-    log(f"synthetic checkpoint {model_dir} ready in {time.perf_counter() - t:.0f} s")
+    model_dir = Path("none")  # only variants that generate their blocks: no file at all (a shape beyond the disk)
+    if any(STREAM.get(v) != "synthetic" for v in a.variants):
+        model_dir = synthetic.materialize(compose([model[0], "quant=fp16"]), a.synthetic_root, a.tokenizer)
+        log(f"synthetic checkpoint {model_dir} ready in {time.perf_counter() - t:.0f} s")
     for v in a.variants:
         log(f"variant {v}")
         cmd = [sys.executable, "-m", "benchmarks.quantize_gpu", "--child", v, "--model-dir", str(model_dir),

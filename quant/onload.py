@@ -28,7 +28,6 @@ HOST = torch.device("cpu")
 class Placement:
     compute: torch.device = HOST  # where blocks compute
     offload: bool = False  # weights rest on the host between their turns (only meaningful off the host)
-    streaming = False  # blocks read from the checkpoint for their turn (quant.streaming.StreamingPlacement)
 
     @classmethod
     def of(cls, device: str | torch.device, offload: bool) -> "Placement":
@@ -63,6 +62,9 @@ class Placement:
             yield
         finally:
             _move_outside(model, inside, HOST)
+
+    def check(self, method, cfg, ctx) -> None:
+        """Before any work: whether `method` can run with this placement (every method can with this one)."""
 
     def describe(self) -> dict:
         """The record's words for this placement (the quant summary's `placement`)."""

@@ -80,10 +80,7 @@ class Method:
         if not isinstance(cfg, self.config):  # another method's config never runs as this one
             raise ConfigError(f"quant.method: {getattr(cfg, 'method', cfg)!r} — {self.name} needs its own config "
                               f"({self.config.__name__}) — use a conf/quant preset of {self.name}")
-        if getattr(ctx.placement, "streaming", False):  # before any work: a method that cannot stream says so
-            from quant.streaming import check_streamable
-
-            check_streamable(self, cfg, checkpoint_dir=ctx.checkpoint_dir)
+        ctx.placement.check(self, cfg, ctx)  # before any work: a placement the method cannot use says so
         with HostPeak() as host:  # every run's host memory peak (quant.onload.HostPeak says how it is measured)
             out = self.quantize(model, cfg, ctx, setup(model, cfg, ctx, self.needs_calibration))
         out.summary["host_memory"] = host.summary()

@@ -178,7 +178,7 @@ def _own(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Ten
     (copy-on-write), and a method writing the weights in place would turn the mapped file pages into private ones that
     stay with the mapping (measured: one block's bytes per block)."""
     out = t.to(device=device, dtype=dtype)
-    return out.clone() if out.data_ptr() == t.data_ptr() else out
+    return out.clone() if out.device.type == "cpu" and out.data_ptr() == t.data_ptr() else out
 
 
 def _fill(module: nn.Module, prefix: str, tensors: dict[str, torch.Tensor], device: torch.device, what: str) -> None:
@@ -253,7 +253,6 @@ class StreamingPlacement(Placement):
     where a finished block's codes go (an object with `write_block(index, prefix, qtensors)`, e.g.
     quant.export.awq_shards.AWQShardWriter), None: host memory."""
 
-    streaming = True
     source: Any = None
     model: Any = field(default=None, compare=False, repr=False)
     sink: Any = field(default=None, compare=False, repr=False)
@@ -266,6 +265,9 @@ class StreamingPlacement(Placement):
         index = {id(b): i for i, b in enumerate(get_blocks(model, arch))}
         return cls(d, True, source, model, sink, {"index": index, "prefix": arch.blocks, "done": set(),
                                                   "read_bytes": 0, "read_s": 0.0, "current": None})
+
+    def check(self, method, cfg, ctx) -> None:
+        check_streamable(method, cfg, checkpoint_dir=ctx.checkpoint_dir)
 
     def describe(self) -> dict:
         return {"compute": str(self.compute), "offload": True, "stream": self.source.description,

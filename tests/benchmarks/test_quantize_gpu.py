@@ -42,3 +42,31 @@ def test_gptq_dry_run_on_the_cpu_writes_the_table(tmp_path):
     assert res["calibration"] == {"sequences": 8, "seqlen": 128}
     md = (out / "quantize_gpu.md").read_text()
     assert "| harness_gptq |" in md and "8 x 128 random calibration tokens" in md
+
+
+def test_streamed_variants_and_the_host_memory_column():
+    assert set(qg.STREAM) <= set(qg.HARNESS) and set(qg.STREAM.values()) == {"file", "synthetic"}
+    row = lambda v, host: {"variant": v, "seconds": {"total": 10.0, "load": 1.0, "quantize": 8.0, "export": 1.0},  # noqa: E731
+                           "memory": {"host_peak_rss_bytes": host, "gpu_peak_allocated_bytes": 2**30},
+                           "model_fp16_bytes": 8 * 2**30, "environment": {}, "model": ["model=x"],
+                           "calibration": {"sequences": 4, "seqlen": 8}}
+    md = qg.table([row("harness_awq", 16 * 2**30), row("harness_awq_stream", 2 * 2**30)])
+    assert "| harness_awq | 10.0 | 1.0 / 8.0 / 1.0 | 0.00 | 1.0 | 16.0 | 2.00x |" in md
+    assert "| harness_awq_stream | 10.0 | 1.0 / 8.0 / 1.0 | 0.00 | 1.0 | 2.0 | 0.25x |" in md
+
+
+@pytest.mark.slow
+def test_a_streamed_run_from_the_seed_alone_writes_the_export_and_its_memory(tmp_path):
+    """No checkpoint file at all: RTN streamed from the seed on the CPU (SmolLM2's shape), codes straight to the
+    export; the JSON holds the quantization's own host memory window and where the blocks came from."""
+    out = tmp_path / "q"
+    r = subprocess.run([sys.executable, "-m", "benchmarks.quantize_gpu", "--variants", "harness_rtn_stream_synthetic",
+                        "--device", "cpu", "--model", "smollm2_135m_synthetic", "--group-size", "64", "--out",
+                        str(out), "--synthetic-root", str(tmp_path / "syn"), "--timeout", "600"],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert not (tmp_path / "syn").exists()  # nothing was written to disk but the export
+    res = json.loads((out / "quantize_gpu_harness_rtn_stream_synthetic.json").read_text())
+    assert res["placement"]["blocks_read"] == 30 and res["placement"]["codes"] == "export"
+    assert "generated block by block" in res["placement"]["stream"]
+    assert 0 < res["quantize_host_memory"]["host_peak_growth_bytes"] < res["model_fp16_bytes"]

@@ -262,3 +262,33 @@ def test_host_memory_stays_within_a_few_blocks_on_a_model_many_blocks_larger(tmp
     assert deep - shallow < block + (32 << 20), msg
     assert deep < 0.4 * model, msg
     assert whole > 0.9 * model, msg
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (run on the device machine)")
+@pytest.mark.parametrize("method", ["awq", "gptq"])
+def test_streamed_on_a_gpu_gives_the_whole_model_on_the_gpus_codes(method, tiny_llama, tmp_path):
+    """On a GPU: blocks read from the file (through the pinned staging buffer) or generated on the GPU from the seed
+    quantize to the codes of the whole model quantized on the GPU, bit for bit."""
+    from transformers import AutoModelForCausalLM
+
+    from quant.onload import Placement
+
+    qcfg, s = CONFIGS[method], _samples()
+    whole = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float16).cuda().eval()
+    ref = METHODS.get(method)(whole, qcfg, QuantContext(lambda: s, progress=False,
+                                                        placement=Placement(torch.device("cuda"), False)))
+    model, place = open_streamed(device="cuda", dtype=torch.float16, model_dir=tiny_llama)
+    out = METHODS.get(method)(model, qcfg, QuantContext(lambda: s, progress=False, placement=place))
+    for name, qt in out.qtensors.items():
+        assert qt.q.device.type == "cpu"
+        assert torch.equal(qt.q, ref.qtensors[name].q.cpu()), name
+        assert torch.equal(qt.scales, ref.qtensors[name].scales.cpu()), name
+
+    arch = synthetic.load_arch("llama2-7b", hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=4, vocab_size=VOCAB)
+    d = synthetic.write_checkpoint(arch, tmp_path / "syn", synthetic.WeightFormat(), seed=5, device="cuda")
+    runs = []
+    for where in ({"model_dir": d}, {"synthetic_arch": arch, "seed": 5}):
+        model, place = open_streamed(device="cuda", dtype=torch.float16, **where)
+        runs.append(METHODS.get(method)(model, qcfg, QuantContext(lambda: s, progress=False, placement=place)))
+    assert all(torch.equal(runs[0].qtensors[k].q, runs[1].qtensors[k].q) for k in runs[0].qtensors)
