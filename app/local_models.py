@@ -1,5 +1,5 @@
-"""In-process models for the web page: the FP16 model and its quantized variants, loaded through the harness's own
-loaders (harness.models) and quantized through the content-addressed cache (quant.quantized_cache.quantize_cached),
+"""In-process models for the web page: the FP16 model and its quantized variants, checked, loaded and quantized by the
+pipeline's own stages (experiments/stages.py: prepare, load, calibrate, quantize) through the content-addressed cache,
 so a variant that a run already built loads in seconds and one that no run built is built once, on first use.
 
 Variants that share quantized weights (AWQ w4 and AWQ w4 + KV int8) share one model in memory: the KV cache is per
@@ -34,6 +34,7 @@ class LocalModels:
         self._resolved = None
         self._tokenizer = None
         self._models: dict[str, torch.nn.Module] = {}
+        self._prepared: dict[str, object] = {}  # weights config -> experiments.stages.Prepared
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
 
@@ -66,15 +67,24 @@ class LocalModels:
         text = cfg.get("text_config", cfg)
         return int(text.get("max_position_embeddings") or text.get("max_sequence_length") or 2048)
 
+    def prepared(self, cfg: RunConfig):
+        """The pipeline's checks and cheap inputs for quantizing `cfg`'s weights (experiments.stages.prepare, nothing
+        evaluated), once per weights config: a config the model cannot take fails here, before any weight loads."""
+        key = repr((cfg.model, cfg.quant, cfg.data.add_bos))
+        with self._guard:
+            if key not in self._prepared:
+                from experiments.stages import prepare
+
+                self._prepared[key] = prepare(cfg, evaluate=False)
+            return self._prepared[key]
+
     def weights_key(self, cfg: RunConfig) -> str:
         if cfg.quant.method == "fp16":
             return "fp16"
-        from harness.data import bos_token_id, calibration_identity
-        from quant import quantized_cache as quant_cache
+        from experiments import stages
 
-        calib_id = (calibration_identity(cfg.quant.calib, self.tokenizer, bos_token_id(self.tokenizer, cfg.data.add_bos))
-                    if self.needs_calibration(cfg) else None)
-        return quant_cache.quant_key(self.resolved.model_sha, cfg.quant, cfg.model.dtype, calib_id)
+        prep = self.prepared(cfg)
+        return stages.weights_key(cfg, prep, stages.calibrate(cfg, prep))
 
     def state(self, cfg: RunConfig) -> str:
         """loaded | cached (quantized weights on disk) | missing (must be quantized first)."""
@@ -95,33 +105,27 @@ class LocalModels:
     # ---- loading and building ----
 
     def get(self, cfg: RunConfig, status: Status = lambda msg: None):
-        """The model for `cfg`'s weights: loaded, restored from the quantized cache, or quantized now (and cached)."""
+        """The model for `cfg`'s weights: loaded, restored from the quantized cache, or quantized now (and cached),
+        through the pipeline's stages (experiments/stages.py)."""
         key = self.weights_key(cfg)
         with self._guard:
             lock = self._locks.setdefault(key, threading.Lock())
         with lock:
             if key in self._models:
                 return self._models[key]
-            from harness.data import bos_token_id, calibration_identity, calibration_provider
-            from harness.models import load_model
-            from quant import QuantContext, quantized_cache
+            from experiments import stages
 
+            prep = self.prepared(cfg)
             label = variant_label(cfg)
             was = self.state(cfg)
             status(f"loading {self.model_cfg.name} for {label}")
-            model = load_model(self.resolved, cfg.model)
+            model = stages.load(cfg, prep)
             if cfg.quant.method != "fp16":
                 status(f"{label}: restoring quantized weights from the cache" if was == "cached" else
                        f"{label}: quantizing now (not in the quantized cache yet)"
                        + ("; calibrating first" if self.needs_calibration(cfg) else ""))
-                bos = bos_token_id(self.tokenizer, cfg.data.add_bos)
-                calib, calib_state = calibration_provider(getattr(cfg.quant, "calib", None), self.tokenizer, bos)
                 t = time.perf_counter()
-                outcome = quantized_cache.quantize_cached(
-                    model, cfg.quant, self.resolved.model_sha, cfg.model.dtype,
-                    QuantContext(calibration=calib, progress=cfg.progress), calib_state,
-                    calib_id=calibration_identity(cfg.quant.calib, self.tokenizer, bos)
-                    if self.needs_calibration(cfg) else None)
+                outcome = stages.quantize(cfg, model, prep, stages.calibrate(cfg, prep))
                 status(f"{label}: ready in {time.perf_counter() - t:.1f} s; " + self._to_kernel(model, outcome, cfg))
             model.eval()
             self._warm_up(model)

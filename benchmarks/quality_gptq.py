@@ -4,30 +4,27 @@ Milton 40x512; bf16).
 
     python -m benchmarks.quality_gptq [--variants rtn,gptq] [--n-samples 128] [--seqlen 512] [--eval-windows 40]
 
-Writes results/benchmarks/quality_gptq.json. Anchors (TARGETS.md): FP16 94.71, RTN 119.94, llm-compressor GPTQ with
-static activation ordering 106.75 (228 s), without activation ordering 118.66; AWQ->GPTQ 100.78.
+Each row (FP16 and every variant) is a pipeline run (experiments.pipeline, the stages every front door calls): its
+record goes to results/runs/<run_id>.json, where the report and the paper table read it; --reuse takes a record the
+same code made instead of recomputing it. Writes results/benchmarks/quality_gptq.json (each row names its run_id).
+Anchors (TARGETS.md): FP16 94.71, RTN 119.94, llm-compressor GPTQ with static activation ordering 106.75 (228 s),
+without activation ordering 118.66; AWQ->GPTQ 100.78.
 """
 from __future__ import annotations
 
 import argparse
-import copy
-import dataclasses
 import json
-import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import (add_quality_args, add_threads_arg, apply_threads, preset_fields, quality_setting,
-                               write_result)
-
+from benchmarks.common import (add_quality_args, add_record_args, add_threads_arg, apply_threads, preset_fields,
+                               quality_config, quality_row, write_result)
 from harness.config import CalibConfig
-from quant.gptq.awq_gptq import AWQGPTQConfig
-from quant.rtn import RTNConfig
-from harness.data import calibration_samples
 from harness.records import provenance
-from quant import METHODS, QuantContext
+from quant.gptq.awq_gptq import AWQGPTQConfig
 from quant.gptq.config import GPTQConfig
+from quant.rtn import RTNConfig
 
 # the harness's AWQ search settings (conf/quant/awq_w4.yaml), for the AWQ->GPTQ recipe
 AWQ_SEARCH = preset_fields("awq_w4", drop=("method", "calib", "w_bit", "group_size"))
@@ -58,6 +55,7 @@ def main() -> None:
     add_quality_args(ap)
     ap.add_argument("--variants", default="rtn,gptq", help=f"comma-separated, of: {', '.join(VARIANTS)}")
     ap.add_argument("--out", default="results/benchmarks/quality_gptq.json")
+    add_record_args(ap)
     add_threads_arg(ap)
     args = ap.parse_args()
     apply_threads(args)
@@ -65,40 +63,37 @@ def main() -> None:
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         ap.error(f"unknown variants {unknown} (known: {', '.join(VARIANTS)})")
+    configs = variant_configs(names, args)  # every row's config validated before the first runs
 
-    base, calib_ids, ppl_s = quality_setting(args.eval_split, args.eval_windows)
-
-    def ppl(model) -> float:
-        return ppl_s(model)[0]
-
-    calib = CalibConfig(n_samples=args.n_samples, seqlen=args.seqlen)
-    rows = {"fp16": {"token_ppl": ppl(base)}}
-    print(f"fp16: PPL {rows['fp16']['token_ppl']:.2f}", flush=True)
-    for name in names:
-        q = VARIANTS[name](calib)
-        method = getattr(q, "method", "gptq")
-        model = copy.deepcopy(base)
-        t0 = time.perf_counter()  # end to end: sampling the calibration tokens is inside the timed region
-        sample = lambda: calibration_samples(calib_ids, calib.n_samples, calib.seqlen, calib.seed)  # noqa: E731
-        out = METHODS.get(method)(model, q, QuantContext(calibration=sample, progress=True))
-        secs = time.perf_counter() - t0
-        rows[name] = {"quantize_s": secs, "stages_s": out.timings_s, "token_ppl": ppl(model),
-                      "config": {"method": method, **dataclasses.asdict(q)}}
-        print(f"{name}: {secs:.1f} s {out.timings_s}, PPL {rows[name]['token_ppl']:.2f}", flush=True)
-        del model
-        write(rows, names, args, ppl_s)  # after every variant: a run that dies keeps the rows it finished
-    result = write(rows, names, args, ppl_s)
+    rows = {}
+    for name, cfg in configs.items():
+        rows[name] = quality_row(cfg)  # a pipeline record under <results-dir>/runs/, and this file's row
+        r = rows[name]
+        print(f"{name}: " + (f"{r['quantize_s']:.1f} s {r['stages_s']}, " if "quantize_s" in r else "")
+              + f"PPL {r['token_ppl']:.2f} (run_id {r['run_id']})", flush=True)
+        write(rows, names, args)  # after every row: a run that dies keeps the rows it finished
+    result = write(rows, names, args)
     print(json.dumps({k: v for k, v in result.items() if k not in ("rows", "provenance")}, indent=1))
 
 
-def write(rows: dict, names: list[str], args, ppl_s) -> dict:
+def variant_configs(names: list[str], args) -> dict:
+    """fp16 and each variant as a pipeline config (benchmarks.common.quality_config): the setting plus its quant."""
+    calib = CalibConfig(n_samples=args.n_samples, seqlen=args.seqlen)
+    setting = dict(eval_split=args.eval_split, n_windows=args.eval_windows, results_dir=args.results_dir,
+                   reuse=args.reuse)
+    return {"fp16": quality_config(**setting),
+            **{name: quality_config(quant=VARIANTS[name](calib), **setting) for name in names}}
+
+
+def write(rows: dict, names: list[str], args, ppl_s=None) -> dict:
+    """The benchmark's JSON from the rows so far (`ppl_s`: unused, kept for callers of the earlier signature)."""
     fp = rows["fp16"]["token_ppl"]
     done = [k for k in names if k in rows]
     result = {
         "benchmark": "quality_gptq",
         "setting": {"model": "embedded SmolLM2-135M-Instruct (Q4_1 GGUF dequantized)", "w_bit": 4, "group_size": 64,
                     "calibration": f"{args.n_samples}x{args.seqlen} shakespeare_calib seed 0",
-                    "eval": f"{args.eval_split}, {ppl_s.windows}x512 tokens, bf16",
+                    "eval": f"{args.eval_split}, {args.eval_windows}x512 tokens, bf16",
                     "threads": torch.get_num_threads()},
         "rows": rows,
         "gap_over_rtn_gap": ({k: (rows[k]["token_ppl"] - fp) / (rows["rtn"]["token_ppl"] - fp)

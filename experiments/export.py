@@ -1,5 +1,5 @@
 """Export a run's quantized weights as an AWQ "GEMM" checkpoint (quant/export/awq.py), which LMDeploy loads with
-`model_format='awq'`:
+`model_format='awq'`; the run's stages (experiments/stages.py: prepare, load, calibrate, quantize), then the writer:
 
     python -m experiments.export quant=awq_w4 --out exports/smollm2-awq-w4-g64
     python -m experiments.export quant=rtn_w4 quant.group_size=32 --out /tmp/rtn --force
@@ -78,47 +78,55 @@ def checkpoint_bytes(skeleton, quant) -> int:
     return packed + fp16_param_bytes(skeleton) - sum(linears[n].weight.numel() for n in specs) * FP16_BYTES
 
 
+# The checkpoint format. AWQ GEMM is the one written today; an export-format option (e.g. `export.format=awq|
+# compressed-tensors`) plugs in here: quant.export.format_for(cfg.quant, accepted=(the option,)) picks the writer, and
+# its checks (from the config alone, then against the model's shapes) replace check_format's.
+FORMAT = "awq-gemm"  # the manifest's name for it
+
+
+def check_format(cfg: RunConfig, skeleton=None) -> None:
+    """Refuse, in one line and before any weight is read, a config the format cannot hold (`skeleton`: also every
+    quantized layer's shape)."""
+    from quant.export.awq import check_awq_config
+
+    check_awq_config(cfg.quant, skeleton)
+
+
+def write_checkpoint(model, qtensors: dict, out: Path, tokenizer, quant_meta: dict, manifest: dict) -> Path:
+    from quant.export.awq import export_awq
+
+    return export_awq(model, qtensors, out, tokenizer=tokenizer, quant_meta=quant_meta, manifest=manifest)
+
+
 def export(cfg: RunConfig, out: Path, force: bool = False, manifest: dict | None = None) -> Path:
-    """Quantize cfg's model as configured (through the cache) and write its AWQ GEMM checkpoint to `out`: a fresh
-    path, or (with `force`) a directory this harness wrote. `manifest`: more facts for its harness_manifest.json."""
-    from experiments.pipeline import Prepared, cache_need_bytes, quantize
-    from harness.assets import check_cache_dir
-    from harness.data import TEXT_SOURCES, bos_token_id, calibration_provider
-    from harness.limits import check_positions
-    from harness.models import describe_model, load_model, load_tokenizer, resolve_model
+    """Quantize cfg's model as configured (the pipeline's stages: experiments/stages.py, through the quantized-weight
+    cache) and write its checkpoint to `out`: a fresh path, or (with `force`) a directory this harness wrote.
+    `manifest`: more facts for its harness_manifest.json."""
+    from experiments import stages
+    from harness.models import describe_model
     from harness.outputs import check_output_dir, check_writable
     from harness.records import run_id
-    from quant import METHODS
-    from quant.export.awq import check_awq_config, export_awq
 
-    check_awq_config(cfg.quant)  # from the config alone
+    check_format(cfg)  # from the config alone
     check_output_dir("--out", out, force)  # nothing of the user's is replaced; the place takes a write
-    if METHODS.get(cfg.quant.method).needs_calibration:
-        TEXT_SOURCES.get(cfg.quant.calib.dataset)  # an unknown source or a bad file fails here
-    resolved = resolve_model(cfg.model)
-    skeleton = _skeleton(resolved, cfg)
-    check_positions(cfg, skeleton.config, only=("quant.calib.seqlen",))  # calibration within the model's positions
-    check_awq_config(cfg.quant, skeleton)  # every quantized layer's shape, still no weights
+    prep = stages.prepare(cfg, evaluate=False)  # the run's own checks of what quantizing needs (no weights read)
+    skeleton = _skeleton(prep.resolved, cfg)
+    check_format(cfg, skeleton)  # every quantized layer's shape, still no weights
     check_writable("--out", out, checkpoint_bytes(skeleton, cfg.quant))  # room for it, before any loading
-    cache_writable = check_cache_dir(cache_need_bytes(cfg, resolved), log)  # optional: a warning at most
-    tokenizer = load_tokenizer(resolved, cfg.model)
-    log(f"loading {cfg.model.name} ({resolved.origin})")
-    model = load_model(resolved, cfg.model)
-    bos = bos_token_id(tokenizer, cfg.data.add_bos)  # calibration samples exactly as the run makes them
-    calib, calib_state = calibration_provider(getattr(cfg.quant, "calib", None), tokenizer, bos)
-    outcome = quantize(cfg, model, Prepared(resolved, tokenizer, {}, {}, {}, bos, cache_writable), calib, calib_state)
-    rid = run_id(cfg)
-    path = export_awq(model, outcome.qtensors, out, tokenizer=tokenizer, quant_meta={
+    model = stages.load(cfg, prep)
+    outcome = stages.quantize(cfg, model, prep, stages.calibrate(cfg, prep))  # calibration exactly as the run's
+    rid, resolved = run_id(cfg), prep.resolved
+    path = write_checkpoint(model, outcome.qtensors, out, prep.tokenizer, quant_meta={
         "run_id": rid, "model": cfg.model.name, "model_sha": resolved.model_sha,
         "model_origin": resolved.origin, "reference_note": describe_model(cfg.model, resolved, model.config),
         "method": cfg.quant.method, "quant": dataclasses.asdict(cfg.quant)},
-        manifest={"run_id": rid, "format": "awq-gemm", "model_sha": resolved.model_sha, **(manifest or {})})
+        manifest={"run_id": rid, "format": FORMAT, "model_sha": resolved.model_sha, **(manifest or {})})
     log(f"wrote the AWQ GEMM checkpoint of run_id {rid} to {path}")
     return path
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    from experiments.pipeline import USER_ERRORS
+    from experiments.stages import USER_ERRORS
     from quant.export.awq import AWQExportError
 
     return (*USER_ERRORS, AWQExportError)
