@@ -148,12 +148,17 @@ def _parameters_on_meta():
 
 def skeleton(hf_config, dtype: torch.dtype) -> nn.Module:
     """The model of `hf_config` in `dtype`, its parameters on the meta device (no weight memory, no initialisation)."""
+    from contextlib import nullcontext
+
     from transformers import AutoModelForCausalLM
-    from transformers import initialization as init
 
     from harness.moe_unfuse import unfuse_experts
 
-    with _parameters_on_meta(), init.no_init_weights():
+    try:  # skips initialising weights (on meta tensors it would cost nothing anyway)
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        no_init_weights = nullcontext
+    with _parameters_on_meta(), no_init_weights():
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
     unfuse_experts(model)  # the layout the in-memory path quantizes (per-expert Linears)
     return model.eval()
