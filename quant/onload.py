@@ -123,10 +123,18 @@ class Transfer:
             torch.cuda.current_stream(self.device).synchronize()
 
     def to_device(self, hosts: list[torch.Tensor]) -> list[torch.Tensor]:
+        return self.upload(self.stage(hosts))
+
+    def stage(self, hosts: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The host tensors copied into the staging buffer (views of it, valid until the buffer's next use)."""
         hosts = [h.contiguous() for h in hosts]
         stage = self._staging(hosts)
         for s, h in zip(stage, hosts):
             s.copy_(h)
+        return stage
+
+    def upload(self, stage: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Copies of staged tensors on the device (one DMA each from pinned memory)."""
         out = [s.to(self.device, non_blocking=self.pin, copy=True) for s in stage]
         self._sync()  # the staging buffer is free again when this returns
         return out

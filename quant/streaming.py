@@ -293,11 +293,7 @@ class StreamingPlacement(Placement):
             raise StreamingError(f"streaming: block {i} was asked for a second time; a streamed quantization reads "
                                  f"each block once (a method that passes over the blocks again cannot stream)")
         t = time.perf_counter()
-        tensors = self.source.block(i, self.compute)
-        if self.compute.type != "cpu":  # a host-read block travels through the pinned staging buffer
-            host = [n for n, v in tensors.items() if v.device.type == "cpu"]
-            if host:
-                tensors.update(zip(host, _transfer(self.compute).to_device([tensors[n] for n in host])))
+        tensors = self._read(i)
         st["read_bytes"] += sum(v.numel() * v.element_size() for v in tensors.values())
         _fill(block, f"{st['prefix']}.{i}.", tensors, self.compute, f"block {i}")
         del tensors
@@ -311,6 +307,46 @@ class StreamingPlacement(Placement):
             self._release(block, st["taken"])
             st["done"].add(i)
             st["current"], st["taken"], st["shells"] = None, set(), []
+
+    def _read(self, i: int) -> dict[str, torch.Tensor]:
+        """Block i's tensors on the compute device. A block read into host memory on an accelerator travels through
+        one of two pinned staging buffers (by the block's parity), staged by a reader thread one block ahead, so the
+        next block's read (page faults and a copy out of the memory-mapped file) overlaps this block's compute; then
+        one DMA per tensor."""
+        if self.compute.type == "cpu":
+            return self.source.block(i, self.compute)
+        st = self.state
+        ahead, staged = st.pop("ahead", None), None
+        if ahead is not None:
+            got = ahead[1].result()  # (also when not block i: its buffer must be free before it is staged again)
+            staged = got if ahead[0] == i else None
+        tensors, host = staged if staged is not None else self._stage(i)
+        if host:
+            tensors.update(zip(host, self._transfers()[i % 2].upload(list(host.values()))))
+            if i + 1 < len(st["index"]):
+                if "reader" not in st:
+                    from concurrent.futures import ThreadPoolExecutor
+
+                    st["reader"] = ThreadPoolExecutor(1, thread_name_prefix="block-reader")
+                st["ahead"] = (i + 1, st["reader"].submit(self._stage, i + 1))
+        return tensors
+
+    def _stage(self, i: int) -> tuple[dict, dict]:
+        """(block i's tensors the source made on the device, {name: view of the staging buffer of i's parity} for
+        those it read into host memory)."""
+        tensors = self.source.block(i, self.compute)
+        host = [n for n, v in tensors.items() if v.device.type == "cpu"]
+        if not host:
+            return tensors, {}
+        views = self._transfers()[i % 2].stage([tensors.pop(n) for n in host])
+        return tensors, dict(zip(host, views))
+
+    def _transfers(self) -> list:
+        if "transfers" not in self.state:
+            from quant.onload import Transfer
+
+            self.state["transfers"] = [Transfer(self.compute), Transfer(self.compute)]
+        return self.state["transfers"]
 
     def _release(self, block: nn.Module, taken: set[str]) -> None:
         for name, p in list(block.named_parameters()):
