@@ -148,3 +148,25 @@ def test_offloaded_blocks_on_a_gpu_give_the_whole_model_on_the_gpus_results(meth
         assert torch.equal(qt.q, ref.qtensors[name].q.cpu()) and torch.equal(qt.scales, ref.qtensors[name].scales.cpu())
     for (n, p), (_, p_ref) in zip(host.named_parameters(), whole.named_parameters()):
         assert p.device == HOST and torch.equal(p, p_ref.cpu()), n
+
+
+def test_host_peak_sees_memory_held_inside_its_window_only():
+    """HostPeak (every quantization's host_memory): 64 MiB touched and held for a moment inside the window show as
+    growth, whether the window set the process's peak (exact, ru_maxrss) or stayed under an earlier one (sampled);
+    memory freed before the window does not."""
+    import time
+
+    from quant.onload import HostPeak
+
+    before = torch.ones(96 << 20, dtype=torch.uint8)  # an earlier, higher peak of this process
+    del before
+    with HostPeak() as m:
+        x = torch.ones(64 << 20, dtype=torch.uint8)
+        time.sleep(0.1)
+        del x
+    s = m.summary()
+    assert s["how"] in ("ru_maxrss", "sampled")
+    assert (64 << 20) * 0.9 <= s["host_peak_growth_bytes"] <= (64 << 20) * 1.5 + (16 << 20), s
+    with HostPeak() as idle:
+        time.sleep(0.05)
+    assert idle.summary()["host_peak_growth_bytes"] < 16 << 20
