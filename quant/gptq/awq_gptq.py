@@ -40,7 +40,7 @@ class AWQGPTQConfig(AWQConfig, GPTQKnobs):
 class AWQGPTQ(Method):
     name, config = "awq_gptq", AWQGPTQConfig
     needs_calibration = True
-    formats = ("awq",)
+    formats = ("awq", "compressed-tensors")
     label = "AWQ+GPTQ"
 
     def quantize(self, model, cfg: AWQGPTQConfig, ctx, setup: Setup) -> QuantOutcome:
