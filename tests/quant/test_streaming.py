@@ -21,6 +21,7 @@ from quant.export.awq import export_awq
 from quant.export.awq_shards import AWQShardWriter
 from quant.gptq.config import GPTQConfig
 from quant.rtn import RTNConfig
+from harness.architectures import architecture_for
 from quant.streaming import StreamingError, open_streamed
 
 CONFIGS = {"rtn": RTNConfig(w_bit=4, group_size=64),
@@ -146,6 +147,28 @@ def test_synthetic_blocks_generated_alone_equal_the_file(tmp_path):
     assert from_file.qtensors.keys() == from_seed.qtensors.keys()
     assert all(torch.equal(from_file.qtensors[k].q, from_seed.qtensors[k].q) for k in from_file.qtensors)
     assert "generated block by block" in from_seed.summary["placement"]["stream"]
+
+
+def test_a_mixture_of_experts_streams_from_the_seed(tmp_path):
+    """A tiny Mixtral (4 experts, top-2) streamed from the seed, AWQ with per-expert statistics: the codes of the same
+    weights held whole in memory, and the expert token counts recorded the same (the Mixtral-8x7B shape's path)."""
+    from harness.architectures import get_blocks
+    from quant.streaming import SyntheticBlocks, _fill, streamed_model, synthetic_config
+
+    hf = {**synthetic.load_arch("mixtral-8x7b").hf_config, "hidden_size": 128, "intermediate_size": 256,
+          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": VOCAB,
+          "num_local_experts": 4}
+    arch = synthetic.Arch("mixtral-tiny", "mixtral", hf, "test")
+    qcfg = CONFIGS["awq"]
+    whole = streamed_model(synthetic_config(arch), torch.float32, SyntheticBlocks(arch, 2))
+    for i, block in enumerate(get_blocks(whole, architecture_for(whole))):
+        _fill(block, f"model.layers.{i}.", synthetic.block_tensors(arch, i, seed=2), torch.device("cpu"), "test")
+    s = _samples()
+    ref = METHODS.get("awq")(whole, qcfg, QuantContext(lambda: s, progress=False))
+    _, _, out = _streamed(qcfg, synthetic_arch=arch, seed=2)
+    assert out.qtensors.keys() == ref.qtensors.keys() and sum(".experts." in k for k in out.qtensors) == 2 * 4 * 3
+    assert all(torch.equal(out.qtensors[k].q, ref.qtensors[k].q) for k in ref.qtensors)
+    assert out.summary["moe"]["calibration"]["expert_tokens"] == ref.summary["moe"]["calibration"]["expert_tokens"]
 
 
 @pytest.mark.parametrize("method, fields, why", [
