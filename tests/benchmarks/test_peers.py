@@ -59,7 +59,7 @@ def test_a_peer_output_of_known_weights_scores_as_the_harness_scores_them(tmp_pa
     assert notes["quantized_linears_checked"] == 30 * 7 and notes["other_tensors_changed"] == []
     model = copy.deepcopy(smollm2_bf16_shared)
     readback.load_into(model, got)
-    windows = eval_windows(milton_ids, 512, 2)
+    windows = eval_windows(milton_ids, 128, 2)
     fp16 = score(smollm2_bf16_shared, windows)
     peer, harness = score(model, windows, fp16), score(quantized, windows, fp16)
     assert peer["token_ppl"] == harness["token_ppl"] and peer["window_nll_mean"] == harness["window_nll_mean"]

@@ -36,6 +36,14 @@ def read_checkpoint(folder: Path, keys: list[str]) -> dict:
     return {k: state[k] for k in keys if k in state}
 
 
+def setting_of(ar, name: str):
+    """A knob as the compressor ran it (on the compressor, its algorithm config or its calibration state)."""
+    for owner in (ar, getattr(ar, "quantize_config", None), getattr(ar, "calibration_context", None)):
+        if owner is not None and getattr(owner, name, None) is not None:
+            return getattr(owner, name)
+    return None
+
+
 def main() -> None:
     spec = read_spec()
     from auto_round import AutoRound
@@ -53,8 +61,8 @@ def main() -> None:
         "tool": "auto-round", "recipe": spec["recipe"], "quantize_s": t.seconds,
         "quantize_s_note": "quantize_and_save: SignRound plus writing its fake-format checkpoint (about a second)",
         "settings": {**kwargs, "alg": "signround", "format": "fake",
-                     **{k: getattr(ar, k, None) for k in ("lr", "minmax_lr", "batch_size", "amp", "seed",
-                                                         "enable_minmax_tuning", "enable_quanted_input")}},
+                     **{k: setting_of(ar, k) for k in ("lr", "minmax_lr", "batch_size", "amp", "seed",
+                                                      "enable_minmax_tuning", "enable_quanted_input")}},
         "patches": []})
 
 
