@@ -32,6 +32,7 @@ from benchmarks.peers.table import markdown
 
 OUT_DIR = Path("results/benchmarks/peers")
 RTN_ROW = "rtn_w4"  # the harness's RTN: each setting's gap is measured against its gap
+HARNESS_AUTOROUND, PACKAGE_AUTOROUND = "autoround_w4", "autoround_pkg"  # compared in each setting's summary
 PEER_PYTHON = ".venv-peers/bin/python"
 
 
@@ -52,6 +53,7 @@ def parse_args(argv=None):
     ap.add_argument("--work-dir", default=None, help="the hand-over files (default: results/.tmp_peers)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--table-only", action="store_true", help="rewrite the summary and the .md of --out; run nothing")
     add_threads_arg(ap)
     args = ap.parse_args(argv)
     if "/" in args.peer_python:  # workers run in their own directory: a relative interpreter path is the caller's
@@ -239,7 +241,31 @@ def finish(result: dict) -> dict:
             if c["status"] == "ok" and r and r["status"] == "ok" and r["token_ppl"] > fp:
                 c["gap_over_rtn_gap"] = (c["token_ppl"] - fp) / (r["token_ppl"] - fp)
     result["complete"] = all(s in row["cells"] for row in result["rows"].values() for s in result["settings_run"])
+    result["summary"] = {s: summary(result["rows"], s) for s in result["settings_run"]}
     return result
+
+
+def summary(rows: dict, setting: str) -> dict:
+    """The targets' comparisons at a setting (../shared TARGETS.md): the harness's best row against every peer's
+    best, and the harness's AutoRound against the auto-round package (PPL and time)."""
+    ok = {name: row["cells"][setting] for name, row in rows.items()
+          if row["cells"].get(setting, {}).get("status") == "ok"}
+    best = {}
+    for side in ("harness", "peer"):
+        names = [n for n in ok if (rows[n]["tool"] == "harness") == (side == "harness")]
+        if names:
+            n = min(names, key=lambda k: ok[k]["token_ppl"])
+            best[side] = {"row": n, "token_ppl": ok[n]["token_ppl"], "gap_over_rtn_gap": ok[n].get("gap_over_rtn_gap")}
+    out = {"best_harness": best.get("harness"), "best_peer": best.get("peer"),
+           "harness_best_below_every_peer": (best["harness"]["token_ppl"] < best["peer"]["token_ppl"]
+                                             if len(best) == 2 else None)}
+    ours, theirs = ok.get(HARNESS_AUTOROUND), ok.get(PACKAGE_AUTOROUND)
+    if ours and theirs:
+        out["autoround_vs_package"] = {"ppl": [ours["token_ppl"], theirs["token_ppl"]],
+                                       "quantize_s": [ours["quantize_s"], theirs["quantize_s"]],
+                                       "ppl_le": ours["token_ppl"] <= theirs["token_ppl"],
+                                       "time_le": ours["quantize_s"] <= theirs["quantize_s"]}
+    return out
 
 
 def save(result: dict, out: Path) -> None:
@@ -252,6 +278,10 @@ def main(argv=None) -> None:
     from harness.records import provenance
 
     args, protocol, rows, settings, out = parse_args(argv)
+    if args.table_only:
+        save(json.loads(out.read_text()), out)
+        print(out.with_suffix(".md").read_text())
+        return
     apply_threads(args)
     peers = [PEERS[r] for r in rows if r in PEERS]
     stub, versions, problems = preflight(args.peer_python, args.peer_path, {(p.tool, p.module) for p in peers})

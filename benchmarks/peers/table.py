@@ -32,4 +32,17 @@ def markdown(result: dict) -> str:
     for name, row in result["rows"].items():
         cells = [x for s in settings for x in _cell(row["cells"].get(s))]
         lines.append("| " + " | ".join([row["tool"], row["label"], *cells]) + " |")
+    lines.append("")
+    for s in settings:
+        sm = result.get("summary", {}).get(s) or {}
+        h, p_ = sm.get("best_harness"), sm.get("best_peer")
+        if h and p_:
+            line = (f"- {result['settings'][s]['label']}: best harness `{h['row']}` {h['token_ppl']:.2f}, best peer "
+                    f"`{p_['row']}` {p_['token_ppl']:.2f} ({'below' if sm['harness_best_below_every_peer'] else 'NOT below'}"
+                    f" every peer)")
+            a = sm.get("autoround_vs_package")
+            if a:
+                line += (f"; harness AutoRound {a['ppl'][0]:.2f} in {a['quantize_s'][0]:.0f} s vs auto-round "
+                         f"{a['ppl'][1]:.2f} in {a['quantize_s'][1]:.0f} s")
+            lines.append(line)
     return "\n".join(lines) + "\n"

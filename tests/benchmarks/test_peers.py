@@ -187,3 +187,30 @@ def test_llm_compressor_rtn_worker_agrees_with_the_harness_rtn(tmp_path, rtn_sta
     _, harness = rtn_state
     w = "model.layers.5.self_attn.q_proj.weight"
     assert (state[w] == harness[w]).float().mean() > 0.99
+
+
+def test_summary_and_gaps_against_the_targets():
+    """Each setting's summary: the harness's best row against every peer's best, the gap over RTN's gap, and the
+    harness's AutoRound against the auto-round package in PPL and time (a failed cell takes part in nothing)."""
+    from benchmarks.peers.__main__ import finish
+    from benchmarks.peers.table import markdown
+
+    def cell(ppl, s=10.0):
+        return {"status": "ok", "token_ppl": ppl, "quantize_s": s, "token_ppl_ci95": [ppl - 1, ppl + 1]}
+
+    rows = {"rtn_w4": {"tool": "harness", "label": "rtn_w4", "cells": {"w3g64": cell(240.0)}},
+            "autoround_w4": {"tool": "harness", "label": "autoround_w4", "cells": {"w3g64": cell(130.0, 50.0)}},
+            "llmc_gptq": {"tool": "llmcompressor", "label": "GPTQ", "cells": {"w3g64": cell(125.0)}},
+            "autoround_pkg": {"tool": "auto-round", "label": "AutoRound", "cells": {"w3g64": cell(135.0, 60.0)}},
+            "llmc_awq": {"tool": "llmcompressor", "label": "AWQ",
+                         "cells": {"w3g64": {"status": "failed", "reason": "worker exit 1: boom"}}}}
+    result = finish({"fp16": {"token_ppl": 95.0, "token_ppl_ci95": [90.0, 100.0]}, "rows": rows,
+                     "settings_run": ["w3g64"], "settings": {"w3g64": {"label": "w3 g64"}}, "machine": "m",
+                     "protocol": Protocol().as_dict()})
+    sm = result["summary"]["w3g64"]
+    assert sm["best_harness"]["row"] == "autoround_w4" and sm["best_peer"]["row"] == "llmc_gptq"
+    assert sm["harness_best_below_every_peer"] is False
+    assert sm["best_harness"]["gap_over_rtn_gap"] == pytest.approx(35 / 145)
+    assert sm["autoround_vs_package"]["ppl_le"] and sm["autoround_vs_package"]["time_le"]
+    md = markdown(result)
+    assert "failed: worker exit 1: boom" in md and "NOT below" in md and result["complete"]
