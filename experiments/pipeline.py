@@ -21,6 +21,8 @@ from harness.config import RunConfig
 from harness.records import run_id  # noqa: F401  (the run's identity, beside run())
 from harness.synthetic import without_quality_metrics
 from eval.code_version import code_version_of, stale_reason  # noqa: F401  (shared with the report)
+# the stages run() composes, and (re-exported for the callers of this Python API) USER_ERRORS, record_exists,
+# write_record
 from experiments.stages import (USER_ERRORS, Prepared, calibrate, evaluate, load, log, prepare, quantize,  # noqa: F401
                                 record, record_exists, reusable_record, write_record)
 from quant.onload import Placement, peak_memory

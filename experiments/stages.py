@@ -32,8 +32,8 @@ from harness.hub import require_hub
 from harness.labels import config_label
 from harness.limits import check_positions
 from harness.log import logger
-from harness.models import (ModelUnavailableError, check_device, describe_model, load_config, load_model, load_tokenizer,
-                            model_summary, resolve_model)
+from harness import models  # its loaders are called through the module: one replaced there is replaced for every door
+from harness.models import ModelUnavailableError, check_device, describe_model, load_config, model_summary
 from harness.records import (CorruptRecordError, check_results_dir, load_record, make_record, provenance, record_path,
                              write_json_atomic)
 from harness.registry import UnknownNameError
@@ -92,7 +92,7 @@ def prepare(cfg: RunConfig, evaluate: bool = True) -> Prepared:
         from quant.kv_cache import check_kv_supported
 
         check_kv_supported(cfg.kv.bits, cfg.kv.format)
-    resolved = resolve_model(cfg.model)
+    resolved = models.resolve_model(cfg.model)
     cache_writable = check_cache_dir(cache_need_bytes(cfg, resolved), log)  # a warning at most: the cache is optional
     model_config = load_config(resolved, cfg.model)  # a .gguf file: its metadata (harness.models)
     # every sequence length against the model's positions (only the calibration's when nothing is evaluated)
@@ -102,7 +102,7 @@ def prepare(cfg: RunConfig, evaluate: bool = True) -> Prepared:
     if random_weights:
         preflight(checked, model_config)
         return random_prepared(cfg, resolved, model_config, cache_writable, evaluate)
-    tok = load_tokenizer(resolved, cfg.model)
+    tok = models.load_tokenizer(resolved, cfg.model)
     try:
         bos = bos_token_id(tok, cfg.data.add_bos)
     except ValueError as e:
@@ -165,7 +165,7 @@ def load(cfg: RunConfig, prep: Prepared, placement: Placement = Placement()):
     """The model's weights in cfg.model.dtype; with offloading they rest in host memory (quant/onload.py)."""
     onload = f" into host memory; blocks onload to {placement.compute} in turn" if placement.offload else ""
     log(f"loading {cfg.model.name} ({prep.resolved.origin}){onload}")
-    return load_model(prep.resolved, cfg.model, device="cpu" if placement.offload else None)
+    return models.load_model(prep.resolved, cfg.model, device="cpu" if placement.offload else None)
 
 
 @dataclass
@@ -265,8 +265,8 @@ def evaluate(cfg: RunConfig, model, prep: Prepared, outcome: QuantOutcome,
     ctx = EvalContext(cfg=cfg, model=model, tokenizer=prep.tokenizer, windows=prep.windows, texts=prep.texts,
                       split_sha=prep.split_sha, model_sha=prep.resolved.model_sha, qtensors=outcome.qtensors,
                       kv_cache_factory=kv_cache_factory(cfg, model),
-                      load_reference_model=lambda: load_model(prep.resolved, cfg.model), progress=cfg.progress,
-                      results=metrics)
+                      load_reference_model=lambda: models.load_model(prep.resolved, cfg.model),
+                      progress=cfg.progress, results=metrics)
     log(f"evaluating ({cfg.backend.name})")
     timings = BACKENDS.get(cfg.backend.name).evaluate(ctx, log)
     if ctx.kv_cache_factory is not None:

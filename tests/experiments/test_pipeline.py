@@ -67,7 +67,7 @@ def test_bad_input_fails_before_the_model_loads(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("model loaded before the input was checked")
 
-    monkeypatch.setattr("experiments.stages.load_model", boom)
+    monkeypatch.setattr("harness.models.load_model", boom)
     with pytest.raises(ValueError, match="seqlen"):
         pipeline.run(cfg_of(SMALL + ["eval.perplexity.seqlen=100000000", "eval.perplexity.max_windows=1", f"results_dir={tmp_path}"]))
     with pytest.raises(KeyError, match="text source"):

@@ -53,8 +53,8 @@ def _boom(*a, **k):
 def test_pipeline_checks_results_dir_and_device_before_the_model_loads(tmp_path, monkeypatch):
     from experiments import pipeline
 
-    monkeypatch.setattr("experiments.stages.load_model", _boom)
-    monkeypatch.setattr("experiments.stages.resolve_model", _boom)
+    monkeypatch.setattr("harness.models.load_model", _boom)
+    monkeypatch.setattr("harness.models.resolve_model", _boom)
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     with pytest.raises(ConfigError, match="^results_dir: "):
@@ -220,7 +220,7 @@ def test_group_size_that_does_not_divide_a_layer_fails_before_the_model_loads(tm
         check_group_sizes(RTNConfig(group_size=128), hf)
     check_group_sizes(RTNConfig(group_size=128, group_fallback="per_channel"), hf)
     check_group_sizes(RTNConfig(group_size=64), hf)
-    monkeypatch.setattr("experiments.stages.load_model", _boom)
+    monkeypatch.setattr("harness.models.load_model", _boom)
     with pytest.raises(ConfigError, match="quant.group_size=128"):
         pipeline.run(cfg_of(SMALL + ["quant=rtn_w4", "quant.group_size=128", f"results_dir={tmp_path}"]))
 
@@ -248,7 +248,7 @@ def test_calibration_checks_run_before_the_model_loads(tmp_path, monkeypatch):
     from eval import memory
     from experiments import pipeline
 
-    monkeypatch.setattr("experiments.stages.load_model", _boom)
+    monkeypatch.setattr("harness.models.load_model", _boom)
     with pytest.raises(ConfigError, match=r"^quant.calib.seqlen: 100000000 — smollm2-135m-instruct has 8192 positions"):
         pipeline.run(cfg_of(SMALL + ["quant=awq_w4", "quant.calib.seqlen=100000000", f"results_dir={tmp_path}"]))
     short = tmp_path / "short.txt"  # within the positions, longer than the calibration text
@@ -303,8 +303,8 @@ def test_a_sequence_past_the_models_positions_fails_before_the_model_loads(tmp_p
     would score the model outside its trained context and record that PPL as the model's."""
     from experiments import pipeline
 
-    monkeypatch.setattr("experiments.stages.load_model", _boom)
-    monkeypatch.setattr("experiments.stages.load_tokenizer", _boom)
+    monkeypatch.setattr("harness.models.load_model", _boom)
+    monkeypatch.setattr("harness.models.load_tokenizer", _boom)
     with pytest.raises(ConfigError, match=rf"^{field}: {value} — smollm2-135m-instruct has 8192 positions "
                                           r"\(max_position_embeddings\), .* — .*8192"):
         pipeline.run(cfg_of(SMALL + overrides + [f"results_dir={tmp_path}"]))
@@ -341,7 +341,7 @@ def test_overrides_that_skip_every_linear_fail_before_the_model_loads(tmp_path, 
     with pytest.raises(ConfigError, match=r"every Linear is skipped \(14 of 14\)"):  # on a loaded model too
         plan_layers(tiny, everything)
     assert len(plan_layers(tiny, RTNConfig(layer_overrides=[LayerOverride("*.self_attn.*", skip=True)])).quantized()) == 6
-    monkeypatch.setattr("experiments.stages.load_model", _boom)
+    monkeypatch.setattr("harness.models.load_model", _boom)
     with pytest.raises(ConfigError, match=r"^quant.layer_overrides: skip \* — every Linear is skipped"):
         pipeline.run(cfg_of(SMALL + ["quant=rtn_w4", "quant.layer_overrides=[{pattern:'*',skip:true}]",
                                      f"results_dir={tmp_path}"]))

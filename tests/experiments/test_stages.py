@@ -37,7 +37,6 @@ def _refusals(cfg, tmp_path) -> dict[str, str]:
 ])
 def test_every_front_door_refuses_a_bad_config_with_the_same_line_before_loading(tmp_path, monkeypatch, overrides,
                                                                                   starts):
-    monkeypatch.setattr("experiments.stages.load_model", _boom)
     monkeypatch.setattr("harness.models.load_model", _boom)
     said = _refusals(cfg_of(SMALL + overrides + [f"results_dir={tmp_path}"]), tmp_path)
     assert len(set(said.values())) == 1, said

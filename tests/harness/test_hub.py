@@ -95,7 +95,7 @@ def test_prepare_fails_in_under_5_s(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("the model was resolved before the hub was checked")
 
-    monkeypatch.setattr("experiments.stages.resolve_model", boom)
+    monkeypatch.setattr("harness.models.resolve_model", boom)
     cfg = cfg_of(SMALL + ["data=wikitext2", f"results_dir={tmp_path}"])
     t = time.monotonic()
     with pytest.raises(ConfigError, match=r"^data\.splits: wikitext2 — a Hugging Face Hub dataset"):

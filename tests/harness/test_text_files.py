@@ -75,7 +75,7 @@ def test_bad_files_fail_in_one_line_before_the_model_loads(tmp_path, monkeypatch
     f = tmp_path / name
     if content is not None:
         f.write_text(content)
-    monkeypatch.setattr("experiments.stages.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr("harness.models.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     for cfg in (_cfg(f"file:{f}", f"results_dir={tmp_path}"),
                 _cfg("milton", "quant=awq_w4", f"quant.calib.dataset=file:{f}", f"results_dir={tmp_path}")):
         with pytest.raises(ConfigError, match=message) as e:
@@ -127,8 +127,8 @@ def test_a_nul_split_fails_before_the_tokenizer_or_the_model_loads(tmp_path, mon
     def boom(*a, **k):
         raise AssertionError("loaded before the text was checked")
 
-    monkeypatch.setattr("experiments.stages.load_model", boom)
-    monkeypatch.setattr("experiments.stages.load_tokenizer", boom)
+    monkeypatch.setattr("harness.models.load_model", boom)
+    monkeypatch.setattr("harness.models.load_tokenizer", boom)
     f = tmp_path / "nul.txt"
     f.write_bytes(b"\0" * 4096)
     with pytest.raises(ConfigError, match=r"not text: 4096 of 4096 characters are control characters \(first: 0x00"):
