@@ -186,58 +186,48 @@ def _own(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Ten
     return out.clone() if out.device.type == "cpu" and out.data_ptr() == t.data_ptr() else out
 
 
-def _fill(module: nn.Module, prefix: str, tensors: dict[str, torch.Tensor], device: torch.device, what: str) -> None:
+NAMED_OTHERWISE = ("streaming reads tensors by the model's own names, and this checkpoint names them otherwise (a "
+                   "layout transformers converts at load): load it without streaming")
+
+
+def _load(module: nn.Module, name: str, p: torch.Tensor, t: torch.Tensor, device: torch.device, full: str) -> None:
+    """Parameter `name` of `module` (the meta `p`) from the checkpoint tensor `t` (`full`: its checkpoint name)."""
+    if tuple(t.shape) != tuple(p.shape):
+        raise StreamingError(f"checkpoint tensor {full} has shape {tuple(t.shape)}, the model {tuple(p.shape)}")
+    t = _own(t, device, p.dtype)
+    _check_finite(full, t)
+    _put(module, name, t)
+
+
+def _fill(module: nn.Module, prefix: str, tensors: dict[str, torch.Tensor], device: torch.device) -> None:
     """Every meta parameter of `module` (full names `prefix` + its own) from `tensors`, in its own dtype on `device`;
     a parameter the source lacks fails, naming it."""
-    wanted = {n: p for n, p in module.named_parameters(remove_duplicate=True) if p.device.type == "meta"}
+    wanted = {n: p for n, p in module.named_parameters() if p.device.type == "meta"}
     missing = [prefix + n for n in wanted if prefix + n not in tensors]
     if missing:
-        raise StreamingError(f"{what}: the checkpoint has no tensor {missing[0]} (and {len(missing) - 1} more); "
-                             f"streaming reads tensors by the model's own names, and this checkpoint names them "
-                             f"otherwise (a layout transformers converts at load): load it without streaming")
+        raise StreamingError(f"the checkpoint has no tensor {missing[0]} (and {len(missing) - 1} more); "
+                             f"{NAMED_OTHERWISE}")
     for n, p in wanted.items():
-        t = tensors.pop(prefix + n)  # the read copy goes as soon as its cast is made
-        if tuple(t.shape) != tuple(p.shape):
-            raise StreamingError(f"{what}: checkpoint tensor {prefix + n} has shape {tuple(t.shape)}, the model "
-                                 f"{tuple(p.shape)}")
-        t = _own(t, device, p.dtype)
-        _check_finite(prefix + n, t)
-        _put(module, n, t)
-        del t
+        _load(module, n, p, tensors.pop(prefix + n), device, prefix + n)  # each read copy goes once it is cast
 
 
 def load_outside(model: nn.Module, source: BlockSource) -> None:
-    """The parameters outside the decoder blocks, in host memory (tied ones tied again: lm_head = embeddings)."""
+    """The parameters outside the decoder blocks, in host memory (a tied LM head tied again to the embeddings)."""
     arch = architecture_for(model)
-    blocks = get_blocks(model, arch)
-    inside = {id(p) for p in blocks.parameters()}
+    inside = {id(p) for p in get_blocks(model, arch).parameters()}
     tensors = source.outside(HOST)
-    tied = getattr(model.config, "tie_word_embeddings", False) or getattr(
-        model.config.get_text_config(), "tie_word_embeddings", False)
+    tied = bool(getattr(model.config.get_text_config(), "tie_word_embeddings", False))
     for name, p in list(model.named_parameters(remove_duplicate=False)):
-        if id(p) in inside or p.device.type != "meta":
+        if id(p) in inside or p.device.type != "meta" or (tied and name == f"{arch.lm_head}.weight"):
             continue
-        if name not in tensors and tied and model.get_output_embeddings() is not None \
-                and name == f"{arch.lm_head}.weight":
-            continue  # tied: from the embedding below
-        _fill_one(model, name, p, tensors)
+        if name not in tensors:
+            raise StreamingError(f"the checkpoint has no tensor {name}; {NAMED_OTHERWISE}")
+        _load(model, name, p, tensors[name], HOST, name)
     if tied:
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
     left = [n for n, p in model.named_parameters() if p.device.type == "meta" and id(p) not in inside]
     if left:
         raise StreamingError(f"the checkpoint leaves {left[0]} without weights")
-
-
-def _fill_one(model, name, p, tensors):
-    if name not in tensors:
-        raise StreamingError(f"the checkpoint has no tensor {name}; streaming reads tensors by the model's own names, "
-                             f"and this checkpoint names them otherwise: load it without streaming")
-    t = tensors[name]
-    if tuple(t.shape) != tuple(p.shape):
-        raise StreamingError(f"checkpoint tensor {name} has shape {tuple(t.shape)}, the model {tuple(p.shape)}")
-    t = _own(t, HOST, p.dtype)
-    _check_finite(name, t)
-    _put(model, name, t)
 
 
 def streamed_model(hf_config, dtype: torch.dtype, source: BlockSource) -> nn.Module:
@@ -295,7 +285,7 @@ class StreamingPlacement(Placement):
         t = time.perf_counter()
         tensors = self._read(i)
         st["read_bytes"] += sum(v.numel() * v.element_size() for v in tensors.values())
-        _fill(block, f"{st['prefix']}.{i}.", tensors, self.compute, f"block {i}")
+        _fill(block, f"{st['prefix']}.{i}.", tensors, self.compute)
         del tensors
         st["read_s"] += time.perf_counter() - t
         st["current"], st["taken"], st["shells"] = i, set(), []

@@ -162,7 +162,7 @@ def test_a_mixture_of_experts_streams_from_the_seed(tmp_path):
     qcfg = CONFIGS["awq"]
     whole = streamed_model(synthetic_config(arch), torch.float32, SyntheticBlocks(arch, 2))
     for i, block in enumerate(get_blocks(whole, architecture_for(whole))):
-        _fill(block, f"model.layers.{i}.", synthetic.block_tensors(arch, i, seed=2), torch.device("cpu"), "test")
+        _fill(block, f"model.layers.{i}.", synthetic.block_tensors(arch, i, seed=2), torch.device("cpu"))
     s = _samples()
     ref = METHODS.get("awq")(whole, qcfg, QuantContext(lambda: s, progress=False))
     _, _, out = _streamed(qcfg, synthetic_arch=arch, seed=2)
