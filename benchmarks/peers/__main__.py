@@ -52,6 +52,8 @@ def parse_args(argv=None):
     ap.add_argument("--peer-timeout", type=int, default=3 * 3600, help="seconds per peer run")
     ap.add_argument("--work-dir", default=None, help="the hand-over files (default: results/.tmp_peers)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--results-dir", default=None,
+                    help="the harness rows' pipeline records go to <dir>/runs/ (default: results; quick: the work dir)")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--table-only", action="store_true", help="rewrite the summary and the .md of --out; run nothing")
     add_threads_arg(ap)
@@ -121,11 +123,13 @@ class Shared:
     model_dir: str
     model_sha: str
     origin: str
+    calibration_identity: dict | None = None  # harness.data.calibration_identity: what the pipeline's rows draw from
 
 
 def load_shared(protocol: Protocol) -> Shared:
-    from harness.config import ModelConfig
-    from harness.data import bos_token_id, calibration_samples, eval_windows, load_text, tokenize_cached
+    from harness.config import CalibConfig, ModelConfig
+    from harness.data import (bos_token_id, calibration_identity, calibration_samples, eval_windows, load_text,
+                              tokenize_cached)
     from harness.models import load_model, load_tokenizer, resolve_model
 
     mc = ModelConfig(name="smollm2-135m-instruct", path="embedded:smollm2-135m-instruct", dtype=protocol.dtype,
@@ -137,7 +141,9 @@ def load_shared(protocol: Protocol) -> Shared:
                            protocol.eval_split, bos)
     samples = calibration_samples(tokenize_cached(tok, load_text("shakespeare_calib")), protocol.n_samples,
                                   protocol.seqlen, 0, bos)
-    return Shared(load_model(resolved, mc), windows, samples, resolved.directory, resolved.model_sha, resolved.origin)
+    calib_id = calibration_identity(CalibConfig(n_samples=protocol.n_samples, seqlen=protocol.seqlen), tok, bos)
+    return Shared(load_model(resolved, mc), windows, samples, resolved.directory, resolved.model_sha, resolved.origin,
+                  calib_id)
 
 
 def score(model, windows: torch.Tensor, fp16: dict | None = None) -> dict:
@@ -171,18 +177,25 @@ def harness_config(preset: str, setting: Setting, protocol: Protocol):
         return None, str(e)
 
 
-def run_harness(q, shared: Shared, protocol: Protocol, fp16: dict) -> dict:
-    from harness.labels import config_label
-    from quant import METHODS, QuantContext
-    from quant.onload import Placement
+def run_harness(q, shared: Shared, protocol: Protocol, fp16: dict, results_dir: str) -> dict:
+    """The preset through the pipeline, as the quality benchmarks run their rows (benchmarks.common.quality_row:
+    a record under results_dir/runs/, recomputed now), on the same windows and calibration samples (the pipeline
+    draws them with the same function, text, seed and sizes: the JSON's calibration identity)."""
+    from benchmarks.common import quality_config, quality_row
+    from harness.confidence import paired_ppl_diff
+    from harness.records import load_record, record_path
 
-    model = copy.deepcopy(shared.base)
-    t0 = time.perf_counter()
-    out = METHODS.get(q.method)(model, q, QuantContext(calibration=lambda: shared.samples, progress=False,
-                                                       placement=Placement.of(protocol.device, False)))
-    secs = time.perf_counter() - t0
-    return {"status": "ok", "quantize_s": secs, "stages_s": out.timings_s, "label": config_label(q),
-            "config": {"method": q.method, **dataclasses.asdict(q)}, **score(model, shared.windows, fp16)}
+    cfg = quality_config(protocol.eval_split, protocol.eval_windows, quant=q, dtype=protocol.dtype,
+                         results_dir=results_dir)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, device=protocol.device))
+    row = quality_row(cfg)
+    m = load_record(record_path(cfg))["metrics"]["perplexity"][protocol.eval_split]
+    if m["windows"] != shared.windows.shape[0] or m["seqlen"] != shared.windows.shape[1]:
+        raise RuntimeError(f"the pipeline scored {m['windows']}x{m['seqlen']}, the benchmark's windows are "
+                           f"{tuple(shared.windows.shape)}")
+    d = paired_ppl_diff(m["window_nll_mean"], fp16["window_nll_mean"])
+    return {"status": "ok", **row, "token_ppl_ci95": m["token_ppl_ci95"], "window_nll_mean": m["window_nll_mean"],
+            "delta_fp16": None if d is None else {"estimate": d.estimate, "ci95": list(d.ci95)}}
 
 
 def run_peer(row: PeerRow, setting: Setting, protocol: Protocol, shared: Shared, tokens: Path, tokens_sha: str,
@@ -292,6 +305,7 @@ def main(argv=None) -> None:
     shared = load_shared(protocol)
     work = Path(args.work_dir or "results/.tmp_peers") / ("quick" if protocol.quick else "full")
     work.mkdir(parents=True, exist_ok=True)
+    results_dir = args.results_dir or (str(work) if protocol.quick else "results")  # quick: not in results/runs
     tokens = (work / "calibration_ids.pt").resolve()
     torch.save(shared.samples.clone(), tokens)
     tokens_sha = hashlib.sha256(tokens.read_bytes()).hexdigest()
@@ -303,6 +317,7 @@ def main(argv=None) -> None:
     result = {"benchmark": "peers", "quick": protocol.quick, "identity": ident, "protocol": protocol.as_dict(),
               "model": {"sha": shared.model_sha, "origin": shared.origin, "directory_for_peers": shared.model_dir},
               "calibration": {"text": "shakespeare_calib", "sampling": "harness.data.calibration_samples, seed 0",
+                              "identity": shared.calibration_identity,
                               "shape": list(shared.samples.shape), "ids_sha256": ident["tokens_sha256"],
                               "handed_to_peers_as": "torch.save of the [n_samples, seqlen] int64 tensor"},
               "eval": {"split": protocol.eval_split, "windows": int(shared.windows.shape[0]), "seqlen": 512,
@@ -332,7 +347,7 @@ def main(argv=None) -> None:
             if peer is None:
                 q, why = plan[r][s.name]
                 cell = ({"status": "not applicable", "reason": why} if q is None
-                        else run_harness(q, shared, protocol, fp16))
+                        else run_harness(q, shared, protocol, fp16, results_dir))
             elif peer.tool in problems:
                 cell = failed(f"{peer.tool} does not import in {args.peer_python}: {problems[peer.tool]}")
             else:

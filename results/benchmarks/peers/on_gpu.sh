@@ -13,7 +13,9 @@
 # shakespeare: its parts joined and checked there), default /tmp/bundle; or SMOL_GGUF, the Q4_1 GGUF file itself.
 # `datasets` is not installed there (pyarrow alone is a 55 MB wheel): the workers get a stub (the peers are fed token
 # ids and run no dataset code; the JSON says so). Extra benchmark flags: PEERS_ARGS (e.g. "--rows llmc_gptq"),
-# the time bound per command: T_BENCH (s).
+# the time bound per command: T_BENCH (s). Before the embedded model is there, the peers' path alone (wheels, stub,
+# workers, read-back) on a tiny random Llama: python3 results/benchmarks/peers/gpu_smoke.py \
+#   .device/tokenizers/smollm2-135m-instruct $OUT/smoke.json (after this script's two pip lines).
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 W=.device/peers
@@ -43,9 +45,10 @@ fi
 mkdir -p /tmp/peers_out
 t=$(date +%s)
 timeout ${T_BENCH:-540} python3 -m benchmarks.peers --device cuda --peer-python python3 --peer-path /tmp/peers \
-  --work-dir /tmp/peers_work --out /tmp/peers_out/peers.json --resume --settings "${1:-w4g64}" ${PEERS_ARGS:-} \
+  --work-dir /tmp/peers_work --out /tmp/peers_out/peers.json --results-dir /tmp/peers_out/records --resume \
+  --settings "${1:-w4g64}" ${PEERS_ARGS:-} \
   > /tmp/peers_out/log_${1:-w4g64}.txt 2>&1
 echo "== peers ${1:-w4g64}: exit $? in $(( $(date +%s) - t )) s"
 tr '\r' '\n' < /tmp/peers_out/log_${1:-w4g64}.txt | grep -v -E "it/s\]|s/it\]|Warning|WARNING" | tail -40
 for d in /tmp/peers_work/full/*/; do tail -c 3000 "$d/worker.log" > "/tmp/peers_out/worker_$(basename $d).log"; done 2>/dev/null
-cp /tmp/peers_out/* "$OUT/"
+cp -r /tmp/peers_out/* "$OUT/"  # peers.json/.md, the logs, the harness rows' pipeline records (records/runs/)
