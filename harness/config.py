@@ -222,6 +222,18 @@ class MoEConfig:
     def is_default(self) -> bool:
         return self == MoEConfig()
 
+    @staticmethod
+    def label_text(q: dict) -> str:
+        """What a report row's label adds for a config's quant.moe off its defaults ("" at them), so two runs that
+        differ only there never share a row's name: "all experts", "expert min share 0"."""
+        moe, default = q.get("moe") or {}, dataclasses.asdict(MoEConfig())
+        parts = ["all experts" if moe.get("calibrate_all_experts") else ""]
+        if moe.get("min_share", default["min_share"]) != default["min_share"]:
+            parts.append(f"expert min share {moe['min_share']:g}")
+        if moe.get("fallback", default["fallback"]) != default["fallback"]:
+            parts.append(f"expert fallback {moe['fallback']}")
+        return ", ".join(p for p in parts if p)
+
 
 @dataclass
 class QuantConfig:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from harness.config import QUANT_CONFIGS, WeightQuantConfig
+from harness.config import QUANT_CONFIGS, MoEConfig, WeightQuantConfig
 from harness.registry import Registry
 
 
@@ -36,7 +36,9 @@ def method_name(q: dict) -> str:
 
 def method_detail(q: dict) -> tuple[str, tuple]:
     m = q.get("method", "fp16")
-    return (QUANT_CONFIGS.get(m) if m in QUANT_CONFIGS else WeightQuantConfig).label_detail(q)
+    text, key = (QUANT_CONFIGS.get(m) if m in QUANT_CONFIGS else WeightQuantConfig).label_detail(q)
+    moe = MoEConfig.label_text(q)  # routed-expert calibration off its defaults (quant.moe)
+    return (f"{text} [{moe}]" if text else f"[{moe}]") if moe else text, key
 
 
 def kv_text(kv_bits: int, kv_format: str = "int") -> str:

@@ -91,7 +91,7 @@ class RecipeConfig(WeightQuantConfig):
         """"g64 (search+clip) → (mse grid)": each step's own detail, the shared grouping once."""
         from harness.labels import method_detail
 
-        shared = {k: q[k] for k in SHARED if k in q}
+        shared = {k: q[k] for k in SHARED if k in q and k != "moe"}  # quant.moe: once, by method_detail
         base = WeightQuantConfig.label_detail(q)[0]
         parts = [method_detail({**shared, **s})[0].replace(base, "", 1).strip() for s in q.get("steps", [])]
         parts = [p for p in parts if p]

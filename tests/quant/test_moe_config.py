@@ -18,6 +18,7 @@ STARVED = 3  # the expert no router picks in the tiny checkpoints
 
 
 def test_moe_config_composes_and_enters_the_run_id_only_off_its_defaults():
+    from harness.labels import config_label
     from harness.records import run_id
 
     base = cfg_of(SMALL + ["quant=awq_w4"])
@@ -30,6 +31,11 @@ def test_moe_config_composes_and_enters_the_run_id_only_off_its_defaults():
     # a recipe's steps share it, as they share the calibration set
     recipe = cfg_of(SMALL + ["quant=recipe_awq_gptq_w4", "quant.moe.calibrate_all_experts=true"])
     assert all(s.moe.calibrate_all_experts for s in recipe.quant.step_configs())
+    # and a report row says it, once, whenever it is off its defaults (two runs never share a row's name)
+    assert config_label(base.quant) == "AWQ w4 g64 (search+clip)"
+    assert config_label(all_experts.quant) == "AWQ w4 g64 (search+clip) [all experts]"
+    assert config_label(no_fallback.quant) == "GPTQ w4 g64 [expert min share 0]"
+    assert config_label(recipe.quant) == "AWQ→GPTQ w4 g64 (search+clip) [all experts]"
     for bad, field in (("quant.moe.min_share=1.5", r"quant\.moe\.min_share"),
                        ("quant.moe.fallback=rtn", r"quant\.moe\.fallback: 'rtn' — not one of all_tokens")):
         with pytest.raises(ConfigError, match=field):
