@@ -74,17 +74,22 @@ class Protocol:
     eval_split: str = "milton"
     eval_windows: int = 40
     iters: int = 200
-    dtype: str = "bfloat16"
+    dtype: str = "bfloat16"  # the model every row is scored in (and the harness's methods quantize)
+    # the model the peers quantize: float32 gives them full-precision numerics, as the harness's methods compute in
+    # fp32 internally (llm-compressor fake-quantizes in the weights' dtype: in bf16, x / scale rounds before round(),
+    # so 1 weight in 4 of its RTN lands one step off the nearest grid point); their weights are scored in `dtype`
+    peer_dtype: str = "float32"
     device: str = "cpu"
     awq_n_grid: int | None = None  # llm-compressor AWQ's scale grid; None: its default (20)
     quick: bool = False
 
     @classmethod
     def quick_run(cls, **kw) -> "Protocol":
-        """The end-to-end check: every row in minutes on 2 cores (numbers not comparable to the full setting). AWQ's
-        grid of llm-compressor shrinks to 2 points: its per-point overhead, not the tokens, sets its time here."""
-        return cls(**{"n_samples": 8, "seqlen": 128, "eval_windows": 4, "iters": 2, "awq_n_grid": 2, "quick": True,
-                      **kw})
+        """The end-to-end check: every row on 2 cores (numbers not comparable to the full setting). llm-compressor's
+        AWQ grid shrinks to 2 points (its per-point overhead, not the tokens, sets its time here) and the peers run
+        in bf16 (the CPU's fast dtype)."""
+        return cls(**{"n_samples": 8, "seqlen": 128, "eval_windows": 4, "iters": 2, "awq_n_grid": 2,
+                      "peer_dtype": "bfloat16", "quick": True, **kw})
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -104,7 +109,7 @@ def peer_spec(row: PeerRow, setting: Setting, protocol: Protocol, model_dir: str
               out_dir: Path) -> dict:
     """The JSON a worker reads (workers/common.py)."""
     return {"row": row.name, "tool": row.tool, "recipe": row.recipe, "setting": dataclasses.asdict(setting),
-            "model_dir": str(model_dir), "dtype": protocol.dtype, "device": protocol.device,
+            "model_dir": str(model_dir), "dtype": protocol.peer_dtype, "device": protocol.device,
             "tokens": str(tokens), "tokens_sha256": tokens_sha256, "n_samples": protocol.n_samples,
             "seqlen": protocol.seqlen, "iters": protocol.iters, "awq_n_grid": protocol.awq_n_grid,
             "out_dir": str(out_dir)}

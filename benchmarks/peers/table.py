@@ -24,7 +24,8 @@ def markdown(result: dict) -> str:
                                  for h in ("PPL [95%]", "Δ FP16 [95%]", "gap / RTN gap", "s")]
     lines = [f"*Peer benchmark{' (QUICK: a pipeline check, not comparable numbers)' if p['quick'] else ''}: token PPL "
              f"↓ on {p['eval_split']} ({p['eval_windows']}×512 windows), {p['n_samples']}×{p['seqlen']} calibration "
-             f"tokens, {p['dtype']}, AutoRound {p['iters']} steps/block; machine: {result['machine']} "
+             f"tokens, scored in {p['dtype']} (peers quantize in {p.get('peer_dtype', p['dtype'])}), AutoRound "
+             f"{p['iters']} steps/block; machine: {result['machine']} "
              f"({p['device']}). FP16 {fp['token_ppl']:.2f} [{fp['token_ppl_ci95'][0]:.1f}, "
              f"{fp['token_ppl_ci95'][1]:.1f}]. Δ: paired over windows; gap / RTN gap: against the harness's RTN at "
              f"the same setting; s: quantization wall time (peers: their own call, model load excluded).*", "",

@@ -129,7 +129,8 @@ def test_peer_spec_command_and_environment(tmp_path):
     row, p = PEERS["llmc_awq_gptq"], Protocol()
     spec = peer_spec(row, SETTINGS["w3g64"], p, "/m", tmp_path / "ids.pt", "ab" * 32, tmp_path / "out")
     assert (spec["recipe"], spec["setting"]["w_bit"], spec["setting"]["group_size"], spec["n_samples"],
-            spec["seqlen"], spec["iters"], spec["awq_n_grid"]) == ("awq_gptq", 3, 64, 128, 512, 200, None)
+            spec["seqlen"], spec["iters"], spec["awq_n_grid"], spec["dtype"]) == ("awq_gptq", 3, 64, 128, 512, 200,
+                                                                                   None, "float32")
     json.dumps(spec)  # the worker reads it as JSON
     cmd = worker_command("py", row, tmp_path / "spec.json")
     assert cmd[0] == "py" and Path(cmd[1]).is_file() and cmd[2].endswith("spec.json")

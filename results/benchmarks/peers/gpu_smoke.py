@@ -43,7 +43,7 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     samples = torch.randint(0, 49152, (16, 128), generator=g)
     shared = Shared(base, torch.randint(0, 49152, (4, 512), generator=g), samples, str(model_dir), "random", "tiny")
-    protocol = Protocol(n_samples=16, seqlen=128, eval_windows=4, iters=4, awq_n_grid=4, device=args.device)
+    protocol = Protocol(n_samples=16, seqlen=128, eval_windows=4, iters=4, awq_n_grid=4, device=args.device)  # peers fp32
     tokens = work / "ids.pt"
     torch.save(samples, tokens)
     import hashlib
