@@ -76,8 +76,9 @@ class Protocol:
     iters: int = 200
     dtype: str = "bfloat16"  # the model every row is scored in (and the harness's methods quantize)
     # the model the peers quantize: float32 gives them full-precision numerics, as the harness's methods compute in
-    # fp32 internally (llm-compressor fake-quantizes in the weights' dtype: in bf16, x / scale rounds before round(),
-    # so 1 weight in 4 of its RTN lands one step off the nearest grid point); their weights are scored in `dtype`
+    # fp32 internally (llm-compressor fake-quantizes in the weights' dtype: in bf16 its scales are bf16 and x / scale
+    # rounds before round(); a quarter of its bf16 RTN weights differ from fp32 RTN's); their weights are scored in
+    # `dtype`
     peer_dtype: str = "float32"
     device: str = "cpu"
     awq_n_grid: int | None = None  # llm-compressor AWQ's scale grid; None: its default (20)
