@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import json
 import time
 from pathlib import Path
 
@@ -31,8 +32,8 @@ from quant.rotation.method import RotationConfig
 from quant.rtn import RTNConfig
 
 
-def _rotated(last: str, w_bit: int, calib: CalibConfig) -> RecipeConfig:
-    return RecipeConfig(w_bit=w_bit, group_size=64, calib=calib, steps=[{"method": "rotation"}, {"method": last}])
+def _rotated(last: str, w_bit: int, calib: CalibConfig, **rot) -> RecipeConfig:
+    return RecipeConfig(w_bit=w_bit, group_size=64, calib=calib, steps=[{"method": "rotation", **rot}, {"method": last}])
 
 
 # the quantizations compared (g64 asymmetric; one calibration set for all)
@@ -47,6 +48,10 @@ VARIANTS = {
     "rotation_rtn_w3": lambda c: _rotated("rtn", 3, c),
     "gptq_w3": lambda c: GPTQConfig(w_bit=3, group_size=64, calib=c),
     "rotation_gptq_w3": lambda c: _rotated("gptq", 3, c),
+    # which rotation does what (an ablation at w4): the residual stream alone, the per-head and online ones alone
+    "rotation_r1_rtn_w4": lambda c: _rotated("rtn", 4, c, heads=False, online=False),
+    "rotation_r2r4_rtn_w4": lambda c: _rotated("rtn", 4, c, residual="off"),
+    "rotation_r1_gptq_w4": lambda c: _rotated("gptq", 4, c, heads=False, online=False),
 }
 
 
@@ -68,9 +73,18 @@ def main() -> None:
     ap.add_argument("--pack", default=None, help="write the model, windows and calibration text's token ids to DIR, "
                     "for --payload on a machine without the embedded assets")
     ap.add_argument("--payload", default=None, help="read them from DIR (written by --pack)")
+    ap.add_argument("--layer-errors", type=int, default=None, metavar="W_BIT",
+                    help="print each layer's hidden-state error of RTN at W_BIT against the same FP model, with and "
+                         "without each rotation (fp32, 2 windows of 128 tokens)")
+    ap.add_argument("--table", nargs="+", default=None, help="print the markdown table of these result JSONs (rows of "
+                    "runs of one setting: each run's own FP16 row is its reference)")
     add_threads_arg(ap)
     args = ap.parse_args()
     apply_threads(args)
+    if args.table:
+        return print(table([json.loads(Path(f).read_text()) for f in args.table]))
+    if args.layer_errors:
+        return layer_errors(args.layer_errors, args.eval_split)
     names = args.variants.split(",")
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
@@ -136,6 +150,38 @@ def from_payload(d: Path, calib: CalibConfig, device: str):
 
     ppl.windows = int(windows.shape[0])
     return model, tokens["samples"].long(), ppl
+
+
+@torch.no_grad()
+def layer_errors(w_bit: int, eval_split: str) -> None:
+    """Relative error of every layer's hidden states after RTN (g64) against the same model unrounded (rotated or
+    not), on 2 windows of 128 tokens: where the rounding error grows."""
+    from benchmarks.common import load_embedded
+    from harness.data import eval_windows, load_text, tokenize_cached
+
+    base, tok = load_embedded("float32")
+    ids = eval_windows(tokenize_cached(tok, load_text(eval_split)), 128, 2)
+    ctx = QuantContext(calibration=None, progress=False)
+    for name, rot in [("rtn", None), ("R1+R2+R4", {}), ("R1", {"heads": False, "online": False}),
+                      ("R2+R4", {"residual": "off"})]:
+        model = copy.deepcopy(base)
+        if rot is not None:
+            METHODS.get("rotation")(model, RotationConfig(**rot), ctx)
+        fp = model(ids, output_hidden_states=True).hidden_states
+        METHODS.get("rtn")(model, RTNConfig(w_bit=w_bit, group_size=64), ctx)
+        err = [float((a - b).norm() / b.norm()) for a, b in zip(model(ids, output_hidden_states=True).hidden_states, fp)]
+        print(f"{name}: " + " ".join(f"{e:.3f}" for e in err), flush=True)
+
+
+def table(results: list[dict]) -> str:
+    """Token PPL, its gap to FP16 as a share of RTN's gap at the same bits, and quantize seconds, one line per row."""
+    out = ["| run | variant | token PPL | gap / RTN gap | quantize s |", "|---|---|---:|---:|---:|"]
+    for i, r in enumerate(results):
+        for name, row in r["rows"].items():
+            gap = r["gap_over_rtn_gap"].get(name)
+            out.append(f"| {i + 1} | {name} | {row['token_ppl']:.2f} | {'' if gap is None else f'{gap:.2f}'} | "
+                       f"{row.get('quantize_s', 0):.0f} |")
+    return "\n".join(out)
 
 
 def write(rows: dict, names: list[str], args, ppl_s) -> dict:
