@@ -165,8 +165,8 @@ def test_the_datasets_stub_refuses_to_build_data(tmp_path):
 @pytest.mark.skipif(not PEER_PYTHON.exists(), reason="needs the peers' environment .venv-peers (docs/benchmarks.md)")
 def test_llm_compressor_rtn_worker_agrees_with_the_harness_rtn(tmp_path, rtn_state, smollm2_bf16_shared, calib_ids,
                                                                smollm2_resolved):
-    """The hand-over end to end with a real peer: llm-compressor's RTN (asymmetric minmax, g64) on the same model
-    reads back on the w4 grid and lands on the harness's RTN codes for almost every weight."""
+    """The hand-over end to end with a real peer: llm-compressor's RTN (asymmetric minmax, g64, fp32) on the same
+    model reads back on the w4 grid and, cast to bf16, equals the harness's RTN for 98% of the weights."""
     from benchmarks.peers.__main__ import preflight
     from harness.data import calibration_samples
 
@@ -187,7 +187,10 @@ def test_llm_compressor_rtn_worker_agrees_with_the_harness_rtn(tmp_path, rtn_sta
     state, _ = readback.read_state(tmp_path / "o", readback.read_result(tmp_path / "o"), smollm2_bf16_shared, W4)
     _, harness = rtn_state
     w = "model.layers.5.self_attn.q_proj.weight"
-    assert (state[w] == harness[w]).float().mean() > 0.99
+    assert state[w].dtype == torch.float32  # the peers quantize in fp32 (Protocol.peer_dtype); scored in bf16
+    # measured: 98.0% of this Linear's weights identical (the rest one step apart where the two tools' scale and zero
+    # arithmetic differ in the last bit); a wrong tensor mapping would match almost none, bf16 peers 75%
+    assert (state[w].to(harness[w].dtype) == harness[w]).float().mean() > 0.97
 
 
 def test_summary_and_gaps_against_the_targets():
