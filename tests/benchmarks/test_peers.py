@@ -188,8 +188,8 @@ def test_llm_compressor_rtn_worker_agrees_with_the_harness_rtn(tmp_path, rtn_sta
     _, harness = rtn_state
     w = "model.layers.5.self_attn.q_proj.weight"
     assert state[w].dtype == torch.float32  # the peers quantize in fp32 (Protocol.peer_dtype); scored in bf16
-    # measured: 98.0% of this Linear's weights identical (the rest one step apart where the two tools' scale and zero
-    # arithmetic differ in the last bit); a wrong tensor mapping would match almost none, bf16 peers 75%
+    # measured: 98.0% of this Linear's weights identical (the rest where the two tools' scale and zero
+    # arithmetic differ); a wrong tensor mapping would match almost none, bf16 peers 75%
     assert (state[w].to(harness[w].dtype) == harness[w]).float().mean() > 0.97
 
 
