@@ -13,8 +13,8 @@ door it came in by.
 and reusable_record(cfg): the record on disk that stands for `cfg` (same code, same weights), or None. `prepare(cfg,
 evaluate=False)` checks only what quantizing needs (the export and the web page evaluate nothing).
 
-It lives in experiments/, the lowest layer that may import both the evaluation backends and the records; the app and
-the benchmarks sit above it (tests/test_layers.py)."""
+It lives in experiments/, the layer that wires quant/, eval/ and backends/ together from a config; the app and the
+benchmarks sit above it and may import it (docs/layout.md, tests/test_layers.py)."""
 from __future__ import annotations
 
 import copy
