@@ -174,13 +174,21 @@ def layer_errors(w_bit: int, eval_split: str) -> None:
 
 
 def table(results: list[dict]) -> str:
-    """Token PPL, its gap to FP16 as a share of RTN's gap at the same bits, and quantize seconds, one line per row."""
-    out = ["| run | variant | token PPL | gap / RTN gap | quantize s |", "|---|---|---:|---:|---:|"]
-    for i, r in enumerate(results):
-        for name, row in r["rows"].items():
-            gap = r["gap_over_rtn_gap"].get(name)
-            out.append(f"| {i + 1} | {name} | {row['token_ppl']:.2f} | {'' if gap is None else f'{gap:.2f}'} | "
-                       f"{row.get('quantize_s', 0):.0f} |")
+    """Token PPL, its gap to FP16 as a share of RTN's gap at the same bits, and quantize seconds, one line per row.
+    Runs of one setting are merged when their FP16 rows agree (the same model and windows); else refused."""
+    fp16 = {round(r["rows"]["fp16"]["token_ppl"], 6) for r in results}
+    keys = set.intersection(*(set(r["setting"]) for r in results)) - {"threads", "device", "gpu"}
+    settings = {json.dumps({k: r["setting"][k] for k in keys}, sort_keys=True) for r in results}
+    if len(fp16) != 1 or len(settings) != 1:
+        raise SystemExit(f"these runs differ in their setting or FP16 PPL ({sorted(fp16)}): not one table")
+    rows = {k: v for r in results for k, v in r["rows"].items()}
+    fp = rows["fp16"]["token_ppl"]
+    out = ["| variant | token PPL | gap / RTN gap | quantize s |", "|---|---:|---:|---:|"]
+    for name, row in rows.items():
+        rtn = rows.get(f"rtn_{name[-2:]}")
+        gap = (row["token_ppl"] - fp) / (rtn["token_ppl"] - fp) if rtn and name[-2:] in ("w4", "w3") else None
+        out.append(f"| {name} | {row['token_ppl']:.2f} | {'' if gap is None else f'{gap:.2f}'} | "
+                   f"{row.get('quantize_s', 0):.0f} |")
     return "\n".join(out)
 
 
