@@ -1,8 +1,11 @@
 """Export a run's quantized weights as an AWQ "GEMM" checkpoint (quant/export/awq.py), which LMDeploy loads with
-`model_format='awq'`; the run's stages (experiments/stages.py: prepare, load, calibrate, quantize), then the writer:
+`model_format='awq'`, or with `--format compressed-tensors` in that layout (quant/export/compressed_tensors.py: vLLM,
+llm-compressor, transformers; integer codes of 1-8 bits and the FP4 formats); the run's stages
+(experiments/stages.py: prepare, load, calibrate, quantize), then the writer:
 
     python -m experiments.export quant=awq_w4 --out exports/smollm2-awq-w4-g64
     python -m experiments.export quant=rtn_w4 quant.group_size=32 --out /tmp/rtn --force
+    python -m experiments.export quant=gptq_nvfp4 --format compressed-tensors --out exports/smollm2-gptq-nvfp4
 
 The overrides are those of `python -m experiments.run` (the same config tree; eval and kv settings do not enter the
 checkpoint). Quantization goes through the quantized-weight cache (quant/quantized_cache.py), so exporting a config
@@ -25,13 +28,16 @@ from harness.compose import compose
 from harness.config import ConfigError, RunConfig
 from harness.log import logger, one_line_errors
 
-USAGE = "usage: python -m experiments.export [group=option ...] [field=value ...] --out DIR [--force]"
+USAGE = ("usage: python -m experiments.export [group=option ...] [field=value ...] --out DIR [--force] "
+         "[--format awq|compressed-tensors]")
+WRITABLE = ("awq", "compressed-tensors")  # quant.export.FORMATS this command writes (SmoothQuant's: its own benchmark)
+MANIFEST_FORMAT = {"awq": "awq-gemm", "compressed-tensors": "compressed-tensors"}  # the manifest's name for each
 
 log = logger("export")
 
 
-def parse_args(argv: list[str]) -> tuple[list[str], Path, bool]:
-    overrides, out, force, it = [], None, False, iter(argv)
+def parse_args(argv: list[str]) -> tuple[list[str], Path, bool, str]:
+    overrides, out, force, fmt, it = [], None, False, "awq", iter(argv)
     for a in it:
         if a in ("-h", "--help"):
             raise SystemExit(print(__doc__ + "\n" + USAGE) or 0)
@@ -41,11 +47,15 @@ def parse_args(argv: list[str]) -> tuple[list[str], Path, bool]:
             out = a.split("=", 1)[1]
         elif a == "--force":
             force = True
+        elif a == "--format" or a.startswith("--format="):
+            fmt = a.split("=", 1)[1] if "=" in a else next(it, None)
+            if fmt not in WRITABLE:
+                raise ConfigError(f"--format: {fmt!r} — one of {', '.join(WRITABLE)} ({USAGE})")
         else:
             overrides.append(a)
     if not out:
         raise ConfigError(f"--out: the directory to write the checkpoint to is missing ({USAGE})")
-    return overrides, Path(out), force
+    return overrides, Path(out), force, fmt
 
 
 def compose_config(overrides: list[str]) -> RunConfig:
@@ -78,27 +88,19 @@ def checkpoint_bytes(skeleton, quant) -> int:
     return packed + fp16_param_bytes(skeleton) - sum(linears[n].weight.numel() for n in specs) * FP16_BYTES
 
 
-# The checkpoint format. AWQ GEMM is the one written today; an export-format option (e.g. `export.format=awq|
-# compressed-tensors`) plugs in here: quant.export.format_for(cfg.quant, accepted=(the option,)) picks the writer, and
-# its checks (from the config alone, then against the model's shapes) replace check_format's.
-FORMAT = "awq-gemm"  # the manifest's name for it
+def check_format(cfg: RunConfig, fmt: str = "awq", skeleton=None):
+    """The writer of format `fmt` (quant.export.FORMATS) for cfg's codes; refuses, in one line and before any weight
+    is read, a config the layout cannot hold (`skeleton`: also every quantized layer's shape) or a method that does
+    not write it (quant.export.format_for)."""
+    from quant.export import FORMATS, format_for
+
+    layout = FORMATS.get(fmt)
+    if layout.check is not None:
+        layout.check(cfg.quant, skeleton)  # the layout's own refusals first: they name the field to change
+    return format_for(cfg.quant, accepted=(fmt,))
 
 
-def check_format(cfg: RunConfig, skeleton=None) -> None:
-    """Refuse, in one line and before any weight is read, a config the format cannot hold (`skeleton`: also every
-    quantized layer's shape)."""
-    from quant.export.awq import check_awq_config
-
-    check_awq_config(cfg.quant, skeleton)
-
-
-def write_checkpoint(model, qtensors: dict, out: Path, tokenizer, quant_meta: dict, manifest: dict) -> Path:
-    from quant.export.awq import export_awq
-
-    return export_awq(model, qtensors, out, tokenizer=tokenizer, quant_meta=quant_meta, manifest=manifest)
-
-
-def export(cfg: RunConfig, out: Path, force: bool = False, manifest: dict | None = None) -> Path:
+def export(cfg: RunConfig, out: Path, force: bool = False, manifest: dict | None = None, fmt: str = "awq") -> Path:
     """Quantize cfg's model as configured (the pipeline's stages: experiments/stages.py, through the quantized-weight
     cache) and write its checkpoint to `out`: a fresh path, or (with `force`) a directory this harness wrote.
     `manifest`: more facts for its harness_manifest.json."""
@@ -107,39 +109,40 @@ def export(cfg: RunConfig, out: Path, force: bool = False, manifest: dict | None
     from harness.outputs import check_output_dir, check_writable
     from harness.records import run_id
 
-    check_format(cfg)  # from the config alone
+    check_format(cfg, fmt)  # from the config alone
     check_output_dir("--out", out, force)  # nothing of the user's is replaced; the place takes a write
     prep = stages.prepare(cfg, evaluate=False)  # the run's own checks of what quantizing needs (no weights read)
     skeleton = _skeleton(prep.resolved, cfg)
-    check_format(cfg, skeleton)  # every quantized layer's shape, still no weights
+    writer = check_format(cfg, fmt, skeleton)  # every quantized layer's shape, still no weights
     check_writable("--out", out, checkpoint_bytes(skeleton, cfg.quant))  # room for it, before any loading
     model = stages.load(cfg, prep)
     outcome = stages.quantize(cfg, model, prep, stages.calibrate(cfg, prep))  # calibration exactly as the run's
     rid, resolved = run_id(cfg), prep.resolved
-    path = write_checkpoint(model, outcome.qtensors, out, prep.tokenizer, quant_meta={
+    path = writer.export(model, outcome.qtensors, out, tokenizer=prep.tokenizer, quant_meta={
         "run_id": rid, "model": cfg.model.name, "model_sha": resolved.model_sha,
         "model_origin": resolved.origin, "reference_note": describe_model(cfg.model, resolved, model.config),
         "method": cfg.quant.method, "quant": dataclasses.asdict(cfg.quant)},
-        manifest={"run_id": rid, "format": FORMAT, "model_sha": resolved.model_sha, **(manifest or {})})
-    log(f"wrote the AWQ GEMM checkpoint of run_id {rid} to {path}")
+        manifest={"run_id": rid, "format": MANIFEST_FORMAT[fmt], "model_sha": resolved.model_sha, **(manifest or {})})
+    log(f"wrote the {MANIFEST_FORMAT[fmt]} checkpoint of run_id {rid} to {path}")
     return path
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
     from experiments.stages import USER_ERRORS
     from quant.export.awq import AWQExportError
+    from quant.export.compressed_tensors import CompressedTensorsExportError
 
-    return (*USER_ERRORS, AWQExportError)
+    return (*USER_ERRORS, AWQExportError, CompressedTensorsExportError)
 
 
 def main(argv: list[str] | None = None) -> int:
     """One line (`error: ...`, exit status 2) for whatever the user can fix; HARNESS_DEBUG=1 shows the traceback."""
     try:
         with one_line_errors(ConfigError):
-            overrides, out, force = parse_args(sys.argv[1:] if argv is None else argv)
+            overrides, out, force, fmt = parse_args(sys.argv[1:] if argv is None else argv)
             cfg = compose_config(overrides)
         with one_line_errors(*user_errors()):
-            export(cfg, out, force)
+            export(cfg, out, force, fmt=fmt)
     except SystemExit as e:
         return e.code
     return 0

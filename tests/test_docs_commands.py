@@ -208,7 +208,7 @@ def check_python_module(module: str, args: list[str], monkeypatch) -> None:
     elif module == "experiments.export":
         from experiments.export import compose_config, parse_args
 
-        overrides, _out, _force = parse_args(args)
+        overrides, _out, _force, _fmt = parse_args(args)
         compose_config(overrides)
     elif module == "app.web":
         from app.web_config import compose_web

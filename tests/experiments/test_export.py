@@ -2,6 +2,8 @@
 configs the format cannot hold fail in one line before any model loads."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -190,3 +192,45 @@ def test_calibration_past_the_models_positions_fails_before_the_model_loads(tmp_
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: quant.calib.seqlen: 9000 — smollm2-135m-instruct has 8192 positions") and "\n" not in err
     assert not (tmp_path / "x").exists()
+
+
+def test_format_compressed_tensors_writes_what_its_decompressor_reads_and_awq_stays_the_default(tmp_path, capsys,
+                                                                                            tiny_dir):
+    """`--format compressed-tensors`: the same run's codes in that layout (here 3-bit, which AWQ GEMM cannot hold);
+    compressed-tensors' own compressors decompress every quantized Linear to within half a step of the tiny model's
+    fp32 weights (RTN's bound, plus the fp16 scales' rounding); the manifest names the format. Without --format the
+    export is AWQ GEMM, which refuses 3 bits as before."""
+    from safetensors.torch import load_file
+
+    from harness.outputs import read_manifest
+    from tests.quant.test_export_compressed_tensors import reference_decompress
+
+    w3 = [*_tiny(tiny_dir), "quant.w_bit=3"]
+    capsys.readouterr()
+    assert E.main([*w3, "--out", str(tmp_path / "awq")]) == 2
+    assert "the AWQ GEMM format is 4-bit only" in capsys.readouterr().err
+    out = tmp_path / "ct"
+    assert E.main([*w3, "--out", str(out), "--format", "compressed-tensors"]) == 0
+    assert read_manifest(out)["format"] == "compressed-tensors"
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "pack-quantized"
+    assert {g["weights"]["num_bits"] for g in qc["config_groups"].values()} == {3}
+    original = load_file(str(tiny_dir / "model.safetensors"))
+    got = reference_decompress(out)
+    assert len(got) == 2 * 7  # every Linear of the two blocks
+    for name, w in got.items():
+        ref = original[f"{name}.weight"].double()
+        groups = ref.reshape(ref.shape[0], -1, 64)
+        step = (groups.amax(-1) - groups.amin(-1)) / 7  # 3 bits: 7 steps between each group's min and max
+        err = (w.double() - ref).reshape_as(groups).abs()
+        assert (err <= step[..., None] / 2 * 1.01 + 2e-3 * groups.abs()).all(), name
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--format", "gguf"], "--format: 'gguf' — one of awq, compressed-tensors"),
+    (["--format", "compressed-tensors", "quant=smoothquant_w8a8"], "quant.method"),
+])
+def test_a_format_it_cannot_write_is_refused_before_the_model_loads(tmp_path, capsys, no_loading, argv, message):
+    assert E.main([*argv, "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and message in err and "\n" not in err and not (tmp_path / "x").exists()
