@@ -268,12 +268,16 @@ def test_weights_that_quantization_makes_nonfinite_are_named_and_never_cached(tm
     from quant import quantized_cache
     from quant.registry import QuantContext, QuantOutcome
 
-    def broken(model, cfg, ctx):
-        model.get_parameter("model.layers.1.mlp.up_proj.weight").data[0, :2] = float("nan")
-        return QuantOutcome()
+    class Broken:  # a cacheable method whose quantization leaves NaNs in one Linear
+        def __call__(self, model, cfg, ctx):
+            model.get_parameter("model.layers.1.mlp.up_proj.weight").data[0, :2] = float("nan")
+            return QuantOutcome()
+
+        def caches(self, cfg) -> bool:
+            return True
 
     methods = Registry("quantization method")
-    methods.add("rtn", broken)
+    methods.add("rtn", Broken())
     monkeypatch.setattr(quantized_cache, "METHODS", methods)
     monkeypatch.setenv("QH_CACHE", str(tmp_path / "cache"))
     hf = AutoConfig.for_model("llama", vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
