@@ -14,7 +14,10 @@ from pathlib import Path
 
 import torch
 
-from common import Timer, calibration_ids, load_model, own_state_keys, read_spec, write_outputs
+try:  # imported as benchmarks.peers.workers.<name>
+    from .common import Timer, calibration_ids, load_model, own_state_keys, read_spec, write_outputs
+except ImportError:  # run as a script by the peers' interpreter (its folder is on the path)
+    from common import Timer, calibration_ids, load_model, own_state_keys, read_spec, write_outputs
 
 
 def scheme_kwargs(setting: dict) -> dict:
