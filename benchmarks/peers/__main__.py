@@ -17,6 +17,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import re
 import subprocess
 import sys
 import time
@@ -109,8 +110,11 @@ def preflight(python: str, path: list[str], modules: set[tuple[str, str]]) -> tu
 
 
 def tail(text: str, n: int = 3, chars: int = 500) -> str:
+    """A failed process's reason: its last exception line (`SomeError: ...`) where there is one, else its last lines
+    (progress bars left out)."""
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip() and "%|" not in ln]
-    return " | ".join(lines[-n:])[-chars:]
+    errors = [ln for ln in lines if re.match(r"^[\w.]+(Error|Exception|Exit)\b.*:", ln)]
+    return (errors[-1] if errors else " | ".join(lines[-n:]))[-chars:]
 
 
 # ----- the data every row shares -----

@@ -87,9 +87,9 @@ class Protocol:
     @classmethod
     def quick_run(cls, **kw) -> "Protocol":
         """The end-to-end check: every row on 2 cores (numbers not comparable to the full setting). llm-compressor's
-        AWQ grid shrinks to 2 points (its per-point overhead, not the tokens, sets its time here) and the peers run
-        in bf16 (the CPU's fast dtype)."""
-        return cls(**{"n_samples": 8, "seqlen": 128, "eval_windows": 4, "iters": 2, "awq_n_grid": 2,
+        AWQ grid shrinks to 3 points, its smallest with duo scaling (its per-point overhead, not the tokens, sets its
+        time here) and the peers run in bf16 (the CPU's fast dtype)."""
+        return cls(**{"n_samples": 8, "seqlen": 128, "eval_windows": 4, "iters": 2, "awq_n_grid": 3,
                       "peer_dtype": "bfloat16", "quick": True, **kw})
 
     def as_dict(self) -> dict:

@@ -218,3 +218,12 @@ def test_summary_and_gaps_against_the_targets():
     assert sm["autoround_vs_package"]["ppl_le"] and sm["autoround_vs_package"]["time_le"]
     md = markdown(result)
     assert "failed: worker exit 1: boom" in md and "NOT below" in md and result["complete"]
+
+
+def test_a_failed_workers_reason_is_its_exception_line():
+    from benchmarks.peers.__main__ import tail
+
+    log = ("Quantizing: 10%|#  | 3/30\nTraceback (most recent call last):\n  File \"w.py\", line 3\n"
+           "    (grid_idx / (self.n_grid - 2), True)\n     ~~~~~~^~~~\nZeroDivisionError: division by zero\n")
+    assert tail(log) == "ZeroDivisionError: division by zero"
+    assert tail("a\nb\nc\nd") == "b | c | d"
