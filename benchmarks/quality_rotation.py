@@ -139,7 +139,7 @@ def from_payload(d: Path, calib: CalibConfig, device: str):
     from eval.perplexity import ppl_metrics, window_nll
 
     model = AutoModelForCausalLM.from_pretrained(d / "model", dtype=torch.bfloat16).to(device).eval()
-    tokens = torch.load(d / "tokens.pt")
+    tokens = torch.load(d / "tokens.pt", weights_only=True)
     windows = tokens["windows"].long()
     if tokens["calib"] != dataclasses.asdict(calib):
         raise SystemExit(f"the payload's calibration is {tokens['calib']}, not {dataclasses.asdict(calib)}")
