@@ -245,8 +245,8 @@ def streamed_model(hf_config, dtype: torch.dtype, source: BlockSource) -> nn.Mod
 @dataclass(frozen=True)
 class StreamingPlacement(Placement):
     """Placement (quant.onload) whose blocks are read from `source` for their turn and released after it. `sink`:
-    where a finished block's codes go (an object with `write_block(index, prefix, qtensors)`, e.g.
-    quant.export.awq_shards.AWQShardWriter), None: host memory."""
+    where a finished block's codes go (an object with `write_block(index, prefix, qtensors)` and optionally
+    `bind(model)`, e.g. quant.export.awq_shards.AWQShardWriter), None: host memory."""
 
     source: Any = None
     model: Any = field(default=None, compare=False, repr=False)
@@ -258,6 +258,8 @@ class StreamingPlacement(Placement):
         d = torch.device(device)
         arch = architecture_for(model)
         index = {id(b): i for i, b in enumerate(get_blocks(model, arch))}
+        if sink is not None and hasattr(sink, "bind"):
+            sink.bind(model)  # a checkpoint writer names the tensors after the model's architecture
         return cls(d, True, source, model, sink, {"index": index, "prefix": arch.blocks, "done": set(),
                                                   "read_bytes": 0, "read_s": 0.0, "current": None})
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 from quant.export.awq import (AWQ_BITS, META_FILE, AWQExportError, _plain_tensors, _quantization_config,
-                              check_awq_gemm, qtensor_to_awq)
+                              check_awq_gemm, qtensor_to_awq, unquantized_linears)
+from quant.export.names import CheckpointNames
 
 INDEX = "model.safetensors.index.json"
 
@@ -28,6 +29,15 @@ class AWQShardWriter:
         self.weight_map: dict[str, str] = {}
         self.packed_bytes = 0
         self.shards: list[str] = []
+        self.names = None  # the architecture's checkpoint names (quant/export/names.py), once bound to the model
+
+    def bind(self, model) -> None:
+        """The model (a skeleton will do) whose architecture names the tensors: an MoE's experts are written under
+        the names its checkpoints use, as export_awq writes them (quant.streaming binds it before the first block)."""
+        self.names = CheckpointNames(model)
+
+    def _module(self, name: str) -> str:
+        return self.names.module(name) if self.names is not None else name
 
     def write_block(self, index: int, prefix: str, qtensors: dict) -> None:
         """Block `index`'s codes (QTensors by name relative to `prefix`, on any device) into their own shard."""
@@ -38,7 +48,7 @@ class AWQShardWriter:
             check_awq_gemm(qt, f"{prefix}.{rel}")
             self.packed_bytes += qt.nbytes_packed()
             for suffix, t in qtensor_to_awq(qt).items():  # packed where the codes are (a GPU packs in microseconds)
-                tensors[f"{prefix}.{rel}.{suffix}"] = t
+                tensors[f"{self._module(f'{prefix}.{rel}')}.{suffix}"] = t
         # one transfer per tensor of the packed int4 (a quarter of the fp16 weight), then written and dropped
         tensors = {k: v.to("cpu").contiguous() for k, v in tensors.items()}
         name = f"model-block-{index:05d}.safetensors"
@@ -53,12 +63,15 @@ class AWQShardWriter:
         from torch import nn
 
         try:
-            missing = [n for n in qtensors if f"{n}.qweight" not in self.weight_map]
+            if self.names is None:
+                self.bind(model)
+            names = self.names
+            missing = [n for n in qtensors if f"{names.module(n)}.qweight" not in self.weight_map]
             if missing:
                 raise AWQExportError(f"{missing[0]} (and {len(missing) - 1} more) never reached the shards")
             modules = dict(model.named_modules())
             out_emb = model.get_output_embeddings()
-            rest = _plain_tensors(model, qtensors)
+            rest = {names(k): t for k, t in _plain_tensors(model, qtensors).items()}
             meta_left = [k for k, v in rest.items() if v.device.type == "meta"]
             if meta_left:
                 raise AWQExportError(f"{meta_left[0]}: no weights in the model (a block that never finished?)")
@@ -67,8 +80,8 @@ class AWQShardWriter:
             total = sum((self.tmp / f).stat().st_size for f in set(self.weight_map.values()))
             (self.tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total},
                                                       "weight_map": dict(sorted(self.weight_map.items()))}, indent=1))
-            skipped = sorted(n for n, m in modules.items() if isinstance(m, nn.Linear) and n not in qtensors
-                             and m is not out_emb)
+            skipped = sorted(names.module(n) for n in unquantized_linears(model, qtensors)
+                             if modules.get(n) is not out_emb)
             config = model.config.to_dict()
             config["quantization_config"] = _quantization_config(qtensors, skipped)
             config["dtype"] = "float16"

@@ -165,10 +165,24 @@ def test_a_mixture_of_experts_streams_from_the_seed(tmp_path):
         _fill(block, f"model.layers.{i}.", synthetic.block_tensors(arch, i, seed=2), torch.device("cpu"))
     s = _samples()
     ref = METHODS.get("awq")(whole, qcfg, QuantContext(lambda: s, progress=False))
-    _, _, out = _streamed(qcfg, synthetic_arch=arch, seed=2)
+    model, place, out = _streamed(qcfg, sink=AWQShardWriter(tmp_path / "streamed"), synthetic_arch=arch, seed=2)
     assert out.qtensors.keys() == ref.qtensors.keys() and sum(".experts." in k for k in out.qtensors) == 2 * 4 * 3
-    assert all(torch.equal(out.qtensors[k].q, ref.qtensors[k].q) for k in ref.qtensors)
     assert out.summary["moe"]["calibration"]["expert_tokens"] == ref.summary["moe"]["calibration"]["expert_tokens"]
+    # the codes went straight to the checkpoint under Mixtral's own names (block_sparse_moe.experts.N.w1/w3/w2),
+    # tensor for tensor what export_awq writes from the whole model
+    from safetensors.torch import load_file
+
+    place.sink.finish(model, out.qtensors)
+    export_awq(whole, ref.qtensors, tmp_path / "ref")
+    want = load_file(str(tmp_path / "ref" / "model.safetensors"))
+    index = json.loads((tmp_path / "streamed" / "model.safetensors.index.json").read_text())
+    got = {}
+    for f in set(index["weight_map"].values()):
+        got.update(load_file(str(tmp_path / "streamed" / f)))
+    assert got.keys() == want.keys() and any(".block_sparse_moe.experts.3.w2.qweight" in k for k in got)
+    assert all(torch.equal(got[k], v) for k, v in want.items())
+    config = lambda d: json.loads((tmp_path / d / "config.json").read_text())["quantization_config"]  # noqa: E731
+    assert config("streamed") == config("ref")
 
 
 @pytest.mark.parametrize("method, fields, why", [
