@@ -437,9 +437,9 @@ def test_greedy_generate(model, milton_ids):
 
 
 def test_a_runs_caches_count_constant_rows_into_the_record():
-    """experiments.pipeline.KVCaches: every cache it makes adds its constant (token, head) rows to one tally, which
+    """experiments.stages.KVCaches: every cache it makes adds its constant (token, head) rows to one tally, which
     the record carries (metrics.kv_cache), also after the caches themselves are gone."""
-    from experiments.pipeline import KVCaches
+    from experiments.stages import KVCaches
 
     cfg = LlamaConfig(vocab_size=32, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, head_dim=16)

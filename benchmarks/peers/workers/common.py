@@ -59,7 +59,7 @@ def calibration_ids(spec: dict) -> torch.Tensor:
     got = sha256_file(path)
     if got != spec["tokens_sha256"]:
         sys.exit(f"{path}: sha256 {got} is not the spec's {spec['tokens_sha256']}")
-    ids = torch.load(path)
+    ids = torch.load(path, weights_only=True)
     want = (spec["n_samples"], spec["seqlen"])
     if tuple(ids.shape) != want:
         sys.exit(f"{path}: shape {tuple(ids.shape)}, the spec says {want}")
