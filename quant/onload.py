@@ -52,8 +52,8 @@ class Placement:
     def capture(self, model: nn.Module, blocks: nn.ModuleList):
         """While calibration inputs are captured: everything outside the blocks on the compute device; the blocks stay
         where they rest (the capture records what each block is given and never runs a block's weights:
-        quant.calibration.capture)."""
-        if not self.offload:
+        quant.calibration.capture). Nothing moves when the blocks compute on the host."""
+        if not self.offload or self.compute.type == "cpu":
             yield
             return
         inside = {id(m) for m in blocks.modules()}

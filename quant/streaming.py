@@ -35,7 +35,7 @@ import torch.nn as nn
 
 from harness.architectures import ARCHITECTURES, architecture_for, get_blocks
 from harness.config import ConfigError
-from quant.onload import HOST, Placement, _move_outside, _transfer, qtensors_to_host
+from quant.onload import HOST, Placement, _transfer, qtensors_to_host
 
 META = torch.device("meta")
 
@@ -353,18 +353,6 @@ class StreamingPlacement(Placement):
                     mod._buffers[name] = b.to(HOST)
         _trim_host_heap()
 
-
-    @contextmanager
-    def capture(self, model: nn.Module, blocks: nn.ModuleList):
-        if self.compute.type == "cpu":
-            yield
-            return
-        inside = {id(m) for m in blocks.modules()}
-        _move_outside(model, inside, self.compute)
-        try:
-            yield
-        finally:
-            _move_outside(model, inside, HOST)
 
     def to_host(self, qtensors: dict) -> None:
         """A finished block's codes: to the sink (then shells at the block's end) or into host memory; their Linears'

@@ -2,25 +2,17 @@
 incomplete, mis-shaped, not finite or not on the setting's grid is a failed row with the reason, never a number."""
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import torch
 
+from harness.assets import sha256_file
 from quant.surgery import quantizable_linears
 
 
 class ReadBackError(Exception):
     """The worker's output cannot be scored; the message is the row's reason."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def reference_keys(model) -> dict[str, torch.Size]:
@@ -56,7 +48,7 @@ def read_state(out_dir: Path, result: dict, model, setting) -> tuple[dict, dict]
     path = Path(out_dir) / "state.safetensors"
     if not path.exists():
         raise ReadBackError(f"no {path.name} in {out_dir}")
-    if result.get("state_sha256") != _sha256(path):
+    if result.get("state_sha256") != sha256_file(path):
         raise ReadBackError(f"{path}: sha256 differs from the one result.json names (written twice or truncated)")
     state = load_file(str(path))
     want = reference_keys(model)
