@@ -156,6 +156,9 @@ class Architecture:
     shared_inputs: tuple[tuple[str, ...], ...] = ()
     moe: Optional[MoE] = None  # a sparse MoE MLP; unbound (n_experts 0) in the registry, bound by `bind`
     rotation: Optional[RotationPoints] = None  # where quant/rotation rotates; None: it refuses this architecture
+    # norms inside the attention (Qwen3's per-head q_norm/k_norm): (name relative to the block, width: "hd" one
+    # head, "h" every query head, "kv" every KV head); they read no Linear's input, so only `tensors` lists them
+    attn_norms: tuple[tuple[str, str], ...] = ()
 
     def bind(self, hf_config) -> "Architecture":
         """This architecture for one model's config: itself for a dense model; for a mixture of experts, the layer
@@ -223,6 +226,8 @@ class Architecture:
             mlp_start = next(j for j, (_, role) in enumerate(self.linear_roles) if role in _MLP_FIRST)
             for j, (name, role) in enumerate(self.linear_roles):
                 if j == mlp_start:
+                    width = {"hd": d["hd"], "h": d["nh"] * d["hd"], "kv": d["nkv"] * d["hd"]}
+                    out += [TensorSpec(p + n + ".weight", (width[w],), "norm") for n, w in self.attn_norms]
                     out += [TensorSpec(p + n + ".weight", (d["h"],), "norm") for n in self.block_norms[1:]]
                     # the router (and the shared expert's gate) read the MLP's input: kept in the model dtype
                     out += [TensorSpec(p + n, _ROLE_SHAPES[r](d), "kept_linear") for n, r in self._kept_roles()]
@@ -302,7 +307,7 @@ ARCHITECTURES.add("internlm2", FAMILIES.add("internlm2", Architecture(
 
 
 
-def _moe_like(family: str, moe: MoE) -> Architecture:
+def _moe_like(family: str, moe: MoE, attn_norms: tuple[tuple[str, str], ...] = ()) -> Architecture:
     """A Llama-like block whose MLP is a sparse MoE (transformers 5: `mlp.gate` router, `mlp.experts`). AWQ's groups
     are the attention's and, once bound, each expert's up -> down; the post-attention norm feeds the router and every
     expert, so a scale folded into it must be searched over all experts together (not a per-expert group)."""
@@ -316,19 +321,22 @@ def _moe_like(family: str, moe: MoE) -> Architecture:
         groups += (ScaleGroup(f"{se}.up_proj", (f"{se}.down_proj",), None, "linear"),)
         shared = ((f"{se}.gate_proj", f"{se}.up_proj"),)
     # no rotation points yet: the router and every expert would need theirs
-    return dataclasses.replace(dense, linear_roles=roles, groups=groups, shared_inputs=shared, moe=moe, rotation=None)
+    return dataclasses.replace(dense, linear_roles=roles, groups=groups, shared_inputs=shared, moe=moe, rotation=None,
+                               attn_norms=attn_norms)
 
 
 # Mixtral: softmax over the experts, top-2, renormalised; every expert's intermediate size is intermediate_size
 ARCHITECTURES.add("mixtral", FAMILIES.add("mixtral", _moe_like("mixtral", MoE())))
 # Qwen3-MoE: expert size moe_intermediate_size; renormalised top-k only when config.norm_topk_prob
-ARCHITECTURES.add("qwen3_moe", FAMILIES.add("qwen3_moe", _moe_like("qwen3_moe", MoE(norm_topk_prob="norm_topk_prob"))))
+ARCHITECTURES.add("qwen3_moe", FAMILIES.add("qwen3_moe", _moe_like("qwen3_moe", MoE(norm_topk_prob="norm_topk_prob"),
+                                                                  (("self_attn.q_norm", "hd"), ("self_attn.k_norm", "hd")))))
 # Qwen2-MoE: Qwen3-MoE's routed experts plus an always-on shared expert (quantized) behind a sigmoid gate (kept)
 ARCHITECTURES.add("qwen2_moe", FAMILIES.add("qwen2_moe", _moe_like("qwen2_moe", MoE(
     norm_topk_prob="norm_topk_prob", shared_expert="mlp.shared_expert",
     shared_expert_gate="mlp.shared_expert_gate"))))
-# OLMoE: Mixtral's layout (q_norm/k_norm on the attention's outputs do not change its Linears' inputs)
-ARCHITECTURES.add("olmoe", FAMILIES.add("olmoe", _moe_like("olmoe", MoE(norm_topk_prob="norm_topk_prob"))))
+# OLMoE: Mixtral's layout (q_norm/k_norm, over all heads, on the attention's outputs change no Linear's input)
+ARCHITECTURES.add("olmoe", FAMILIES.add("olmoe", _moe_like("olmoe", MoE(norm_topk_prob="norm_topk_prob"),
+                                                          (("self_attn.q_norm", "h"), ("self_attn.k_norm", "kv")))))
 
 
 def architecture_for(model) -> Architecture:

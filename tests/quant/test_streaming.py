@@ -329,3 +329,23 @@ def test_streamed_on_a_gpu_gives_the_whole_model_on_the_gpus_codes(method, tiny_
         model, place = open_streamed(device="cuda", dtype=torch.float16, **where)
         runs.append(METHODS.get(method)(model, qcfg, QuantContext(lambda: s, progress=False, placement=place)))
     assert all(torch.equal(runs[0].qtensors[k].q, runs[1].qtensors[k].q) for k in runs[0].qtensors)
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in synthetic.ARCH_DIR.glob("*.json")))
+def test_every_synthetic_architecture_names_each_parameter_of_its_model(name):
+    """Streamed from the seed, a block holds exactly the tensors of Architecture.tensors: each architecture file's
+    tensor list, at small widths, names every parameter of the model transformers builds from it (a norm the list
+    left out, such as Qwen3's per-head q_norm/k_norm, stops a streamed run at its first block)."""
+    from quant.streaming import skeleton, synthetic_config
+
+    small = {"hidden_size": 64, "intermediate_size": 96, "moe_intermediate_size": 32, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 128,
+             "num_local_experts": 4, "num_experts": 4}
+    full = synthetic.load_arch(name)
+    if full.remote_code:
+        pytest.skip(f"{name} is remote code (streamed from its checkpoint file, not from the seed)")
+    arch = synthetic.load_arch(name, **{k: v for k, v in small.items() if k in full.hf_config or k == "head_dim"})
+    model = skeleton(synthetic_config(arch), torch.float32)
+    listed = {t.name if t.name.endswith(".weight") or t.kind == "norm" else t.name + ".weight" for t in arch.tensors()}
+    tied = {"lm_head.weight"} if arch.hf_config.get("tie_word_embeddings") else set()  # the embedding, tied at load
+    assert listed == set(dict(model.named_parameters())) - tied
