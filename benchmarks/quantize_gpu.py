@@ -73,8 +73,58 @@ def _peak(torch) -> dict:
     return out
 
 
+def progress_path(out: Path, variant: str) -> Path:
+    """Where a variant's child appends one line per finished decoder block: what a killed run leaves behind."""
+    return out / f"{NAME}_{variant}.blocks.jsonl"
+
+
+def log_blocks(place, path: Path) -> None:
+    """Wrap `place.block` (the placement's per-block context) so each finished block appends {"block", "seconds",
+    "host_rss_bytes", "gpu_peak_bytes"} to `path` and prints it: a variant stopped by --timeout still says how far it
+    got and at what pace."""
+    import resource
+    from contextlib import contextmanager
+
+    import torch
+
+    inner, count = place.block, [0]
+
+    @contextmanager
+    def block(b):
+        t = time.perf_counter()
+        with inner(b) as x:
+            yield x
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        row = {"block": count[0], "seconds": time.perf_counter() - t,
+               "host_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+               "gpu_peak_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None}
+        count[0] += 1
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(f"block {row['block']}: {row['seconds']:.2f} s", flush=True)
+
+    object.__setattr__(place, "block", block)  # this instance only (placements are frozen dataclasses)
+
+
+def partial(path: Path, n_blocks: int | None) -> dict:
+    """What a variant that did not finish did: blocks done, their median seconds, and the whole run's quantize time
+    at that pace (an extrapolation, labelled as such)."""
+    if not path.exists():
+        return {}
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not rows:
+        return {}
+    med = sorted(r["seconds"] for r in rows)[len(rows) // 2]
+    return {"blocks_done": len(rows), "n_blocks": n_blocks, "block_seconds_median": med,
+            "quantize_seconds_extrapolated": med * n_blocks if n_blocks else None,
+            "host_peak_rss_bytes": max(r["host_rss_bytes"] for r in rows),
+            "gpu_peak_allocated_bytes": max((r["gpu_peak_bytes"] or 0) for r in rows) or None}
+
+
 def run_harness(variant: str, model_dir: Path, work: Path, model: list[str], device: str,
-                cap_bytes: int = int(CAP_GIB * 2**30), calib: tuple[int, int] = (N_SAMPLES, SEQLEN)) -> dict:
+                cap_bytes: int = int(CAP_GIB * 2**30), calib: tuple[int, int] = (N_SAMPLES, SEQLEN),
+                blocks_log: Path | None = None) -> dict:
     import torch
 
     from harness.compose import compose
@@ -97,6 +147,8 @@ def run_harness(variant: str, model_dir: Path, work: Path, model: list[str], dev
         place = Placement.of(device, True)
         finish = lambda m, q: export_awq(m, q, work / "awq", check_weights=False)  # noqa: E731
     t_load = time.perf_counter() - t0
+    if blocks_log is not None:
+        log_blocks(place, blocks_log)
     ctx = QuantContext(calibration=lambda: samples, progress=False, placement=place)
     t = time.perf_counter()
     out = METHODS.get(cfg.quant.method)(model, cfg.quant, ctx)
@@ -113,6 +165,7 @@ def run_harness(variant: str, model_dir: Path, work: Path, model: list[str], dev
             "memory": _peak(torch), "gpu_cap_bytes": cap_bytes if capped else None,
             "quantize_host_memory": out.summary.get("host_memory"), "placement": out.summary.get("placement"),
             "model_fp16_bytes": out.summary.get("weight_bytes_fp16"),
+            **({"moe": out.summary["moe"]} if out.summary.get("moe") else {}),  # experts' token counts, fallbacks
             "quant": {k: cfg.quant.__dict__[k] for k in ("method", "w_bit", "group_size")}}
 
 
@@ -156,8 +209,13 @@ def child(variant: str, model_dir: Path, out: Path, model: list[str], device: st
     from harness.environment import environment
 
     with tempfile.TemporaryDirectory(prefix=f"{variant}-") as work:
-        res = (run_lmdeploy if variant.startswith("lmdeploy") else run_harness)(variant, model_dir, Path(work), model,
-                                                                                device, cap_bytes, calib)
+        if variant.startswith("lmdeploy"):
+            res = run_lmdeploy(variant, model_dir, Path(work), model, device, cap_bytes, calib)
+        else:
+            res = run_harness(variant, model_dir, Path(work), model, device, cap_bytes, calib,
+                              blocks_log=progress_path(out, variant))
+            if res["block_seconds_median"] is None:  # a method that times no blocks itself (RTN): the wrapper's
+                res["block_seconds_median"] = (partial(progress_path(out, variant), None) or {}).get("block_seconds_median")
     res.update(variant=variant, model=model, calibration={"sequences": calib[0], "seqlen": calib[1]},
                environment=environment())
     (out / f"{NAME}_{variant}.json").write_text(json.dumps(res, indent=1))
@@ -172,7 +230,15 @@ def table(results: list[dict]) -> str:
     fp16 = next((r["model_fp16_bytes"] for r in ok if r.get("model_fp16_bytes")), None)
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['variant']} | failed: {r['error'][:80]} | | | | | | |")
+            pt = r.get("partial") or {}
+            if pt:  # stopped (--timeout): how far it got, at what pace; the whole run's time only extrapolated
+                ext = pt.get("quantize_seconds_extrapolated")
+                lines.append(f"| {r['variant']} | stopped ({r['error']}) after {pt['blocks_done']}/{pt['n_blocks']} "
+                             f"blocks{f'; ~{ext:.0f} s for all at this pace (extrapolated)' if ext else ''} | – | "
+                             f"{pt['block_seconds_median']:.2f} | {gib(pt.get('gpu_peak_allocated_bytes'))} | "
+                             f"{gib(pt['host_peak_rss_bytes'])} | | |")
+            else:
+                lines.append(f"| {r['variant']} | failed: {r['error'][:80]} | | | | | | |")
             continue
         s, m = r["seconds"], r["memory"]
         parts = " / ".join(f"{s[k]:.1f}" for k in ("load", "quantize", "export") if k in s) or "–"
@@ -183,6 +249,13 @@ def table(results: list[dict]) -> str:
                      f"{gib(m['gpu_peak_allocated_bytes'])} | {gib(m['host_peak_rss_bytes'])} | "
                      f"{host} | "
                      f"{f'{ratio:.1f}x faster' if ratio else '–'} |")
+    for r in ok:  # a mixture of experts: the routed tokens each expert was calibrated on
+        c = (r.get("moe") or {}).get("calibration") or {}
+        if c:
+            lines.append(f"\n{r['variant']}: tokens per expert min {c.get('expert_tokens_min')}, median "
+                         f"{c.get('expert_tokens_median')}; experts below the threshold "
+                         f"{sum(len(v) for v in (c.get('experts_below_threshold') or {}).values())}, fallen back "
+                         f"{c.get('experts_fallen_back')} ({c.get('fallback') or 'none needed'})")
     env = next((r["environment"] for r in ok if r["environment"].get("lmdeploy")),
                next((r["environment"] for r in ok), {}))  # the LMDeploy version from a row that ran it
     model = " ".join(next((r.get("model") for r in ok if r.get("model")), []) or ["?"])
@@ -242,6 +315,7 @@ def main(argv=None) -> int:
         log(f"synthetic checkpoint {model_dir} ready in {time.perf_counter() - t:.0f} s")
     for v in a.variants:
         log(f"variant {v}")
+        progress_path(a.out, v).unlink(missing_ok=True)  # this run's blocks only
         cmd = [sys.executable, "-m", "benchmarks.quantize_gpu", "--child", v, "--model-dir", str(model_dir),
                "--out", str(a.out), "--model", a.model, "--group-size", str(a.group_size), "--device", a.device,
                "--cap-gib", str(a.cap_gib), "--n-samples", str(a.n_samples), "--seqlen", str(a.seqlen)]
@@ -250,7 +324,10 @@ def main(argv=None) -> int:
         except subprocess.TimeoutExpired:
             rc = "timeout"
         if rc != 0:
-            (a.out / f"{NAME}_{v}.json").write_text(json.dumps({"variant": v, "error": f"child {rc}"}))
+            n_blocks = synthetic.load_arch(synthetic.arch_name(compose([model[0], "quant=fp16"]).model.path)).num_layers
+            (a.out / f"{NAME}_{v}.json").write_text(json.dumps(
+                {"variant": v, "error": f"child {rc}", "timeout_s": a.timeout,
+                 "partial": partial(progress_path(a.out, v), n_blocks)}))
     print(report(a.out, a.variants))
     return 0
 
