@@ -171,6 +171,51 @@ def run_variant(variant: str, args, env: dict) -> dict:
     return out
 
 
+# what a kernel does, from its name (cuBLAS / CUTLASS / gemlite / tinygemm / Triton from Inductor), first match wins:
+# the profile's kernels summed per kind, so a missed roofline target says which kind of work holds the step
+KERNEL_KINDS = (("int4 matmul (gemlite / tinygemm)", ("gemv_int", "gemm_int", "gemm_splitk_int", "gemm_splitk_persistent",
+                                                     "int4", "tinygemm", "gemlite")),
+                ("fp8 / int8 matmul", ("scaled_mm", "_int_mm", "fp8", "i8")),
+                ("fp16 matmul (cuBLAS / CUTLASS)", ("gemm", "gemv", "cutlass", "xmma", "sm90_", "cublas", "matmul",
+                                                    "addmm", "aten::mm", "aten::linear")),
+                ("attention", ("flash", "fmha", "attention", "sdpa", "softmax")),
+                ("copies", ("copy", "memcpy", "cat", "index_put", "scatter")),
+                ("norms, RoPE, residual, activations", ("elementwise", "reduce", "vectorized", "triton_", "rms",
+                                                        "mul", "add", "silu", "pow", "mean", "rsqrt", "neg")))
+
+
+def kernel_kind(name: str) -> str:
+    n = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in n for k in keys)), "other")
+
+
+def profile_lines(res: dict) -> list[str]:
+    """Where each profiled variant's step goes: wall time per step, the kernels' device time (the rest is launch gaps
+    and host work), the bandwidth floor, and the top kernels' time by kind (the kernels past the top as one line)."""
+    lines = []
+    for v in res["variants"]:
+        row = next((r for r in v["batches"] if r.get("profile")), None)
+        if row is None:
+            continue
+        pr = row["profile"]
+        kinds: dict[str, float] = {}
+        for k in pr["top"]:
+            kinds[kernel_kind(k["name"])] = kinds.get(kernel_kind(k["name"]), 0.0) + k["ms_per_step"]
+        rest = pr["kernel_ms_per_step"] - sum(kinds.values())
+        if rest > 1e-4:
+            kinds["other kernels (past the top)"] = rest
+        gap = pr["wall_ms_per_step"] - pr["kernel_ms_per_step"]
+        lines.append(f"| {v['variant']} | {row['batch']} | {row['decode_ms_per_step']:.2f} | {row['step_floor_ms']:.2f} | "
+                     f"{pr['kernel_ms_per_step']:.2f} ({pr['kernels_per_step']:.0f} kernels) | {gap:+.2f} | " +
+                     "; ".join(f"{k} {ms:.2f}" for k, ms in sorted(kinds.items(), key=lambda kv: -kv[1])) +
+                     f"{' (kernels timed on the eager step: a graph hides its kernels from the profiler)' if pr.get('kernels_from_eager_step') else ''} |")
+    if not lines:
+        return []
+    return ["", "Where the step goes (torch.profiler over the first batch's steps after the timed runs; ms per step):",
+            "", "| variant | batch | step ms (timed) | bandwidth floor ms | kernels ms | gap (profiled wall − kernels) | "
+            "kernel time by kind |", "|---|---|---|---|---|---|---|", *lines]
+
+
 def table(res: dict) -> str:
     vs = res["variants"]
     # each row against the harness's FP16 decoded the same way (compiled rows against compiled FP16)
@@ -197,6 +242,7 @@ def table(res: dict) -> str:
         pre = " / ".join(f"{p['prefill_tok_s']:,.0f}" for p in v["prefill"])
         lines.append(f"| {v['variant']} | {v['kernel']} | {v['weight_read_bytes'] / 1e9:.2f} | " + " | ".join(cells) +
                      f" | {pre} |")
+    lines += profile_lines(res)
     for k, why in res.get("failed", {}).items():
         lines.append(f"\n- {k} failed: {why}")
     return "\n".join(lines) + "\n"

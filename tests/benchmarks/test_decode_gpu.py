@@ -31,3 +31,30 @@ def test_each_row_is_compared_with_the_fp16_decoded_the_same_way():
     assert "1.50×" in lines["w4a16_g128_gemlite"]
     assert "2.50×" in lines["w4a16_g128_gemlite:compiled"]
     assert "×" not in lines["fp16"] and "×" not in lines["fp16:compiled"]
+
+
+def test_the_profile_table_sums_each_kind_of_kernel_of_a_real_profiled_decode():
+    """A profiled decode of a tiny Llama on the CPU (operators stand in for kernels): the table's kinds add up to the
+    profiled kernel time, matrix products land in a matmul kind, and the gap is wall minus kernels."""
+    import torch
+
+    from benchmarks.decode_gpu import kernel_kind, profile_lines
+    from eval.static_decode import time_decode
+    from tests.eval.test_static_decode import prompts, tiny
+
+    m = time_decode(tiny("llama", torch.float32), prompts(2, 5), gen_len=6, warmup=0, repeats=1, profile=4)
+    pr = m["profile"]
+    row = {"batch": 2, "decode_ms_per_step": m["decode_ms_per_step"], "step_floor_ms": 0.01, "profile": pr}
+    res = {"variants": [{"variant": "fp16", "batches": [row]}, {"variant": "w4a16_g128_gemlite", "batches": [
+        {**row, "profile": None}]}]}
+    lines = [ln for ln in profile_lines(res) if ln.startswith("| fp16 ")]
+    assert len(lines) == 1 and not any(ln.startswith("| w4a16") for ln in profile_lines(res))
+    cells = lines[0].split(" | ")
+    assert float(cells[5]) == pytest.approx(pr["wall_ms_per_step"] - pr["kernel_ms_per_step"], abs=0.006)
+    kinds = {part.rsplit(" ", 1)[0]: float(part.rsplit(" ", 1)[1]) for part in cells[6].rstrip(" |").split("; ")}
+    assert sum(kinds.values()) == pytest.approx(pr["kernel_ms_per_step"], abs=0.005 * (len(kinds) + 1))
+    assert any(kernel_kind(t["name"]).startswith("fp16 matmul") for t in pr["top"])
+    assert kernel_kind("gemv_INT_revsplitK_kernel") == "int4 matmul (gemlite / tinygemm)"
+    assert kernel_kind("sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize64x128x64") == "fp16 matmul (cuBLAS / CUTLASS)"
+    assert kernel_kind("gemm_splitK_INT_kernel") == "int4 matmul (gemlite / tinygemm)"
+    assert kernel_kind("flash_fwd_splitkv_kernel") == "attention"
