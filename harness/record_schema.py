@@ -110,6 +110,101 @@ class Bytes:
                 if v is not None and v <= 0]
 
 
+# "<blocks>.<layer>.<experts>.<expert>", as quant/moe/coverage.py's expert_summary names an expert (model.layers.29.
+# mlp.experts.2): the first and the last integer component
+EXPERT_NAME = re.compile(r"(?P<blocks>.+?)\.(?P<layer>\d+)\.(?P<experts>.+)\.(?P<expert>\d+)")
+
+
+@dataclass(frozen=True)
+class ExpertRef:
+    """One routed expert of a mixture of experts: its block (layer), its index, its routed calibration tokens."""
+
+    layer: int
+    expert: int
+    tokens: int
+
+
+@dataclass(frozen=True)
+class ExpertCalibration:
+    """How a calibrated method saw the routed experts (metrics.quant.moe.calibration, quant/moe/coverage.py): routed
+    token slots per block and expert (a token counts once for each of its top-k experts), the threshold below which
+    an expert falls back, the experts below it and the fallback they got (quant.moe, harness.config.MoEConfig)."""
+
+    expert_tokens: list[Optional[list[int]]]  # per block (None: no coverage recorded there), per expert
+    expert_tokens_min: float
+    expert_tokens_median: float
+    threshold_tokens: list[Optional[float]]  # per block: min_share x an even share of its routed token slots
+    experts_below_threshold: dict[str, int]  # qualified expert name (EXPERT_NAME) -> its routed token slots
+    calibrate_all_experts: bool
+    experts_fallen_back: int
+    min_share: Optional[float] = None
+    fallback: Optional[str] = None  # quant.moe.fallback's name; None when no expert fell back
+    fallback_means: Optional[str] = None  # what that fallback calibrates an expert on, in words
+
+    def below(self) -> list[ExpertRef]:
+        """The experts below the threshold, by layer then expert (names that do not parse are left out: `problems`
+        says so)."""
+        refs = [ExpertRef(int(m["layer"]), int(m["expert"]), n) for name, n in self.experts_below_threshold.items()
+                if (m := EXPERT_NAME.fullmatch(name))]
+        return sorted(refs, key=lambda r: (r.layer, r.expert))
+
+    def problems(self, where: str) -> list[str]:
+        out = []
+        if len(self.threshold_tokens) != len(self.expert_tokens):
+            out.append(f"{where}: {len(self.threshold_tokens)} thresholds for {len(self.expert_tokens)} blocks")
+        if self.expert_tokens_min > self.expert_tokens_median:
+            out.append(f"{where}.expert_tokens_min {self.expert_tokens_min!r} exceeds the median "
+                       f"{self.expert_tokens_median!r}")
+        for name, n in self.experts_below_threshold.items():
+            m = EXPERT_NAME.fullmatch(name)
+            counts = self.expert_tokens[int(m["layer"])] if m and int(m["layer"]) < len(self.expert_tokens) else None
+            if m is None:
+                out.append(f"{where}.experts_below_threshold: {name!r} names no <blocks>.<layer>.<experts>.<expert>")
+            elif counts is None or int(m["expert"]) >= len(counts) or counts[int(m["expert"])] != n:
+                out.append(f"{where}.experts_below_threshold.{name} {n!r} is not that expert's count in expert_tokens")
+        if self.experts_fallen_back < len(self.experts_below_threshold):
+            out.append(f"{where}.experts_fallen_back {self.experts_fallen_back} is fewer than the "
+                       f"{len(self.experts_below_threshold)} experts below the threshold (each one falls back)")
+        if self.experts_fallen_back and self.fallback is None:
+            out.append(f"{where}: {self.experts_fallen_back} experts fell back, but no fallback is named")
+        return out
+
+
+@dataclass(frozen=True)
+class ExpertSummary:
+    """What a quantization did to a mixture of experts (metrics.quant.moe, quant/moe/coverage.py expert_summary)."""
+
+    experts: int
+    top_k: int
+    kept_in_model_dtype: list[str]  # Linears left unquantized, relative to the block: the router (mlp.gate), ...
+    expert_linears: int
+    expert_linears_quantized: int
+    calibration: Optional[ExpertCalibration] = None  # None: the method calibrates nothing (RTN)
+
+    @property
+    def blocks(self) -> Optional[int]:
+        return len(self.calibration.expert_tokens) if self.calibration is not None else None
+
+    def problems(self, where: str) -> list[str]:
+        out = [] if 1 <= self.top_k <= self.experts else [f"{where}.top_k {self.top_k} is not in 1..experts "
+                                                           f"({self.experts})"]
+        if not 0 <= self.expert_linears_quantized <= self.expert_linears:
+            out.append(f"{where}.expert_linears_quantized {self.expert_linears_quantized} is not in 0..expert_linears "
+                       f"({self.expert_linears})")
+        for i, counts in enumerate(self.calibration.expert_tokens if self.calibration else []):
+            if counts is not None and len(counts) != self.experts:
+                out.append(f"{where}.calibration.expert_tokens[{i}] has {len(counts)} experts, not {self.experts}")
+        return out
+
+
+@dataclass(frozen=True)
+class QuantSummary(Bytes):
+    """What the report reads of the quantizer's summary (metrics.quant): its byte counts and, for a mixture of
+    experts, what it did to the routed experts."""
+
+    moe: Optional[ExpertSummary] = None
+
+
 @dataclass(frozen=True)
 class ThroughputRun:
     """What the report reads of eval/throughput.py's section beside the figures: where and under what load they were
@@ -137,6 +232,8 @@ class Provenance:
     hardware: Optional[dict] = None  # host, CPU, GPU: harness.environment.machine_fingerprint reads it
     machine: Optional[str] = None
     created_unix: Optional[float] = None
+    model_sha: Optional[str] = None  # the weights' identity (harness.models.ResolvedModel.model_sha)
+    model_origin: Optional[str] = None  # where the weights come from, in words
 
     def problems(self, where: str) -> list[str]:
         return []
@@ -147,7 +244,7 @@ class Provenance:
 SECTIONS: dict[str, type] = {"perplexity": PerplexitySplit, "word_perplexity": WordPerplexitySplit,
                              "fidelity": FidelitySplit, "tasks": TaskScore}
 # metric section that is one object -> the type of the fields the report reads from it
-SUMMARIES: dict[str, type] = {"quant": Bytes, "memory": Bytes, "throughput": ThroughputRun}
+SUMMARIES: dict[str, type] = {"quant": QuantSummary, "memory": Bytes, "throughput": ThroughputRun}
 
 
 @dataclass(frozen=True)
@@ -166,6 +263,8 @@ class Record:
     word_perplexity: dict[str, WordPerplexitySplit] = field(default_factory=dict)
     fidelity: dict[str, FidelitySplit] = field(default_factory=dict)
     tasks: dict[str, TaskScore] = field(default_factory=dict)
+    quant: Optional[QuantSummary] = None  # metrics.quant, where the run quantized
+    provenance_fields: Optional[Provenance] = None  # the provenance's fields the report reads
     data: dict = field(default_factory=dict, repr=False)  # the record as written (report/record_view.py reads it)
     path: Optional[str] = None
 
@@ -243,16 +342,29 @@ def _parse_entry(schema: type, d: Any, where: str) -> tuple[Any, list[str]]:
     if not isinstance(d, dict):
         return None, [f"{where} is {_kind(d)}, not an object"]
     hints = typing.get_type_hints(schema)
-    problems = []
+    problems, values = [], {}
     for f in dataclasses.fields(schema):
-        if f.name in d:
+        if f.name not in d:
+            if f.default is dataclasses.MISSING:
+                problems.append(f"{where} has no {f.name}")
+            continue
+        nested = _dataclass_of(hints[f.name])
+        if nested is not None and d[f.name] is not None:  # a section within the section: parsed the same way
+            values[f.name], why = _parse_entry(nested, d[f.name], f"{where}.{f.name}")
+            problems += why
+        else:
             problems += _type_problems(d[f.name], hints[f.name], f"{where}.{f.name}")
-        elif f.default is dataclasses.MISSING:
-            problems.append(f"{where} has no {f.name}")
+            values[f.name] = d[f.name]
     if problems:
         return None, problems
-    entry = schema(**{f.name: d[f.name] for f in dataclasses.fields(schema) if f.name in d})
+    entry = schema(**values)
     return entry, entry.problems(where)
+
+
+def _dataclass_of(typ: Any) -> Optional[type]:
+    """The dataclass an annotation names (X or Optional[X]), or None."""
+    args = [a for a in typing.get_args(typ) if a is not type(None)] if typing.get_origin(typ) is Union else [typ]
+    return args[0] if len(args) == 1 and dataclasses.is_dataclass(args[0]) else None
 
 
 def run_id_problem(config: dict, run_id: str) -> Optional[str]:
@@ -296,8 +408,10 @@ def parse_record(d: Any, path: str | Path | None = None, check_run_id: bool = Tr
     for key in ("provenance", "timings_s", "code_version"):
         if d.get(key) is not None:
             reasons += _type_problems(d[key], dict, key)
+    prov = None
     if isinstance(d.get("provenance"), dict):
-        reasons += _parse_entry(Provenance, d["provenance"], "provenance")[1]
+        prov, why = _parse_entry(Provenance, d["provenance"], "provenance")
+        reasons += why
     if isinstance(d.get("run_id"), str) and not RUN_ID.fullmatch(d["run_id"]):
         reasons.append(f"run_id {d['run_id'][:40]!r} is not 16 hex digits")
     metrics = d.get("metrics") if isinstance(d.get("metrics"), dict) else {}
@@ -317,9 +431,11 @@ def parse_record(d: Any, path: str | Path | None = None, check_run_id: bool = Tr
             reasons += why
             parsed[key] = entry
         sections[name] = parsed
+    summaries = {}
     for name, schema in SUMMARIES.items():
         if metrics.get(name) is not None:
-            reasons += _parse_entry(schema, metrics[name], f"metrics.{name}")[1]
+            summaries[name], why = _parse_entry(schema, metrics[name], f"metrics.{name}")
+            reasons += why
     if not reasons and check_run_id and d["status"] == "complete":
         why = run_id_problem(d["config"], d["run_id"])
         if why:
@@ -328,8 +444,8 @@ def parse_record(d: Any, path: str | Path | None = None, check_run_id: bool = Tr
         raise RecordSchemaError(BadRecord(where, reasons))
     return Record(record_version=version, run_id=d["run_id"], status=d["status"], config=d["config"],
                   metrics=d["metrics"], provenance=d.get("provenance") or {}, timings_s=d.get("timings_s") or {},
-                  code_version=d.get("code_version"), data=d, path=str(path) if path is not None else None,
-                  **sections)
+                  code_version=d.get("code_version"), quant=summaries.get("quant"), provenance_fields=prov, data=d,
+                  path=str(path) if path is not None else None, **sections)
 
 
 def read_records(results_dir: str | Path, check_run_id: bool = True) -> tuple[list[Record], list[BadRecord]]:

@@ -9,8 +9,10 @@ report stops with one line (exit 2).
 
 Writes <results>/tables/table<N>.{md,csv,tex} (one table per set of comparable eval settings), records.csv (one
 row per run, every metric), the paper table paper.{md,csv,tex} with paper_pairs.csv and paper_accuracy.csv
-(report/paper_table.py: methods by model x weight setting), <results>/figures/*.{png,pdf}, and <results>/notebooks/results.executed.ipynb (the
-notebook notebooks/results.ipynb run top to bottom on these records). Reads records only; it never recomputes.
+(report/paper_table.py: methods by model x weight setting), the expert-coverage table moe_coverage.{md,csv} where a
+record is of a mixture of experts (report/moe_coverage.py), <results>/figures/*.{png,pdf}, and
+<results>/notebooks/results.executed.ipynb (the notebook notebooks/results.ipynb run top to bottom on these records).
+Reads records only; it never recomputes.
 """
 from __future__ import annotations
 
@@ -23,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.assets import REPO_ROOT
-from harness.record_schema import BadRecord, read_records
-from report import paper_render, render
+from harness.record_schema import BadRecord, Record, read_records
+from report import moe_coverage, paper_render, render
 from report import tables as T
 
 NOTEBOOK = REPO_ROOT / "notebooks" / "results.ipynb"
@@ -38,6 +40,7 @@ class ReportError(RuntimeError):
 @dataclass
 class Loaded:
     records: list[dict]  # complete, valid records, as written (report/record_view.py reads them)
+    parsed: list[Record]  # the same records as the schema parsed them (report/moe_coverage.py reads them)
     skipped: list[str]  # valid records left out: a run still in progress or failed
     bad: list[BadRecord]  # records the schema refused (harness/record_schema.py), with path and reasons
 
@@ -48,7 +51,7 @@ def load_checked(results_dir: Path) -> Loaded:
 
     good, bad = read_records(results_dir)
     skipped = [f"{r.run_id}: status {r.status!r}, left out" for r in good if not r.complete]
-    return Loaded([r.data for r in good if r.complete], skipped, bad)
+    return Loaded([r.data for r in good if r.complete], [r for r in good if r.complete], skipped, bad)
 
 
 def warn_bad(bad: list[BadRecord]) -> None:
@@ -157,6 +160,11 @@ def report(results_dir: Path, strict: bool = False, figures: bool = True, notebo
     table_paths = write_tables(tables, records, results_dir / "tables", loaded.bad)
     # the paper's layout (methods x KV blocks by model x setting), beside the per-settings tables
     paper_paths, _ = paper_render.write(records, results_dir / "tables", render.bad_records_markdown(loaded.bad))
+    # what each quantization of a mixture of experts did to its routed experts (none without such a record)
+    moe_paths, moe_md = moe_coverage.write(loaded.parsed, results_dir / "tables")
+    table_paths += moe_paths
+    if moe_md:
+        print(moe_md, file=out or sys.stdout)
     fig_paths = []
     if figures:
         from report.plots import save_figures

@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 from harness.confidence import PairedDiff, diff_ci95_from_stderr, excludes_zero, paired_ppl_diff
 from harness.labels import backend_text, kv_text, method_detail, method_name, method_rank
-from report.record_view import (METRICS, code_change, dig, finite, is_synthetic, kv_bits, model_id,
+from report.record_view import (METRICS, code_change, dig, finite, is_synthetic, kv_bits, model_id, model_text,
                                 weight_bytes, window_nlls)
 from report.tables import _distinct_fields, _flatten, _row_identity, dropped_message, eval_settings
 
@@ -373,7 +373,7 @@ def _groups(records: list[dict]) -> list[Group]:
     names = [m[0] for m in models]
     groups.sort(key=lambda g: models.index(g.model))
     for g in groups:
-        name = g.model[0] if names.count(g.model[0]) == 1 else f"{g.model[0]} ({g.model[1]})"
+        name = model_text(g.model[0] if names.count(g.model[0]) == 1 else f"{g.model[0]} ({g.model[1]})", g.model[1])
         same = [h for h in groups if h.model == g.model]
         g.name = name if len(same) == 1 else f"{name} ({chr(ord('A') + same.index(g))})"
     return groups

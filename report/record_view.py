@@ -43,6 +43,14 @@ def model_id(rec: dict) -> tuple[str, str]:
     return (dig(rec, "config", "model", "name", default="?"), dig(rec, "provenance", "model_sha", default="?"))
 
 
+def model_text(name: str, sha: str | None) -> str:
+    """A model's name as every table shows it: weights built here (harness.moe_upcycle, e.g. the upcycled mixture of
+    experts) say so, so no reader takes them for a released checkpoint."""
+    from harness.moe_upcycle import BUILT_LABEL, is_built
+
+    return f"{name} ({BUILT_LABEL})" if is_built(sha) else name
+
+
 def kv_bits(rec: dict) -> int:
     return int(dig(rec, "config", "kv", "bits", default=16))
 

@@ -13,7 +13,8 @@ from typing import Any, Optional
 from harness.confidence import diff_ci95_from_stderr, excludes_zero
 from harness.config import without_late_defaults
 from report.record_view import (METRICS, TABLE_ORDER, RowLabel, code_change, dig, is_reference, is_synthetic, kv_bits,
-                                hardware_name, model_id, relevant_quant, row_label, weight_bits)
+                                hardware_name, model_id, model_text, relevant_quant, row_label,
+                                weight_bits)
 
 STALE_MARK = "‡"  # a row with a record made by other code than this checkout's (Table.stale)
 NO_RATIO_MARK = "§"  # a speed shown without its ratio to FP16, and why (Table.no_ratio)
@@ -204,7 +205,7 @@ class Table:
 
     def model_name(self, mid) -> str:
         names = [m[0] for m in self.models]
-        return mid[0] if names.count(mid[0]) == 1 else f"{mid[0]} ({mid[1]})"
+        return model_text(mid[0] if names.count(mid[0]) == 1 else f"{mid[0]} ({mid[1]})", mid[1])
 
     def any_record(self, mid=None) -> dict:
         for r in self.rows:
