@@ -23,9 +23,15 @@ $(STAMP): pyproject.toml constraints.txt
 
 setup: $(STAMP)
 
+# the demo's sweeps, most important rows first (docs/demo.md): SmolLM2 weights (w4 g64, then w3 g64), its KV block,
+# Gemma-3-270M weights and KV block, then decode speed on this machine (into results/decode/, its own report).
+# Committed records whose code version matches are reused; a killed demo resumes where it stopped.
+DEMO_SWEEPS := "+sweep=demo" "+sweep=demo_kv" "+sweep=demo_gemma" "+sweep=demo_kv model=gemma3_270m" "+sweep=demo_decode"
+
 demo: setup
-	$(BIN)/python -m experiments.run -m +sweep=demo
+	for s in $(DEMO_SWEEPS); do $(BIN)/python -m experiments.run -m $$s || exit 1; done
 	$(BIN)/python -m report
+	$(BIN)/python -m report --results-dir results/decode --no-figures --no-notebook
 	$(BIN)/python -m report.readme_excerpt
 
 # the README's excerpt of results/tables/paper.md, rewritten from the committed table

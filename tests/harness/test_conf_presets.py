@@ -267,7 +267,10 @@ def test_presets_one_or_two_fields_apart_inherit(group):
 
 
 def test_the_three_bit_presets_are_the_four_bit_ones_at_three_bits():
-    for w3, w4 in (("awq_w3", "awq_w4"), ("rtn_w3", "rtn_w4")):
+    """Every w3 quant preset (the demo runs each) is its w4 sibling plus `w_bit: 3` (gptq_w3_mse: gptq_w4_mse's)."""
+    pairs = [(o, o.replace("_w3", "_w4")) for o in _options("quant") if "_w3" in o]
+    assert len(pairs) >= 10
+    for w3, w4 in pairs:
         assert _parents("quant", w3) == [w4]
         assert {k: v for k, v in _raw("quant", w3).items() if k != "defaults"} == {"w_bit": 3}
 
