@@ -6,12 +6,20 @@ llm-compressor, transformers; integer codes of 1-8 bits and the FP4 formats); th
     python -m experiments.export quant=awq_w4 --out exports/smollm2-awq-w4-g64
     python -m experiments.export quant=rtn_w4 quant.group_size=32 --out /tmp/rtn --force
     python -m experiments.export quant=gptq_nvfp4 --format compressed-tensors --out exports/smollm2-gptq-nvfp4
+    python -m experiments.export model.path=/data/llama-2-7b model.stream=true quant=awq_w4 --out exports/llama-awq
 
 The overrides are those of `python -m experiments.run` (the same config tree; eval and kv settings do not enter the
 checkpoint). Quantization goes through the quantized-weight cache (quant/quantized_cache.py), so exporting a config
 that a run already quantized costs only loading and writing. A config the format cannot hold (not a 4-bit weight-only
 method, no zero point, fp16, a group size that does not divide every quantized layer) fails in one line before the
 model loads.
+
+model.stream=true never holds the model in host memory (experiments/streamed.py, quant/streaming.py): each decoder
+block is read from the checkpoint's safetensors (memory-mapped; for model.path=synthetic:<arch>, generated from the
+seed) for its turn, and its codes are packed and written to a shard of the AWQ GEMM checkpoint at once
+(quant/export/awq_shards.py: the same tensors as the in-memory export, in one shard per block). Refused before any
+weight is read: methods that pass over a block more than once (SmoothQuant, AWQ->GPTQ, recipes),
+quant.round_weights=false, a GGUF file, and any format but AWQ GEMM. Not through the quantized-weight cache.
 
 --out must not exist yet (or be an empty directory); `--force` replaces only a directory this harness wrote
 (harness.outputs: its manifest, harness_manifest.json, names the run_id and every file, and nothing else is there).
@@ -64,16 +72,13 @@ def compose_config(overrides: list[str]) -> RunConfig:
     return compose(overrides)
 
 
-def _skeleton(resolved, cfg: RunConfig):
+def _skeleton(prep, cfg: RunConfig):
     """The model's module tree with real shapes and no weights (meta device): what the format check needs."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from harness.models import load_config
-
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(load_config(resolved, cfg.model),
-                                                trust_remote_code=cfg.model.trust_remote_code)
+        return AutoModelForCausalLM.from_config(prep.hf_config, trust_remote_code=cfg.model.trust_remote_code)
 
 
 def checkpoint_bytes(skeleton, quant) -> int:
@@ -111,20 +116,46 @@ def export(cfg: RunConfig, out: Path, force: bool = False, manifest: dict | None
 
     check_format(cfg, fmt)  # from the config alone
     check_output_dir("--out", out, force)  # nothing of the user's is replaced; the place takes a write
-    prep = stages.prepare(cfg, evaluate=False)  # the run's own checks of what quantizing needs (no weights read)
-    skeleton = _skeleton(prep.resolved, cfg)
+    # the run's own checks of what quantizing needs, a streamed run's refusals among them (no weights read)
+    prep = stages.prepare(cfg, evaluate=False, export_format=fmt)
+    skeleton = _skeleton(prep, cfg)
     writer = check_format(cfg, fmt, skeleton)  # every quantized layer's shape, still no weights
     check_writable("--out", out, checkpoint_bytes(skeleton, cfg.quant))  # room for it, before any loading
-    model = stages.load(cfg, prep)
-    outcome = stages.quantize(cfg, model, prep, stages.calibrate(cfg, prep))  # calibration exactly as the run's
+    calibration = stages.calibrate(cfg, prep)  # calibration exactly as the run's
     rid, resolved = run_id(cfg), prep.resolved
-    path = writer.export(model, outcome.qtensors, out, tokenizer=prep.tokenizer, quant_meta={
-        "run_id": rid, "model": cfg.model.name, "model_sha": resolved.model_sha,
-        "model_origin": resolved.origin, "reference_note": describe_model(cfg.model, resolved, model.config),
-        "method": cfg.quant.method, "quant": dataclasses.asdict(cfg.quant)},
-        manifest={"run_id": rid, "format": MANIFEST_FORMAT[fmt], "model_sha": resolved.model_sha, **(manifest or {})})
+    quant_meta = {"run_id": rid, "model": cfg.model.name, "model_sha": resolved.model_sha,
+                  "model_origin": resolved.origin,
+                  "reference_note": describe_model(cfg.model, resolved, prep.hf_config),
+                  "method": cfg.quant.method, "quant": dataclasses.asdict(cfg.quant)}
+    facts = {"run_id": rid, "format": MANIFEST_FORMAT[fmt], "model_sha": resolved.model_sha, **(manifest or {})}
+    if cfg.model.stream:
+        path = _export_streamed(cfg, prep, calibration, out, quant_meta, facts)
+    else:
+        model = stages.load(cfg, prep)
+        outcome = stages.quantize(cfg, model, prep, calibration)
+        path = writer.export(model, outcome.qtensors, out, tokenizer=prep.tokenizer, quant_meta=quant_meta,
+                             manifest=facts)
     log(f"wrote the {MANIFEST_FORMAT[fmt]} checkpoint of run_id {rid} to {path}")
     return path
+
+
+def _export_streamed(cfg: RunConfig, prep, calibration, out: Path, quant_meta: dict, manifest: dict) -> Path:
+    """Each block's codes straight into the AWQ GEMM checkpoint (quant.export.awq_shards), the model never whole in
+    host memory; quant_meta.json also says where the blocks came from and the host memory the quantization took."""
+    from experiments import stages
+    from quant.export.awq_shards import AWQShardWriter
+
+    sink = AWQShardWriter(out)  # fills a temp sibling of `out`; finish renames it into place, abort removes it
+    try:
+        model, place = stages.open_streamed(cfg, prep, sink)
+        outcome = stages.quantize(cfg, model, prep, calibration, place)
+    except BaseException as e:
+        sink.abort(e)
+        raise
+    summary = outcome.summary
+    streamed = {"placement": summary.get("placement"), "host_memory": summary.get("host_memory")}
+    return sink.finish(model, outcome.qtensors, tokenizer=prep.tokenizer, quant_meta={**quant_meta,
+                       "streamed": streamed}, manifest=manifest)
 
 
 def user_errors() -> tuple[type[BaseException], ...]:

@@ -9,6 +9,8 @@ quality benchmarks call it for each of their rows):
     record = run(to_run_config(OmegaConf.create({...})))
 
 Every check that can fail on bad input runs before the model is loaded or any long loop starts (stages.prepare).
+With model.stream=true (and eval=none: streaming evaluates nothing) the blocks are streamed from the checkpoint
+(stages.open_streamed) and the record holds the quantization's summary: placement, host memory, timings.
 """
 from __future__ import annotations
 
@@ -23,8 +25,9 @@ from harness.synthetic import without_quality_metrics
 from eval.code_version import code_version_of, stale_reason  # noqa: F401  (shared with the report)
 # the stages run() composes, and (re-exported for the callers of this Python API) USER_ERRORS, record_exists,
 # write_record
-from experiments.stages import (USER_ERRORS, Prepared, calibrate, evaluate, load, log, prepare, quantize,  # noqa: F401
-                                record, record_exists, reusable_record, write_record)
+from experiments.stages import (USER_ERRORS, Evaluation, Prepared, calibrate, evaluate, load, log,  # noqa: F401
+                                open_streamed, prepare, quantize, record, record_exists, reusable_record,
+                                write_record)
 from quant.onload import Placement, peak_memory
 
 
@@ -62,7 +65,10 @@ def compute(cfg: RunConfig) -> Computed:
 
     place = Placement.of(cfg.model.device, cfg.offload)
     t = time.perf_counter()
-    model = load(cfg, prep, place)
+    if cfg.model.stream:  # the parts outside the blocks only; each block is read for its turn
+        model, place = open_streamed(cfg, prep)
+    else:
+        model = load(cfg, prep, place)
     timings["load_model"] = time.perf_counter() - t
 
     calibration = calibrate(cfg, prep)
@@ -74,7 +80,10 @@ def compute(cfg: RunConfig) -> Computed:
     timings.update({f"quantize.{k}": v for k, v in outcome.timings_s.items() if isinstance(v, (int, float))})
     outcome.summary["peak_memory_quantize"] = peak_memory(place.compute)
 
-    evaluation = evaluate(cfg, model, prep, outcome, place)
+    if cfg.model.stream:  # no block weights are left to evaluate (prepare refused any evaluator)
+        evaluation = Evaluation({"quant": outcome.summary}, {})
+    else:
+        evaluation = evaluate(cfg, model, prep, outcome, place)
     timings.update(evaluation.timings_s)
     timings["total"] = time.perf_counter() - t_start
     return Computed(record(cfg, prep, model, evaluation.metrics, timings, version), model, prep)

@@ -5,13 +5,16 @@ door it came in by.
 
     prepare(cfg)                             -> Prepared     every check that can fail on bad input; no weights read
     load(cfg, prep)                          -> the model    (harness.models)
+    open_streamed(cfg, prep, sink)           -> (model, placement)  load for model.stream=true: no block's weights
     calibrate(cfg, prep)                     -> Calibration  lazy samples: drawn only if the method asks
     quantize(cfg, model, prep, calibration)  -> QuantOutcome through the quantized-weight cache
     evaluate(cfg, model, prep, outcome)      -> Evaluation   metrics and timings, by backend.name (backends/)
     record(cfg, prep, model, metrics, ...)   -> the record   one JSON file under results_dir/runs/, atomically
 
 and reusable_record(cfg): the record on disk that stands for `cfg` (same code, same weights), or None. `prepare(cfg,
-evaluate=False)` checks only what quantizing needs (the export and the web page evaluate nothing).
+evaluate=False)` checks only what quantizing needs (the export and the web page evaluate nothing). For a streamed run
+(model.stream=true: experiments/streamed.py) prepare refuses what streaming cannot do, open_streamed takes load's
+place, and quantize goes around the quantized-weight cache.
 
 It lives in experiments/, the layer that wires quant/, eval/ and backends/ together from a config; the app and the
 benchmarks sit above it and may import it (docs/layout.md, tests/test_layers.py)."""
@@ -43,7 +46,9 @@ from eval import EvalContext, ordered_names, preflight
 from eval.code_version import stale_reason
 from quant import METHODS, QuantContext, QuantOutcome, quantized_cache
 from quant.onload import Placement
+from quant.streaming import StreamingError, StreamingPlacement
 from quant.surgery import check_group_sizes
+from experiments import streamed
 
 log = logger("run")
 # what a user can fix (config, paths, inputs): every front door prints these as one line, without a traceback
@@ -71,12 +76,16 @@ class Prepared:
     # random weights (model.weights=random) read no text and need no tokenizer (tokenizer None): their calibration
     # samples and windows are random token ids below this vocabulary size (harness.synthetic.random_token_ids)
     vocab_size: int | None = None
+    hf_config: object = None  # the model's transformers config, read without its weights
 
 
-def prepare(cfg: RunConfig, evaluate: bool = True) -> Prepared:
+def prepare(cfg: RunConfig, evaluate: bool = True, export_format: str | None = None) -> Prepared:
     """Every check that can fail on bad input, in the order a user meets them, before any weight is read; then the
     tokenizer and the evaluation windows. `evaluate=False`: only what quantizing needs (no results_dir, backend,
-    evaluation text or evaluator checks; the calibration's positions and memory are still checked)."""
+    evaluation text or evaluator checks; the calibration's positions and memory are still checked). `export_format`:
+    the checkpoint format the run's codes are written in (a streamed run writes AWQ GEMM only)."""
+    if cfg.model.stream:  # what streaming cannot do, from the config alone (the method, evaluation, the format)
+        streamed.refuse(cfg, enabled_evaluators(cfg) if evaluate else [], export_format)
     if evaluate:
         check_results_dir(cfg.results_dir)  # a record that cannot be written must fail now, not after the evaluation
     check_device(cfg.model)
@@ -92,9 +101,12 @@ def prepare(cfg: RunConfig, evaluate: bool = True) -> Prepared:
         from quant.kv_cache import check_kv_supported
 
         check_kv_supported(cfg.kv.bits, cfg.kv.format)
-    resolved = models.resolve_model(cfg.model)
+    if cfg.model.stream:  # a synthetic:<arch> path writes no checkpoint: its blocks come from the seed
+        resolved, model_config = streamed.resolve(cfg)
+    else:
+        resolved = models.resolve_model(cfg.model)
+        model_config = load_config(resolved, cfg.model)  # a .gguf file: its metadata (harness.models)
     cache_writable = check_cache_dir(cache_need_bytes(cfg, resolved), log)  # a warning at most: the cache is optional
-    model_config = load_config(resolved, cfg.model)  # a .gguf file: its metadata (harness.models)
     # every sequence length against the model's positions (only the calibration's when nothing is evaluated)
     check_positions(cfg, model_config, only=None if evaluate else ("quant.calib.seqlen",))
     check_group_sizes(cfg.quant, model_config.to_dict())
@@ -116,7 +128,7 @@ def prepare(cfg: RunConfig, evaluate: bool = True) -> Prepared:
         shas[split] = text_sha256(text)[:16]
         ids = tokenize_cached(tok, text)
         windows[split] = eval_windows(ids, cfg.eval.perplexity.seqlen, cfg.eval.perplexity.max_windows, split, bos)
-    return Prepared(resolved, tok, windows, texts, shas, bos, cache_writable)
+    return Prepared(resolved, tok, windows, texts, shas, bos, cache_writable, hf_config=model_config)
 
 
 def random_prepared(cfg: RunConfig, resolved, model_config, cache_writable: bool, evaluate: bool = True) -> Prepared:
@@ -129,7 +141,8 @@ def random_prepared(cfg: RunConfig, resolved, model_config, cache_writable: bool
     n, seqlen = cfg.eval.perplexity.max_windows or 1, cfg.eval.perplexity.seqlen
     splits = cfg.data.splits if evaluate else []
     windows = {split: random_token_ids(n, seqlen, vocab, cfg.seed + i) for i, split in enumerate(splits)}
-    return Prepared(resolved, None, windows, {}, {split: RANDOM_IDS for split in windows}, None, cache_writable, vocab)
+    return Prepared(resolved, None, windows, {}, {split: RANDOM_IDS for split in windows}, None, cache_writable, vocab,
+                    model_config)
 
 
 def text_sources(cfg: RunConfig, needs_calibration: bool, evaluate: bool = True) -> list[tuple[str, str]]:
@@ -150,8 +163,9 @@ def without_evaluators(cfg: RunConfig) -> RunConfig:
 
 def cache_need_bytes(cfg: RunConfig, resolved) -> int:
     """What a run may write into the cache: a quantized-weight entry (codes, scales and the unquantized tensors:
-    at most the checkpoint's own bytes) for a quantized run, plus tokenized text and reference outputs."""
-    if cfg.quant.method == "fp16":
+    at most the checkpoint's own bytes) for a quantized run, plus tokenized text and reference outputs. A streamed run
+    writes no quantized-weight entry."""
+    if cfg.quant.method == "fp16" or cfg.model.stream:
         return CACHE_MIN_BYTES
     d = Path(resolved.directory)
     files = [d / resolved.gguf_file] if resolved.gguf_file else [*d.glob("*.safetensors"), *d.glob("*.bin")]
@@ -163,6 +177,9 @@ def cache_need_bytes(cfg: RunConfig, resolved) -> int:
 
 def load(cfg: RunConfig, prep: Prepared, placement: Placement = Placement()):
     """The model's weights in cfg.model.dtype; with offloading they rest in host memory (quant/onload.py)."""
+    if cfg.model.stream:
+        raise StreamingError("model.stream=true: the model is never loaded whole; this command cannot stream it "
+                             "(experiments.run with eval=none, and experiments.export, do): use model.stream=false")
     onload = f" into host memory; blocks onload to {placement.compute} in turn" if placement.offload else ""
     log(f"loading {cfg.model.name} ({prep.resolved.origin}){onload}")
     return models.load_model(prep.resolved, cfg.model, device="cpu" if placement.offload else None)
@@ -192,14 +209,25 @@ def calibrate(cfg: RunConfig, prep: Prepared) -> Calibration:
     return Calibration(get, state, calibration_identity(calib, prep.tokenizer, prep.bos_token_id) if needs else None)
 
 
+def open_streamed(cfg: RunConfig, prep: Prepared, sink=None) -> tuple[torch.nn.Module, StreamingPlacement]:
+    """Load, for a streamed run: the model without its blocks' weights (read for their turn by the placement), the
+    parts outside the blocks in host memory; `sink` takes each finished block's codes (None: host memory)."""
+    log(f"opening {cfg.model.name} ({prep.resolved.origin}) streamed: blocks read one at a time onto "
+        f"{cfg.model.device}")
+    return streamed.open_model(cfg, prep, sink)
+
+
 # ------------------------------------------------------------------------------------------------------ quantize
 
 
 def quantize(cfg: RunConfig, model, prep: Prepared, calibration: Calibration,
              placement: Placement = Placement()) -> QuantOutcome:
-    """Quantize in place, through the content-addressed cache (methods other than fp16)."""
+    """Quantize in place, through the content-addressed cache (methods other than fp16); a streamed run
+    (`placement` from open_streamed) straight, block by block."""
     if cfg.quant.method != "fp16":
-        log(f"quantizing: {config_label(cfg.quant)}")
+        log(f"quantizing: {config_label(cfg.quant)}{' (streamed)' if cfg.model.stream else ''}")
+    if cfg.model.stream:
+        return streamed.quantize(cfg, model, calibration, placement)
     return quantized_cache.quantize_cached(model, cfg.quant, prep.resolved.model_sha, cfg.model.dtype,
                                            QuantContext(calibration=calibration.get, progress=cfg.progress,
                                                         placement=placement), calibration.state,
@@ -228,8 +256,12 @@ class Evaluation:
     timings_s: dict
 
 
+def enabled_evaluators(cfg: RunConfig) -> list[str]:
+    return [name for name in ordered_names() if getattr(getattr(cfg.eval, name, None), "enabled", False)]
+
+
 def any_evaluator_enabled(cfg: RunConfig) -> bool:
-    return any(getattr(getattr(cfg.eval, name, None), "enabled", False) for name in ordered_names())
+    return bool(enabled_evaluators(cfg))
 
 
 class KVCaches:

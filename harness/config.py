@@ -44,6 +44,9 @@ class ModelConfig:
     # what the unquantized model is, shown beside every result (e.g. the GGUF origin of the embedded model); blank:
     # the loaded model's own description (harness.models.describe_model: its model_type, origin and weights' sha)
     reference_note: str = ""
+    # blocks streamed from the checkpoint's safetensors (or generated from the seed for synthetic:<arch>), never the
+    # whole model in host memory (quant/streaming.py, experiments/streamed.py): quantize and export only (eval=none)
+    stream: bool = False
 
     def validate(self) -> None:
         if not self.name:  # a model option's name describes its own path only (conf/model/*.yaml, qh.of_path)
@@ -464,11 +467,12 @@ NON_IDENTITY_FIELDS = ("results_dir", "force", "progress", "offload")
 # fields added after records existed, left out of a run's identity while they hold their default, so those records
 # keep their run_id (data.add_bos=auto gives the embedded SmolLM2 no BOS, exactly as before the field existed;
 # kv.format=int is the integer KV quantization every earlier record used; eval.throughput.kernel=auto and
-# backend.w4a16_kernel=engine are what ran before they could be chosen); a method's own late fields are its
-# config's `late_fields`. A field inside a subsection is named by its dotted path within the section.
+# backend.w4a16_kernel=engine are what ran before they could be chosen; model.stream=false loads the model whole, as
+# every run did before streaming); a method's own late fields are its config's `late_fields`. A field inside a
+# subsection is named by its dotted path within the section.
 LATE_FIELDS = {("data", "add_bos"): "auto", ("kv", "format"): "int", ("eval", "throughput.kernel"): "auto",
                ("eval", "throughput.cuda_graph"): True, ("backend", "w4a16_kernel"): "engine",
-               ("eval", "kernel_quality"): {"enabled": False, "kernel": "auto"}}
+               ("eval", "kernel_quality"): {"enabled": False, "kernel": "auto"}, ("model", "stream"): False}
 
 
 def without_late_defaults(section: str, d: dict) -> dict:

@@ -400,9 +400,9 @@ def _shell(qtensors: dict) -> None:
 # ----------------------------------------------------------------------------------------------- refusals
 
 
-def check_streamable(method, cfg, *, evaluates: bool = False, checkpoint_dir=None) -> None:
+def check_streamable(method, cfg, *, evaluates=(), checkpoint_dir=None) -> None:
     """Before any work: streaming works for this method (`Method.streams`) and this run (nothing evaluates the model
-    afterwards, no block checkpoints to resume from)."""
+    afterwards: `evaluates` names the evaluators that would; no block checkpoints to resume from)."""
     from quant import METHODS
 
     if not getattr(method, "streams", False):
@@ -414,8 +414,9 @@ def check_streamable(method, cfg, *, evaluates: bool = False, checkpoint_dir=Non
         raise StreamingError(f"quant.round_weights=false: {cfg.method} would leave every block's weights changed but "
                              f"not rounded, and streaming keeps no block weights, only codes: stream a rounding run")
     if evaluates:
-        raise StreamingError("streaming leaves the decoder blocks without weights after quantization, so no evaluator "
-                             "can run: use eval=none (quantize and export only), or load the model whole")
+        raise StreamingError(f"model.stream=true: streaming leaves the decoder blocks without weights after "
+                             f"quantization, so no evaluator can run (enabled: {', '.join(evaluates)}) — use eval=none "
+                             f"(quantize and export only), or load the model whole (model.stream=false)")
     if checkpoint_dir is not None:
         raise StreamingError("streaming keeps no per-block checkpoints to resume from (its codes go to host memory "
                              "or straight to the export): run without checkpoint_dir")

@@ -56,9 +56,11 @@ class AWQShardWriter:
         self.shards.append(name)
         self.weight_map.update({k: name for k in tensors})
 
-    def finish(self, model, qtensors: dict, tokenizer=None, quant_meta: dict | None = None) -> Path:
+    def finish(self, model, qtensors: dict, tokenizer=None, quant_meta: dict | None = None,
+               manifest: dict | None = None) -> Path:
         """Everything but the block shards, then the folder in place; `qtensors`: every quantized Linear by qualified
-        name (shells or real: only their names, shapes and group sizes are read)."""
+        name (shells or real: only their names, shapes and group sizes are read). With `manifest`,
+        harness.outputs.MANIFEST is written last, naming every file (as export_awq does)."""
         from safetensors.torch import save_file
         from torch import nn
 
@@ -98,6 +100,10 @@ class AWQShardWriter:
                     "lmdeploy_engines": ["pytorch", "turbomind"] if any_qt.group_size == 128 else ["pytorch"],
                     "file_bytes": total, **(quant_meta or {})}
             (self.tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
+            if manifest is not None:
+                from harness.outputs import write_manifest
+
+                write_manifest(self.tmp, manifest)
         except BaseException as e:
             self.abort(e)
             raise
