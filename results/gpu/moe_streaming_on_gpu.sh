@@ -6,7 +6,9 @@
 # weights generated block by block on the GPU: no file). T_<STAGE> bounds each variant in seconds; a variant stopped by
 # it leaves its finished blocks' times (quantize_gpu_<variant>.blocks.jsonl) and the table says how far it got.
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .device/strm/*.whl 2>&1 | tail -1
+# WHEELS: a folder holding those three wheels (.device/whl, which results/gpu/w4a16_on_gpu.sh carries, has them too)
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site ${WHEELS:-.device/strm}/hydra_core-*.whl \
+  ${WHEELS:-.device/strm}/omegaconf-*.whl ${WHEELS:-.device/strm}/antlr4_*.whl 2>&1 | tail -1
 export PYTHONPATH=$PWD:$PWD/.device/lmdeploy:/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 QH_CACHE=/tmp/qhcache
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; free -g | head -2; df -h /tmp | tail -1
@@ -14,8 +16,8 @@ Q="python3 -m benchmarks.quantize_gpu --synthetic-root /tmp/synthetic --tokenize
 for stage in "$@"; do
   t=$(date +%s)
   case $stage in
-    7b) $Q --out "$OUT/stream_7b" --timeout ${T_7B:-120} --variants harness_awq harness_awq_stream harness_gptq_stream \
-          harness_awq_stream_synthetic 2>&1 | grep -v "^block" | tail -12 ;;
+    7b) $Q --out "$OUT/stream_7b" --timeout ${T_7B:-120} --variants ${V_7B:-harness_awq harness_awq_stream \
+          harness_gptq_stream harness_awq_stream_synthetic} 2>&1 | grep -v "^block" | tail -12 ;;
     mixtral_awq) $Q --out "$OUT/stream_mixtral" --model mixtral_8x7b_moe_synthetic --timeout ${T_MIXTRAL_AWQ:-280} \
           --variants harness_awq_stream_synthetic 2>&1 | grep -v "^block [0-9]*[1-9]:" | tail -14 ;;
     mixtral_gptq) $Q --out "$OUT/stream_mixtral_gptq" --model mixtral_8x7b_moe_synthetic --timeout ${T_MIXTRAL_GPTQ:-280} \
