@@ -244,8 +244,8 @@ def _distinct_fields(rec: dict) -> dict:
     """The config fields that make two rows of one table different runs (model and eval settings are columns and
     tables)."""
     kv = without_late_defaults("kv", dig(rec, "config", "kv", default={}) or {})  # as the run_id sees it
-    return {"quant": relevant_quant(rec), "kv": kv, "backend": dig(rec, "config", "backend"),
-            "seed": dig(rec, "config", "seed")}
+    backend = without_late_defaults("backend", dig(rec, "config", "backend", default={}) or {})  # w4a16_kernel
+    return {"quant": relevant_quant(rec), "kv": kv, "backend": backend, "seed": dig(rec, "config", "seed")}
 
 
 def _row_identity(rec: dict) -> str:
