@@ -55,14 +55,16 @@ class CheckpointNames:
                 self._experts.append((re.compile(base + r"(\d+)\." + re.escape(leaf) + r"\.weight$"), source))
 
     def __call__(self, key: str) -> str:
-        from transformers.core_model_loading import apply_renamings
-
         for pattern, source in self._experts:
             m = pattern.search(key)
             if m:
                 key = key[: m.start()] + source.replace("*", m.group(1))
                 break
-        return apply_renamings(key, self._renamings)
+        # each reversed renaming in turn (what transformers' apply_renamings does; that helper is newer than the
+        # WeightRenaming.rename_source_key it calls: transformers 5.17 has only the method)
+        for renaming in self._renamings:
+            key, _ = renaming.rename_source_key(key)
+        return key
 
     def module(self, name: str) -> str:
         """A module's checkpoint name (its tensors are `<that>.<suffix>`: weight, qweight, weight_packed, ...)."""
