@@ -60,10 +60,9 @@ def test_layer_map_names_experts_router_and_shared_expert(kind):
     for t in specs:
         if t.kind in ("linear", "kept_linear"):
             assert tuple(m.get_submodule(t.name).weight.shape) == t.shape, t.name
-    # every weight but the attention's q_norm/k_norm (Qwen3, OLMoE) and biases (Qwen2), which no layer map lists (dense
-    # Qwen3's neither): they change no Linear's input
-    n = sum(p.numel() for k, p in m.named_parameters()
-            if "q_norm" not in k and "k_norm" not in k and not k.endswith(".bias"))
+    # every weight, the attention's q_norm/k_norm (Qwen3, OLMoE: Architecture.attn_norms) included, but biases (Qwen2),
+    # which no layer map lists: they change no Linear's input
+    n = sum(p.numel() for k, p in m.named_parameters() if not k.endswith(".bias"))
     assert parameter_count(arch, m.config.to_dict())["total"] == n
 
 
