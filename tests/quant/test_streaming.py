@@ -285,15 +285,26 @@ def test_host_memory_stays_within_a_few_blocks_on_a_model_many_blocks_larger(tmp
     same, within one block, for the first 4 blocks and for all 16 (a per-block working set, whatever the depth), and
     below 40% of the model; the same process loading the model whole grows by the model's size, so the measurement
     sees a whole-model load when there is one."""
-    arch = synthetic.load_arch("llama2-7b", hidden_size=768, intermediate_size=2048, num_hidden_layers=16,
-                               num_attention_heads=12, num_key_value_heads=12, vocab_size=2048)
+    arch = memory_arch(16)
     d = synthetic.write_checkpoint(arch, tmp_path / "syn", synthetic.WeightFormat(), seed=0)
-    block = sum(4 * torch.Size(t.shape).numel() for t in synthetic.block_specs(arch)[1][0])
-    model = sum(4 * torch.Size(t.shape).numel() for t in arch.tensors())
     shallow = _memory_run(d, 4, tmp_path / "awq4")["streamed"]["host_peak_growth_bytes"]
     deep_run = _memory_run(d, 16, tmp_path / "awq16")
-    deep = deep_run["streamed"]["host_peak_growth_bytes"]
-    whole = deep_run["whole"]["host_peak_growth_bytes"]
+    check_host_growth(arch, shallow, deep_run["streamed"]["host_peak_growth_bytes"],
+                      deep_run["whole"]["host_peak_growth_bytes"])
+
+
+def memory_arch(layers: int):
+    """The Llama the host-memory tests stream: 768 wide, `layers` blocks (about 14 MB each in fp16)."""
+    return synthetic.load_arch("llama2-7b", hidden_size=768, intermediate_size=2048, num_hidden_layers=layers,
+                               num_attention_heads=12, num_key_value_heads=12, vocab_size=2048)
+
+
+def check_host_growth(arch, shallow: int, deep: int, whole: int) -> None:
+    """Host growth of a streamed run over 4 blocks (`shallow`) and over every block of `arch` (`deep`) differs by
+    less than one fp32 block (plus 32 MiB of slack) and stays below 40% of the fp32 model, while loading the model
+    whole (`whole`) grows by nearly all of it."""
+    block = sum(4 * torch.Size(t.shape).numel() for t in synthetic.block_specs(arch)[1][0])
+    model = sum(4 * torch.Size(t.shape).numel() for t in arch.tensors())
     mib = lambda b: f"{b / 2**20:.0f} MiB"  # noqa: E731
     msg = f"growth: 4 blocks {mib(shallow)}, 16 blocks {mib(deep)}, whole load {mib(whole)}; block {mib(block)}"
     assert deep - shallow < block + (32 << 20), msg
