@@ -73,6 +73,11 @@ def _peak(torch) -> dict:
     return out
 
 
+def _median(xs: list[float]) -> float:
+    """The upper median (a value that was measured), as every per-block figure here reports it."""
+    return sorted(xs)[len(xs) // 2]
+
+
 def progress_path(out: Path, variant: str) -> Path:
     """Where a variant's child appends one line per finished decoder block: what a killed run leaves behind."""
     return out / f"{NAME}_{variant}.blocks.jsonl"
@@ -115,7 +120,7 @@ def partial(path: Path, n_blocks: int | None) -> dict:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     if not rows:
         return {}
-    med = sorted(r["seconds"] for r in rows)[len(rows) // 2]
+    med = _median([r["seconds"] for r in rows])
     return {"blocks_done": len(rows), "n_blocks": n_blocks, "block_seconds_median": med,
             "quantize_seconds_extrapolated": med * n_blocks if n_blocks else None,
             "host_peak_rss_bytes": max(r["host_rss_bytes"] for r in rows),
@@ -160,7 +165,7 @@ def run_harness(variant: str, model_dir: Path, work: Path, model: list[str], dev
     t_export = time.perf_counter() - t
     blocks = out.summary.get("block_seconds") or []
     return {"seconds": {"load": t_load, "quantize": t_quant, "export": t_export, "total": time.perf_counter() - t0},
-            "block_seconds_median": sorted(blocks)[len(blocks) // 2] if blocks else None, "n_blocks": len(blocks),
+            "block_seconds_median": _median(blocks) if blocks else None, "n_blocks": len(blocks),
             "stage_seconds": {k: v for k, v in out.timings_s.items() if isinstance(v, (int, float))},
             "memory": _peak(torch), "gpu_cap_bytes": cap_bytes if capped else None,
             "quantize_host_memory": out.summary.get("host_memory"), "placement": out.summary.get("placement"),
@@ -231,7 +236,7 @@ def table(results: list[dict]) -> str:
     for r in results:
         if "error" in r:
             pt = r.get("partial") or {}
-            if pt:  # stopped (--timeout): how far it got, at what pace; the whole run's time only extrapolated
+            if pt:  # stopped (--timeout, or an error after some blocks): how far it got, at what pace; the whole run's time only extrapolated
                 ext = pt.get("quantize_seconds_extrapolated")
                 lines.append(f"| {r['variant']} | stopped ({r['error']}) after {pt['blocks_done']}/{pt['n_blocks']} "
                              f"blocks{f'; ~{ext:.0f} s for all at this pace (extrapolated)' if ext else ''} | – | "
@@ -313,6 +318,7 @@ def main(argv=None) -> int:
     if any(STREAM.get(v) != "synthetic" for v in a.variants):
         model_dir = synthetic.materialize(compose([model[0], "quant=fp16"]), a.synthetic_root, a.tokenizer)
         log(f"synthetic checkpoint {model_dir} ready in {time.perf_counter() - t:.0f} s")
+    n_blocks = synthetic.load_arch(synthetic.arch_name(compose([model[0], "quant=fp16"]).model.path)).num_layers
     for v in a.variants:
         log(f"variant {v}")
         progress_path(a.out, v).unlink(missing_ok=True)  # this run's blocks only
@@ -324,7 +330,6 @@ def main(argv=None) -> int:
         except subprocess.TimeoutExpired:
             rc = "timeout"
         if rc != 0:
-            n_blocks = synthetic.load_arch(synthetic.arch_name(compose([model[0], "quant=fp16"]).model.path)).num_layers
             (a.out / f"{NAME}_{v}.json").write_text(json.dumps(
                 {"variant": v, "error": f"child {rc}", "timeout_s": a.timeout,
                  "partial": partial(progress_path(a.out, v), n_blocks)}))
