@@ -154,7 +154,8 @@ def _pair_line(t: PaperTable, p: dict) -> list[str]:
             p["against"] + (" (RTN)" if p["against"] == "runner-up" and p["vs"] is t.baseline(p["block"], p["column"]) else ""),
             mark(p["vs"]), f"{p['ppl_a']:,.2f} vs {p['ppl_b']:,.2f}",
             "–" if d is None else f"{d.estimate:+,.2f} [{d.ci95[0]:+,.2f}, {d.ci95[1]:+,.2f}]",
-            "– (no per-window NLLs)" if d is None else ("yes" if d.beyond_noise else "no")]
+            "– (no per-window NLLs)" if d is None else ("yes" if d.beyond_noise else "no"),
+            "" if p["gap_share"] is None else f"{100 * p['gap_share']:.0f}%"]
 
 
 def pairs_markdown(t: PaperTable) -> str:
@@ -162,13 +163,15 @@ def pairs_markdown(t: PaperTable) -> str:
     lines = ["#### Method against method: is the lowest PPL of a column beyond noise?", ""]
     if not ps:
         return "\n".join(lines + ["No column holds two quantized rows.", ""])
-    lines += ["| KV cache | column | lowest PPL | against | other | PPL | difference [95% interval] | beyond noise |",
-              "|:---|:---|:---|:---|:---|---:|---:|:---|"]
+    lines += ["| KV cache | column | lowest PPL | against | other | PPL | difference [95% interval] | beyond noise "
+              "| gap / RTN gap |", "|:---|:---|:---|:---|:---|---:|---:|:---|---:|"]
     lines += ["| " + " | ".join(_pair_line(t, p)) + " |" for p in ps]
     lines += ["", "- Difference = PPL(lowest) − PPL(other) over the same windows; its 95% interval is a paired "
                   "percentile bootstrap (each resample draws one set of windows and scores both runs on it: "
                   "harness.confidence.paired_ppl_diff); beyond noise = the interval excludes 0. Rows of every "
-                  f"record are ranked here, {STALE_MARK} ones included (marked)."]
+                  f"record are ranked here, {STALE_MARK} ones included (marked).",
+              "- gap / RTN gap (against RTN) = (PPL(lowest) − PPL(FP16)) / (PPL(RTN) − PPL(FP16)), each gap paired "
+              "over the same windows: how much of round-to-nearest's loss the best method leaves."]
     return "\n".join(lines) + "\n"
 
 
@@ -250,7 +253,8 @@ def pairs_frame(t: PaperTable):
                      "other": p["vs"].text, "ppl_lowest": p["ppl_a"], "ppl_other": p["ppl_b"],
                      "diff": d.estimate if d else None, "diff_ci95_lo": d.ci95[0] if d else None,
                      "diff_ci95_hi": d.ci95[1] if d else None, "n_windows": d.n_windows if d else None,
-                     "beyond_noise": d.beyond_noise if d else None, "made_by_other_code": p["stale"],
+                     "beyond_noise": d.beyond_noise if d else None, "gap_share_of_rtn": p["gap_share"],
+                     "made_by_other_code": p["stale"],
                      "run_id_lowest": t.record(p["lowest"], col).get("run_id"),
                      "run_id_other": t.record(p["vs"], col).get("run_id")})
     return pd.DataFrame(data)

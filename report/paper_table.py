@@ -232,9 +232,19 @@ class PaperTable:
         rtn = [r for r in self.candidates(block, col) if r.method == "rtn"]
         return next((r for r in rtn if r.text == method_name({"method": "rtn"})), rtn[0] if rtn else None)
 
+    def gap_share(self, row: PaperRow, rtn: PaperRow, col) -> Optional[float]:
+        """The row's PPL gap to FP16 as a fraction of RTN's in the same column, (PPL - FP16) / (PPL_RTN - FP16), each
+        gap paired over the same windows as in `delta` (the quality targets' "gap / RTN gap"); None without FP16 or
+        where RTN does not lose to FP16."""
+        d, d_rtn = self.delta(row, col), self.delta(rtn, col)
+        if d is None or d_rtn is None or d_rtn.estimate <= 0:
+            return None
+        return d.estimate / d_rtn.estimate
+
     def pairs(self) -> list[dict]:
         """For every column of every block with two or more quantized rows: the lowest PPL against the runner-up and
-        against RTN (where RTN is not the lowest), with the paired 95% interval of the difference."""
+        against RTN (where RTN is not the lowest), with the paired 95% interval of the difference; against RTN also
+        the lowest row's share of RTN's gap to FP16 (`gap_share`)."""
         out = []
         for block in self.blocks():
             for col in self.columns:
@@ -249,6 +259,7 @@ class PaperTable:
                     d = paired_between(a, b, self.groups[col[0]].split)
                     out.append({"block": block, "column": col, "lowest": rows[0], "vs": other, "against": what,
                                 "ppl_a": self.ppl(rows[0], col), "ppl_b": self.ppl(other, col), "diff": d,
+                                "gap_share": self.gap_share(rows[0], other, col) if other is rtn else None,
                                 "stale": self.is_stale(a) or self.is_stale(b)})
         return out
 

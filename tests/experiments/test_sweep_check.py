@@ -28,7 +28,7 @@ def _check(overrides: list[str]) -> int:
 
 
 def test_named_sweeps_and_grids_pass():
-    assert _check(["+sweep=demo"]) == 27
+    assert _check(["+sweep=demo"]) == 29
     assert _check(["+sweep=demo_kv", "model=gemma3_270m"]) == 4
     assert _check(["quant=rtn_w4,awq_w4", "quant.w_bit=3,4", "quant.group_size=32,64"]) == 8
 

@@ -198,6 +198,7 @@ def test_method_against_method_is_paired_over_the_same_windows(records, tmp_path
     frame = pd.read_csv(tmp_path / "tables" / "paper_pairs.csv")
     md = (tmp_path / "tables" / "paper.md").read_text()
     pair_lines = _md_section(md, "#### Method against method")
+    gap_checked = 0
     for p in pairs:
         lowest, other = t.record(p["lowest"], p["column"]), t.record(p["vs"], p["column"])
         assert lowest is records[by_ppl[0]]
@@ -209,6 +210,16 @@ def test_method_against_method_is_paired_over_the_same_windows(records, tmp_path
         assert math.isclose(row["diff"], est, rel_tol=1e-9) and bool(row.beyond_noise) == (lo > 0 or hi < 0)
         line = next(c for c in map(_cells, pair_lines[2:]) if c[1] == "w4 g64" and c[3].split(" (")[0] == p["against"])
         assert line[6] == f"{est:+,.2f} [{lo:+,.2f}, {hi:+,.2f}]" and line[7] == ("yes" if lo > 0 or hi < 0 else "no")
+        # against plain RTN: the lowest row's share of RTN's gap to FP16, (PPL - FP16) / (PPL_RTN - FP16) in float64
+        if other is records["rtn_w4"]:
+            fp16 = _ppl64(_nll(records["fp16"]))
+            share = (_ppl64(_nll(lowest)) - fp16) / (_ppl64(_nll(other)) - fp16)
+            assert math.isclose(p["gap_share"], share, rel_tol=1e-9)
+            assert math.isclose(row.gap_share_of_rtn, share, rel_tol=1e-9) and line[8] == f"{100 * share:.0f}%"
+            gap_checked += 1
+        else:
+            assert p["gap_share"] is None and line[8] == "" and pd.isna(row.gap_share_of_rtn)
+    assert gap_checked == (by_ppl[0] != "rtn_w4")  # plain RTN is the runner-up or the row compared against
 
 
 def test_accuracy_difference_is_paired_over_the_items(records):
