@@ -60,7 +60,8 @@ PEERS = {p.name: p for p in (
     PeerRow("autoround_pkg", "auto-round", "auto_round", "autoround_worker.py", "signround", "AutoRound (SignRound)"),
 )}
 # harness rows: conf/quant presets by name (any preset can be added by name with --rows, e.g. a rotation preset)
-HARNESS_ROWS = ("rtn_w4", "gptq_w4", "gptq_w4_mse", "recipe_awq_duo_gptq_mse_w4", "autoround_w4")
+HARNESS_ROWS = ("rtn_w4", "gptq_w4", "gptq_w4_mse", "recipe_awq_duo_gptq_mse_w4", "rotation_gptq_mse_w4",
+                "autoround_w4")
 DEFAULT_ROWS = HARNESS_ROWS + tuple(PEERS)
 
 
