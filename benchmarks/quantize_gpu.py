@@ -236,7 +236,9 @@ def table(results: list[dict]) -> str:
     for r in results:
         if "error" in r:
             pt = r.get("partial") or {}
-            if pt:  # stopped (--timeout, or an error after some blocks): how far it got, at what pace; the whole run's time only extrapolated
+            # stopped (--timeout, or an error after some blocks): how far it got, at what pace; the whole run's time
+            # only extrapolated
+            if pt:
                 ext = pt.get("quantize_seconds_extrapolated")
                 lines.append(f"| {r['variant']} | stopped ({r['error']}) after {pt['blocks_done']}/{pt['n_blocks']} "
                              f"blocks{f'; ~{ext:.0f} s for all at this pace (extrapolated)' if ext else ''} | – | "

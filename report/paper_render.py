@@ -151,7 +151,7 @@ def _pair_line(t: PaperTable, p: dict) -> list[str]:
     d = p["diff"]
     mark = lambda r: f"{r.text} {STALE_MARK}" if t.is_stale(t.record(r, p["column"])) else r.text  # noqa: E731
     return [p["block"].text, _header(t, p["column"]) if len(t.groups) > 1 else p["column"][1].text, mark(p["lowest"]),
-            p["against"] + (" (RTN)" if p["against"] == "runner-up" and p["vs"] is t.baseline(p["block"], p["column"]) else ""),
+            p["against"] + (" (RTN)" if p["against"] == "runner-up" and p["vs_rtn"] else ""),
             mark(p["vs"]), f"{p['ppl_a']:,.2f} vs {p['ppl_b']:,.2f}",
             "–" if d is None else f"{d.estimate:+,.2f} [{d.ci95[0]:+,.2f}, {d.ci95[1]:+,.2f}]",
             "– (no per-window NLLs)" if d is None else ("yes" if d.beyond_noise else "no"),

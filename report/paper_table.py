@@ -243,8 +243,8 @@ class PaperTable:
 
     def pairs(self) -> list[dict]:
         """For every column of every block with two or more quantized rows: the lowest PPL against the runner-up and
-        against RTN (where RTN is not the lowest), with the paired 95% interval of the difference; against RTN also
-        the lowest row's share of RTN's gap to FP16 (`gap_share`)."""
+        against RTN (where RTN is not the lowest), with the paired 95% interval of the difference; `vs_rtn` when the other
+        row is the column's RTN, and then the lowest row's share of RTN's gap to FP16 (`gap_share`)."""
         out = []
         for block in self.blocks():
             for col in self.columns:
@@ -259,6 +259,7 @@ class PaperTable:
                     d = paired_between(a, b, self.groups[col[0]].split)
                     out.append({"block": block, "column": col, "lowest": rows[0], "vs": other, "against": what,
                                 "ppl_a": self.ppl(rows[0], col), "ppl_b": self.ppl(other, col), "diff": d,
+                                "vs_rtn": other is rtn,
                                 "gap_share": self.gap_share(rows[0], other, col) if other is rtn else None,
                                 "stale": self.is_stale(a) or self.is_stale(b)})
         return out
