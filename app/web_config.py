@@ -69,6 +69,10 @@ class WebRunConfig(RunConfig):
     def validate(self) -> None:
         super().validate()
         self.web.validate()
+        # the page holds each variant's model whole in memory: refuse streaming here, before any page or model loads
+        _require(not self.model.stream, "model.stream",
+                 "the web app loads each model whole to chat with it: use model.stream=false (streaming is for "
+                 "experiments.export and experiments.run eval=none)")
 
     def run_config(self) -> RunConfig:
         """The run part (model, quant, kv, ...) without the page's settings."""

@@ -319,6 +319,7 @@ def test_every_method_is_a_compare_column_with_its_own_label():
     (["web.chat=endpoint"], r"web.endpoint.url: is needed"),
     (["web.chat=lmdeploy"], r"web.chat: 'lmdeploy' is not one of local, endpoint"),
     (["web.top_p=0"], r"web.top_p"),
+    (["model.stream=true"], r"model.stream: the web app loads each model whole"),
 ])
 def test_bad_web_config_fails_naming_the_field(overrides, match):
     from app.web_config import compose_web
