@@ -127,6 +127,17 @@ def partial(path: Path, n_blocks: int | None) -> dict:
             "gpu_peak_allocated_bytes": max((r["gpu_peak_bytes"] or 0) for r in rows) or None}
 
 
+def stopped(variant: str, error: str, timeout_s: float, done: dict, model: list[str], fp16_bytes: int,
+            calib: tuple[int, int]) -> dict:
+    """The JSON of a variant whose child did not finish: how far it got (`partial`) and what the child would have said
+    of the run (machine, model, its fp16 size, calibration), so that a table of stopped rows alone still names them."""
+    from harness.environment import environment
+
+    return {"variant": variant, "error": error, "timeout_s": timeout_s, "partial": done, "model": model,
+            "model_fp16_bytes": fp16_bytes, "calibration": {"sequences": calib[0], "seqlen": calib[1]},
+            "environment": environment()}
+
+
 def run_harness(variant: str, model_dir: Path, work: Path, model: list[str], device: str,
                 cap_bytes: int = int(CAP_GIB * 2**30), calib: tuple[int, int] = (N_SAMPLES, SEQLEN),
                 blocks_log: Path | None = None) -> dict:
@@ -232,7 +243,8 @@ def table(results: list[dict]) -> str:
     base = {r["variant"]: r["seconds"]["total"] for r in ok}
     lines = ["| variant | total s | load / quantize / export s | s per block (median) | peak GPU GiB | peak host GiB |"
              " host / fp16 weights | vs LMDeploy default |", "|---|---|---|---|---|---|---|---|"]
-    fp16 = next((r["model_fp16_bytes"] for r in ok if r.get("model_fp16_bytes")), None)
+    fp16 = next((r["model_fp16_bytes"] for r in results if r.get("model_fp16_bytes")), None)
+    ratio_of = lambda b: f"{b / fp16:.2f}x" if fp16 and b else "–"  # noqa: E731  (host peak / fp16 weights)
     for r in results:
         if "error" in r:
             pt = r.get("partial") or {}
@@ -243,14 +255,14 @@ def table(results: list[dict]) -> str:
                 lines.append(f"| {r['variant']} | stopped ({r['error']}) after {pt['blocks_done']}/{pt['n_blocks']} "
                              f"blocks{f'; ~{ext:.0f} s for all at this pace (extrapolated)' if ext else ''} | – | "
                              f"{pt['block_seconds_median']:.2f} | {gib(pt.get('gpu_peak_allocated_bytes'))} | "
-                             f"{gib(pt['host_peak_rss_bytes'])} | | |")
+                             f"{gib(pt['host_peak_rss_bytes'])} | {ratio_of(pt['host_peak_rss_bytes'])} | – |")
             else:
                 lines.append(f"| {r['variant']} | failed: {r['error'][:80]} | | | | | | |")
             continue
         s, m = r["seconds"], r["memory"]
         parts = " / ".join(f"{s[k]:.1f}" for k in ("load", "quantize", "export") if k in s) or "–"
         ratio = base.get("lmdeploy_default", 0) / s["total"] if base.get("lmdeploy_default") else None
-        host = f"{m['host_peak_rss_bytes'] / fp16:.2f}x" if fp16 else "–"
+        host = ratio_of(m["host_peak_rss_bytes"])
         lines.append(f"| {r['variant']}{' (GPU capped at ' + gib(r['gpu_cap_bytes']) + ' GiB)' if r.get('gpu_cap_bytes') else ''}"
                      f" | {s['total']:.1f} | {parts} | {r.get('block_seconds_median') or 0:.2f} | "
                      f"{gib(m['gpu_peak_allocated_bytes'])} | {gib(m['host_peak_rss_bytes'])} | "
@@ -263,10 +275,10 @@ def table(results: list[dict]) -> str:
                          f"{c.get('expert_tokens_median')}; experts below the threshold "
                          f"{sum(len(v) for v in (c.get('experts_below_threshold') or {}).values())}, fallen back "
                          f"{c.get('experts_fallen_back')} ({c.get('fallback') or 'none needed'})")
-    env = next((r["environment"] for r in ok if r["environment"].get("lmdeploy")),
-               next((r["environment"] for r in ok), {}))  # the LMDeploy version from a row that ran it
-    model = " ".join(next((r.get("model") for r in ok if r.get("model")), []) or ["?"])
-    cal = next((r["calibration"] for r in ok if r.get("calibration")), {"sequences": N_SAMPLES, "seqlen": SEQLEN})
+    envs = [r["environment"] for r in results if r.get("environment")]  # a stopped row's too (the parent's)
+    env = next((e for e in envs if e.get("lmdeploy")), next(iter(envs), {}))  # the LMDeploy version of a row that ran
+    model = " ".join(next((r.get("model") for r in results if r.get("model")), []) or ["?"])
+    cal = next((r["calibration"] for r in results if r.get("calibration")), {"sequences": N_SAMPLES, "seqlen": SEQLEN})
     lines.append(f"\n{env.get('gpu')}, driver {env.get('driver')}, torch {env.get('torch')}, LMDeploy "
                  f"{env.get('lmdeploy')}; {model} (synthetic fp16 weights), w4, {cal['sequences']} x {cal['seqlen']} "
                  f"random "
@@ -320,7 +332,10 @@ def main(argv=None) -> int:
     if any(STREAM.get(v) != "synthetic" for v in a.variants):
         model_dir = synthetic.materialize(compose([model[0], "quant=fp16"]), a.synthetic_root, a.tokenizer)
         log(f"synthetic checkpoint {model_dir} ready in {time.perf_counter() - t:.0f} s")
-    n_blocks = synthetic.load_arch(synthetic.arch_name(compose([model[0], "quant=fp16"]).model.path)).num_layers
+    fp16_cfg = compose([model[0], "quant=fp16"])
+    arch = synthetic.load_arch(synthetic.arch_name(fp16_cfg.model.path))
+    n_blocks = arch.num_layers
+    fp16_bytes = synthetic.weight_bytes(arch, synthetic.weight_format(fp16_cfg))["total"]
     for v in a.variants:
         log(f"variant {v}")
         progress_path(a.out, v).unlink(missing_ok=True)  # this run's blocks only
@@ -332,9 +347,9 @@ def main(argv=None) -> int:
         except subprocess.TimeoutExpired:
             rc = "timeout"
         if rc != 0:
-            (a.out / f"{NAME}_{v}.json").write_text(json.dumps(
-                {"variant": v, "error": f"child {rc}", "timeout_s": a.timeout,
-                 "partial": partial(progress_path(a.out, v), n_blocks)}))
+            (a.out / f"{NAME}_{v}.json").write_text(json.dumps(stopped(
+                v, f"child {rc}", a.timeout, partial(progress_path(a.out, v), n_blocks), model, fp16_bytes,
+                (a.n_samples, a.seqlen))))
     print(report(a.out, a.variants))
     return 0
 

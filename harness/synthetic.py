@@ -130,18 +130,18 @@ def awq_shapes(out_features: int, in_features: int, fmt: WeightFormat) -> dict[s
 
 def weight_bytes(arch: Arch, fmt: WeightFormat) -> dict:
     """Bytes of each kind of tensor as stored (the LM head and embeddings stay fp16, as AutoAWQ keeps them)."""
-    out = {"linear": 0, "embedding": 0, "lm_head": 0, "norm": 0}
-    for t in arch.tensors():
+    out = {"linear": 0, "kept_linear": 0, "embedding": 0, "lm_head": 0, "norm": 0}
+    for t in arch.tensors():  # kept_linear: a linear left in the model dtype (an MoE's router)
         if t.kind == "linear" and fmt.name == "awq":
             awq_shapes(*t.shape, fmt)  # checks the shape fits the format
             out["linear"] += storage_bytes.awq_linear_bytes(*t.shape, fmt.w_bit, fmt.group_size)
         else:
             out[t.kind] += math.prod(t.shape) * storage_bytes.FP16_BYTES
     out["total"] = sum(out.values())
-    # what one decode step reads: every linear and the LM head (the tied embedding when there is no LM head), the
-    # norms; of the embedding only one row per sequence, left out
+    # what one decode step reads: every linear (an MoE's every expert: an upper bound at batch 1) and the LM head
+    # (the tied embedding when there is no LM head), the norms; of the embedding only one row per sequence, left out
     head = out["lm_head"] if out["lm_head"] else out["embedding"]
-    out["decode_read"] = out["linear"] + head + out["norm"]
+    out["decode_read"] = out["linear"] + out["kept_linear"] + head + out["norm"]
     return out
 
 

@@ -237,6 +237,18 @@ def test_decode_roofline_llama2_7b():
     assert rl.step_time_floor_s(mb, 1, ctx, 3.35e12) == pytest.approx(1 / tok_s)
 
 
+@pytest.mark.parametrize("name", ["mixtral-8x7b", "qwen3-30b-a3b"])
+def test_weight_bytes_of_a_mixture_of_experts_count_its_router(name):
+    """An MoE's router is a linear kept in the model dtype: its bytes are counted (and read by a decode step)."""
+    a = synthetic.load_arch(name)
+    n = synthetic.parameter_count(a)
+    fp16 = synthetic.weight_bytes(a, synthetic.WeightFormat())
+    awq = synthetic.weight_bytes(a, synthetic.WeightFormat("awq", 4, 128))
+    assert n["kept_linear"] > 0 and fp16["kept_linear"] == awq["kept_linear"] == 2 * n["kept_linear"]
+    assert fp16["total"] == 2 * n["total"]
+    assert fp16["decode_read"] == fp16["total"] - fp16["embedding"]  # the LM head is not tied in either
+
+
 def test_prefill_floor_and_capacity():
     mb = rl.ModelBytes(10**10, 2**19, 5 * 10**9)
     assert rl.prefill_floor_s(mb, 1, 1e15, 1e12) == pytest.approx(0.01)  # one token: bound by reading the weights

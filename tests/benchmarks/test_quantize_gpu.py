@@ -70,3 +70,24 @@ def test_a_streamed_run_from_the_seed_alone_writes_the_export_and_its_memory(tmp
     assert res["placement"]["blocks_read"] == 30 and res["placement"]["codes"] == "export"
     assert "generated block by block" in res["placement"]["stream"]
     assert 0 < res["quantize_host_memory"]["host_peak_growth_bytes"] < res["model_fp16_bytes"]
+
+
+def test_a_stopped_variant_still_names_machine_model_and_its_host_ratio(tmp_path):
+    """A variant stopped by --timeout (every row of the table stopped): its row gives blocks done, the extrapolated
+    time and host peak / fp16 weights, and the footer names the machine and model from the stopped JSON itself."""
+    from harness.environment import environment
+
+    log = tmp_path / "blocks.jsonl"
+    log.write_text("".join(json.dumps({"block": i, "seconds": s, "host_rss_bytes": (3 + i) * 2**30,
+                                       "gpu_peak_bytes": 2**31}) + "\n" for i, s in enumerate((5.0, 4.0, 6.0))))
+    done = qg.partial(log, 48)
+    assert done["blocks_done"] == 3 and done["block_seconds_median"] == 5.0
+    assert done["quantize_seconds_extrapolated"] == 240.0 and done["host_peak_rss_bytes"] == 5 * 2**30
+    res = qg.stopped("harness_awq_stream_synthetic", "child timeout", 60, done, ["model=qwen3_30b_a3b_moe_synthetic"],
+                     20 * 2**30, (128, 512))
+    md = qg.table([json.loads(json.dumps(res))])
+    assert ("| harness_awq_stream_synthetic | stopped (child timeout) after 3/48 blocks; ~240 s for all at this pace "
+            "(extrapolated) | – | 5.00 | 2.0 | 5.0 | 0.25x | – |") in md
+    env = environment()
+    assert f"{env.get('gpu')}, driver {env.get('driver')}, torch {env.get('torch')}" in md
+    assert "model=qwen3_30b_a3b_moe_synthetic (synthetic fp16 weights), w4, 128 x 512" in md and "; ? (" not in md
