@@ -231,11 +231,33 @@ def _hf_config(arch: Arch, fmt: WeightFormat) -> dict:
     return c
 
 
+class CheckpointLayoutError(ConfigError):
+    """The architecture's checkpoints name tensors otherwise than its transformers model does."""
+
+
+def check_writable(arch: Arch) -> None:
+    """Refuse, before anything is written, an architecture whose released checkpoints use other tensor names than the
+    model (transformers renames them at load, e.g. Mixtral's block_sparse_moe.experts.N.w1): this writer names
+    tensors as the model does, so transformers and LMDeploy would not read them (the experts would load random)."""
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming
+
+    renamed = [c for c in get_checkpoint_conversion_mapping(arch.hf_config.get("model_type")) or []
+               if isinstance(c, WeightRenaming)]
+    if renamed:
+        raise CheckpointLayoutError(
+            f"model.path: synthetic:{arch.name} cannot be written as a checkpoint file: its checkpoints name tensors "
+            f"otherwise than the model ({', '.join(map(str, renamed[0].source_patterns))} renamed at load), and this "
+            f"writer uses the model's names, which transformers and LMDeploy would not read. Generate its blocks from "
+            f"the seed instead (model.stream=true, or the *_stream_synthetic benchmark variants)")
+
+
 def write_checkpoint(arch: Arch, out_dir: Path, fmt: WeightFormat, *, device: str = "cpu", seed: int = 0,
                      tokenizer_dir: Optional[Path] = None) -> Path:
     """Write a safetensors checkpoint (sharded, with an index) plus config.json, tokenizer files and synthetic.json."""
     from safetensors.torch import save_file
 
+    check_writable(arch)
     out_dir = Path(out_dir)
     if out_dir.exists():
         shutil.rmtree(out_dir)
@@ -339,6 +361,7 @@ def materialize(cfg: RunConfig, root: Path, tokenizer_dir: Optional[Path] = None
         raise ValueError(f"model.path {cfg.model.path!r} with model.weights {cfg.model.weights!r} is not synthetic "
                          f"(needs path {PREFIX}<arch> and weights: random)")
     arch, fmt = load_arch(name), weight_format(cfg)
+    check_writable(arch)  # a file of this architecture, written earlier or now, would not load as its weights
     out = Path(root) / checkpoint_dirname(arch, fmt, cfg.seed)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if (out / COMPLETE).exists():  # (one written before GENERATOR holds other random values: same shapes, same use)
