@@ -42,22 +42,62 @@ def quant_policy(kv_bits: int, kv_format: str = "int") -> int:
         raise ConfigError(f"kv.bits: {kv_bits} has no LMDeploy quant_policy; allowed: 16, 8, 4") from None
 
 
-CHECKPOINT_FORMATS = ("awq", "smooth_quant")  # what the harness writes (quant.export) and LMDeploy loads
+CHECKPOINT_FORMATS = ("awq", "smooth_quant")  # what the harness writes (quant.export) for the engine in a run
+COMPRESSED_TENSORS = "compressed-tensors"  # also served, from a checkpoint directory (model.path), in one scheme:
+LOADED_FORMATS = CHECKPOINT_FORMATS + (COMPRESSED_TENSORS,)
+# LMDeploy 0.18's PyTorch engine reads compressed-tensors W4A16 only as pack-quantized int4, group 32, symmetric, one
+# scheme for every Linear (lmdeploy/pytorch/config.py _parse_compressed_tensors_config; its MoE kernel is the only
+# W4A16 path for routed experts: nn/moe raises for awq), and only in models that name each layer for the dispatch
+# (get_quant_method raises on an empty prefix): models/qwen3.py and qwen3_moe.py do, llama.py and mixtral.py do not.
+CT_SCHEME = {"num_bits": 4, "type": "int", "symmetric": True, "group_size": 32, "strategy": "group", "dynamic": False}
+CT_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
+CT_HINT = ("export it with quant.zero_point=false quant.group_size=32 (e.g. python -m experiments.export quant=gptq_w4 "
+           "quant.zero_point=false quant.group_size=32 --format compressed-tensors)")
+
+
+def compressed_tensors_problems(config: dict) -> list[str]:
+    """Why LMDeploy 0.18's engine would not serve this compressed-tensors config.json (empty: it would)."""
+    q = config.get("quantization_config") or {}
+    out = []
+    if q.get("format") != "pack-quantized" or q.get("quantization_status") != "compressed":
+        out.append(f"format {q.get('format')!r} ({q.get('quantization_status')}), not packed int codes "
+                   f"('pack-quantized', compressed)")
+    groups = q.get("config_groups") or {}
+    group = groups.get("group_0") or {}
+    if set(groups) != {"group_0"} or group.get("targets") != ["Linear"]:
+        out.append(f"{len(groups)} schemes ({', '.join(groups) or 'none'}), not one for every Linear")
+    if group.get("input_activations") is not None or group.get("output_activations") is not None:
+        out.append("activations are quantized (W4A16 only)")
+    w = group.get("weights") or {}
+    bad = [f"{k} {w.get(k)!r} (needs {v!r})" for k, v in CT_SCHEME.items() if w.get(k) != v]
+    if bad:
+        out.append("weights " + ", ".join(bad))
+    arch = (config.get("architectures") or ["?"])[0]
+    if arch not in CT_ARCHITECTURES:
+        out.append(f"architecture {arch} (LMDeploy 0.18 serves it for {', '.join(CT_ARCHITECTURES)} only: other "
+                   f"models do not name their layers for the dispatch)")
+    return out
 
 
 def checkpoint_format(model_dir) -> Optional[str]:
-    """'awq' for an AutoAWQ-format checkpoint, 'smooth_quant' for LMDeploy's W8A8 layout (quantization_config's
-    quant_method), else None (plain HF)."""
+    """'awq' for an AutoAWQ-format checkpoint, 'smooth_quant' for LMDeploy's W8A8 layout, 'compressed-tensors' for
+    the one compressed-tensors scheme LMDeploy's engine serves (quantization_config's quant_method), else None (plain
+    HF). A quantized checkpoint the engine would not serve is refused here, before an engine starts."""
     p = Path(model_dir) / "config.json"
     if not p.exists():
         return None
-    q = json.loads(p.read_text()).get("quantization_config") or {}
+    config = json.loads(p.read_text())
+    q = config.get("quantization_config") or {}
     method = q.get("quant_method")
     if method is None:
         return None
-    if method not in CHECKPOINT_FORMATS:
+    if method not in LOADED_FORMATS:
         raise ConfigError(f"model.path: {model_dir} is quantized with {method!r}; this harness serves "
-                          f"{', '.join(CHECKPOINT_FORMATS)} or unquantized")
+                          f"{', '.join(LOADED_FORMATS)} or unquantized")
+    problems = compressed_tensors_problems(config) if method == COMPRESSED_TENSORS else []
+    if problems:
+        raise ConfigError(f"model.path: {model_dir} is a compressed-tensors checkpoint LMDeploy 0.18's engine does "
+                          f"not serve: {'; '.join(problems)}; {CT_HINT}")
     return method
 
 

@@ -4,6 +4,7 @@ it was given."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import types
@@ -619,3 +620,34 @@ def test_every_quantization_method_has_a_checkpoint_format_lmdeploy_loads(tmp_pa
     cfg = compose(["quant=smoothquant_w8a8", "backend=lmdeploy", "backend.engine=pytorch"])
     kw = lb.engine_kwargs(cfg, tmp_path, "pytorch")
     assert kw["dtype"] == "float16" and "model_format" not in kw
+
+
+@pytest.mark.parametrize("kind, spec, served, why", [
+    ("qwen3_moe", (4, 32, False), True, None),
+    ("qwen3_moe", (4, 32, True), False, "symmetric False (needs True)"),
+    ("qwen3_moe", (4, 16, False), False, "group_size 16 (needs 32)"),
+    ("mixtral", (4, 32, False), False, "architecture MixtralForCausalLM"),
+])
+@torch.no_grad()
+def test_a_compressed_tensors_checkpoint_is_served_in_lmdeploys_one_scheme_only(kind, spec, served, why, tmp_path):
+    """A checkpoint the harness exported in compressed-tensors is taken for LMDeploy's engine only in the scheme and
+    for the models LMDeploy 0.18 serves (int4, group 32, symmetric; Qwen3 / Qwen3-MoE), otherwise refused before any
+    engine starts, naming what differs; served, it keeps the model's dtype (no AWQ model_format)."""
+    from harness.moe_unfuse import unfuse_experts
+    from quant.export.compressed_tensors import export_compressed_tensors
+    from tests.quant.test_export_compressed_tensors import _quantize
+    from tests.quant.test_moe import tiny_moe
+
+    model = tiny_moe(kind, moe_intermediate_size=64).to(torch.float16)  # every in_features a multiple of 32
+    model.config.architectures = [type(model).__name__]  # as in a checkpoint loaded from disk (save_pretrained sets it)
+    unfuse_experts(model)
+    out = export_compressed_tensors(model, _quantize(model, lambda n: (*spec, "int")), tmp_path / "ct")
+    if not served:
+        with pytest.raises(ConfigError, match=r"compressed-tensors checkpoint LMDeploy 0.18's engine does not serve: .*"
+                                              + re.escape(why)):
+            lb.checkpoint_format(out)
+        return
+    assert lb.checkpoint_format(out) == "compressed-tensors"
+    cfg = compose(["quant=fp16", "backend=lmdeploy", "backend.engine=pytorch", "model.dtype=bfloat16"])
+    kw = lb.engine_kwargs(cfg, out, "pytorch")
+    assert kw["dtype"] == "bfloat16" and "model_format" not in kw

@@ -27,7 +27,7 @@ def tiny_moe(kind: str, n_experts: int = 4, seed: int = 0, **config):
             "olmoe": (tf.OlmoeConfig, tf.OlmoeForCausalLM, dict(num_experts=n_experts))}
     C, M, extra = cfgs[kind]
     torch.manual_seed(seed)
-    m = M(C(**{**TINY, **config}, **extra)).eval()
+    m = M(C(**{**TINY, **extra, **config})).eval()
     with torch.no_grad():
         for p in m.parameters():
             p.normal_(0, 0.1)
