@@ -55,6 +55,36 @@ class ModelBytes:
     # of the above, what every tensor-parallel rank holds and reads whole (LM head, norms); 0: everything is sharded
     replicated_read_bytes: int = 0
     replicated_matmul_params: int = 0
+    # a mixture of experts: of the above, the routed experts' bytes and weights (sharded like the linears), of which a
+    # step reads only the experts its tokens route to; `experts` per layer, `experts_per_token` (top-k); 0: dense
+    routed_expert_read_bytes: int = 0
+    routed_expert_params: int = 0
+    experts: int = 0
+    experts_per_token: int = 0
+
+
+def active_expert_fraction(experts: int, experts_per_token: int, tokens: float) -> float:
+    """Expected share of a layer's routed experts that `tokens` tokens route to, each choosing `experts_per_token`
+    distinct experts of `experts` uniformly and independently: 1 - (1 - k/E)^tokens (k/E for one token; towards 1 as
+    the batch grows). Uniform routing is an assumption (a trained router is uneven, which reads fewer experts)."""
+    if experts <= 0:
+        return 1.0
+    if not 0 < experts_per_token <= experts:
+        raise ValueError(f"experts_per_token must be in 1..{experts}, got {experts_per_token}")
+    return 1.0 - (1.0 - experts_per_token / experts) ** tokens
+
+
+def weight_read_bytes(mb: ModelBytes, tokens: float) -> float:
+    """Weight bytes one forward of `tokens` tokens reads: everything but the experts none of them routes to."""
+    unread = mb.routed_expert_read_bytes * (1.0 - active_expert_fraction(mb.experts, mb.experts_per_token, tokens))
+    return mb.weight_read_bytes - unread
+
+
+def active_matmul_params(mb: ModelBytes) -> float:
+    """Weights one token multiplies: the dense ones and its experts_per_token of each layer's routed experts."""
+    if not mb.experts:
+        return mb.matmul_params
+    return mb.matmul_params - mb.routed_expert_params * (1.0 - mb.experts_per_token / mb.experts)
 
 
 def kv_heads_per_gpu(num_kv_heads: int, tp: int) -> int:
@@ -85,7 +115,10 @@ def per_gpu(mb: ModelBytes, tp: int, kv_bytes_per_token: int | None = None) -> M
                       kv_bytes_per_token=mb.kv_bytes_per_token // tp if kv_bytes_per_token is None else kv_bytes_per_token,
                       matmul_params=sharded_params // tp + mb.replicated_matmul_params,
                       replicated_read_bytes=mb.replicated_read_bytes,
-                      replicated_matmul_params=mb.replicated_matmul_params)
+                      replicated_matmul_params=mb.replicated_matmul_params,
+                      routed_expert_read_bytes=mb.routed_expert_read_bytes // tp,
+                      routed_expert_params=mb.routed_expert_params // tp, experts=mb.experts,
+                      experts_per_token=mb.experts_per_token)
 
 
 def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, kv_bits: int, dtype_bytes: int = 2) -> int:
@@ -98,7 +131,8 @@ def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, kv_bit
 
 
 def decode_bytes_per_step(mb: ModelBytes, batch: int, context_len: float) -> float:
-    return mb.weight_read_bytes + batch * context_len * mb.kv_bytes_per_token
+    """Weights (of an MoE, the experts the batch's tokens route to) plus every sequence's KV."""
+    return weight_read_bytes(mb, batch) + batch * context_len * mb.kv_bytes_per_token
 
 
 def decode_roofline_tok_s(mb: ModelBytes, batch: int, context_len: float, bandwidth_bytes_s: float) -> float:
@@ -122,7 +156,7 @@ def mean_decode_context(prompt_len: int, gen_len: int) -> float:
 def prefill_floor_s(mb: ModelBytes, tokens: int, peak_flops: float, bandwidth_bytes_s: float) -> float:
     """Time-to-first-token floor for `tokens` prompt tokens processed together: the larger of the matmul FLOPs over
     peak rate and the weight read over bandwidth (attention FLOPs are small at these lengths and are left out)."""
-    return max(2.0 * mb.matmul_params * tokens / peak_flops, mb.weight_read_bytes / bandwidth_bytes_s)
+    return max(2.0 * active_matmul_params(mb) * tokens / peak_flops, weight_read_bytes(mb, tokens) / bandwidth_bytes_s)
 
 
 def kv_capacity_tokens(free_bytes: float, cache_share: float, kv_per_token: int) -> int:

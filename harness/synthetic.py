@@ -38,6 +38,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 NOTE = "synthetic: random weights at a real architecture's shape; throughput and memory only, never quality"
 
 
+ROUTED_EXPERT = ".experts."  # in a tensor's name: a routed expert's (a shared expert is ".shared_expert.")
+
+
 class SyntheticWeightsError(ConfigError):
     """A quality metric was asked of random weights."""
 
@@ -131,13 +134,17 @@ def awq_shapes(out_features: int, in_features: int, fmt: WeightFormat) -> dict[s
 def weight_bytes(arch: Arch, fmt: WeightFormat) -> dict:
     """Bytes of each kind of tensor as stored (the LM head and embeddings stay fp16, as AutoAWQ keeps them)."""
     out = {"linear": 0, "kept_linear": 0, "embedding": 0, "lm_head": 0, "norm": 0}
+    routed = 0  # of "linear", an MoE's routed experts (a decode step reads those its tokens route to)
     for t in arch.tensors():  # kept_linear: a linear left in the model dtype (an MoE's router)
         if t.kind == "linear" and fmt.name == "awq":
             awq_shapes(*t.shape, fmt)  # checks the shape fits the format
-            out["linear"] += storage_bytes.awq_linear_bytes(*t.shape, fmt.w_bit, fmt.group_size)
+            nbytes = storage_bytes.awq_linear_bytes(*t.shape, fmt.w_bit, fmt.group_size)
         else:
-            out[t.kind] += math.prod(t.shape) * storage_bytes.FP16_BYTES
+            nbytes = math.prod(t.shape) * storage_bytes.FP16_BYTES
+        out[t.kind] += nbytes
+        routed += nbytes if t.kind == "linear" and ROUTED_EXPERT in t.name else 0
     out["total"] = sum(out.values())
+    out["routed_expert"] = routed
     # what one decode step reads: every linear (an MoE's every expert: an upper bound at batch 1) and the LM head
     # (the tied embedding when there is no LM head), the norms; of the embedding only one row per sequence, left out
     head = out["lm_head"] if out["lm_head"] else out["embedding"]
@@ -146,7 +153,9 @@ def weight_bytes(arch: Arch, fmt: WeightFormat) -> dict:
 
 
 def parameter_count(arch: Arch) -> dict:
-    return architectures.parameter_count(FAMILIES.get(arch.layout), arch.hf_config)
+    n = architectures.parameter_count(FAMILIES.get(arch.layout), arch.hf_config)
+    n["routed_expert"] = sum(math.prod(t.shape) for t in arch.tensors() if t.kind == "linear" and ROUTED_EXPERT in t.name)
+    return n
 
 
 # ----------------------------------------------------------------------------------------------- writing

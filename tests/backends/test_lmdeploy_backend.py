@@ -651,3 +651,32 @@ def test_a_compressed_tensors_checkpoint_is_served_in_lmdeploys_one_scheme_only(
     cfg = compose(["quant=fp16", "backend=lmdeploy", "backend.engine=pytorch", "model.dtype=bfloat16"])
     kw = lb.engine_kwargs(cfg, out, "pytorch")
     assert kw["dtype"] == "bfloat16" and "model_format" not in kw
+
+
+def test_a_mixture_of_experts_roofline_reads_only_the_routed_experts(tmp_path):
+    """Qwen3-30B-A3B's shape (48 layers x 128 experts, top-8): a decode step of one token reads the dense weights and
+    8/128 of each layer's routed experts; a batch of b reads 1 - (120/128)^b of them (uniform routing); prefill FLOPs
+    count a token's 8 experts. Against a float64 count from the shapes, through the benchmark's own model_bytes."""
+    arch = synthetic.load_arch("qwen3-30b-a3b")
+    (tmp_path / "config.json").write_text(json.dumps(arch.hf_config))
+    (tmp_path / synthetic.MARKER).write_text(json.dumps({"weight_bytes": synthetic.weight_bytes(arch, synthetic.WeightFormat()),
+                                                         "parameters": synthetic.parameter_count(arch)}))
+    mb, per_gpu, _ = bench.model_bytes(tmp_path, 16)
+    assert per_gpu == mb and mb.experts == 128 and mb.experts_per_token == 8
+    h, inter, layers, vocab = 2048, 768, 48, 151936
+    routed = layers * 128 * 3 * h * inter  # gate, up, down of every expert: weights
+    attn = layers * (h * 32 * 128 + 2 * h * 4 * 128 + 32 * 128 * h)
+    dense_read = 2.0 * (attn + layers * h * 128 + vocab * h + layers * (2 * h + 2 * 128) + h)  # + router, LM head, norms
+    assert mb.routed_expert_read_bytes == 2 * routed and mb.weight_read_bytes == dense_read + 2 * routed
+    kv = rl.kv_bytes_per_token(layers, 4, 128, 16)
+    for b in (1, 8, 32):
+        want = dense_read + 2.0 * routed * (1 - (1 - 8 / 128) ** b) + b * 256 * kv
+        assert rl.decode_bytes_per_step(mb, b, 256) == pytest.approx(want, rel=1e-12)
+        assert rl.decode_roofline_tok_s(mb, b, 256, 3.35e12) == pytest.approx(b * 3.35e12 / want, rel=1e-12)
+    assert rl.weight_read_bytes(mb, 1) == pytest.approx(dense_read + 2 * routed / 16, rel=1e-12)  # ~3B active
+    active = mb.matmul_params - routed * (1 - 8 / 128)
+    assert rl.active_matmul_params(mb) == pytest.approx(active, rel=1e-12)
+    assert rl.prefill_floor_s(mb, 512, 989e12, 3.35e12) == pytest.approx(max(2 * active * 512 / 989e12,
+                                                                             mb.weight_read_bytes * (1 - 1e-12) / 3.35e12), rel=1e-6)
+    two = rl.per_gpu(mb, 2, kv // 2)  # experts shard like the other linears
+    assert two.routed_expert_read_bytes == mb.routed_expert_read_bytes // 2 and two.experts == 128
