@@ -45,18 +45,47 @@ def quant_policy(kv_bits: int, kv_format: str = "int") -> int:
 CHECKPOINT_FORMATS = ("awq", "smooth_quant")  # what the harness writes (quant.export) for the engine in a run
 COMPRESSED_TENSORS = "compressed-tensors"  # also served, from a checkpoint directory (model.path), in one scheme:
 LOADED_FORMATS = CHECKPOINT_FORMATS + (COMPRESSED_TENSORS,)
-# LMDeploy 0.18's PyTorch engine reads compressed-tensors W4A16 only as pack-quantized int4, group 32, symmetric, one
-# scheme for every Linear (lmdeploy/pytorch/config.py _parse_compressed_tensors_config; its MoE kernel is the only
-# W4A16 path for routed experts: nn/moe raises for awq), and only in models that name each layer for the dispatch
-# (get_quant_method raises on an empty prefix): models/qwen3.py and qwen3_moe.py do, llama.py and mixtral.py do not.
+# LMDeploy 0.18's PyTorch engine reads compressed-tensors W4A16 in one shape only, Kimi-K2's: pack-quantized int4,
+# group 32, symmetric, one scheme for every Linear (lmdeploy/pytorch/config.py _parse_compressed_tensors_config);
+# routed experts only, every dense Linear in `ignore` (nn/linear has no compressed-tensors branch and raises; its MoE
+# kernel is the only W4A16 path for experts: nn/moe raises for awq); weight_scale bf16 and weight_shape int32
+# (nn/moe/compressed_tensors.py _PART_DTYPES: the compressed-tensors package itself writes int64 shapes); and only in
+# models that name each layer for the dispatch (get_quant_method raises on an empty prefix): models/qwen3_moe.py
+# does, mixtral.py does not.
 CT_SCHEME = {"num_bits": 4, "type": "int", "symmetric": True, "group_size": 32, "strategy": "group", "dynamic": False}
-CT_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
-CT_HINT = ("export it with quant.zero_point=false quant.group_size=32 (e.g. python -m experiments.export quant=gptq_w4 "
-           "quant.zero_point=false quant.group_size=32 --format compressed-tensors)")
+CT_ARCHITECTURES = ("Qwen3MoeForCausalLM",)
+CT_PART_DTYPES = {"weight_packed": "I32", "weight_scale": "BF16", "weight_shape": "I32"}  # safetensors dtype names
+CT_HINT = ("the harness's compressed-tensors export follows the compressed-tensors package (fp16 scales, int64 "
+           "shapes), which LMDeploy 0.18 does not read: serve a dense model's AWQ export instead (LMDeploy 0.18 has no "
+           "AWQ kernel for routed experts), or evaluate with backend=hf")
 
 
-def compressed_tensors_problems(config: dict) -> list[str]:
-    """Why LMDeploy 0.18's engine would not serve this compressed-tensors config.json (empty: it would)."""
+def _ct_tensor_problems(model_dir) -> list[str]:
+    """From the safetensors headers alone (no tensor read): dense Linears quantized, parts in other dtypes."""
+    from safetensors import safe_open
+
+    dense, dtypes = set(), {}
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            for key in st.keys():
+                module, _, part = key.rpartition(".")
+                if part not in CT_PART_DTYPES:
+                    continue
+                if part == "weight_packed" and ".experts." not in module:
+                    dense.add(module)
+                dtypes.setdefault(part, st.get_slice(key).get_dtype())
+    out = []
+    if dense:
+        out.append(f"{len(dense)} dense Linears quantized (e.g. {min(dense)}): LMDeploy 0.18 quantizes routed experts "
+                   f"only, every other Linear must be in `ignore`")
+    out += [f"{part} stored {got} (needs {CT_PART_DTYPES[part]})" for part, got in sorted(dtypes.items())
+            if got != CT_PART_DTYPES[part]]
+    return out
+
+
+def compressed_tensors_problems(config: dict, model_dir=None) -> list[str]:
+    """Why LMDeploy 0.18's engine would not serve this compressed-tensors checkpoint (its config.json, and with
+    `model_dir` its tensors' names and dtypes); empty: it would."""
     q = config.get("quantization_config") or {}
     out = []
     if q.get("format") != "pack-quantized" or q.get("quantization_status") != "compressed":
@@ -76,7 +105,7 @@ def compressed_tensors_problems(config: dict) -> list[str]:
     if arch not in CT_ARCHITECTURES:
         out.append(f"architecture {arch} (LMDeploy 0.18 serves it for {', '.join(CT_ARCHITECTURES)} only: other "
                    f"models do not name their layers for the dispatch)")
-    return out
+    return out + (_ct_tensor_problems(model_dir) if model_dir is not None else [])
 
 
 def checkpoint_format(model_dir) -> Optional[str]:
@@ -94,7 +123,7 @@ def checkpoint_format(model_dir) -> Optional[str]:
     if method not in LOADED_FORMATS:
         raise ConfigError(f"model.path: {model_dir} is quantized with {method!r}; this harness serves "
                           f"{', '.join(LOADED_FORMATS)} or unquantized")
-    problems = compressed_tensors_problems(config) if method == COMPRESSED_TENSORS else []
+    problems = compressed_tensors_problems(config, model_dir) if method == COMPRESSED_TENSORS else []
     if problems:
         raise ConfigError(f"model.path: {model_dir} is a compressed-tensors checkpoint LMDeploy 0.18's engine does "
                           f"not serve: {'; '.join(problems)}; {CT_HINT}")

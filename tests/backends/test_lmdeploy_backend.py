@@ -622,27 +622,41 @@ def test_every_quantization_method_has_a_checkpoint_format_lmdeploy_loads(tmp_pa
     assert kw["dtype"] == "float16" and "model_format" not in kw
 
 
-@pytest.mark.parametrize("kind, spec, served, why", [
-    ("qwen3_moe", (4, 32, False), True, None),
-    ("qwen3_moe", (4, 32, True), False, "symmetric False (needs True)"),
-    ("qwen3_moe", (4, 16, False), False, "group_size 16 (needs 32)"),
-    ("mixtral", (4, 32, False), False, "architecture MixtralForCausalLM"),
+@pytest.mark.parametrize("kind, spec, experts_only, as_kimi, why", [
+    ("qwen3_moe", (4, 32, False), True, True, None),
+    ("qwen3_moe", (4, 32, False), True, False, "weight_scale stored F16 (needs BF16); weight_shape stored I64 (needs I32)"),
+    ("qwen3_moe", (4, 32, False), False, True, "8 dense Linears quantized (e.g. model.layers.0.self_attn.k_proj)"),
+    ("qwen3_moe", (4, 32, True), True, True, "symmetric False (needs True)"),
+    ("qwen3_moe", (4, 16, False), True, True, "group_size 16 (needs 32)"),
+    ("mixtral", (4, 32, False), True, True, "architecture MixtralForCausalLM"),
 ])
 @torch.no_grad()
-def test_a_compressed_tensors_checkpoint_is_served_in_lmdeploys_one_scheme_only(kind, spec, served, why, tmp_path):
-    """A checkpoint the harness exported in compressed-tensors is taken for LMDeploy's engine only in the scheme and
-    for the models LMDeploy 0.18 serves (int4, group 32, symmetric; Qwen3 / Qwen3-MoE), otherwise refused before any
-    engine starts, naming what differs; served, it keeps the model's dtype (no AWQ model_format)."""
+def test_a_compressed_tensors_checkpoint_is_served_only_as_lmdeploy_reads_it(kind, spec, experts_only, as_kimi, why,
+                                                                            tmp_path):
+    """LMDeploy 0.18 reads compressed-tensors W4A16 only as Kimi-K2's checkpoint has it: int4 g32 symmetric, routed
+    experts only, bf16 scales and int32 shapes, in a model that names its layers (Qwen3-MoE). The harness's export
+    (the compressed-tensors package's conventions: fp16 scales, int64 shapes) is refused before any engine starts,
+    naming what differs; rewritten in Kimi-K2's dtypes, an experts-only export is served, in the model's dtype."""
+    from safetensors.torch import load_file, save_file
+
     from harness.moe_unfuse import unfuse_experts
     from quant.export.compressed_tensors import export_compressed_tensors
-    from tests.quant.test_export_compressed_tensors import _quantize
+    from quant.surgery import quantizable_linears, quantize_linear_
     from tests.quant.test_moe import tiny_moe
 
     model = tiny_moe(kind, moe_intermediate_size=64).to(torch.float16)  # every in_features a multiple of 32
     model.config.architectures = [type(model).__name__]  # as in a checkpoint loaded from disk (save_pretrained sets it)
     unfuse_experts(model)
-    out = export_compressed_tensors(model, _quantize(model, lambda n: (*spec, "int")), tmp_path / "ct")
-    if not served:
+    qts = {n: quantize_linear_(lin, *spec, "int") for n, lin in quantizable_linears(model).items()
+           if ".experts." in n or not experts_only}
+    out = export_compressed_tensors(model, qts, tmp_path / "ct")
+    if as_kimi:  # the parts in the dtypes Kimi-K2's released checkpoint stores
+        f = out / "model.safetensors"
+        t = load_file(str(f))
+        t = {k: v.to(torch.bfloat16) if k.endswith(".weight_scale") else v.to(torch.int32) if k.endswith(".weight_shape")
+             else v for k, v in t.items()}
+        save_file(t, str(f), metadata={"format": "pt"})
+    if why is not None:
         with pytest.raises(ConfigError, match=r"compressed-tensors checkpoint LMDeploy 0.18's engine does not serve: .*"
                                               + re.escape(why)):
             lb.checkpoint_format(out)
