@@ -1,5 +1,6 @@
 """Export in the compressed-tensors layout: what llm-compressor writes and vLLM, transformers (through the
-`compressed-tensors` package) and LMDeploy 0.18's W4A16 MoE kernel read. Dense models and mixtures of experts alike:
+`compressed-tensors` package) read (LMDeploy 0.18's W4A16 MoE kernel reads a narrower form only: bf16 scales, int32
+shapes, routed experts alone; backends/lmdeploy.py checks for it). Dense models and mixtures of experts alike:
 each routed expert is its own Linear under the architecture's checkpoint names (quant/export/names.py), the router
 (and a shared expert's gate) kept in the model dtype and listed in `ignore`.
 
