@@ -64,6 +64,8 @@ def _ct_tensor_problems(model_dir) -> list[str]:
     """From the safetensors headers alone (no tensor read): dense Linears quantized, parts in other dtypes."""
     from safetensors import safe_open
 
+    from harness.synthetic import ROUTED_EXPERT
+
     dense, dtypes = set(), {}
     for f in sorted(Path(model_dir).glob("*.safetensors")):
         with safe_open(str(f), framework="pt") as st:
@@ -71,7 +73,7 @@ def _ct_tensor_problems(model_dir) -> list[str]:
                 module, _, part = key.rpartition(".")
                 if part not in CT_PART_DTYPES:
                     continue
-                if part == "weight_packed" and ".experts." not in module:
+                if part == "weight_packed" and ROUTED_EXPERT not in module:
                     dense.add(module)
                 dtypes.setdefault(part, st.get_slice(key).get_dtype())
     out = []
