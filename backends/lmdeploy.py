@@ -85,9 +85,9 @@ def _ct_tensor_problems(model_dir) -> list[str]:
     return out
 
 
-def compressed_tensors_problems(config: dict, model_dir=None) -> list[str]:
-    """Why LMDeploy 0.18's engine would not serve this compressed-tensors checkpoint (its config.json, and with
-    `model_dir` its tensors' names and dtypes); empty: it would."""
+def compressed_tensors_problems(config: dict, model_dir) -> list[str]:
+    """Why LMDeploy 0.18's engine would not serve this compressed-tensors checkpoint (its config.json `config`, and
+    the names and dtypes of the tensors in `model_dir`); empty: it would."""
     q = config.get("quantization_config") or {}
     out = []
     if q.get("format") != "pack-quantized" or q.get("quantization_status") != "compressed":
@@ -107,7 +107,7 @@ def compressed_tensors_problems(config: dict, model_dir=None) -> list[str]:
     if arch not in CT_ARCHITECTURES:
         out.append(f"architecture {arch} (LMDeploy 0.18 serves it for {', '.join(CT_ARCHITECTURES)} only: other "
                    f"models do not name their layers for the dispatch)")
-    return out + (_ct_tensor_problems(model_dir) if model_dir is not None else [])
+    return out + _ct_tensor_problems(model_dir)
 
 
 def checkpoint_format(model_dir) -> Optional[str]:

@@ -434,10 +434,11 @@ def model_bytes(model_dir: Path, kv_bits: int, tp: int = 1) -> tuple[rl.ModelByt
         wb, params = m["weight_bytes"], m["parameters"]
         head = "lm_head" if wb["lm_head"] else "embedding"  # a tied LM head is the embedding table
         experts = c.get("num_experts") or c.get("num_local_experts") or 0  # an MoE: a step reads the routed-to
+        # (a marker written before routed_expert was counted: 0, every expert read, as then)
         mb = rl.ModelBytes(wb["decode_read"], kv, params["matmul"], replicated_read_bytes=wb[head] + wb["norm"],
                            replicated_matmul_params=params[head],
-                           routed_expert_read_bytes=wb.get("routed_expert", 0) if experts else 0,
-                           routed_expert_params=params.get("routed_expert", 0) if experts else 0,
+                           routed_expert_read_bytes=wb.get("routed_expert", 0),
+                           routed_expert_params=params.get("routed_expert", 0),
                            experts=experts, experts_per_token=c.get("num_experts_per_tok") or 0)
         per_gpu = wb["linear"] // tp + wb["embedding"] + wb["lm_head"] + wb["norm"]
         stored = {"weights_stored_bytes": wb["total"], "weights_per_gpu_expected_bytes": per_gpu, **wb}

@@ -328,11 +328,11 @@ def main(argv=None) -> int:
     import quant  # noqa: F401  (registers every method's config, which conf/quant/ selects)
 
     t = time.perf_counter()
+    fp16_cfg = compose([model[0], "quant=fp16"])
     model_dir = Path("none")  # only variants that generate their blocks: no file at all (a shape beyond the disk)
     if any(STREAM.get(v) != "synthetic" for v in a.variants):
-        model_dir = synthetic.materialize(compose([model[0], "quant=fp16"]), a.synthetic_root, a.tokenizer)
+        model_dir = synthetic.materialize(fp16_cfg, a.synthetic_root, a.tokenizer)
         log(f"synthetic checkpoint {model_dir} ready in {time.perf_counter() - t:.0f} s")
-    fp16_cfg = compose([model[0], "quant=fp16"])
     arch = synthetic.load_arch(synthetic.arch_name(fp16_cfg.model.path))
     n_blocks = arch.num_layers
     fp16_bytes = synthetic.weight_bytes(arch, synthetic.weight_format(fp16_cfg))["total"]

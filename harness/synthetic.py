@@ -41,6 +41,10 @@ NOTE = "synthetic: random weights at a real architecture's shape; throughput and
 ROUTED_EXPERT = ".experts."  # in a tensor's name: a routed expert's (a shared expert is ".shared_expert.")
 
 
+def is_routed_expert(t: TensorSpec) -> bool:
+    return t.kind == "linear" and ROUTED_EXPERT in t.name
+
+
 class SyntheticWeightsError(ConfigError):
     """A quality metric was asked of random weights."""
 
@@ -142,7 +146,7 @@ def weight_bytes(arch: Arch, fmt: WeightFormat) -> dict:
         else:
             nbytes = math.prod(t.shape) * storage_bytes.FP16_BYTES
         out[t.kind] += nbytes
-        routed += nbytes if t.kind == "linear" and ROUTED_EXPERT in t.name else 0
+        routed += nbytes if is_routed_expert(t) else 0
     out["total"] = sum(out.values())
     out["routed_expert"] = routed
     # what one decode step reads: every linear (an MoE's every expert: an upper bound at batch 1) and the LM head
@@ -154,7 +158,7 @@ def weight_bytes(arch: Arch, fmt: WeightFormat) -> dict:
 
 def parameter_count(arch: Arch) -> dict:
     n = architectures.parameter_count(FAMILIES.get(arch.layout), arch.hf_config)
-    n["routed_expert"] = sum(math.prod(t.shape) for t in arch.tensors() if t.kind == "linear" and ROUTED_EXPERT in t.name)
+    n["routed_expert"] = sum(math.prod(t.shape) for t in arch.tensors() if is_routed_expert(t))
     return n
 
 
